@@ -1,0 +1,3 @@
+from shardproxy.cli import main
+
+raise SystemExit(main())
