@@ -1,0 +1,174 @@
+"""Authentication: the proxy checks clients (as a server would) and logs in to servers (as a client would).
+
+SCRAM-SHA-256 is done with `scramp`; md5 and cleartext are a few lines of hashing.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+from dataclasses import dataclass
+
+from scramp import ScramClient, ScramException
+
+from shardproxy import protocol as pg
+
+SCRAM = "SCRAM-SHA-256"
+AUTH_OK, AUTH_CLEARTEXT, AUTH_MD5, AUTH_SASL, AUTH_SASL_CONTINUE, AUTH_SASL_FINAL = 0, 3, 5, 10, 11, 12
+
+
+def md5_hex(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+def md5_answer(user: str, password: str, salt: bytes) -> bytes:
+    """The md5 PasswordMessage payload. `password` may be plaintext or an already hashed `md5...` value."""
+    inner = password[3:] if is_md5_hash(password) else md5_hex(password.encode() + user.encode())
+    return b"md5" + md5_hex(inner.encode() + salt).encode()
+
+
+def is_md5_hash(password: str) -> bool:
+    return len(password) == 35 and password.startswith("md5")
+
+
+def is_scram_verifier(password: str) -> bool:
+    return password.startswith(SCRAM + "$")
+
+
+def _hmac(key: bytes, msg: bytes) -> bytes:
+    return hmac.new(key, msg, hashlib.sha256).digest()
+
+
+@dataclass(frozen=True)
+class ScramSecret:
+    """What a server needs to check a SCRAM client: salt, StoredKey, ServerKey, iterations."""
+
+    salt: bytes
+    stored_key: bytes
+    server_key: bytes
+    iterations: int
+
+    @classmethod
+    def from_password(cls, password: str, iterations: int = 4096) -> ScramSecret:
+        if is_scram_verifier(password):
+            return cls.from_verifier(password)
+        salt = os.urandom(16)
+        salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+        stored = hashlib.sha256(_hmac(salted, b"Client Key")).digest()
+        return cls(salt, stored, _hmac(salted, b"Server Key"), iterations)
+
+    @classmethod
+    def from_verifier(cls, verifier: str) -> ScramSecret:
+        """Parse `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`, as pg_authid stores it."""
+        try:
+            _, params, keys = verifier.split("$")
+            iterations, salt = params.split(":")
+            stored, server = keys.split(":")
+            return cls(base64.b64decode(salt), base64.b64decode(stored), base64.b64decode(server), int(iterations))
+        except ValueError as exc:
+            raise ValueError("malformed SCRAM verifier") from exc
+
+
+class ScramServerExchange:
+    """One SCRAM-SHA-256 exchange (RFC 5802, 7677), the proxy playing the server.
+
+    Written here rather than taken from scramp: PostgreSQL clients send an empty user name in their first
+    message (the startup packet already named the user), which scramp's server side refuses.
+    """
+
+    def __init__(self, secret: ScramSecret):
+        self.secret = secret
+        self._client_first_bare = ""
+        self._server_first = ""
+        self._nonce = ""
+
+    def first(self, client_first: bytes) -> bytes:
+        text = client_first.decode()
+        gs2, bare = text.split(",", 1)[0], text.split(",", 2)[-1]
+        if gs2 not in ("n", "y"):
+            raise ScramException("channel binding is not supported")
+        attributes = dict(part.split("=", 1) for part in bare.split(",") if "=" in part)
+        if not attributes.get("r"):
+            raise ScramException("malformed client-first message")
+        self._client_first_bare = bare
+        self._nonce = attributes["r"] + base64.b64encode(os.urandom(18)).decode()
+        salt = base64.b64encode(self.secret.salt).decode()
+        self._server_first = f"r={self._nonce},s={salt},i={self.secret.iterations}"
+        return self._server_first.encode()
+
+    def final(self, client_final: bytes) -> bytes:
+        """The server-final message; raises ScramException when the proof is wrong."""
+        without_proof, _, proof = client_final.decode().rpartition(",p=")
+        attributes = dict(part.split("=", 1) for part in without_proof.split(",") if "=" in part)
+        if attributes.get("r") != self._nonce or not proof:
+            raise ScramException("nonce mismatch")
+        auth_message = f"{self._client_first_bare},{self._server_first},{without_proof}".encode()
+        signature = _hmac(self.secret.stored_key, auth_message)
+        client_key = bytes(a ^ b for a, b in zip(base64.b64decode(proof), signature))
+        if not hmac.compare_digest(hashlib.sha256(client_key).digest(), self.secret.stored_key):
+            raise ScramException("wrong password")
+        return b"v=" + base64.b64encode(_hmac(self.secret.server_key, auth_message))
+
+
+def sasl_mechanisms(body: bytes) -> list[str]:
+    return [m.decode() for m in bytes(body[4:]).split(b"\0") if m]
+
+
+def parse_sasl_initial(body: bytes) -> tuple[str, bytes]:
+    """The mechanism and client-first message of a SASLInitialResponse body."""
+    mechanism, offset = pg.read_cstring(body, 0)
+    (length,) = pg.INT32.unpack_from(body, offset)
+    return mechanism.decode(), bytes(body[offset + 4 : offset + 4 + length])
+
+
+class ServerLogin:
+    """The proxy's side of a server's authentication requests: answers each AuthenticationXXX message."""
+
+    def __init__(self, user: str, password: str | None):
+        self.user = user
+        self.password = password
+        self._scram: ScramClient | None = None
+
+    def answer(self, body: bytes) -> bytes | None:
+        """The reply to one Authentication message body, or None when there is nothing to send."""
+        (code,) = pg.INT32.unpack_from(body, 0)
+        if code == AUTH_OK:
+            return None
+        if code == AUTH_SASL_FINAL:
+            self._require_scram().set_server_final(bytes(body[4:]).decode())
+            return None
+        if code == AUTH_MD5:  # an md5 hash in the config is enough here
+            password = self._require_password(allow_md5_hash=True)
+            return pg.message(b"p", md5_answer(self.user, password, bytes(body[4:8])) + b"\0")
+        password = self._require_password()
+        if code == AUTH_CLEARTEXT:
+            return pg.message(b"p", password.encode() + b"\0")
+        if code == AUTH_SASL:
+            if SCRAM not in sasl_mechanisms(body):
+                raise pg.PostgresError(pg.INVALID_AUTHORIZATION, "server offers no SASL mechanism the proxy supports")
+            self._scram = ScramClient([SCRAM], self.user, password)
+            first = self._scram.get_client_first().encode()
+            return pg.message(b"p", pg.cstring(SCRAM) + pg.INT32.pack(len(first)) + first)
+        if code == AUTH_SASL_CONTINUE:
+            scram = self._require_scram()
+            scram.set_server_first(bytes(body[4:]).decode())
+            return pg.message(b"p", scram.get_client_final().encode())
+        raise pg.PostgresError(pg.INVALID_AUTHORIZATION, f"server asks for an unsupported authentication (code {code})")
+
+    def _require_password(self, allow_md5_hash: bool = False) -> str:
+        password = self.password
+        if password is None or is_scram_verifier(password) or (is_md5_hash(password) and not allow_md5_hash):
+            raise pg.PostgresError(
+                pg.INVALID_AUTHORIZATION, f'no plaintext password configured to log in to the server as "{self.user}"'
+            )
+        return password
+
+    def _require_scram(self) -> ScramClient:
+        if self._scram is None:
+            raise pg.ProtocolError("SASL message out of order")
+        return self._scram
+
+
+__all__ = ["ScramException", "ScramSecret", "ScramServerExchange", "ServerLogin", "md5_answer", "parse_sasl_initial"]

@@ -1,0 +1,114 @@
+"""The `shardproxy` command line. Exit codes: 0 success, 1 runtime failure, 2 bad usage or bad config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+import uuid
+
+from shardproxy import __version__
+from shardproxy.config import ConfigError, load_config
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)),
+                           "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()})
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shardproxy", description="A sharding, pooling PostgreSQL proxy.")
+    parser.add_argument("--version", action="version", version=f"shardproxy {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run the proxy in the foreground")
+    run.add_argument("-c", "--config", required=True)
+    run.add_argument("--region")
+    run.add_argument("--workers", type=int)
+    run.add_argument("--log-format", choices=["text", "json"])
+    commands.add_parser("demo", help="start a local sandbox of PostgreSQL servers and proxies")
+    check = commands.add_parser("check", help="validate a config file")
+    check.add_argument("-c", "--config", required=True)
+    route = commands.add_parser("route", help="print the shard that owns a key")
+    route.add_argument("-c", "--config", required=True)
+    route.add_argument("key")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    except Exception as exc:  # one line, never a bare traceback
+        print(f"shardproxy: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from shardproxy.proxy import Proxy
+
+    config = load_config(args.config, region=args.region, workers=args.workers)
+    setup_logging(config.log.level, args.log_format or config.log.format)
+
+    async def serve() -> None:
+        proxy = Proxy(config)
+        await proxy.start()
+        await proxy.serve_forever()
+
+    uvloop.run(serve())
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    print(f"{args.config}: ok ({len(config.shards)} shards, {sum(len(s.nodes) for s in config.shards)} nodes)")
+    return 0
+
+
+def parse_key(text: str) -> int | uuid.UUID | str:
+    """A key typed by an operator: an integer, a UUID, or else text."""
+    if text.lstrip("-").isdigit():
+        return int(text)
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        return text
+
+
+def _route(args: argparse.Namespace) -> int:
+    from shardproxy.ring import Ring
+
+    config = load_config(args.config)
+    print(Ring.from_config(config).owner(parse_key(args.key)))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from shardproxy.demo import run_demo
+
+    return run_demo()
+
+
+_COMMANDS = {"run": _run, "check": _check, "route": _route, "demo": _demo}

@@ -1,0 +1,387 @@
+"""A client connection: startup and authentication, then the request half of the data path.
+
+After login every message the client sends is framed here, recorded in the linked server connection's
+`pending` queue (see server.py) and forwarded as the bytes it arrived in. Only named prepared statements
+(Parse/Bind/Describe/Close), and a few session-level statements in simple queries, are rewritten or answered
+by the proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import TYPE_CHECKING
+
+from shardproxy import params as session_params
+from shardproxy import protocol as pg
+from shardproxy.auth import ScramException, ScramServerExchange, md5_answer, parse_sasl_initial
+from shardproxy.connection import Connection
+from shardproxy.server import (
+    BIND_REQ, CLOSE, CLOSE_REQ, DESCRIBE_REQ, EXECUTE_REQ, FORWARD, FUNCTION_REQ, PARSE, PARSE_REQ, QUERY,
+    QUERY_REQ, SYNC_REQ, SYNTH, HIDE, HIDDEN_QUERY, ServerConnection,
+)
+from shardproxy.statements import Statement, deallocate_target, is_discard_all
+
+if TYPE_CHECKING:
+    from shardproxy.pool import Pool
+    from shardproxy.proxy import Proxy
+
+log = logging.getLogger("shardproxy.client")
+
+_d, _H, _c, _f, _B, _E, _S, _Q, _P, _D, _C, _F, _X, _p = b"dHcfBESQPDCFXp"
+_UNPACK = pg.INT32.unpack_from
+_MAYBE_SESSION_STATEMENT = frozenset(b"sSrRdD")  # first letters of SET, RESET, DEALLOCATE, DISCARD
+_SESSION_PREFIXES = (b"set ", b"rese", b"deal", b"disc")
+_DEALLOCATE_DONE = (QUERY, SYNTH, pg.command_complete("DEALLOCATE"))
+_DEALLOCATE_ALL_DONE = (QUERY, SYNTH, pg.command_complete("DEALLOCATE ALL"))
+_CLOSE_DONE = (CLOSE, SYNTH, pg.CLOSE_COMPLETE)
+_PARSE_DONE = (PARSE, SYNTH, pg.PARSE_COMPLETE)
+
+
+class ClientConnection(Connection):
+    def __init__(self, proxy: Proxy):
+        super().__init__()
+        self.proxy = proxy
+        self.id = proxy.next_client_id()
+        self.address = ""
+        self.user = ""
+        self.database = ""
+        self.pool: Pool | None = None
+        self.server: ServerConnection | None = None
+        self.statements: dict[bytes, Statement] = {}  # the client's statement names
+        self.params: dict[str, str] = {}  # reported parameters as the client set them
+        self.param_sql: dict[str, str] = {}  # unreported parameters: the client's last SET of each
+        self.pid = 0
+        self.secret = 0
+        self.connected_at = time.time()
+        self.wait_started = 0.0
+        self.admitted = False  # counted against max_client_conn
+        self.max_message_size = proxy.config.pool.max_message_size
+
+    # -- connection set-up ------------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        peer = transport.get_extra_info("peername")
+        self.address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+        if not self.proxy.admit(self):
+            self.transport.write(pg.fatal(pg.TOO_MANY_CONNECTIONS, "sorry, too many clients already"))
+            self.close()
+            return
+        self.expect_startup_packet()
+        asyncio.get_running_loop().create_task(self._login())
+
+    async def _login(self) -> None:
+        try:
+            async with asyncio.timeout(self.proxy.config.pool.client_login_timeout):
+                startup = await self._startup()
+                if startup is None:
+                    return
+                await self._authenticate()
+                await self._welcome(startup)
+        except pg.PostgresError as exc:
+            self._fatal(exc)
+        except pg.ProtocolError as exc:
+            self._fatal(pg.PostgresError(pg.PROTOCOL_VIOLATION, str(exc)))
+        except asyncio.TimeoutError:
+            self._fatal(pg.PostgresError(pg.PROTOCOL_VIOLATION, "client_login_timeout"))
+        except ConnectionError:
+            self.close()
+
+    async def _startup(self) -> dict[str, str] | None:
+        """Read the startup packet, answering SSL/GSS requests with N; None for a CancelRequest."""
+        while True:
+            _, body = await self.read_message()
+            (code,) = pg.INT32.unpack_from(body, 0)
+            if code in (pg.SSL_REQUEST, pg.GSSENC_REQUEST):
+                self.transport.write(pg.SSL_NO)
+                self.expect_startup_packet()
+            elif code == pg.CANCEL_REQUEST and len(body) == 12:
+                self.proxy.cancel(*pg.INT32_PAIR.unpack_from(body, 4))
+                self.close()
+                return None
+            elif code == pg.PROTOCOL_3_0:
+                startup = pg.parse_startup_params(body[4:])
+                self.user = startup.get("user", "")
+                self.database = startup.get("database") or self.user
+                if not self.user:
+                    raise pg.PostgresError(pg.INVALID_AUTHORIZATION, "no PostgreSQL user name specified in startup packet")
+                return startup
+            else:
+                raise pg.PostgresError(pg.PROTOCOL_VIOLATION, f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}")
+
+    async def _authenticate(self) -> None:
+        user = self.proxy.config.user(self.user)
+        failed = pg.PostgresError(pg.INVALID_PASSWORD, f'password authentication failed for user "{self.user}"')
+        if user is None:
+            self.proxy.auth_failed(self)
+            raise failed
+        if user.auth == "md5":
+            salt = os.urandom(4)
+            self.transport.write(pg.auth_request(5, salt))
+            answer = await self._password_message()
+            ok = answer.rstrip(b"\0") == md5_answer(self.user, user.password or "", salt)
+        elif user.auth == "scram-sha-256":
+            ok = await self._scram(ScramServerExchange(self.proxy.scram_secret(user)))
+        else:
+            ok = True
+        if not ok:
+            self.proxy.auth_failed(self)
+            raise failed
+        self.transport.write(pg.AUTH_OK)
+
+    async def _scram(self, exchange: ScramServerExchange) -> bool:
+        self.transport.write(pg.auth_request(10, b"SCRAM-SHA-256\0\0"))
+        mechanism, client_first = parse_sasl_initial(await self._password_message())
+        if mechanism != "SCRAM-SHA-256":
+            raise pg.PostgresError(pg.PROTOCOL_VIOLATION, f"unsupported SASL mechanism {mechanism}")
+        try:
+            self.transport.write(pg.auth_request(11, exchange.first(client_first)))
+            final = exchange.final(await self._password_message())
+        except ScramException:
+            return False
+        self.transport.write(pg.auth_request(12, final))
+        return True
+
+    async def _password_message(self) -> bytes:
+        kind, body = await self.read_message()
+        if kind != _p:
+            raise pg.PostgresError(pg.PROTOCOL_VIOLATION, f"expected password response, got message type {chr(kind)!r}")
+        return body
+
+    async def _welcome(self, startup: dict[str, str]) -> None:
+        """Tell the client the server's parameters and its cancel key, then open the data path."""
+        self.pool = self.proxy.pool_for(self.database, self.user)
+        defaults = await self.pool.fetch_defaults()
+        values, self.param_sql = session_params.startup_values(startup)
+        self.params = {k: v for k, v in defaults.items() if k in session_params.REPORTED} | values
+        self.pid, self.secret = self.proxy.register(self)
+        shown = defaults | values
+        self.transport.write(b"".join(pg.parameter_status(k, v) for k, v in shown.items())
+                             + pg.backend_key_data(self.pid, self.secret) + pg.READY[pg.IDLE])
+        log.info("client %d %s connected: user=%s database=%s", self.id, self.address, self.user, self.database)
+        self.end_login()
+
+    # -- the request half of the data path ------------------------------------------------------------
+    def on_data(self, data: bytes | bytearray) -> None:
+        if self.server is not None:
+            self._forward(self.take_input(data))
+            return
+        self.buf += data
+        buf = self.buf
+        if len(buf) >= 5:
+            if buf[0] == _X:
+                self.close()
+            elif not self.wait_started and self.pool is not None:
+                self.pool.acquire(self)  # links now, or when a connection is free
+
+    def link(self, server: ServerConnection) -> None:
+        """Serve this client's messages on `server` until its transaction (or session) ends."""
+        self.wait_started = 0.0
+        self.server = server
+        server.client = self
+        server.peer = self
+        self.peer = server
+        if self.proxy.config.pool.mode == "transaction":
+            server.on_idle = self._server_idle
+        server.transport.resume_reading()
+        statements = session_params.sync_statements(self.params, self.param_sql, server.params, server.param_sql)
+        if statements:
+            server.pending.append(HIDDEN_QUERY)
+            server.write(pg.query("; ".join(statements)))
+        data, self.buf = self.buf, bytearray()
+        self._forward(data)
+
+    def _server_idle(self, server: ServerConnection) -> None:
+        """Transaction pooling: the transaction is over, the connection goes back to the pool."""
+        self.server = self.peer = None
+        self.pool.release(server)
+        if self.proxy.shutting_down:
+            self._fatal(pg.PostgresError(pg.ADMIN_SHUTDOWN, "shardproxy is shutting down"))
+        elif self.buf and not self.closed:
+            self.on_data(b"")
+
+    def _forward(self, buf: bytes | bytearray) -> None:
+        server = self.server
+        pending = server.pending
+        out: list = []
+        n = len(buf)
+        pos = span = 0
+        while n - pos >= 5:
+            t = buf[pos]
+            length = _UNPACK(buf, pos + 1)[0]
+            end = pos + 1 + length
+            if length < 4 or length > self.max_message_size:
+                self._fatal(pg.PostgresError(pg.PROTOCOL_VIOLATION, "invalid message length"))
+                return
+            if end > n:
+                break
+            if t == _B:
+                portal_end = buf.index(0, pos + 5)
+                if buf[portal_end + 1]:  # a named statement: use its server-side name
+                    out.append(buf[span:pos])
+                    span = end
+                    self._bind(buf, pos, portal_end, end, out)
+                pending.append(BIND_REQ)
+            elif t == _E:
+                pending.append(EXECUTE_REQ)
+            elif t == _S:
+                pending.append(SYNC_REQ)
+            elif t == _Q:
+                if buf[pos + 5] in _MAYBE_SESSION_STATEMENT and bytes(buf[pos + 5:pos + 9]).lower() in _SESSION_PREFIXES:
+                    out.append(buf[span:pos])
+                    span = end
+                    self._session_statement(bytes(buf[pos:end]), out)
+                else:
+                    pending.append(QUERY_REQ)
+            elif t == _P:
+                if buf[pos + 5]:
+                    out.append(buf[span:pos])
+                    span = end
+                    self._parse(buf, pos, end, out)
+                else:
+                    pending.append(PARSE_REQ)
+            elif t == _D or t == _C:
+                if buf[pos + 5] == _S and buf[pos + 6]:
+                    out.append(buf[span:pos])
+                    span = end
+                    self._statement_message(t, bytes(buf[pos + 6:end - 1]), out)
+                else:
+                    pending.append(DESCRIBE_REQ if t == _D else CLOSE_REQ)
+            elif t == _F:
+                pending.append(FUNCTION_REQ)
+            elif t == _X:
+                out.append(buf[span:pos])
+                server.write(b"".join(out))
+                self.close()
+                return
+            elif t not in (_d, _H, _c, _f):
+                self._fatal(pg.PostgresError(pg.PROTOCOL_VIOLATION, f"invalid frontend message type {t}"))
+                return
+            pos = end
+        if not out and span == 0 and pos == n:
+            server.transport.write(buf)
+        else:
+            out.append(buf[span:pos])
+            server.transport.write(b"".join(out))
+        if pos < n:
+            self.buf = bytearray(buf[pos:])
+
+    # -- named prepared statements --------------------------------------------------------------------
+    def _parse(self, buf, pos: int, end: int, out: list) -> None:
+        name, body_start = pg.read_cstring(buf, pos + 5)
+        statement = self.proxy.statements.get(bytes(buf[body_start:end]))
+        self.statements[name] = statement
+        server = self.server
+        if statement.name in server.prepared:
+            server.prepared.move_to_end(statement.name)
+            server.enqueue_synthetic(_PARSE_DONE)
+        else:
+            out.append(statement.parse)
+            server.pending.append((PARSE, FORWARD, statement.name))
+            server.remember_prepared(statement.name, self.proxy.config.pool.prepared_statements_per_server, out)
+
+    def _ensure_prepared(self, statement: Statement, out: list) -> None:
+        """Prepare the statement on the linked server first if it lacks it, hiding the ParseComplete."""
+        server = self.server
+        if statement.name in server.prepared:
+            server.prepared.move_to_end(statement.name)
+        else:
+            out.append(statement.parse)
+            server.pending.append((PARSE, HIDE, statement.name))
+            server.remember_prepared(statement.name, self.proxy.config.pool.prepared_statements_per_server, out)
+
+    def _bind(self, buf, pos: int, portal_end: int, end: int, out: list) -> None:
+        name_end = buf.index(0, portal_end + 1)
+        statement = self.statements.get(bytes(buf[portal_end + 1:name_end]))
+        if statement is None:  # unknown to us: let the server say so, in its own words
+            out.append(buf[pos:end])
+            return
+        self._ensure_prepared(statement, out)
+        rest = buf[name_end + 1:end]
+        portal = buf[pos + 5:portal_end + 1]
+        out.append(pg.message(b"B", bytes(portal) + statement.bind_prefix + bytes(rest)))
+
+    def _statement_message(self, t: int, name: bytes, out: list) -> None:
+        """Describe or Close of a named statement."""
+        server = self.server
+        if t == _C:
+            self.statements.pop(name, None)  # the server keeps it for whoever prepares it next
+            server.enqueue_synthetic(_CLOSE_DONE)
+            return
+        statement = self.statements.get(name)
+        if statement is None:
+            out.append(pg.message(b"D", b"S" + name + b"\0"))
+        else:
+            self._ensure_prepared(statement, out)
+            out.append(pg.message(b"D", b"S" + statement.bind_prefix))
+        server.pending.append(DESCRIBE_REQ)
+
+    # -- session statements in simple queries ---------------------------------------------------------
+    def _session_statement(self, message: bytes, out: list) -> None:
+        """SET/RESET of tracked parameters, DEALLOCATE and DISCARD ALL: the proxy keeps its books straight."""
+        server = self.server
+        sql = message[5:-1].decode(errors="replace")
+        target = deallocate_target(sql)
+        if target == "" or (target is not None and target.encode() in self.statements):
+            if target:
+                self.statements.pop(target.encode())
+            else:
+                self.statements.clear()
+            server.enqueue_synthetic(_DEALLOCATE_DONE if target else _DEALLOCATE_ALL_DONE)
+            return
+        out.append(message)
+        if is_discard_all(sql):
+            server.pending.append((QUERY, FORWARD, self._discarded))
+            return
+        server.pending.append(QUERY_REQ)
+        tracked = session_params.tracked_set(sql)
+        if tracked is not None:
+            name, statement = tracked
+            for owner in (self.param_sql, server.param_sql):
+                if statement is None:
+                    owner.pop(name, None)
+                else:
+                    owner[name] = statement
+
+    def _discarded(self, server: ServerConnection, tag: bytes) -> None:
+        if tag == b"DISCARD ALL":
+            server.prepared.clear()
+            server.param_sql.clear()
+            self.statements.clear()
+            self.param_sql.clear()
+
+    # -- endings ----------------------------------------------------------------------------------------
+    def server_lost(self, server: ServerConnection) -> None:
+        """The linked server connection broke: the client's transaction is gone, and so is the client."""
+        if self.server is server:
+            self.server = self.peer = None
+            self._fatal(pg.PostgresError(pg.CONNECTION_FAILURE, "shardproxy: server connection lost"))
+
+    def fail(self, error: pg.PostgresError) -> None:
+        """Waiting for a server connection failed (timeout, server down)."""
+        self.wait_started = 0.0
+        self._fatal(error)
+
+    def _fatal(self, error: pg.PostgresError) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(error.to_message("FATAL"))
+        self.close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        self.proxy.forget(self)
+        if self.pool is not None and self.wait_started:
+            self.pool.cancel_waiting(self)
+        server, self.server = self.server, None
+        if server is None:
+            return
+        server.client = server.peer = None
+        server.on_idle = None
+        if server.pending or server.status != pg.IDLE:
+            self.pool.discard(server)  # mid-transaction: closing is the sure way to roll it back
+        elif self.proxy.config.pool.mode == "session":
+            self.pool.reset_and_release(server)
+        else:
+            self.pool.release(server)

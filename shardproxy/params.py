@@ -1,0 +1,77 @@
+"""Session parameters that follow a client from one pooled server connection to the next.
+
+Reported parameters (the server announces their values in ParameterStatus) are compared by value. The
+others (search_path, extra_float_digits: not reported by PostgreSQL 15) are tracked by the SET statement that
+changed them last. When a client is linked to a connection whose values differ, one hidden query brings the
+connection in line before the client's own messages.
+"""
+
+from __future__ import annotations
+
+import re
+
+REPORTED = ("application_name", "client_encoding", "DateStyle", "IntervalStyle", "TimeZone",
+            "standard_conforming_strings")
+UNREPORTED = ("search_path", "extra_float_digits")
+_CANONICAL = {name.lower(): name for name in REPORTED + UNREPORTED}
+
+_SET = re.compile(r"\s*(?:set\s+(?:session\s+)?(\w+)\s*(?:to|=)\s*(.+?)|reset\s+(\w+))\s*;?\s*\Z", re.I | re.S)
+_UTF8_NAMES = {"utf8", "utf-8", "unicode"}
+
+
+def canonical_name(name: str) -> str | None:
+    """The tracked parameter a startup or SET name refers to, or None if it is not tracked."""
+    return _CANONICAL.get(name.lower())
+
+
+def startup_values(startup: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """A client's startup parameters, split into reported values and statements for unreported ones."""
+    values: dict[str, str] = {}
+    statements: dict[str, str] = {}
+    for key, value in startup.items():
+        name = canonical_name(key)
+        if name is None:
+            continue
+        if name in UNREPORTED:
+            statements[name] = f"SET {name} TO {_startup_list(value)}"
+        elif name == "client_encoding" and value.lower() in _UTF8_NAMES:
+            values[name] = "UTF8"  # as the server will report it
+        else:
+            values[name] = value
+    return values, statements
+
+
+def _startup_list(value: str) -> str:
+    """A startup value of a list parameter as SET arguments: each element a quoted literal."""
+    return ", ".join(literal(item.strip().strip('"')) for item in value.split(",")) or "''"
+
+
+def tracked_set(sql: str) -> tuple[str, str | None] | None:
+    """For a lone `SET name ...`/`RESET name` of an unreported parameter: (name, statement or None for RESET)."""
+    match = _SET.match(sql)
+    if match is None:
+        return None
+    name = canonical_name(match.group(1) or match.group(3))
+    if name not in UNREPORTED:
+        return None
+    return name, (sql.strip().rstrip(";") if match.group(1) else None)
+
+
+def literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def sync_statements(client_values: dict[str, str], client_sql: dict[str, str],
+                    server_values: dict[str, str], server_sql: dict[str, str]) -> list[str]:
+    """The statements that make a server session match the client's parameters; updates server_sql."""
+    statements = [f"SET {name} TO {literal(value)}" for name, value in client_values.items()
+                  if name in REPORTED and server_values.get(name) != value]
+    for name in UNREPORTED:
+        want = client_sql.get(name)
+        if server_sql.get(name) != want:
+            statements.append(want or f"RESET {name}")
+            if want is None:
+                server_sql.pop(name, None)
+            else:
+                server_sql[name] = want
+    return statements

@@ -1,0 +1,195 @@
+"""Server connection pools, one per (database, user, node), as PgBouncer keeps them.
+
+A connection is on one list at a time: `idle` (ready for the next client), linked to a client (active), or
+being opened. Clients that find no idle connection queue in `waiting` and are handed one directly on release.
+Timeouts are enforced by `tick()`, which the proxy's janitor calls, not by timers per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from shardproxy import protocol as pg
+from shardproxy.server import HIDDEN_QUERY, ServerConnection
+
+if TYPE_CHECKING:
+    from shardproxy.client import ClientConnection
+    from shardproxy.config import Node, Pool as PoolSettings
+    from shardproxy.proxy import Proxy
+
+log = logging.getLogger("shardproxy.pool")
+
+
+@dataclass(frozen=True)
+class PoolKey:
+    database: str
+    user: str
+    node: str  # host:port
+
+
+class Pool:
+    def __init__(self, proxy: Proxy, key: PoolKey, node: Node):
+        self.proxy = proxy
+        self.key = key
+        self.node = node
+        self.node_label = node.address
+        self.idle: deque[ServerConnection] = deque()
+        self.servers: set[ServerConnection] = set()
+        self.waiting: deque[ClientConnection] = deque()
+        self.opening = 0
+        self.defaults: dict[str, str] | None = None  # the server's reported parameters on a fresh session
+        self._defaults_lock = asyncio.Lock()
+
+    @property
+    def settings(self) -> PoolSettings:
+        return self.proxy.config.pool
+
+    # -- handing out and taking back ----------------------------------------------------------------
+    def acquire(self, client: ClientConnection) -> None:
+        """Link an idle connection to the client now, or queue the client until one is free."""
+        while self.idle:
+            server = self.idle.pop()  # the most recently used: warm caches, and the rest can time out
+            if not server.closed:
+                client.link(server)
+                return
+        client.wait_started = time.monotonic()
+        self.waiting.append(client)
+        self._grow()
+
+    def release(self, server: ServerConnection) -> None:
+        """A connection is free: to the longest-waiting client, else back to the idle list."""
+        server.client = server.peer = None
+        server.on_idle = None
+        server.last_used = time.monotonic()
+        if server.closed:
+            return
+        if time.monotonic() - server.created > self.settings.server_lifetime and not self.waiting:
+            self.discard(server)
+            return
+        while self.waiting:
+            client = self.waiting.popleft()
+            if not client.closed:
+                client.link(server)
+                return
+        self.idle.append(server)
+
+    def reset_and_release(self, server: ServerConnection) -> None:
+        """Session pooling: wipe the session (DISCARD ALL) before the next client gets it."""
+        server.client = server.peer = None
+        server.pending.append(HIDDEN_QUERY)
+        server.write(pg.query("DISCARD ALL"))
+        server.on_idle = self._after_reset
+
+    def _after_reset(self, server: ServerConnection) -> None:
+        server.prepared.clear()
+        server.param_sql.clear()
+        self.release(server)
+
+    def discard(self, server: ServerConnection) -> None:
+        """Close a connection that cannot be reused (broken, mid-transaction, expired)."""
+        if not server.closed:
+            server.write(pg.TERMINATE)
+            server.close()
+        self.lost(server)
+
+    def lost(self, server: ServerConnection) -> None:
+        self.servers.discard(server)
+        try:
+            self.idle.remove(server)
+        except ValueError:
+            pass
+        client = server.client
+        server.client = None
+        if client is not None:
+            client.server_lost(server)
+        self._grow()
+
+    def cancel_waiting(self, client: ClientConnection) -> None:
+        try:
+            self.waiting.remove(client)
+        except ValueError:
+            pass
+
+    # -- opening connections --------------------------------------------------------------------------
+    def _grow(self) -> None:
+        """Open connections while clients wait and the pool has room."""
+        while len(self.waiting) > self.opening and len(self.servers) + self.opening < self.settings.size:
+            self.opening += 1
+            asyncio.get_running_loop().create_task(self._open_for_waiters())
+
+    async def _open_for_waiters(self) -> None:
+        try:
+            server = await self.open()
+        except (OSError, asyncio.TimeoutError, pg.PostgresError) as exc:
+            self.opening -= 1
+            self._fail_waiters(exc)
+            return
+        self.opening -= 1
+        self.release(server)
+
+    async def open(self) -> ServerConnection:
+        """A new logged-in connection; raises PostgresError (the server's own, or 08006) when it fails."""
+        loop = asyncio.get_running_loop()
+        user = self.proxy.config.user(self.key.user)
+        server = ServerConnection(self)
+        try:
+            async with asyncio.timeout(self.settings.server_connect_timeout):
+                await loop.create_connection(lambda: server, self.node.host, self.node.port)
+                await server.login(self.key.user, user.password if user else None, self.key.database)
+        except (OSError, asyncio.TimeoutError) as exc:
+            server.close()
+            log.warning("cannot connect to server %s: %s", self.node_label, exc or "timeout")
+            raise pg.PostgresError(pg.CONNECTION_FAILURE, f"shardproxy: cannot connect to server {self.node_label}")
+        except pg.PostgresError:
+            server.close()
+            raise
+        server.max_message_size = 1 << 40  # servers are trusted to frame correctly
+        self.servers.add(server)
+        if self.defaults is None:
+            self.defaults = dict(server.params)
+        return server
+
+    async def fetch_defaults(self) -> dict[str, str]:
+        """The parameters a client is told at login; the first client of a pool opens a connection to learn them."""
+        async with self._defaults_lock:
+            if self.defaults is None:
+                self.release(await self.open())
+        assert self.defaults is not None
+        return self.defaults
+
+    def _fail_waiters(self, exc: BaseException) -> None:
+        """Without any connection to this server, waiting is pointless: every waiter gets the error."""
+        if self.servers:
+            return
+        error = exc if isinstance(exc, pg.PostgresError) else pg.PostgresError(pg.CONNECTION_FAILURE, str(exc))
+        while self.waiting:
+            self.waiting.popleft().fail(error)
+
+    # -- the janitor's round ------------------------------------------------------------------------
+    def tick(self, now: float) -> None:
+        settings = self.settings
+        while self.waiting and now - self.waiting[0].wait_started > settings.query_wait_timeout:
+            self.waiting.popleft().fail(pg.PostgresError(pg.CONNECTION_EXCEPTION, "query_wait_timeout"))
+        surplus = len(self.servers) - settings.min_size
+        for server in list(self.idle):
+            expired = now - server.created > settings.server_lifetime
+            if surplus > 0 and (expired or now - server.last_used > settings.server_idle_timeout):
+                self.discard(server)
+                surplus -= 1
+        if len(self.servers) + self.opening < settings.min_size:
+            self.opening += 1
+            asyncio.get_running_loop().create_task(self._open_for_waiters())
+
+    def close(self) -> None:
+        for server in list(self.servers):
+            self.discard(server)
+
+    # -- for SHOW POOLS ---------------------------------------------------------------------------------
+    @property
+    def active(self) -> int:
+        return sum(1 for s in self.servers if s.client is not None)

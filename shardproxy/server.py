@@ -1,0 +1,236 @@
+"""A pooled connection to one PostgreSQL server: login, and the response half of the data path.
+
+While a client is linked, every request forwarded to the server is recorded in `pending` as a
+(kind, action, arg) tuple, and every response that completes a request pops it. That queue is what lets the
+proxy hide the replies to requests it injected (a Parse for a statement this server lacks, a SET that brings
+the session in line with the client's), answer requests it handled itself in their proper place (SYNTH), and
+know when the server is free again: nothing pending and ReadyForQuery said idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict, deque
+from typing import TYPE_CHECKING, Any, Callable
+
+from shardproxy import protocol as pg
+from shardproxy.auth import ServerLogin
+from shardproxy.connection import Connection
+
+if TYPE_CHECKING:
+    from shardproxy.client import ClientConnection
+    from shardproxy.pool import Pool
+
+log = logging.getLogger("shardproxy.server")
+
+# Request kinds, and what to do with their responses.
+PARSE, BIND, DESCRIBE, EXECUTE, CLOSE, SYNC, QUERY, FUNCTION = range(8)
+FORWARD, HIDE, SYNTH = range(3)
+Request = tuple[int, int, Any]
+
+# The common requests, prebuilt so that recording one costs no allocation.
+PARSE_REQ: Request = (PARSE, FORWARD, None)
+BIND_REQ: Request = (BIND, FORWARD, None)
+DESCRIBE_REQ: Request = (DESCRIBE, FORWARD, None)
+EXECUTE_REQ: Request = (EXECUTE, FORWARD, None)
+CLOSE_REQ: Request = (CLOSE, FORWARD, None)
+SYNC_REQ: Request = (SYNC, FORWARD, None)
+QUERY_REQ: Request = (QUERY, FORWARD, None)
+FUNCTION_REQ: Request = (FUNCTION, FORWARD, None)
+HIDDEN_QUERY: Request = (QUERY, HIDE, None)
+HIDDEN_CLOSE: Request = (CLOSE, HIDE, None)
+ENDS_AT_READY = (SYNC, QUERY, FUNCTION)
+
+_D, _C, _Z, _T, _n, _1, _2, _3, _E, _I, _s, _S, _N, _A = b"DCZTn123EIsSNA"
+_UNPACK = pg.INT32.unpack_from
+
+
+class ServerConnection(Connection):
+    def __init__(self, pool: Pool):
+        super().__init__()
+        self.pool = pool
+        self.params: dict[str, str] = {}  # reported parameters, as ParameterStatus last said
+        self.param_sql: dict[str, str] = {}  # unreported parameters: the statement that last set each
+        self.pid = 0
+        self.secret = 0
+        self.status = pg.IDLE
+        self.pending: deque[Request] = deque()
+        self.prepared: OrderedDict[bytes, None] = OrderedDict()  # server-side statement names, LRU first
+        self.client: ClientConnection | None = None
+        self.created = self.last_used = time.monotonic()
+        self.cancels = 0  # cancel requests in flight: the connection is not reused until they land
+        self.on_idle: Callable[[ServerConnection], None] | None = None
+
+    # -- login --------------------------------------------------------------------------------------
+    async def login(self, user: str, password: str | None, database: str) -> None:
+        """Start up and authenticate; raises PostgresError with the server's own error if refused."""
+        self.write(pg.startup_message({"user": user, "database": database}))
+        answerer = ServerLogin(user, password)
+        while True:
+            kind, body = await self.read_message()
+            if kind == ord("R"):
+                reply = answerer.answer(body)
+                if reply is not None:
+                    self.write(reply)
+            elif kind == _S:
+                self._record_parameter(body)
+            elif kind == ord("K"):
+                self.pid, self.secret = pg.INT32_PAIR.unpack_from(body, 0)
+            elif kind == _E:
+                raise pg.PostgresError.from_body(body)
+            elif kind == _Z:
+                self.end_login()
+                return
+
+    def _record_parameter(self, body: bytes) -> tuple[str, str]:
+        name, offset = pg.read_cstring(body, 0)
+        value, _ = pg.read_cstring(body, offset)
+        pair = name.decode(), value.decode()
+        self.params[pair[0]] = pair[1]
+        return pair
+
+    # -- the response half of the data path ----------------------------------------------------------
+    def on_data(self, data: bytes | bytearray) -> None:
+        buf = self.take_input(data)
+        self.last_used = time.monotonic()
+        client = self.client
+        pending = self.pending
+        out: list = []
+        n = len(buf)
+        pos = span = 0
+        hiding = bool(pending) and pending[0][1] == HIDE
+        while n - pos >= 5:
+            t = buf[pos]
+            end = pos + 1 + _UNPACK(buf, pos + 1)[0]
+            if end > n:
+                break
+            if t == _D and not hiding:  # DataRow: the bulk of the traffic, never completes a request
+                pos = end
+                continue
+            if not pending:
+                if not self._unsolicited(t, buf, pos, end):
+                    out.append(buf[span:pos])
+                    span = end
+                pos = end
+                continue
+            kind, action, arg = pending[0]
+            done = False
+            if t == _Z:
+                self.status = buf[pos + 5]
+                done = True
+            elif t == _C or t == _I or t == _s:
+                done = kind == EXECUTE
+                if arg is not None and kind == QUERY and t == _C:
+                    arg(self, bytes(buf[pos + 5 : end - 1]))
+            elif t == _T or t == _n:
+                done = kind == DESCRIBE
+            elif t == _2:
+                done = kind == BIND
+            elif t == _1:
+                done = kind == PARSE
+            elif t == _3:
+                done = kind == CLOSE
+            elif t == _S:
+                name, value = self._record_parameter(buf[pos + 5 : end])
+                if client is not None and not hiding:
+                    client.params[name] = value
+            elif t == _E and kind not in ENDS_AT_READY:
+                self._skip_to_sync()
+                if hiding and kind == PARSE:  # the client must learn that its statement does not exist
+                    hiding = False
+            if hiding:
+                out.append(buf[span:pos])
+                span = end
+            pos = end
+            if done:
+                pending.popleft()
+            if (done or t == _E) and pending:
+                if pending[0][1] == SYNTH:
+                    out.append(buf[span:pos])
+                    span = pos
+                    self._synthesize(out)
+                hiding = bool(pending) and pending[0][1] == HIDE
+        self._send(client, buf, out, span, pos, n)
+        if not pending and self.status == pg.IDLE and self.cancels == 0 and self.on_idle is not None:
+            self.on_idle(self)
+
+    def _send(self, client: ClientConnection | None, buf, out: list, span: int, pos: int, n: int) -> None:
+        """Write what is forwarded to the client; keep an incomplete message for the next read."""
+        if client is not None:
+            if not out and span == 0 and pos == n:
+                client.transport.write(buf)  # the common case: the whole read, uncopied
+            else:
+                out.append(buf[span:pos])
+                client.transport.write(b"".join(out))
+        if pos < n:
+            self.buf = bytearray(buf[pos:])
+
+    def _skip_to_sync(self) -> None:
+        """After an error the server skips every extended-protocol message up to the next Sync."""
+        pending = self.pending
+        while pending and pending[0][0] != SYNC:
+            kind, _, arg = pending.popleft()
+            if kind == PARSE and arg is not None:
+                self.prepared.pop(arg, None)  # the statement did not get prepared after all
+
+    def _synthesize(self, out: list) -> None:
+        """Answer, in their place in the stream, the requests the proxy handled itself."""
+        pending = self.pending
+        while pending and pending[0][1] == SYNTH:
+            kind, _, reply = pending.popleft()
+            out.append(reply + pg.READY[self.status] if kind == QUERY else reply)
+
+    def _unsolicited(self, t: int, buf, pos: int, end: int) -> bool:
+        """A message outside any request: notices, notifications, parameter changes, a FATAL error.
+        Returns whether to forward it to the client."""
+        if t == _S:
+            name, value = self._record_parameter(buf[pos + 5 : end])
+            if self.client is not None:
+                self.client.params[name] = value
+        elif t == _E:
+            log.warning("server %s: %s", self.pool.node_label, pg.parse_fields(buf[pos + 5 : end]).get("M", ""))
+            self.pool.discard(self)
+            return False
+        return self.client is not None
+
+    def enqueue_synthetic(self, request: Request) -> None:
+        """Record a request the proxy answers itself; with nothing ahead of it, answer at once."""
+        self.pending.append(request)
+        if len(self.pending) == 1 and self.client is not None:
+            out: list = []
+            self._synthesize(out)
+            self.client.transport.write(b"".join(out))
+
+    def remember_prepared(self, name: bytes, limit: int, out: list) -> None:
+        """Note a statement as prepared here; past the limit, close the least recently used one."""
+        self.prepared[name] = None
+        if len(self.prepared) > limit:
+            old, _ = self.prepared.popitem(last=False)
+            out.append(pg.message(b"C", b"S" + old + b"\0"))
+            self.pending.append(HIDDEN_CLOSE)
+
+    # -- life cycle -----------------------------------------------------------------------------------
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        self.pool.lost(self)
+
+    def cancel_running(self) -> None:
+        """Forward a client's CancelRequest; hold this connection back from reuse until it has landed."""
+        self.cancels += 1
+        asyncio.get_running_loop().create_task(self._send_cancel())
+
+    async def _send_cancel(self) -> None:
+        try:
+            node = self.pool.node
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(node.host, node.port), 5)
+            writer.write(pg.cancel_request(self.pid, self.secret))
+            await asyncio.wait_for(reader.read(), 5)  # the server closes once it has signalled the backend
+            writer.close()
+        except (OSError, asyncio.TimeoutError) as exc:
+            log.warning("cancel request to %s failed: %s", self.pool.node_label, exc)
+        finally:
+            self.cancels -= 1
+            if self.cancels == 0 and not self.pending and self.status == pg.IDLE and self.on_idle is not None:
+                self.on_idle(self)

@@ -1,0 +1,55 @@
+"""Protocol-level prepared statements across pooled server connections.
+
+A client's named statement is known by its Parse body (query text and parameter types). Every distinct body
+gets one server-side name for the life of the process, so a server connection that prepared it for one client
+serves the next client without preparing it again; a connection that lacks it gets the Parse injected just
+before first use.
+"""
+
+from __future__ import annotations
+
+import re
+
+from shardproxy import protocol as pg
+
+
+class Statement:
+    __slots__ = ("name", "parse", "bind_prefix")
+
+    def __init__(self, name: bytes, body: bytes):
+        self.name = name  # the server-side name
+        self.parse = pg.message(b"P", name + b"\0" + body)
+        self.bind_prefix = name + b"\0"
+
+
+class Registry:
+    """Server-side names for Parse bodies, shared by every client and server connection of the process."""
+
+    def __init__(self) -> None:
+        self._by_body: dict[bytes, Statement] = {}
+
+    def get(self, body: bytes) -> Statement:
+        statement = self._by_body.get(body)
+        if statement is None:
+            statement = Statement(b"sp%d" % len(self._by_body), body)
+            self._by_body[body] = statement
+        return statement
+
+    def __len__(self) -> int:
+        return len(self._by_body)
+
+
+_DEALLOCATE = re.compile(r'\s*deallocate\s+(?:prepare\s+)?(?:(all)|"?([^";\s]+)"?)\s*;?\s*\Z', re.I)
+_DISCARD_ALL = re.compile(r"\s*discard\s+all\s*;?\s*\Z", re.I)
+
+
+def deallocate_target(sql: str) -> str | None:
+    """For a lone `DEALLOCATE name`/`DEALLOCATE ALL`, the name ("" for ALL); else None."""
+    match = _DEALLOCATE.match(sql)
+    if match is None:
+        return None
+    return "" if match.group(1) else match.group(2)
+
+
+def is_discard_all(sql: str) -> bool:
+    return _DISCARD_ALL.match(sql) is not None
