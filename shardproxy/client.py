@@ -170,11 +170,46 @@ class ClientConnection(Connection):
             return
         self.buf += data
         buf = self.buf
-        if len(buf) >= 5:
+        if len(buf) >= 5 and not self.wait_started and self._answer_without_server():
             if buf[0] == _X:
                 self.close()
-            elif not self.wait_started and self.pool is not None:
+            else:
                 self.pool.acquire(self)  # links now, or when a connection is free
+
+    def _answer_without_server(self) -> bool:
+        """Outside a transaction, Parse (of a statement some server accepted already), Close of a statement
+        and Sync need no server: answer them here. Clients that prepare synchronously (pgbench -M prepared)
+        would otherwise wait for a connection that another of their own sessions holds.
+        Returns whether messages that need a server remain."""
+        buf = self.buf
+        n = len(buf)
+        pos = answered = replied = 0
+        replies: list[bytes] = []
+        while n - pos >= 5:
+            t = buf[pos]
+            end = pos + 1 + _UNPACK(buf, pos + 1)[0]
+            if end > n or end <= pos + 4:
+                break
+            if t == _P and buf[pos + 5]:
+                name, body_start = pg.read_cstring(buf, pos + 5)
+                statement = self.proxy.statements.known(bytes(buf[body_start:end]))
+                if statement is None:
+                    break
+                self.statements[name] = statement
+                replies.append(pg.PARSE_COMPLETE)
+            elif t == _C and buf[pos + 5] == _S and buf[pos + 6]:
+                self.statements.pop(bytes(buf[pos + 6:end - 1]), None)
+                replies.append(pg.CLOSE_COMPLETE)
+            elif t == _S:
+                replies.append(pg.READY[pg.IDLE])
+                answered, replied = end, len(replies)
+            else:
+                break
+            pos = end
+        if answered:
+            self.transport.write(b"".join(replies[:replied]))
+            del buf[:answered]
+        return n - answered >= 5
 
     def link(self, server: ServerConnection) -> None:
         """Serve this client's messages on `server` until its transaction (or session) ends."""
@@ -279,7 +314,7 @@ class ClientConnection(Connection):
             server.enqueue_synthetic(_PARSE_DONE)
         else:
             out.append(statement.parse)
-            server.pending.append((PARSE, FORWARD, statement.name))
+            server.pending.append((PARSE, FORWARD, statement))
             server.remember_prepared(statement.name, self.proxy.config.pool.prepared_statements_per_server, out)
 
     def _ensure_prepared(self, statement: Statement, out: list) -> None:
@@ -289,7 +324,7 @@ class ClientConnection(Connection):
             server.prepared.move_to_end(statement.name)
         else:
             out.append(statement.parse)
-            server.pending.append((PARSE, HIDE, statement.name))
+            server.pending.append((PARSE, HIDE, statement))
             server.remember_prepared(statement.name, self.proxy.config.pool.prepared_statements_per_server, out)
 
     def _bind(self, buf, pos: int, portal_end: int, end: int, out: list) -> None:

@@ -130,6 +130,8 @@ class ServerConnection(Connection):
                 done = kind == BIND
             elif t == _1:
                 done = kind == PARSE
+                if arg is not None:
+                    arg.verified = True
             elif t == _3:
                 done = kind == CLOSE
             elif t == _S:
@@ -173,7 +175,7 @@ class ServerConnection(Connection):
         while pending and pending[0][0] != SYNC:
             kind, _, arg = pending.popleft()
             if kind == PARSE and arg is not None:
-                self.prepared.pop(arg, None)  # the statement did not get prepared after all
+                self.prepared.pop(arg.name, None)  # the statement did not get prepared after all
 
     def _synthesize(self, out: list) -> None:
         """Answer, in their place in the stream, the requests the proxy handled itself."""

@@ -14,12 +14,13 @@ from shardproxy import protocol as pg
 
 
 class Statement:
-    __slots__ = ("name", "parse", "bind_prefix")
+    __slots__ = ("name", "parse", "bind_prefix", "verified")
 
     def __init__(self, name: bytes, body: bytes):
         self.name = name  # the server-side name
         self.parse = pg.message(b"P", name + b"\0" + body)
         self.bind_prefix = name + b"\0"
+        self.verified = False  # a server has accepted it: a client's Parse of it can be answered without one
 
 
 class Registry:
@@ -34,6 +35,11 @@ class Registry:
             statement = Statement(b"sp%d" % len(self._by_body), body)
             self._by_body[body] = statement
         return statement
+
+    def known(self, body: bytes) -> Statement | None:
+        """The statement for this body if a server has accepted it before."""
+        statement = self._by_body.get(body)
+        return statement if statement is not None and statement.verified else None
 
     def __len__(self) -> int:
         return len(self._by_body)
