@@ -29,6 +29,7 @@ from typing import Any
 from urllib.parse import quote
 
 import psycopg
+import yaml
 
 TOOLS = ("initdb", "pg_ctl", "postgres", "pg_basebackup")
 METHODS = ("scram-sha-256", "md5", "trust")
@@ -44,6 +45,7 @@ RAM_DIR = "/dev/shm"
 RAM_DIR_MIN_FREE = 2 << 30
 # Per-node settings live in their own file so copies can simply overwrite it.
 NODE_CONF = "sandbox-node.conf"
+PROXY_PID_SUFFIX = ".proxy-pid"
 # Disposable servers: durability is traded for speed everywhere it is safe to.
 BASE_SETTINGS = {
     "listen_addresses": f"'{LOOPBACK}'",
@@ -299,6 +301,7 @@ class Sandbox:
         self.base_dir = tempfile.mkdtemp(prefix="shardproxy-sandbox-", dir=base_dir or _default_parent())
         self._closed = False
         self._ports: set[int] = set()
+        self._proxies: list[ProxyProcess] = []
         self._watchdog, self._watch_fd = _start_watchdog(self.base_dir)
         atexit.register(self.close)
         try:
@@ -361,12 +364,24 @@ class Sandbox:
             return
         self._closed = True
         atexit.unregister(self.close)
+        for proxy in self._proxies:
+            proxy.stop(timeout=2)
         _shut_down(self.base_dir)
         os.close(self._watch_fd)  # EOF tells the watchdog it may exit
         try:
             self._watchdog.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self._watchdog.kill()
+
+    def proxy(self, name: str, clusters: Sequence[Cluster], start: bool = True, **sections: Any) -> ProxyProcess:
+        """A proxy daemon in front of `clusters`, on a free port; stopped by close()."""
+        config = proxy_config(clusters, self.free_port(), os.path.join(self.base_dir, f"{name}.sock"),
+                              self.users, **sections)
+        proxy = ProxyProcess(name, config, self.base_dir)
+        self._proxies.append(proxy)
+        if start:
+            proxy.start()
+        return proxy
 
     def _node(self, name: str, region: str | None) -> Node:
         node_dir = os.path.join(self.base_dir, name)
@@ -412,6 +427,104 @@ class Sandbox:
         query = "SELECT application_name FROM pg_stat_replication WHERE state = 'streaming'"
         if not _wait_for(lambda: wanted <= {row[0] for row in primary.sql(query)}, 30):
             raise SandboxError(f"replicas of {primary.name} are not streaming\n{_tail(primary.log())}")
+
+
+class ProxyProcess:
+    """A `shardproxy run` daemon started by a Sandbox, on a config it wrote."""
+
+    def __init__(self, name: str, config: dict[str, Any], base_dir: str) -> None:
+        self.name = name
+        self.config = config
+        self.config_path = os.path.join(base_dir, f"proxy-{name}.yaml")
+        self.log_path = os.path.join(base_dir, f"proxy-{name}.log")
+        self._pid_path = os.path.join(base_dir, f"proxy-{name}{PROXY_PID_SUFFIX}")
+        self.process: subprocess.Popen[bytes] | None = None
+        self.write_config(config)
+
+    @property
+    def host(self) -> str:
+        return str(self.config["listen"]["host"])
+
+    @property
+    def port(self) -> int:
+        return int(self.config["listen"]["port"])
+
+    @property
+    def admin_socket(self) -> str:
+        return str(self.config["admin"]["socket"])
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        self.config = config
+        with open(self.config_path, "w") as f:
+            yaml.safe_dump(config, f, sort_keys=False)
+
+    def dsn(self, user: str = "app", password: str | None = "secret", dbname: str = "postgres") -> str:
+        auth = quote(user, safe="") + (f":{quote(password, safe='')}" if password else "")
+        return f"postgresql://{auth}@{self.host}:{self.port}/{quote(dbname, safe='')}"
+
+    def start(self, timeout: float = 15) -> None:
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        path = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "shardproxy", "run", "-c", self.config_path],
+                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": path},
+            )
+        with open(self._pid_path, "w") as f:
+            f.write(str(self.process.pid))
+        if not _wait_for(lambda: self._accepts() or self.process.poll() is not None, timeout) or not self._accepts():
+            self.stop()
+            raise SandboxError(f"proxy {self.name} did not start\n{_tail(self.log())}")
+
+    def _accepts(self) -> bool:
+        with socket.socket() as probe:
+            probe.settimeout(0.2)
+            return probe.connect_ex((self.host, self.port)) == 0
+
+    def signal(self, signum: int) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signum)
+
+    def stop(self, timeout: float = 10) -> int | None:
+        """SIGTERM (a graceful shutdown), SIGKILL past the timeout; returns the exit code."""
+        if self.process is None:
+            return None
+        self.signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait()
+        with suppress(FileNotFoundError):
+            os.unlink(self._pid_path)
+        return code
+
+    def log(self) -> str:
+        return _read(self.log_path)
+
+
+def proxy_config(clusters: Sequence[Cluster], port: int, admin_socket: str, users: Sequence[User] = DEFAULT_USERS,
+                 region: str | None = None, **sections: Any) -> dict[str, Any]:
+    """A proxy config for these clusters, one shard each, with every sandbox user; `sections` override."""
+    regions = sorted({node.region for cluster in clusters for node in cluster.nodes if node.region})
+    config: dict[str, Any] = {
+        "listen": {"host": LOOPBACK, "port": port},
+        "admin": {"socket": admin_socket},
+        "metrics": {"host": LOOPBACK, "port": 0},
+        "shards": [
+            {"name": cluster.name, "nodes": [
+                {"host": node.host, "port": node.port, **({"region": node.region} if node.region else {})}
+                for node in cluster.nodes]}
+            for cluster in clusters
+        ],
+        "users": [{"name": u.name, "password": u.password, "auth": u.method} for u in users],
+        "admin_users": ["admin"] if any(u.name == "admin" for u in users) else [],
+    }
+    if regions:
+        config["regions"] = {name: {"priority": i + 1, "primary": i == 0} for i, name in enumerate(regions)}
+        config["region"] = region or regions[0]
+    config.update(sections)
+    return config
 
 
 def demo_topology(
@@ -501,7 +614,10 @@ def _server_pids(data_dir: str) -> list[int]:
 
 
 def _shut_down(base_dir: str) -> None:
-    """Stop every server under base_dir at once, then delete base_dir."""
+    """Stop every proxy and server under base_dir at once, then delete base_dir."""
+    for pid_file in glob.glob(os.path.join(glob.escape(base_dir), f"*{PROXY_PID_SUFFIX}")):
+        with suppress(OSError, ValueError):
+            os.kill(int(_read(pid_file)), signal.SIGKILL)
     data_dirs = glob.glob(os.path.join(glob.escape(base_dir), "*", "data"))
     for data_dir in data_dirs:
         pid = _postmaster_pid(data_dir)
