@@ -65,19 +65,17 @@ class ClientConnection(Connection):
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
         self.address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
-        if not self.proxy.admit(self):
-            self.transport.write(pg.fatal(pg.TOO_MANY_CONNECTIONS, "sorry, too many clients already"))
-            self.close()
-            return
         self.expect_startup_packet()
-        asyncio.get_running_loop().create_task(self._login())
+        asyncio.get_running_loop().create_task(self._login(self.proxy.admit(self)))
 
-    async def _login(self) -> None:
+    async def _login(self, admitted: bool) -> None:
         try:
             async with asyncio.timeout(self.proxy.config.pool.client_login_timeout):
                 startup = await self._startup()
                 if startup is None:
                     return
+                if not admitted:  # refused only now, as PostgreSQL does: after the SSL answer, and not cancels
+                    raise pg.PostgresError(pg.TOO_MANY_CONNECTIONS, "sorry, too many clients already")
                 await self._authenticate()
                 await self._welcome(startup)
         except pg.PostgresError as exc:
@@ -197,6 +195,8 @@ class ClientConnection(Connection):
                     break
                 self.statements[name] = statement
                 replies.append(pg.PARSE_COMPLETE)
+                if bytes(buf[body_start:body_start + 4]).lower() in _SESSION_PREFIXES:
+                    self._track_set(pg.read_cstring(buf, body_start)[0].decode(errors="replace"), None)
             elif t == _C and buf[pos + 5] == _S and buf[pos + 6]:
                 self.statements.pop(bytes(buf[pos + 6:end - 1]), None)
                 replies.append(pg.CLOSE_COMPLETE)
@@ -271,6 +271,9 @@ class ClientConnection(Connection):
                 else:
                     pending.append(QUERY_REQ)
             elif t == _P:
+                query_start = buf.index(0, pos + 5) + 1
+                if bytes(buf[query_start:query_start + 4]).lower() in _SESSION_PREFIXES:  # a SET, extended
+                    self._track_set(pg.read_cstring(buf, query_start)[0].decode(errors="replace"), server)
                 if buf[pos + 5]:
                     out.append(buf[span:pos])
                     span = end
@@ -371,14 +374,27 @@ class ClientConnection(Connection):
             server.pending.append((QUERY, FORWARD, self._discarded))
             return
         server.pending.append(QUERY_REQ)
+        self._track_set(sql, server)
+
+    def _track_set(self, sql: str, server: ServerConnection | None) -> None:
+        """Note a SET/RESET of an unreported parameter (or RESET ALL) as the client's and the server's.
+        The server undoes it if the transaction rolls back: so does the proxy (see ServerConnection)."""
         tracked = session_params.tracked_set(sql)
-        if tracked is not None:
-            name, statement = tracked
-            for owner in (self.param_sql, server.param_sql):
-                if statement is None:
-                    owner.pop(name, None)
-                else:
-                    owner[name] = statement
+        reset_all = tracked is None and session_params.is_reset_all(sql)
+        if tracked is None and not reset_all:
+            return
+        owners = [self.param_sql]
+        if server is not None:
+            if server.settings_before is None:
+                server.settings_before = (dict(self.param_sql), dict(server.param_sql))
+            owners.append(server.param_sql)
+        for owner in owners:
+            if reset_all:
+                owner.clear()
+            elif tracked[1] is None:
+                owner.pop(tracked[0], None)
+            else:
+                owner[tracked[0]] = tracked[1]
 
     def _discarded(self, server: ServerConnection, tag: bytes) -> None:
         if tag == b"DISCARD ALL":

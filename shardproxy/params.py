@@ -15,7 +15,10 @@ REPORTED = ("application_name", "client_encoding", "DateStyle", "IntervalStyle",
 UNREPORTED = ("search_path", "extra_float_digits")
 _CANONICAL = {name.lower(): name for name in REPORTED + UNREPORTED}
 
-_SET = re.compile(r"\s*(?:set\s+(?:session\s+)?(\w+)\s*(?:to|=)\s*(.+?)|reset\s+(\w+))\s*;?\s*\Z", re.I | re.S)
+# A SET or RESET alone, or as the first of several statements: a value ends at the first semicolon outside quotes.
+_SET = re.compile(r"""\s*(?:set\s+(?:session\s+)?(\w+)\s*(?:to|=)\s*((?:'(?:[^']|'')*'|"(?:[^"]|"")*"|[^'";])+?)"""
+                  r"|reset\s+(\w+))\s*(?:;|\Z)", re.I | re.S)
+_RESET_ALL = re.compile(r"\s*reset\s+all\s*(?:;|\Z)", re.I)
 _UTF8_NAMES = {"utf8", "utf-8", "unicode"}
 
 
@@ -47,14 +50,20 @@ def _startup_list(value: str) -> str:
 
 
 def tracked_set(sql: str) -> tuple[str, str | None] | None:
-    """For a lone `SET name ...`/`RESET name` of an unreported parameter: (name, statement or None for RESET)."""
+    """For a `SET name ...`/`RESET name` of an unreported parameter, alone or first in the query:
+    (name, that SET statement alone or None for RESET). Only the SET is kept: it is replayed on other sessions."""
     match = _SET.match(sql)
     if match is None:
         return None
     name = canonical_name(match.group(1) or match.group(3))
     if name not in UNREPORTED:
         return None
-    return name, (sql.strip().rstrip(";") if match.group(1) else None)
+    return name, (match.group(0).strip().removesuffix(";").rstrip() if match.group(1) else None)
+
+
+def is_reset_all(sql: str) -> bool:
+    """Whether the query starts with RESET ALL, which resets every unreported parameter too."""
+    return _RESET_ALL.match(sql) is not None
 
 
 def literal(value: str) -> str:

@@ -62,6 +62,9 @@ class ServerConnection(Connection):
         self.created = self.last_used = time.monotonic()
         self.cancels = 0  # cancel requests in flight: the connection is not reused until they land
         self.on_idle: Callable[[ServerConnection], None] | None = None
+        # The client's and our param_sql before a SET in the current transaction, restored if it rolls back.
+        self.settings_before: tuple[dict[str, str], dict[str, str]] | None = None
+        self.settings_undone = False  # an error or ROLLBACK since the last ReadyForQuery
 
     # -- login --------------------------------------------------------------------------------------
     async def login(self, user: str, password: str | None, database: str) -> None:
@@ -120,10 +123,17 @@ class ServerConnection(Connection):
             if t == _Z:
                 self.status = buf[pos + 5]
                 done = True
+                if self.settings_before is not None and self.status == pg.IDLE and action != HIDE:
+                    if self.settings_undone and client is not None:
+                        client.param_sql, self.param_sql = self.settings_before
+                    self.settings_before = None
+                self.settings_undone = False
             elif t == _C or t == _I or t == _s:
                 done = kind == EXECUTE
                 if arg is not None and kind == QUERY and t == _C:
                     arg(self, bytes(buf[pos + 5 : end - 1]))
+                if t == _C and self.settings_before is not None and buf[pos + 5 : end - 1] == b"ROLLBACK":
+                    self.settings_undone = True
             elif t == _T or t == _n:
                 done = kind == DESCRIBE
             elif t == _2:
@@ -142,6 +152,8 @@ class ServerConnection(Connection):
                 self._skip_to_sync()
                 if hiding and kind == PARSE:  # the client must learn that its statement does not exist
                     hiding = False
+            if t == _E:
+                self.settings_undone = True
             if hiding:
                 out.append(buf[span:pos])
                 span = end
