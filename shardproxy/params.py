@@ -2,7 +2,7 @@
 
 Reported parameters (the server announces their values in ParameterStatus) are compared by value. The
 others (search_path, extra_float_digits: not reported by PostgreSQL 15) are tracked by the SET statement that
-changed them last. When a client is linked to a connection whose values differ, one hidden query brings the
+changed them last, and so are the other settings a client gave at startup. When a client is linked to a connection whose values differ, one hidden query brings the
 connection in line before the client's own messages.
 """
 
@@ -28,20 +28,32 @@ def canonical_name(name: str) -> str | None:
 
 
 def startup_values(startup: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
-    """A client's startup parameters, split into reported values and statements for unreported ones."""
+    """A client's startup parameters (and `options` -c settings), split into reported values and SET
+    statements for the others, which follow the client like its own SETs."""
     values: dict[str, str] = {}
     statements: dict[str, str] = {}
-    for key, value in startup.items():
-        name = canonical_name(key)
-        if name is None:
-            continue
-        if name in UNREPORTED:
-            statements[name] = f"SET {name} TO {_startup_list(value)}"
-        elif name == "client_encoding" and value.lower() in _UTF8_NAMES:
+    settings = {k: v for k, v in startup.items() if k not in _CONNECTION_KEYS}
+    settings.update(_options(startup.get("options", "")))
+    for key, value in settings.items():
+        name = canonical_name(key) or key
+        if name == "client_encoding" and value.lower() in _UTF8_NAMES:
             values[name] = "UTF8"  # as the server will report it
-        else:
+        elif name in REPORTED:
             values[name] = value
+        elif name == "search_path":
+            statements[name] = f"SET {name} TO {_startup_list(value)}"
+        else:
+            statements[name] = f"SET {name} TO {literal(value)}"
     return values, statements
+
+
+_CONNECTION_KEYS = {"user", "database", "options", "replication"}
+_OPTION = re.compile(r"(?:-c\s*|--)([\w.-]+)=((?:\\.|\S)*)")
+
+
+def _options(options: str) -> dict[str, str]:
+    """The `-c name=value` settings in a startup `options` string (backslash escapes a space)."""
+    return {m.group(1).replace("-", "_"): re.sub(r"\\(.)", r"\1", m.group(2)) for m in _OPTION.finditer(options)}
 
 
 def _startup_list(value: str) -> str:
@@ -75,7 +87,7 @@ def sync_statements(client_values: dict[str, str], client_sql: dict[str, str],
     """The statements that make a server session match the client's parameters; updates server_sql."""
     statements = [f"SET {name} TO {literal(value)}" for name, value in client_values.items()
                   if name in REPORTED and server_values.get(name) != value]
-    for name in UNREPORTED:
+    for name in client_sql.keys() | server_sql.keys():
         want = client_sql.get(name)
         if server_sql.get(name) != want:
             statements.append(want or f"RESET {name}")

@@ -485,6 +485,23 @@ async def test_asyncpg_many_connections_through_small_pool(proxy):
     assert len(set().union(*backends)) <= POOL_SIZE
 
 
+async def test_startup_settings_follow_the_client(proxy):
+    """Settings given at connect time (asyncpg server_settings, libpq options) hold on every pooled connection."""
+    special = await asyncpg.connect(proxy.dsn(dbname=APP_DB), server_settings={"statement_timeout": "1234"})
+    plain = [await asyncpg.connect(proxy.dsn(dbname=APP_DB)) for _ in range(4)]
+    try:
+        for _ in range(10):
+            # The plain clients keep every server connection busy in turn, so `special` lands on all of them.
+            await asyncio.gather(*(c.execute("SELECT pg_sleep(0.005)") for c in plain))
+            assert await special.fetchval("SHOW statement_timeout") == "1234ms"
+            assert {await c.fetchval("SHOW statement_timeout") for c in plain} == {"0"}
+    finally:
+        for conn in [special, *plain]:
+            await conn.close()
+    with psycopg.connect(proxy.dsn(dbname=APP_DB), options="-c work_mem=3MB", autocommit=True) as conn:
+        assert conn.execute("SHOW work_mem").fetchone() == ("3MB",)
+
+
 async def test_asyncpg_transactions(proxy, pg):
     table = create_table(pg, "clients_apg_txn", "id int PRIMARY KEY")
     conn = await aconnect(proxy)
