@@ -272,7 +272,8 @@ class ClientConnection(Connection):
                     pending.append(QUERY_REQ)
             elif t == _P:
                 query_start = buf.index(0, pos + 5) + 1
-                if bytes(buf[query_start:query_start + 4]).lower() in _SESSION_PREFIXES:  # a SET, extended
+                if buf[query_start] in _MAYBE_SESSION_STATEMENT and \
+                        bytes(buf[query_start:query_start + 4]).lower() in _SESSION_PREFIXES:  # a SET, extended
                     self._track_set(pg.read_cstring(buf, query_start)[0].decode(errors="replace"), server)
                 if buf[pos + 5]:
                     out.append(buf[span:pos])
