@@ -166,5 +166,7 @@ class Proxy:
             return
         for client in list(self.clients.values()):
             server = client.server
-            if server is not None and not server.pending and now - server.last_used > limit:
+            # Session pooling links the server between transactions too: only an open transaction counts.
+            if server is not None and not server.pending and server.status != pg.IDLE \
+                    and now - server.last_used > limit:
                 client.fail(pg.PostgresError(pg.IDLE_IN_TRANSACTION_TIMEOUT, "idle_transaction_timeout"))
