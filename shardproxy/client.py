@@ -219,7 +219,7 @@ class ClientConnection(Connection):
         server.peer = self
         self.peer = server
         if self.proxy.config.pool.mode == "transaction":
-            server.on_idle = self._server_idle
+            server.on_ready = self._server_ready
         server.transport.resume_reading()
         statements = session_params.sync_statements(self.params, self.param_sql, server.params, server.param_sql)
         if statements:
@@ -228,8 +228,10 @@ class ClientConnection(Connection):
         data, self.buf = self.buf, bytearray()
         self._forward(data)
 
-    def _server_idle(self, server: ServerConnection) -> None:
-        """Transaction pooling: the transaction is over, the connection goes back to the pool."""
+    def _server_ready(self, server: ServerConnection) -> None:
+        """Transaction pooling: once the transaction is over, the connection goes back to the pool."""
+        if server.status != pg.IDLE or server.cancels:
+            return
         self.server = self.peer = None
         self.pool.release(server)
         if self.proxy.shutting_down:
@@ -430,7 +432,7 @@ class ClientConnection(Connection):
         if server is None:
             return
         server.client = server.peer = None
-        server.on_idle = None
+        server.on_ready = None
         if server.pending or server.status != pg.IDLE:
             self.pool.discard(server)  # mid-transaction: closing is the sure way to roll it back
         elif self.proxy.config.pool.mode == "session":

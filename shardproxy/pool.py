@@ -64,7 +64,7 @@ class Pool:
     def release(self, server: ServerConnection) -> None:
         """A connection is free: to the longest-waiting client, else back to the idle list."""
         server.client = server.peer = None
-        server.on_idle = None
+        server.on_ready = None
         server.last_used = time.monotonic()
         if server.closed:
             return
@@ -83,9 +83,11 @@ class Pool:
         server.client = server.peer = None
         server.pending.append(HIDDEN_QUERY)
         server.write(pg.query("DISCARD ALL"))
-        server.on_idle = self._after_reset
+        server.on_ready = self._after_reset
 
     def _after_reset(self, server: ServerConnection) -> None:
+        if server.cancels:
+            return
         server.prepared.clear()
         server.param_sql.clear()
         self.release(server)

@@ -61,7 +61,8 @@ class ServerConnection(Connection):
         self.client: ClientConnection | None = None
         self.created = self.last_used = time.monotonic()
         self.cancels = 0  # cancel requests in flight: the connection is not reused until they land
-        self.on_idle: Callable[[ServerConnection], None] | None = None
+        # Called whenever every request sent has been answered; whoever holds the connection decides.
+        self.on_ready: Callable[[ServerConnection], None] | None = None
         # The client's and our param_sql before a SET in the current transaction, restored if it rolls back.
         self.settings_before: tuple[dict[str, str], dict[str, str]] | None = None
         self.settings_undone = False  # an error or ROLLBACK since the last ReadyForQuery
@@ -167,8 +168,8 @@ class ServerConnection(Connection):
                     self._synthesize(out)
                 hiding = bool(pending) and pending[0][1] == HIDE
         self._send(client, buf, out, span, pos, n)
-        if not pending and self.status == pg.IDLE and self.cancels == 0 and self.on_idle is not None:
-            self.on_idle(self)
+        if not pending and self.on_ready is not None:
+            self.on_ready(self)
 
     def _send(self, client: ClientConnection | None, buf, out: list, span: int, pos: int, n: int) -> None:
         """Write what is forwarded to the client; keep an incomplete message for the next read."""
@@ -246,5 +247,5 @@ class ServerConnection(Connection):
             log.warning("cancel request to %s failed: %s", self.pool.node_label, exc)
         finally:
             self.cancels -= 1
-            if self.cancels == 0 and not self.pending and self.status == pg.IDLE and self.on_idle is not None:
-                self.on_idle(self)
+            if self.cancels == 0 and not self.pending and self.on_ready is not None:
+                self.on_ready(self)
