@@ -51,6 +51,7 @@ BASE_SETTINGS = {
     "listen_addresses": f"'{LOOPBACK}'",
     "shared_buffers": "16MB",
     "max_connections": "200",
+    "max_prepared_transactions": "20",  # DDL and reference-table writes commit on all shards in two phases
     "wal_level": "replica",
     "max_wal_senders": "10",
     "max_replication_slots": "10",
