@@ -1,0 +1,320 @@
+"""The topology: shards, their nodes, and what health checks learned about them.
+
+One object that the router and pools read and the health checker writes. It
+does no I/O: observations come in through ``report`` / ``report_failure``,
+and decisions (which node is the primary, which replicas may serve a read)
+are pure functions of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from shardproxy.config import Config
+
+log = logging.getLogger(__name__)
+
+Role = Literal["primary", "replica", "unknown"]
+State = Literal["up", "down", "banned"]
+ChangeKind = Literal["primary", "role", "state"]
+
+# Enough primary LSN samples to compare a replica's answer with the primary as
+# it was before that answer, even when a few checks overlap.
+_SAMPLES = 16
+
+
+def parse_lsn(text: str) -> int:
+    """``'16/B374D848'`` -> its 64-bit position."""
+    high, _, low = text.partition("/")
+    return (int(high, 16) << 32) | int(low, 16)
+
+
+def format_lsn(lsn: int) -> str:
+    """A 64-bit WAL position as PostgreSQL prints it."""
+    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What one successful health check saw on a node."""
+
+    in_recovery: bool
+    lsn: int  # current WAL LSN on a primary, last replayed LSN on a replica
+    timeline: int
+    replay_age: float | None  # seconds since the last replayed commit; replicas only
+    sent: float  # monotonic time the query was sent
+    received: float  # monotonic time the answer arrived
+    at: float  # wall time, for display
+
+
+@dataclass(frozen=True)
+class Change:
+    """A change the data path may react to.
+
+    kind "primary": the shard's primary changed; old/new are addresses or None.
+    kind "role" / "state": node ``address`` went from ``old`` to ``new``.
+    """
+
+    kind: ChangeKind
+    shard: str
+    address: str | None
+    old: str | None
+    new: str | None
+
+
+Listener = Callable[[Change], None]
+
+
+@dataclass(eq=False)  # nodes are compared by identity: each is one live record
+class NodeState:
+    shard: str
+    host: str
+    port: int
+    region: str | None
+    role: Role = "unknown"  # discovered by checks, never taken from the config
+    healthy: bool = False  # down until a check succeeds
+    banned: bool = False
+    in_recovery: bool | None = None
+    timeline: int = 0
+    wal_lsn: int = 0
+    lag_bytes: int | None = None  # None: unknown, so not used for reads
+    lag_seconds: float | None = None
+    last_check: float | None = None  # wall time of the last check, failed or not
+    probed_at: float | None = None  # monotonic time the last successful check was sent
+    failures: int = 0  # consecutive
+    successes: int = 0  # consecutive
+    outstanding: int = 0  # requests in flight, kept by the data path
+    # Claims to be primary but another one leads the shard (a newer timeline,
+    # or the same one and it led first): it gets no traffic.
+    fenced: bool = False
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def state(self) -> State:
+        if self.banned:
+            return "banned"
+        return "up" if self.healthy else "down"
+
+
+class Topology:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.version = 0  # bumped on every Change
+        self._shards: dict[str, list[NodeState]] = {}
+        self._nodes: dict[str, NodeState] = {}
+        self._leaders: dict[str, NodeState | None] = {}
+        # The primary listeners were last told about, per shard.
+        self._announced: dict[str, NodeState | None] = {}
+        # (received, lsn) of the shard's elected primary, oldest first.
+        self._samples: dict[str, deque[tuple[float, int]]] = {}
+        self._listeners: list[Listener] = []
+        self._load(config)
+
+    def on_change(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def shards(self) -> list[str]:
+        return list(self._shards)
+
+    def nodes(self, shard: str | None = None) -> list[NodeState]:
+        if shard is None:
+            return list(self._nodes.values())
+        return list(self._shards.get(shard, ()))
+
+    def node(self, address: str) -> NodeState | None:
+        return self._nodes.get(address)
+
+    def primary(self, shard: str) -> NodeState | None:
+        """The shard's writable node: up, not banned, not fenced."""
+        leader = self._leaders.get(shard)
+        return leader if leader is not None and not leader.banned else None
+
+    def read_candidates(
+        self, shard: str, min_lsn: int | None = None
+    ) -> list[NodeState]:
+        """Nodes for a read, best first: fresh enough replicas by region, then the primary.
+
+        ``min_lsn`` (read-your-writes) drops replicas that have not replayed it yet.
+        """
+        max_lag = self.config.routing.max_replica_lag
+        replicas = [
+            node
+            for node in self._shards.get(shard, ())
+            if node.role == "replica"
+            and node.state == "up"
+            and node.lag_seconds is not None
+            and node.lag_seconds <= max_lag
+            and (min_lsn is None or node.wal_lsn >= min_lsn)
+        ]
+        replicas.sort(
+            key=lambda node: (*self._region_rank(node.region), node.outstanding)
+        )
+        primary = self.primary(shard)
+        return replicas if primary is None else [*replicas, primary]
+
+    def ban(self, address: str) -> bool:
+        return self._set_banned(address, True)
+
+    def unban(self, address: str) -> bool:
+        return self._set_banned(address, False)
+
+    def apply_config(self, config: Config) -> None:
+        """Switch to a reloaded config; nodes that remain keep what checks learned."""
+        self.config = config
+        self._load(config)
+        for shard in self._shards:
+            self._refresh(shard)
+
+    def report(self, address: str, probe: Probe, rise: int) -> None:
+        """Record a successful check; the node is up after ``rise`` in a row.
+
+        A node's first check ever brings it up at once: nothing was wrong
+        with it, it just had not been seen yet.
+        """
+        node = self._nodes.get(address)
+        if node is None:  # removed by a reload while it was being checked
+            return
+        old_role, old_state = node.role, node.state
+        node.role = "replica" if probe.in_recovery else "primary"
+        node.in_recovery = probe.in_recovery
+        node.timeline = probe.timeline
+        node.wal_lsn = probe.lsn
+        node.successes += 1
+        node.failures = 0
+        if not node.healthy and (node.last_check is None or node.successes >= rise):
+            node.healthy = True
+        node.last_check = probe.at
+        node.probed_at = probe.sent
+        self._announce(node, old_role, old_state)
+        if node.role == "replica":
+            self._measure_lag(node, probe)
+        elif node is self._leaders.get(node.shard):
+            self._samples[node.shard].append((probe.received, probe.lsn))
+            node.lag_bytes, node.lag_seconds = 0, 0.0
+        else:
+            node.lag_bytes, node.lag_seconds = None, None
+
+    def report_failure(self, address: str, at: float, fall: int) -> None:
+        """Record a failed check; the node is down after ``fall`` in a row."""
+        node = self._nodes.get(address)
+        if node is None:
+            return
+        old_role, old_state = node.role, node.state
+        node.last_check = at
+        node.failures += 1
+        node.successes = 0
+        if node.failures >= fall:
+            node.healthy = False
+        self._announce(node, old_role, old_state)
+
+    def _load(self, config: Config) -> None:
+        previous = self._nodes
+        self._shards, self._nodes = {}, {}
+        for shard in config.shards:
+            members = []
+            for spec in shard.nodes:
+                node = previous.get(spec.address)
+                if node is None or node.shard != shard.name:
+                    node = NodeState(shard.name, spec.host, spec.port, spec.region)
+                node.region = spec.region
+                members.append(node)
+                self._nodes[node.address] = node
+            self._shards[shard.name] = members
+            self._samples.setdefault(shard.name, deque(maxlen=_SAMPLES))
+        for gone in set(self._samples) - set(self._shards):
+            del self._samples[gone]
+            self._leaders.pop(gone, None)
+            self._announced.pop(gone, None)
+
+    def _set_banned(self, address: str, banned: bool) -> bool:
+        node = self._nodes.get(address)
+        if node is None:
+            return False
+        if node.banned != banned:
+            old = node.state
+            node.banned = banned
+            self._emit(Change("state", node.shard, address, old, node.state))
+            self._refresh(node.shard)
+        return True
+
+    def _announce(self, node: NodeState, old_role: Role, old_state: State) -> None:
+        """Emit what changed on ``node``, then re-elect its shard's primary."""
+        if node.role != old_role:
+            self._emit(Change("role", node.shard, node.address, old_role, node.role))
+        if node.state != old_state:
+            self._emit(Change("state", node.shard, node.address, old_state, node.state))
+        self._refresh(node.shard)
+
+    def _refresh(self, shard: str) -> None:
+        """Re-elect the shard's primary and announce it if it changed."""
+        before = self._announced.get(shard)
+        self._elect(shard)
+        after = self._announced[shard] = self.primary(shard)
+        if before is not after:
+            old = before.address if before else None
+            new = after.address if after else None
+            self._emit(Change("primary", shard, new, old, new))
+
+    def _elect(self, shard: str) -> None:
+        """Among nodes claiming to be primary, only one on the newest timeline leads.
+
+        The newest timeline counts nodes that are down too: a promoted node that
+        crashed still proves the old primary is stale, so that one stays fenced.
+        On a tie the current leader keeps its place, so traffic does not flap.
+        """
+        members = self._shards[shard]
+        claimants = [node for node in members if node.role == "primary"]
+        newest = max((node.timeline for node in claimants), default=0)
+        live = [node for node in claimants if node.healthy and node.timeline == newest]
+        current = self._leaders.get(shard)
+        leader = current if current in live else next(iter(live), None)
+        if leader is not None and leader is not current:
+            # From now on replicas must catch up with this node's LSNs.
+            self._samples[shard].clear()
+        self._leaders[shard] = leader
+        for node in members:
+            fenced = node in claimants and node.healthy and node is not leader
+            if fenced and not node.fenced:
+                log.warning("%s fenced: another primary leads the shard", node.address)
+            node.fenced = fenced
+
+    def _measure_lag(self, node: NodeState, probe: Probe) -> None:
+        """Replica lag against the primary LSNs known for the shard.
+
+        A replica at or past the primary's LSN has lag 0: the age of its last
+        replayed commit only means something while there is WAL it has not
+        replayed, else an idle primary would make every replica look stale. The
+        comparison uses the primary as seen before this check was sent, as a
+        newer sample may have raced with the replica's answer.
+        """
+        samples = self._samples[node.shard]
+        if not samples:
+            node.lag_bytes, node.lag_seconds = None, probe.replay_age
+            return
+        node.lag_bytes = max(0, samples[-1][1] - probe.lsn)
+        earlier = [lsn for received, lsn in samples if received <= probe.sent]
+        target = earlier[-1] if earlier else samples[-1][1]
+        node.lag_seconds = 0.0 if probe.lsn >= target else probe.replay_age
+
+    def _region_rank(self, region: str | None) -> tuple[int, float, str]:
+        """This proxy's region first, then by priority (lower first), unknown last."""
+        if region is not None and region == self.config.region:
+            return (0, 0, region)
+        known = self.config.regions.get(region) if region is not None else None
+        return (1, known.priority if known else math.inf, region or "")
+
+    def _emit(self, change: Change) -> None:
+        self.version += 1
+        for listener in self._listeners:
+            try:
+                listener(change)
+            except Exception:  # one broken listener must not stop health checks
+                log.exception("topology listener failed on %s", change)
