@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING
 
 from shardproxy import params as session_params
 from shardproxy import protocol as pg
+from shardproxy.admin import ADMIN_DATABASE
 from shardproxy.auth import ScramException, ScramServerExchange, md5_answer, parse_sasl_initial
 from shardproxy.connection import Connection
 from shardproxy.server import (
-    BIND_REQ, CLOSE, CLOSE_REQ, DESCRIBE_REQ, EXECUTE_REQ, FORWARD, FUNCTION_REQ, PARSE, PARSE_REQ, QUERY,
+    BIND_REQ, CLOSE, CLOSE_REQ, DESCRIBE, DESCRIBE_REQ, EXECUTE_REQ, FORWARD, FUNCTION_REQ, PARSE, PARSE_REQ, QUERY,
     QUERY_REQ, SYNC_REQ, SYNTH, HIDE, HIDDEN_QUERY, ServerConnection,
 )
 from shardproxy.statements import Statement, deallocate_target, is_discard_all
@@ -27,6 +28,7 @@ from shardproxy.statements import Statement, deallocate_target, is_discard_all
 if TYPE_CHECKING:
     from shardproxy.pool import Pool
     from shardproxy.proxy import Proxy
+    from shardproxy.router import Route
 
 log = logging.getLogger("shardproxy.client")
 
@@ -38,6 +40,20 @@ _DEALLOCATE_DONE = (QUERY, SYNTH, pg.command_complete("DEALLOCATE"))
 _DEALLOCATE_ALL_DONE = (QUERY, SYNTH, pg.command_complete("DEALLOCATE ALL"))
 _CLOSE_DONE = (CLOSE, SYNTH, pg.CLOSE_COMPLETE)
 _PARSE_DONE = (PARSE, SYNTH, pg.PARSE_COMPLETE)
+_GO, _STOP, _REFUSE = range(3)
+
+
+def _batch_end(buf, pos: int) -> int:
+    """Just past the Sync that ends the batch going on at pos, or the end of what has arrived."""
+    n = len(buf)
+    while n - pos >= 5:
+        end = pos + 1 + _UNPACK(buf, pos + 1)[0]
+        if end > n:
+            break
+        t, pos = buf[pos], end
+        if t == _S:
+            break
+    return pos
 
 
 class ClientConnection(Connection):
@@ -58,6 +74,21 @@ class ClientConnection(Connection):
         self.connected_at = time.time()
         self.wait_started = 0.0
         self.admitted = False  # counted against max_client_conn
+        # Routing state (sharded configurations only).
+        self.home = 0  # the shard for statements that name none
+        self.shard = -1  # the shard of the linked server connection
+        self.on_primary = False  # whether the linked server connection is its shard's primary
+        self.session_key: object = None  # SET shardproxy.shard_key
+        self.held: list[bytes] = []  # BEGIN and SETs of a transaction that has not named its shard yet
+        self.held_failed = False  # an error inside a held transaction: only ROLLBACK/COMMIT ends it
+        self.tentative = False  # the transaction runs on the home shard until a statement names one
+        self.switching = False  # leaving the home shard: the tentative transaction is being rolled back
+        self.tx_open = False  # a BEGIN went to the linked server connection in this link
+        self.busy = False  # a statement on several shards is running
+        self.unnamed: Statement | None = None  # the unnamed statement, for the Bind that follows its Parse
+        self.read_only = False  # the held transaction began READ ONLY
+        self.mid_batch = False  # the last message forwarded was not the end of a batch
+        self._refusal = ""
         self.max_message_size = proxy.config.pool.max_message_size
 
     # -- connection set-up ------------------------------------------------------------------------------
@@ -150,7 +181,10 @@ class ClientConnection(Connection):
 
     async def _welcome(self, startup: dict[str, str]) -> None:
         """Tell the client the server's parameters and its cancel key, then open the data path."""
-        self.pool = self.proxy.pool_for(self.database, self.user)
+        if self.database == ADMIN_DATABASE:  # the admin console: commands, not a server session
+            self.proxy.admin.open_session(self)
+            return
+        self.pool = self.proxy.pool_for(self.database, self.user, self.proxy.login_node())
         defaults = await self.pool.fetch_defaults()
         values, self.param_sql = session_params.startup_values(startup)
         self.params = {k: v for k, v in defaults.items() if k in session_params.REPORTED} | values
@@ -167,12 +201,25 @@ class ClientConnection(Connection):
             self._forward(self.take_input(data))
             return
         self.buf += data
-        buf = self.buf
-        if len(buf) >= 5 and not self.wait_started and self._answer_without_server():
-            if buf[0] == _X:
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Between transactions: start the next one on the server connection its first statement needs."""
+        while self.server is None and not (self.busy or self.wait_started or self.closed):
+            if len(self.buf) < 5 or not self._answer_without_server():
+                return
+            if self.buf[0] == _X:
                 self.close()
-            else:
-                self.pool.acquire(self)  # links now, or when a connection is free
+                return
+            if not self.proxy.sharded:
+                self._acquire(self.proxy.pool_for(self.database, self.user, self.proxy.login_node()))
+                return
+            decision = self._batch_route(self.buf, 0)
+            if decision is None:  # the statement that decides has not fully arrived
+                return
+            route, batch_end, _, standalone = decision
+            if not (standalone and self._answer_locally(route, batch_end)):
+                self._start(route, batch_end)
 
     def _answer_without_server(self) -> bool:
         """Outside a transaction, Parse (of a statement some server accepted already), Close of a statement
@@ -225,6 +272,12 @@ class ClientConnection(Connection):
         if statements:
             server.pending.append(HIDDEN_QUERY)
             server.write(pg.query("; ".join(statements)))
+        if self.proxy.sharded:
+            self.on_primary = self.proxy.is_primary(server.pool.node)
+            self.tx_open = bool(self.held)
+            for replay in self.held:  # the transaction's BEGIN and SETs, now that it has a shard
+                server.pending.append(HIDDEN_QUERY)
+                server.write(replay)
         data, self.buf = self.buf, bytearray()
         self._forward(data)
 
@@ -234,6 +287,7 @@ class ClientConnection(Connection):
             return
         self.server = self.peer = None
         self.pool.release(server)
+        self._transaction_ended()
         if self.proxy.shutting_down:
             self._fatal(pg.PostgresError(pg.ADMIN_SHUTDOWN, "shardproxy is shutting down"))
         elif self.buf and not self.closed:
@@ -245,6 +299,9 @@ class ClientConnection(Connection):
         out: list = []
         n = len(buf)
         pos = span = 0
+        check = 0 if self.proxy.sharded and not self.mid_batch else -1  # where the next batch starts
+        refuse = -1
+        t = _S
         while n - pos >= 5:
             t = buf[pos]
             length = _UNPACK(buf, pos + 1)[0]
@@ -254,7 +311,16 @@ class ClientConnection(Connection):
                 return
             if end > n:
                 break
-            if t == _B:
+            if pos == check:
+                check, refuse, go = self._route_batch_here(buf, pos)
+                if not go:
+                    self._stopped(server, out)
+                    break
+            if pos == refuse:
+                out.append(buf[span:pos])
+                span = end
+                self._refuse(self._refusal, buf, pos, end, out)
+            elif t == _B:
                 portal_end = buf.index(0, pos + 5)
                 if buf[portal_end + 1]:  # a named statement: use its server-side name
                     out.append(buf[span:pos])
@@ -301,6 +367,7 @@ class ClientConnection(Connection):
                 self._fatal(pg.PostgresError(pg.PROTOCOL_VIOLATION, f"invalid frontend message type {t}"))
                 return
             pos = end
+        self.mid_batch = t != _S and t != _Q
         if not out and span == 0 and pos == n:
             server.transport.write(buf)
         else:
@@ -308,6 +375,209 @@ class ClientConnection(Connection):
             server.transport.write(b"".join(out))
         if pos < n:
             self.buf = bytearray(buf[pos:])
+            if not pending and server.status == pg.IDLE:
+                self._server_ready(server)  # stopped with nothing in flight: move on now
+
+    def _route_batch_here(self, buf, pos: int) -> tuple[int, int, bool]:
+        """At the start of a batch on a linked connection: (where the next batch starts, the position of
+        a statement to refuse or -1, whether the batch may run here at all)."""
+        decision = self._batch_route(buf, pos)
+        if decision is None:  # its deciding message has not arrived: it runs here
+            return -1, -1, True
+        route, batch_end, decider, _ = decision
+        verdict = self._check_route(route)
+        if verdict == _STOP:
+            return -1, -1, False
+        if verdict == _REFUSE:
+            self._refusal = route.message if route.target == "error" else self._cross_shard_message(route)
+            return batch_end, decider, True
+        return batch_end, -1, True
+
+    # -- routing: which shard and node a transaction runs on ------------------------------------------
+    def _batch_route(self, buf, start: int) -> tuple[Route, int, int, bool] | None:
+        """The route of the batch at `start`: (route, where the batch ends, where its deciding message
+        is, whether it is one simple Query). A batch is a Query, or extended-protocol messages up to Sync,
+        decided by its Bind. None while the deciding message has not fully arrived."""
+        n = len(buf)
+        pos = start
+        unnamed = self.unnamed
+        while n - pos >= 5:
+            t = buf[pos]
+            end = pos + 1 + _UNPACK(buf, pos + 1)[0]
+            if end > n:
+                return None
+            if t == _Q:
+                if pos > start:  # extended messages before a Query go first, on their own
+                    return self.proxy.router.any_route(), pos, pos, False
+                return self._query_route(buf, pos, end), end, pos, True
+            if t == _P:
+                name, body_start = pg.read_cstring(buf, pos + 5)
+                statement = self.proxy.statements.get(bytes(buf[body_start:end]))
+                if name:
+                    self.statements[name] = statement
+                else:
+                    unnamed = self.unnamed = statement
+            elif t == _B:
+                return self._bind_route(buf, pos, end, unnamed), _batch_end(buf, end), pos, False
+            elif t == _S or t == _H or t == _F:
+                return self.proxy.router.any_route(), end, pos, False
+            pos = end
+        return None
+
+    def _cross_shard_message(self, route: Route) -> str:
+        here = self.proxy.config.shards[self.shard].name
+        if route.target == "shard":
+            there = self.proxy.config.shards[route.shard].name
+            return f"shardproxy: this transaction runs on shard {here}; a statement for shard {there} cannot join it"
+        return f"shardproxy: a statement on every shard cannot run inside a transaction on shard {here}"
+
+    def _query_route(self, buf, pos: int, end: int) -> Route:
+        sql = bytes(buf[pos + 5:end - 1]).decode(errors="replace")
+        return self.proxy.router.route_query(sql, self.session_key)
+
+    def _bind_route(self, buf, pos: int, end: int, unnamed: Statement | None) -> Route:
+        portal_end = buf.index(0, pos + 5)
+        name_end = buf.index(0, portal_end + 1)
+        statement = self.statements.get(bytes(buf[portal_end + 1:name_end])) if name_end > portal_end + 1 else unnamed
+        if statement is None:  # the server will say it does not exist
+            return self.proxy.router.any_route()
+        return self.proxy.router.route_bind(statement, bytes(buf[pos + 5:end]), self.session_key)
+
+    def _answer_locally(self, route: Route, end: int) -> bool:
+        """Simple queries the proxy answers itself between transactions: a BEGIN it holds until the
+        transaction names its shard, the end of such a transaction, the session's shard key, refusals."""
+        kind = route.kind
+        held = bool(self.held)
+        if self.held_failed and kind not in ("commit", "rollback"):
+            reply = pg.error(pg.IN_FAILED_TRANSACTION, "current transaction is aborted, commands ignored until "
+                             "end of transaction block") + pg.READY[pg.FAILED_TRANSACTION]
+        elif kind == "begin" and not held:
+            self.held.append(bytes(self.buf[:end]))
+            self.read_only = route.read_only
+            reply = pg.command_complete("BEGIN") + pg.READY[pg.IN_TRANSACTION]
+        elif kind in ("commit", "rollback") and held:
+            self.held.clear()
+            self.held_failed = False
+            reply = pg.command_complete(kind.upper()) + pg.READY[pg.IDLE]
+        elif kind in ("set_shard_key", "reset_shard_key"):
+            self.session_key = route.value if kind == "set_shard_key" else None
+            tag = "SET" if kind == "set_shard_key" else "RESET"
+            reply = pg.command_complete(tag) + pg.READY[pg.IN_TRANSACTION if held else pg.IDLE]
+        elif route.target == "error":
+            self.held_failed = held
+            reply = pg.error(pg.FEATURE_NOT_SUPPORTED, route.message) + \
+                pg.READY[pg.FAILED_TRANSACTION if held else pg.IDLE]
+        else:
+            return False
+        del self.buf[:end]
+        self.transport.write(reply)
+        return True
+
+    def _start(self, route: Route, batch_end: int) -> None:
+        """Open the transaction where the route says: one shard's node, or several shards at once."""
+        if route.target in ("scatter", "all"):
+            batch = bytes(self.buf[:batch_end])
+            if batch[-5] != _S and batch[0] != _Q:
+                return  # a multi-shard batch runs whole: wait for its Sync
+            del self.buf[:batch_end]
+            self.busy = True
+            asyncio.get_running_loop().create_task(self._run_on_shards(route, batch))
+            return
+        shard = self.home if route.target == "any" else route.shard
+        self.tentative = route.target == "any" and bool(self.held)
+        write = route.write or bool(self.held) and not self.read_only
+        pool = self.proxy.node_pool(self, shard, write, route.force_primary)
+        if pool is None:
+            self.busy = True
+            asyncio.get_running_loop().create_task(self._await_primary(shard))
+            return
+        self.shard = shard
+        self._acquire(pool)
+
+    def _acquire(self, pool: Pool) -> None:
+        self.pool = pool
+        pool.acquire(self)  # links now, or when a connection is free
+
+    async def _await_primary(self, shard: int) -> None:
+        """No primary for the shard: hold the transaction while a failover may bring a new one."""
+        name = self.proxy.config.shards[shard].name
+        node = await self.proxy.health.wait_for_primary(name, self.proxy.config.routing.failover_timeout)
+        self.busy = False
+        if node is None:
+            self._fatal(pg.PostgresError(pg.CANNOT_CONNECT_NOW, f"shardproxy: shard {name} has no primary"))
+        else:
+            self._dispatch()
+
+    async def _run_on_shards(self, route: Route, batch: bytes) -> None:
+        from shardproxy import fanout  # its legs are client connections: imported late, not circularly
+
+        held = bool(self.held)
+        status = pg.IN_TRANSACTION if held else pg.IDLE
+        try:
+            if route.target == "all":
+                pools = [self.proxy.node_pool(self, i, True, True) for i in range(len(self.proxy.config.shards))]
+                if None in pools:
+                    raise pg.PostgresError(pg.CANNOT_CONNECT_NOW, "shardproxy: a shard has no primary")
+                reply = await fanout.run_everywhere(self, pools, batch, status)
+            else:
+                reply = await fanout.scatter(self, route, batch, status)
+        except pg.PostgresError as exc:
+            reply = exc.to_message() + pg.READY[pg.FAILED_TRANSACTION if held else pg.IDLE]
+        if held and reply.endswith(pg.READY[pg.FAILED_TRANSACTION]):
+            self.held_failed = True
+        self.busy = False
+        if not self.closed:
+            self.transport.write(reply)
+            self._dispatch()
+
+    def _check_route(self, route: Route) -> int:
+        """Whether a statement met on a linked connection may run there (GO), must wait for the next
+        transaction (STOP), or is refused by making the server raise the error (REFUSE)."""
+        target = route.target
+        kind = route.kind
+        if kind == "begin":
+            self.tx_open = True
+        if target == "any":
+            if self.tentative and kind == "session":
+                self.held.append(route.replay)
+            return _GO
+        in_transaction = self.tx_open or self.server.status != pg.IDLE
+        if target == "shard" and route.shard == self.shard and (self.on_primary or not route.write or in_transaction):
+            self.tentative = False
+            return _GO
+        if self.tentative or not in_transaction:
+            return _STOP
+        return _REFUSE
+
+    def _transaction_ended(self) -> None:
+        self.shard = -1
+        self.tx_open = self.tentative = self.mid_batch = False
+        if self.switching:  # moving to another shard: the held BEGIN and SETs are replayed there
+            self.switching = False
+        else:
+            self.held.clear()
+            self.held_failed = self.read_only = False
+
+    def _refuse(self, message: str, buf, pos: int, end: int, out: list) -> None:
+        """Make the linked server raise the refusal, so that it also aborts the transaction there."""
+        sql = f"DO $shardproxy$ BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', MESSAGE = {session_params.literal(message)}; END $shardproxy$"
+        if buf[pos] == _Q:
+            out.append(pg.query(sql))
+            self.server.pending.append(QUERY_REQ)
+            return
+        portal_end = buf.index(0, pos + 5)  # a Bind: bind the client's portal to the raising statement
+        out.append(pg.message(b"P", b"\0" + pg.cstring(sql) + b"\0\0"))
+        self.server.pending.append((PARSE, HIDE, None))
+        out.append(pg.message(b"B", bytes(buf[pos + 5:portal_end + 1]) + b"\0" + b"\0" * 6))
+        self.server.pending.append(BIND_REQ)
+
+    def _stopped(self, server: ServerConnection, out: list) -> None:
+        """Forwarding stopped at a statement for another connection: let this transaction end first."""
+        if self.tentative:  # nothing of value ran on the home shard: roll it back and move
+            out.append(pg.query("ROLLBACK"))
+            server.pending.append(HIDDEN_QUERY)
+            self.tentative = False
+            self.switching = True
 
     # -- named prepared statements --------------------------------------------------------------------
     def _parse(self, buf, pos: int, end: int, out: list) -> None:
@@ -357,7 +627,7 @@ class ClientConnection(Connection):
         else:
             self._ensure_prepared(statement, out)
             out.append(pg.message(b"D", b"S" + statement.bind_prefix))
-        server.pending.append(DESCRIBE_REQ)
+        server.pending.append((DESCRIBE, FORWARD, statement))
 
     # -- session statements in simple queries ---------------------------------------------------------
     def _session_statement(self, message: bytes, out: list) -> None:
@@ -420,6 +690,7 @@ class ClientConnection(Connection):
 
     def _fatal(self, error: pg.PostgresError) -> None:
         if not self.closed and self.transport is not None:
+            self.proxy.metrics.client_error(error)
             self.transport.write(error.to_message("FATAL"))
         self.close()
 

@@ -19,8 +19,9 @@ from shardproxy.server import HIDDEN_QUERY, ServerConnection
 
 if TYPE_CHECKING:
     from shardproxy.client import ClientConnection
-    from shardproxy.config import Node, Pool as PoolSettings
+    from shardproxy.config import Pool as PoolSettings
     from shardproxy.proxy import Proxy
+    from shardproxy.topology import NodeState
 
 log = logging.getLogger("shardproxy.pool")
 
@@ -33,7 +34,7 @@ class PoolKey:
 
 
 class Pool:
-    def __init__(self, proxy: Proxy, key: PoolKey, node: Node):
+    def __init__(self, proxy: Proxy, key: PoolKey, node: NodeState):
         self.proxy = proxy
         self.key = key
         self.node = node
@@ -44,6 +45,8 @@ class Pool:
         self.opening = 0
         self.defaults: dict[str, str] | None = None  # the server's reported parameters on a fresh session
         self._defaults_lock = asyncio.Lock()
+        self.paused = proxy.admin.is_paused(node.address)  # PAUSE: hold new transactions (see admin.py)
+        self.stats = proxy.metrics.pool_stats(node.address)
 
     @property
     def settings(self) -> PoolSettings:
@@ -55,7 +58,7 @@ class Pool:
         while self.idle:
             server = self.idle.pop()  # the most recently used: warm caches, and the rest can time out
             if not server.closed:
-                client.link(server)
+                self._hand_over(client, server)
                 return
         client.wait_started = time.monotonic()
         self.waiting.append(client)
@@ -63,20 +66,33 @@ class Pool:
 
     def release(self, server: ServerConnection) -> None:
         """A connection is free: to the longest-waiting client, else back to the idle list."""
+        now = time.monotonic()
+        if server.client is not None:  # the end of a client's transaction (transaction pooling)
+            self.stats.transaction(now - server.linked_at)
         server.client = server.peer = None
         server.on_ready = None
-        server.last_used = time.monotonic()
+        server.last_used = now
         if server.closed:
             return
-        if time.monotonic() - server.created > self.settings.server_lifetime and not self.waiting:
+        if self.paused:  # PAUSE: connections close as their transactions end
+            self.discard(server)
+            return
+        if now - server.created > self.settings.server_lifetime and not self.waiting:
             self.discard(server)
             return
         while self.waiting:
             client = self.waiting.popleft()
             if not client.closed:
-                client.link(server)
+                self._hand_over(client, server)
                 return
         self.idle.append(server)
+
+    def _hand_over(self, client: ClientConnection, server: ServerConnection) -> None:
+        """Link them, counting the hand-out and how long the client waited for it."""
+        now = time.monotonic()
+        self.stats.assigned(now - client.wait_started if client.wait_started else 0.0)
+        server.linked_at = now
+        client.link(server)
 
     def reset_and_release(self, server: ServerConnection) -> None:
         """Session pooling: wipe the session (DISCARD ALL) before the next client gets it."""
@@ -120,7 +136,8 @@ class Pool:
     # -- opening connections --------------------------------------------------------------------------
     def _grow(self) -> None:
         """Open connections while clients wait and the pool has room."""
-        while len(self.waiting) > self.opening and len(self.servers) + self.opening < self.settings.size:
+        while not self.paused and len(self.waiting) > self.opening and \
+                len(self.servers) + self.opening < self.settings.size:
             self.opening += 1
             asyncio.get_running_loop().create_task(self._open_for_waiters())
 
@@ -145,6 +162,7 @@ class Pool:
                 await server.login(self.key.user, user.password if user else None, self.key.database)
         except (OSError, asyncio.TimeoutError) as exc:
             server.close()
+            self.proxy.health.check_now(self.node_label)
             log.warning("cannot connect to server %s: %s", self.node_label, exc or "timeout")
             raise pg.PostgresError(pg.CONNECTION_FAILURE, f"shardproxy: cannot connect to server {self.node_label}")
         except pg.PostgresError:
@@ -183,13 +201,23 @@ class Pool:
             if surplus > 0 and (expired or now - server.last_used > settings.server_idle_timeout):
                 self.discard(server)
                 surplus -= 1
-        if len(self.servers) + self.opening < settings.min_size:
+        if not self.paused and len(self.servers) + self.opening < settings.min_size:
             self.opening += 1
             asyncio.get_running_loop().create_task(self._open_for_waiters())
 
     def close(self) -> None:
         for server in list(self.servers):
             self.discard(server)
+
+    def pause(self) -> None:
+        """Hold new transactions: idle connections close now, busy ones as their transactions end."""
+        self.paused = True
+        for server in list(self.idle):
+            self.discard(server)
+
+    def resume(self) -> None:
+        self.paused = False
+        self._grow()  # connections for the clients held meanwhile
 
     # -- for SHOW POOLS ---------------------------------------------------------------------------------
     @property

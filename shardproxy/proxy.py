@@ -7,13 +7,18 @@ import logging
 import secrets
 import signal
 import time
+from contextlib import suppress
 
 from shardproxy import protocol as pg
-from shardproxy.auth import ScramSecret
+from shardproxy.admin import Admin
+from shardproxy.auth import ScramSecret, is_md5_hash, is_scram_verifier
 from shardproxy.client import ClientConnection
 from shardproxy.config import Config, ConfigError, User, load_config
+from shardproxy.health import HealthChecker
+from shardproxy.metrics import Metrics
 from shardproxy.pool import Pool, PoolKey
 from shardproxy.statements import Registry
+from shardproxy.topology import NodeState, Topology
 
 log = logging.getLogger("shardproxy")
 
@@ -24,6 +29,8 @@ class Proxy:
     def __init__(self, config: Config):
         self.config = config
         self.pools: dict[PoolKey, Pool] = {}
+        self.topology = Topology(config)
+        self.health = HealthChecker(self.topology, config, *_health_login(config))
         self.statements = Registry()
         self.clients: dict[int, ClientConnection] = {}  # by the BackendKeyData pid the proxy issued
         self.connected = 0
@@ -34,13 +41,18 @@ class Proxy:
         self._server: asyncio.AbstractServer | None = None
         self._janitor: asyncio.Task | None = None
         self._stopped = asyncio.Event()
+        self.admin = Admin(self)
+        self.metrics = Metrics(self)
 
     # -- start and stop ---------------------------------------------------------------------------------
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        await self.admin.start()  # first: a proxy already running there keeps its socket and its port
+        await self.health.start()  # roles are discovered, never taken from the file
         listen = self.config.listen
         self._server = await loop.create_server(lambda: ClientConnection(self), listen.host, listen.port,
                                                 reuse_port=self.config.workers > 1, backlog=4096)
+        await self.metrics.start()
         self._janitor = loop.create_task(self._janitor_loop())
         log.info("listening on %s:%d", listen.host, self.port)
 
@@ -53,7 +65,7 @@ class Proxy:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.request_shutdown)
         loop.add_signal_handler(signal.SIGINT, self.request_shutdown)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
         await self._stopped.wait()
 
     def request_shutdown(self) -> None:
@@ -77,22 +89,30 @@ class Proxy:
             client.fail(pg.PostgresError(pg.ADMIN_SHUTDOWN, "shardproxy is shutting down"))
         if self._janitor is not None:
             self._janitor.cancel()
+        await self.health.stop()
         for pool in self.pools.values():
             pool.close()
+        self.admin.close()
+        self.metrics.close()
         self._stopped.set()
 
-    def reload(self) -> None:
-        """Re-read the config file; an invalid one is rejected and the running config stays."""
+    def reload(self) -> Config:
+        """Re-read the config file and switch to it; raises ConfigError, keeping the running config, if invalid."""
         if self.config.path is None:
-            return
+            raise ConfigError(["the running config was not read from a file"])
         try:
             config = load_config(self.config.path, region=self.config.region, workers=self.config.workers)
         except ConfigError as exc:
             log.error("reload rejected: %s", "; ".join(exc.problems))
-            return
+            raise
         self.config = config
         self._scram.clear()
         log.info("reloaded %s", config.path)
+        return config
+
+    def _reload_on_signal(self) -> None:
+        with suppress(ConfigError):  # reload() logged why
+            self.reload()
 
     # -- clients ------------------------------------------------------------------------------------------
     def next_client_id(self) -> int:
@@ -143,14 +163,38 @@ class Proxy:
         return cached[1]
 
     # -- pools --------------------------------------------------------------------------------------------
-    def pool_for(self, database: str, user: str) -> Pool:
-        # Until routing lands every session goes to the first node of the first shard.
-        node = self.config.shards[0].nodes[0]
+    def pool_for(self, database: str, user: str, node: NodeState) -> Pool:
         key = PoolKey(database, user, node.address)
         pool = self.pools.get(key)
         if pool is None:
             pool = self.pools[key] = Pool(self, key, node)
         return pool
+
+    @property
+    def sharded(self) -> bool:
+        """One shard with one node needs no routing: every statement goes there."""
+        shards = self.config.shards
+        return len(shards) > 1 or len(shards[0].nodes) > 1
+
+    def node_pool(self, client: ClientConnection, shard: int, write: bool, force_primary: bool = False) -> Pool | None:
+        """The pool for a statement on a shard: its primary for writes, else the best node to read from;
+        None while the shard has no primary to write to."""
+        name = self.config.shards[shard].name
+        if write or force_primary or self.config.routing.consistency == "strong":
+            node = self.topology.primary(name)
+        else:
+            candidates = self.topology.read_candidates(name)
+            node = candidates[0] if candidates else None
+        return None if node is None else self.pool_for(client.database, client.user, node)
+
+    def is_primary(self, node: NodeState) -> bool:
+        primary = self.topology.primary(node.shard)
+        return primary is not None and primary.address == node.address
+
+    def login_node(self) -> NodeState:
+        """Where a new client's server parameters come from: the first shard's primary if known."""
+        shard = self.config.shards[0].name
+        return self.topology.primary(shard) or self.topology.nodes(shard)[0]
 
     async def _janitor_loop(self) -> None:
         while True:
@@ -170,3 +214,12 @@ class Proxy:
             if server is not None and not server.pending and server.status != pg.IDLE \
                     and now - server.last_used > limit:
                 client.fail(pg.PostgresError(pg.IDLE_IN_TRANSACTION_TIMEOUT, "idle_transaction_timeout"))
+
+
+def _health_login(config: Config) -> tuple[str, str | None]:
+    """Health checks log in as the first admin user with a plaintext password, else the first such user."""
+    users = [config.user(name) for name in config.admin_users] + list(config.users)
+    for user in users:
+        if user is not None and user.password and not (is_scram_verifier(user.password) or is_md5_hash(user.password)):
+            return user.name, user.password
+    return config.users[0].name, config.users[0].password

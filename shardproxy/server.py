@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from shardproxy import protocol as pg
 from shardproxy.auth import ServerLogin
 from shardproxy.connection import Connection
+from shardproxy.statements import parameter_types
 
 if TYPE_CHECKING:
     from shardproxy.client import ClientConnection
@@ -43,7 +44,7 @@ HIDDEN_QUERY: Request = (QUERY, HIDE, None)
 HIDDEN_CLOSE: Request = (CLOSE, HIDE, None)
 ENDS_AT_READY = (SYNC, QUERY, FUNCTION)
 
-_D, _C, _Z, _T, _n, _1, _2, _3, _E, _I, _s, _S, _N, _A = b"DCZTn123EIsSNA"
+_D, _C, _Z, _T, _n, _1, _2, _3, _E, _I, _s, _S, _N, _A, _t = b"DCZTn123EIsSNAt"
 _UNPACK = pg.INT32.unpack_from
 
 
@@ -60,6 +61,7 @@ class ServerConnection(Connection):
         self.prepared: OrderedDict[bytes, None] = OrderedDict()  # server-side statement names, LRU first
         self.client: ClientConnection | None = None
         self.created = self.last_used = time.monotonic()
+        self.linked_at = 0.0  # when the current client got it, for transaction times (see Pool)
         self.cancels = 0  # cancel requests in flight: the connection is not reused until they land
         # Called whenever every request sent has been answered; whoever holds the connection decides.
         self.on_ready: Callable[[ServerConnection], None] | None = None
@@ -149,6 +151,8 @@ class ServerConnection(Connection):
                 name, value = self._record_parameter(buf[pos + 5 : end])
                 if client is not None and not hiding:
                     client.params[name] = value
+            elif t == _t and arg is not None:  # a named statement's parameter types, for routing by key
+                arg.param_types = parameter_types(buf[pos + 5 : end])
             elif t == _E and kind not in ENDS_AT_READY:
                 self._skip_to_sync()
                 if hiding and kind == PARSE:  # the client must learn that its statement does not exist

@@ -14,13 +14,29 @@ from shardproxy import protocol as pg
 
 
 class Statement:
-    __slots__ = ("name", "parse", "bind_prefix", "verified")
+    __slots__ = ("name", "parse", "bind_prefix", "verified", "sql", "param_types", "plan")
 
     def __init__(self, name: bytes, body: bytes):
         self.name = name  # the server-side name
         self.parse = pg.message(b"P", name + b"\0" + body)
         self.bind_prefix = name + b"\0"
         self.verified = False  # a server has accepted it: a client's Parse of it can be answered without one
+        self.sql, self.param_types = parse_body(body)  # types as declared; filled in from ParameterDescription
+        self.plan: object | None = None  # the router's plan, made on first use
+
+
+def parse_body(body: bytes) -> tuple[str, list[int]]:
+    """The query text and declared parameter type OIDs of a Parse body (after the statement name)."""
+    end = body.index(0)
+    (count,) = pg.INT16.unpack_from(body, end + 1)
+    types = [pg.INT32.unpack_from(body, end + 3 + 4 * i)[0] for i in range(count)]
+    return body[:end].decode(errors="replace"), types
+
+
+def parameter_types(body: bytes) -> list[int]:
+    """The type OIDs of a ParameterDescription body."""
+    (count,) = pg.INT16.unpack_from(body, 0)
+    return [pg.INT32.unpack_from(body, 2 + 4 * i)[0] for i in range(count)]
 
 
 class Registry:

@@ -1,0 +1,183 @@
+"""Statements that run on several shards at once: scatter reads, and writes or DDL on every shard.
+
+Each shard is served by a `Leg`: a stand-in client that borrows a pooled server connection and runs
+batches of the real client's messages on it through the same data path (named statements, session
+parameters), collecting the responses instead of sending them. What the real client then sees is built
+from those responses here.
+
+Writes on every shard are all-or-nothing: each leg runs the batch inside a transaction, then all prepare
+(PREPARE TRANSACTION) and all commit, or all roll back. Servers without prepared transactions
+(max_prepared_transactions = 0) get a plain COMMIT on each shard, after every shard has succeeded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import TYPE_CHECKING
+
+from shardproxy import protocol as pg
+from shardproxy.client import ClientConnection
+
+if TYPE_CHECKING:
+    from shardproxy.pool import Pool
+    from shardproxy.server import ServerConnection
+
+Message = tuple[int, bytes]
+_E, _Z, _C, _D = b"EZCD"
+
+
+class Collector:
+    """Where a leg's "socket" writes go."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+
+    def write(self, data: bytes | bytearray) -> None:
+        self.chunks.append(bytes(data))
+
+    def pause_reading(self) -> None:
+        pass
+
+    resume_reading = pause_reading
+    close = pause_reading
+
+    def take(self) -> list[Message]:
+        data = b"".join(self.chunks)
+        self.chunks.clear()
+        return split_messages(data)
+
+
+def split_messages(data: bytes) -> list[Message]:
+    messages = []
+    pos = 0
+    while pos + 5 <= len(data):
+        (length,) = pg.INT32.unpack_from(data, pos + 1)
+        messages.append((data[pos], data[pos + 5 : pos + 1 + length]))
+        pos += 1 + length
+    return messages
+
+
+def join_messages(messages: list[Message]) -> bytes:
+    return b"".join(pg.message(bytes([t]), body) for t, body in messages)
+
+
+class Leg(ClientConnection):
+    """One shard's part of a multi-shard statement, on behalf of `client`."""
+
+    def __init__(self, client: ClientConnection, pool: Pool):
+        super().__init__(client.proxy)
+        self.transport = Collector()  # type: ignore[assignment]
+        self.user, self.database, self.pool = client.user, client.database, pool
+        self.statements, self.params, self.param_sql = client.statements, client.params, client.param_sql
+        self.error: pg.PostgresError | None = None
+        self._answered: asyncio.Future | None = None
+
+    async def run(self, batch: bytes) -> list[Message]:
+        """Send a batch and wait for every response to it."""
+        self._answered = asyncio.get_running_loop().create_future()
+        if self.server is None:
+            self.buf = bytearray(batch)
+            self.pool.acquire(self)
+        else:
+            self._forward(batch)
+        await self._answered
+        if self.error is not None:
+            raise self.error
+        return self.transport.take()
+
+    def link(self, server: ServerConnection) -> None:
+        super().link(server)
+        server.on_ready = self._ready
+
+    def _ready(self, server: ServerConnection) -> None:
+        if self._answered is not None and not self._answered.done():
+            self._answered.set_result(None)
+
+    def release(self) -> None:
+        server, self.server = self.server, None
+        if server is not None:
+            server.on_ready = None
+            if server.status == pg.IDLE and not server.pending:
+                self.pool.release(server)
+            else:
+                self.pool.discard(server)
+
+    def fail(self, error: pg.PostgresError) -> None:
+        self.error = error
+        self._ready(None)  # type: ignore[arg-type]
+
+    def server_lost(self, server: ServerConnection) -> None:
+        if self.server is server:
+            self.server = None
+            self.fail(pg.PostgresError(pg.CONNECTION_FAILURE, "shardproxy: server connection lost"))
+
+    def _fatal(self, error: pg.PostgresError) -> None:
+        self.fail(error)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def run_legs(legs: list[Leg], batches: list[bytes]) -> list[list[Message]]:
+    return list(await asyncio.gather(*(leg.run(batch) for leg, batch in zip(legs, batches))))
+
+
+def first_error(responses: list[list[Message]]) -> list[Message] | None:
+    for messages in responses:
+        if any(t == _E for t, _ in messages):
+            return messages
+    return None
+
+
+def with_status(messages: list[Message], status: int) -> list[Message]:
+    """The responses as the client must see them: its own transaction status in every ReadyForQuery."""
+    return [(t, bytes([status]) if t == _Z else body) for t, body in messages]
+
+
+async def run_everywhere(client: ClientConnection, pools: list[Pool], batch: bytes, status: int) -> bytes:
+    """Run a write batch on every shard's primary, all-or-nothing; the client's response."""
+    legs = [Leg(client, pool) for pool in pools]
+    try:
+        begin = pg.query("BEGIN")
+        setting = pg.query("SHOW max_prepared_transactions")
+        responses = [_middle(r) for r in await run_legs(legs, [begin + batch + setting] * len(legs))]
+        failed = first_error([answers for answers, _ in responses])
+        if failed is not None:
+            await run_legs(legs, [pg.query("ROLLBACK")] * len(legs))
+            return join_messages(with_status(failed, status))
+        await _commit(legs, two_phase=all(setting != "0" for _, setting in responses))
+        return join_messages(with_status(responses[0][0], status))
+    finally:
+        for leg in legs:
+            leg.release()
+
+
+def _middle(messages: list[Message]) -> tuple[list[Message], str]:
+    """Split `BEGIN; <batch>; SHOW max_prepared_transactions` responses: the batch's, and the setting."""
+    ready = [i for i, (t, _) in enumerate(messages) if t == _Z]
+    setting = messages[ready[-2] + 1 : ready[-1]]
+    return messages[ready[0] + 1 : ready[-2] + 1], (_data_value(setting[1]) if len(setting) > 1 else "")
+
+
+async def _commit(legs: list[Leg], two_phase: bool) -> None:
+    """Two-phase commit where every server allows it, else one COMMIT per shard."""
+    if not two_phase:
+        await run_legs(legs, [pg.query("COMMIT")] * len(legs))
+        return
+    gid = f"shardproxy_{uuid.uuid4().hex}"
+    prepared = await run_legs(legs, [pg.query(f"PREPARE TRANSACTION '{gid}'")] * len(legs))
+    if first_error(prepared) is not None:
+        await asyncio.gather(*(leg.run(pg.query(f"ROLLBACK PREPARED '{gid}'"))
+                               for leg, answers in zip(legs, prepared) if first_error([answers]) is None))
+        raise pg.PostgresError(pg.INTERNAL_ERROR, "shardproxy: PREPARE TRANSACTION failed on a shard; rolled back")
+    await run_legs(legs, [pg.query(f"COMMIT PREPARED '{gid}'")] * len(legs))
+
+
+def _data_value(message: Message) -> str:
+    """The first column of a one-column DataRow, as text."""
+    t, body = message
+    if t != _D:
+        return ""
+    (length,) = pg.INT32.unpack_from(body, 2)
+    return body[6 : 6 + length].decode()
