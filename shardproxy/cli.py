@@ -46,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
     route = commands.add_parser("route", help="print the shard that owns a key")
     route.add_argument("-c", "--config", required=True)
     route.add_argument("key")
+    admin = commands.add_parser("admin", help="send one command to a running proxy's admin socket")
+    where = admin.add_mutually_exclusive_group()
+    where.add_argument("-s", "--socket", help="the admin socket (default: the config's, else the built-in one)")
+    where.add_argument("-c", "--config", help="take the admin socket from this config file")
+    admin.add_argument("--json", action="store_true", help="print the reply as the proxy sent it")
+    admin.add_argument("words", nargs="+", metavar="COMMAND", help="e.g. SHOW POOLS; HELP lists them all")
     return parser
 
 
@@ -105,10 +111,31 @@ def _route(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin(args: argparse.Namespace) -> int:
+    from shardproxy.admin import format_table, request
+    from shardproxy.config import Admin
+
+    path = args.socket or (load_config(args.config).admin.socket if args.config else Admin().socket)
+    try:
+        line = request(path, " ".join(args.words))
+    except OSError as exc:
+        print(f"shardproxy: cannot reach the admin socket {path}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    reply = json.loads(line)
+    if args.json:
+        print(line, end="")
+    elif reply["ok"]:
+        print(format_table(reply["columns"], reply["rows"]) if reply["columns"] else "OK")
+    if not reply["ok"]:
+        print(f"shardproxy: {reply['error']}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from shardproxy.demo import run_demo
 
     return run_demo()
 
 
-_COMMANDS = {"run": _run, "check": _check, "route": _route, "demo": _demo}
+_COMMANDS = {"run": _run, "check": _check, "route": _route, "demo": _demo, "admin": _admin}

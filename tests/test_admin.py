@@ -1,0 +1,330 @@
+"""Operations: the admin socket, `shardproxy admin`, the admin database over psql, and /metrics.
+
+Real proxy daemons in front of a real primary and replica. Tests that change the config, or stop the daemon,
+run their own proxy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import psycopg
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from shardproxy.admin import request
+from shardproxy.sandbox import LOOPBACK, Cluster, Node, ProxyProcess, Sandbox, SandboxError
+
+ROOT = Path(__file__).resolve().parent.parent
+DASHBOARD = ROOT / "conf" / "grafana" / "shardproxy.json"
+SHARD = "adm"
+# Every metric of the contract, with the labels each of its series must carry.
+CONTRACT_METRICS = {
+    "shardproxy_client_connections": {"state"},
+    "shardproxy_server_connections": {"shard", "node", "role", "state"},
+    "shardproxy_queries_total": {"shard", "role", "kind"},
+    "shardproxy_query_duration_seconds": {"shard", "role"},
+    "shardproxy_pool_wait_seconds": set(),
+    "shardproxy_errors_total": {"kind"},
+    "shardproxy_node_up": {"shard", "node", "role", "region"},
+    "shardproxy_replica_lag_seconds": {"shard", "node", "region"},
+    "shardproxy_replica_lag_bytes": {"shard", "node", "region"},
+    "shardproxy_failovers_total": {"shard"},
+}
+
+
+# -- helpers ------------------------------------------------------------------------------------------------
+def admin(proxy: ProxyProcess, command: str) -> dict[str, Any]:
+    return json.loads(request(proxy.admin_socket, command))
+
+
+def table(proxy: ProxyProcess, command: str) -> list[dict[str, Any]]:
+    """An ok reply's rows as dicts by column."""
+    reply = admin(proxy, command)
+    assert reply["ok"], reply
+    return [dict(zip(reply["columns"], row)) for row in reply["rows"]]
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "shardproxy", "admin", *args], capture_output=True, text=True,
+                          timeout=30, cwd=ROOT, check=False)
+
+
+def psql(proxy: ProxyProcess, user: str, password: str, sql: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PGPASSWORD": password, "PGCONNECT_TIMEOUT": "10"}
+    command = ["psql", "-X", "-h", proxy.host, "-p", str(proxy.port), "-U", user, "-d", "shardproxy", "-c", sql]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=30, check=False)
+
+
+def scrape(proxy: ProxyProcess) -> str:
+    with urllib.request.urlopen(f"http://{LOOPBACK}:{proxy.config['metrics']['port']}/metrics", timeout=10) as reply:
+        return reply.read().decode()
+
+
+def families(text: str) -> dict[str, Any]:
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+def total(text: str, name: str, **labels: str) -> float:
+    """The sum of a metric's samples that carry these labels."""
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == name and labels.items() <= sample.labels.items())
+
+
+def client_ids(proxy: ProxyProcess) -> set[int]:
+    return {row["id"] for row in table(proxy, "SHOW CLIENTS")}
+
+
+def address(node: Node) -> str:
+    return f"{node.host}:{node.port}"
+
+
+# -- fixtures -----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cluster(sandbox: Sandbox) -> Cluster:
+    """A primary and a replica in another region, so that nodes and lag have something to show."""
+    return sandbox.cluster(SHARD, replicas=1, regions=["r1", "r2"])
+
+
+@pytest.fixture(scope="module")
+def proxy(sandbox: Sandbox, cluster: Cluster) -> ProxyProcess:
+    return sandbox.proxy("admin", [cluster], pool={"size": 2, "query_wait_timeout": "10s"},
+                         metrics={"host": LOOPBACK, "port": sandbox.free_port()})
+
+
+# -- the admin socket ---------------------------------------------------------------------------------------
+def test_socket_is_private_and_serves_many_commands_per_connection(proxy: ProxyProcess, cluster: Cluster) -> None:
+    mode = os.stat(proxy.admin_socket).st_mode
+    assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
+    commands = ["show pools", "SHOW NODES", "Show Shards", "SHOW CLIENTS", "SHOW SERVERS", "SHOW STATS",
+                "SHOW CONFIG", "SHOW VERSION", "HELP", "route 42", "FROBNICATE", "KILL", ""]
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(proxy.admin_socket)
+        sock.sendall("".join(f"{command}\n" for command in commands).encode())  # all at once: one per line
+        with sock.makefile("rb") as lines:
+            replies = [json.loads(lines.readline()) for _ in commands[:-1]]  # blank lines get no answer
+    by_command = dict(zip(commands, replies))
+    assert by_command["show pools"]["columns"] == [
+        "database", "user", "shard", "node", "role", "region", "cl_active", "cl_waiting", "sv_active", "sv_idle",
+        "sv_used", "sv_login", "maxwait"]
+    assert by_command["SHOW NODES"]["columns"] == [
+        "shard", "host", "port", "region", "role", "state", "lag_bytes", "lag_seconds", "last_check"]
+    nodes = {row[2]: row for row in by_command["SHOW NODES"]["rows"]}
+    assert set(nodes) == {node.port for node in cluster.nodes}
+    assert nodes[cluster.replicas[0].port][3] == "r2"
+    assert by_command["Show Shards"]["columns"] == ["name", "weight", "ring_share", "primary", "replicas"]
+    assert by_command["Show Shards"]["rows"][0][:4] == [SHARD, 1, 1.0, address(cluster.primary)]
+    assert by_command["SHOW CLIENTS"]["columns"][:5] == ["id", "user", "database", "address", "state"]
+    assert by_command["SHOW SERVERS"]["columns"][:6] == ["node", "user", "database", "state", "pid", "client"]
+    assert "total_xact_count" in by_command["SHOW STATS"]["columns"]
+    config = dict(by_command["SHOW CONFIG"]["rows"])
+    assert config["pool.size"] == 2 and config["shards[0].name"] == SHARD
+    assert {config["users[0].password"], config["users[2].password"]} == {"***"}
+    assert not {"secret", "adminpw", "md5secret"} & {str(value) for value in config.values()}
+    assert by_command["SHOW VERSION"]["rows"][0][0].startswith("shardproxy ")
+    assert ["ROUTE <key>", "the shard, read node and write node a key goes to now"] in by_command["HELP"]["rows"]
+    assert by_command["route 42"]["columns"] == ["key", "shard", "read_node", "write_node"]
+    assert by_command["route 42"]["rows"][0][:2] == ["42", SHARD]
+    assert by_command["route 42"]["rows"][0][3] == address(cluster.primary)
+    assert by_command["FROBNICATE"] == {"ok": False, "error": "unknown command 'FROBNICATE'; type HELP for the list "
+                                                              "of commands"}
+    assert by_command["KILL"] == {"ok": False, "error": "usage: KILL <id>"}
+
+
+def test_clients_servers_pools_and_stats_follow_a_transaction(proxy: ProxyProcess, cluster: Cluster) -> None:
+    before = client_ids(proxy)
+    with psycopg.connect(proxy.dsn()) as conn:
+        backend_pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]  # the transaction stays open
+        [me] = client_ids(proxy) - before
+        clients = {row["id"]: row for row in table(proxy, "SHOW CLIENTS")}
+        assert clients[me]["state"] == "active" and clients[me]["user"] == "app"
+        [server] = [row for row in table(proxy, "SHOW SERVERS") if row["pid"] == backend_pid]
+        assert server["state"] == "active" and server["client"] == me and server["node"] == clients[me]["server"]
+        [pool] = [row for row in table(proxy, "SHOW POOLS") if row["node"] == server["node"]
+                  and row["database"] == "postgres" and row["user"] == "app"]
+        assert pool["sv_active"] == 1 and pool["cl_active"] >= 1 and pool["shard"] == SHARD
+        stats = {row["node"]: row for row in table(proxy, "SHOW STATS") if row["database"] == "postgres"}
+        conn.commit()
+        wait_until(lambda: {row["id"]: row for row in table(proxy, "SHOW CLIENTS")}[me]["state"] == "idle")
+    after = {row["node"]: row for row in table(proxy, "SHOW STATS") if row["database"] == "postgres"}
+    node = server["node"]
+    assert after[node]["total_xact_count"] == stats[node]["total_xact_count"] + 1
+    assert after[node]["total_xact_time"] > stats[node]["total_xact_time"]
+
+
+def test_pause_waits_for_running_transactions_and_holds_new_ones_until_resume(proxy: ProxyProcess) -> None:
+    assert admin(proxy, "RESUME")["error"] == "not paused"
+    assert "unknown shard 'nope'" in admin(proxy, "PAUSE nope")["error"]
+    with psycopg.connect(proxy.dsn()) as running, psycopg.connect(proxy.dsn(), autocommit=True) as held:
+        running.execute("SELECT 1")  # a transaction in progress
+        paused: list[dict[str, Any]] = []
+        pausing = threading.Thread(target=lambda: paused.append(admin(proxy, f"PAUSE {SHARD}")))
+        pausing.start()
+        time.sleep(0.3)
+        assert not paused  # PAUSE answers once running transactions have ended
+        running.commit()
+        pausing.join(5)
+        assert paused == [{"ok": True, "columns": [], "rows": []}]
+        assert not table(proxy, "SHOW SERVERS")  # idle connections closed
+        answers: list[int] = []
+        query = threading.Thread(target=lambda: answers.append(held.execute("SELECT 42").fetchone()[0]))
+        query.start()
+        wait_until(lambda: sum(row["cl_waiting"] for row in table(proxy, "SHOW POOLS")) == 1)
+        assert not answers
+        assert admin(proxy, "RESUME")["ok"]
+        query.join(5)
+        assert answers == [42]
+
+
+def test_kill_closes_that_client_only(proxy: ProxyProcess) -> None:
+    before = client_ids(proxy)
+    with psycopg.connect(proxy.dsn(), autocommit=True) as victim, \
+            psycopg.connect(proxy.dsn(), autocommit=True) as bystander:
+        victim.execute("SELECT 1")
+        bystander.execute("SELECT 1")
+        victim_id = min(client_ids(proxy) - before)  # the first to connect got the lower id
+        assert admin(proxy, f"KILL {victim_id}")["ok"]
+        with pytest.raises(psycopg.OperationalError, match="terminating connection due to administrator command"):
+            victim.execute("SELECT 1")
+        assert bystander.execute("SELECT 2").fetchone() == (2,)
+        assert victim_id not in client_ids(proxy)
+    assert admin(proxy, f"KILL {victim_id}") == {"ok": False, "error": f"no client with id '{victim_id}'; "
+                                                                       "see SHOW CLIENTS"}
+
+
+def test_ban_and_unban(proxy: ProxyProcess, cluster: Cluster) -> None:
+    replica = address(cluster.replicas[0])
+    assert not admin(proxy, "BAN 10.9.9.9:1")["ok"]
+    reply = admin(proxy, f"BAN {replica}")
+    if not reply["ok"]:  # a proxy without health checks has no topology to ban a node in
+        assert reply["error"].startswith("not available yet")
+        return
+    try:
+        assert {row["state"] for row in table(proxy, "SHOW NODES") if row["port"] == cluster.replicas[0].port} == \
+            {"banned"}
+    finally:
+        assert admin(proxy, f"UNBAN {replica}")["ok"]
+    assert "banned" not in {row["state"] for row in table(proxy, "SHOW NODES")}
+
+
+# -- the command line ---------------------------------------------------------------------------------------
+def test_cli_table_json_and_exit_codes(proxy: ProxyProcess, tmp_path: Path) -> None:
+    done = cli("-s", proxy.admin_socket, "SHOW", "VERSION")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0].rstrip() == "version"
+    assert set(done.stdout.splitlines()[1]) == {"-"}
+    assert done.stdout.splitlines()[2].startswith("shardproxy ")
+    done = cli("-c", proxy.config_path, "--json", "show", "shards")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["rows"][0][0] == SHARD
+    done = cli("-s", proxy.admin_socket, "SHOW", "NOTHING")
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr == "shardproxy: unknown command 'SHOW NOTHING'; type HELP for the list of commands\n"
+    missing = str(tmp_path / "none.sock")
+    done = cli("-s", missing, "SHOW", "POOLS")
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and missing in done.stderr
+
+
+# -- the admin database over the PostgreSQL protocol ---------------------------------------------------------
+async def test_psql_on_the_admin_database(proxy: ProxyProcess) -> None:
+    done = psql(proxy, "admin", "adminpw", "SHOW POOLS")
+    assert done.returncode == 0, done.stderr
+    header = [name.strip() for name in done.stdout.splitlines()[0].split("|")]
+    assert header[:3] == ["database", "user", "shard"] and "cl_waiting" in header
+    done = psql(proxy, "admin", "adminpw", "SHOW VERSION; SHOW NODES")
+    assert done.returncode == 0 and "shardproxy " in done.stdout and "lag_bytes" in done.stdout
+    done = psql(proxy, "admin", "adminpw", "FROBNICATE")
+    assert done.returncode == 1 and "unknown command 'FROBNICATE'" in done.stderr
+    done = psql(proxy, "app", "secret", "SHOW POOLS")
+    assert done.returncode == 2 and 'user "app" may not use the admin database' in done.stderr
+    with pytest.raises(asyncpg.PostgresError) as refused:
+        await asyncpg.connect(host=proxy.host, port=proxy.port, user="app", password="secret", database="shardproxy")
+    assert refused.value.sqlstate == "28000"
+
+
+# -- reload, and the socket's life cycle ---------------------------------------------------------------------
+def test_reload_applies_a_valid_file_and_rejects_an_invalid_one(sandbox: Sandbox, cluster: Cluster) -> None:
+    proxy = sandbox.proxy("reload", [cluster], pool={"size": 3})
+    proxy.write_config({**proxy.config, "pool": {"size": 5}})
+    assert table(proxy, "RELOAD") == [{"config": proxy.config_path, "fraction_moved": 0.0}]
+    settings = {row["key"]: row["value"] for row in table(proxy, "SHOW CONFIG")}
+    assert settings["pool.size"] == 5
+    proxy.write_config({**proxy.config, "pool": {"size": 0}})
+    reply = admin(proxy, "RELOAD")
+    assert not reply["ok"] and "pool.size" in reply["error"] and "running config stays" in reply["error"]
+    assert {row["key"]: row["value"] for row in table(proxy, "SHOW CONFIG")}["pool.size"] == 5
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_stale_socket_is_replaced_a_live_one_refused_and_shutdown_exits_0(sandbox: Sandbox, cluster: Cluster) -> None:
+    path = os.path.join(sandbox.base_dir, "lifecycle.sock")
+    with socket.socket(socket.AF_UNIX) as stale:
+        stale.bind(path)  # left behind, as by a proxy that was killed: nobody listens
+    proxy = sandbox.proxy("lifecycle", [cluster], admin={"socket": path})
+    twin = sandbox.proxy("twin", [cluster], start=False, admin={"socket": path})
+    with pytest.raises(SandboxError, match="belongs to a running shardproxy"):
+        twin.start()
+    assert admin(proxy, "SHUTDOWN")["ok"]
+    assert proxy.process is not None and proxy.process.wait(10) == 0
+    assert not os.path.exists(path)
+
+
+# -- metrics --------------------------------------------------------------------------------------------------
+def test_metrics_follow_the_contract_and_count_traffic(proxy: ProxyProcess) -> None:
+    before = scrape(proxy)
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        for _ in range(3):
+            conn.execute("SELECT 1")
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(proxy.dsn(password="wrong"))
+    text = scrape(proxy)
+    found = families(text)
+    for name, labels in CONTRACT_METRICS.items():
+        family = found[name.removesuffix("_total")]  # the parser names counters without the suffix
+        assert family.samples, name
+        for sample in family.samples:
+            assert labels <= sample.labels.keys(), (name, sample)
+    assert "process_cpu_seconds" in found
+    assert total(text, "shardproxy_queries_total") >= total(before, "shardproxy_queries_total") + 3
+    assert total(text, "shardproxy_query_duration_seconds_count") >= \
+        total(before, "shardproxy_query_duration_seconds_count") + 3
+    auth_errors = total(before, "shardproxy_errors_total", kind="auth")
+    assert total(text, "shardproxy_errors_total", kind="auth") == auth_errors + 1
+    assert total(text, "shardproxy_node_up") == 2
+    if shutil.which("promtool"):
+        lint = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True,
+                              timeout=30, check=False)
+        assert lint.returncode == 0, lint.stdout + lint.stderr
+
+
+def test_dashboard_queries_only_exported_metrics(proxy: ProxyProcess) -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+    assert exprs
+    referenced = set(re.findall(r"\b(?:shardproxy|process)_[a-z_]+", DASHBOARD.read_text()))
+    found = families(scrape(proxy))
+    exported = {sample.name for family in found.values() for sample in family.samples} | set(found)
+    assert referenced and referenced <= exported, referenced - exported
