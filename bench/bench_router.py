@@ -1,0 +1,88 @@
+"""Microseconds per call of the query router: planning (cached and uncached) and routing.
+
+Run: python bench/bench_router.py
+
+"Uncached" plans a text the router has not seen (a fresh column name each call); "cached" repeats
+texts whose plan is in the cache. For the simple protocol, cached texts still differ in their literal
+values, so each call pays for the normalisation that finds the shared template.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+# Let the script run from a checkout without installing the package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from shardproxy.config import parse_config  # noqa: E402
+from shardproxy.router import Router  # noqa: E402
+
+CONFIG = """\
+sharding: {key: user_id, reference_tables: [countries]}
+shards:
+  - {name: shard0, nodes: [{host: db0, port: 5432}]}
+  - {name: shard1, nodes: [{host: db1, port: 5432}]}
+  - {name: shard2, nodes: [{host: db2, port: 5432}]}
+  - {name: shard3, nodes: [{host: db3, port: 5432}]}
+users: [{name: app, password: secret}]
+"""
+
+# {c} varies the text for uncached runs; {k} is the key for simple-protocol runs.
+KEYED = (
+    "SELECT o.id, o.total, o.{c} FROM orders o JOIN items i ON i.order_id = o.id "
+    "WHERE o.user_id = {k} AND o.status = 'open' ORDER BY o.created DESC LIMIT 20"
+)
+UPDATE = "UPDATE orders SET total = total + 1, {c} = 'x' WHERE user_id = {k} AND id = 17"
+SCATTER = "SELECT {c}, count(*) FROM orders WHERE status = 'open' GROUP BY {c} ORDER BY count(*) DESC LIMIT 10"
+N = 3000
+ROUNDS = 5
+
+
+def micros(call: Callable[[int], object]) -> float:
+    """Best of ROUNDS runs of N calls, in µs per call (the best damps scheduler noise)."""
+    best = float("inf")
+    for round_ in range(ROUNDS):
+        start = time.perf_counter()
+        for i in range(N):
+            call(round_ * N + i)
+        best = min(best, time.perf_counter() - start)
+    return best / N * 1e6
+
+
+def extended(router: Router, query: str, name: str) -> None:
+    param_text = query.replace("{k}", "$1")
+    cached = param_text.format(c="note")
+    router.plan(cached)
+    plan = router.plan(cached)
+    print(f"{name:8} extended  uncached plan  {micros(lambda i: router.plan(param_text.format(c=f'c{i}'))):8.1f} µs")
+    print(f"{name:8} extended  cached plan    {micros(lambda i: router.plan(cached)):8.1f} µs")
+    print(f"{name:8} extended  route          {micros(lambda i: router.route(plan, params=[i])):8.1f} µs")
+
+
+def simple(router: Router, query: str, name: str) -> None:
+    def uncached(i: int) -> object:
+        return router.plan_simple(query.format(c=f"s{i}", k=i))
+
+    def cached(i: int) -> object:
+        return router.plan_simple(query.format(c="note", k=i))
+
+    def plan_and_route(i: int) -> object:
+        plan, literals = router.plan_simple(query.format(c="note", k=i))
+        return router.route(plan, literals)
+
+    print(f"{name:8} simple    uncached plan  {micros(uncached):8.1f} µs")
+    print(f"{name:8} simple    cached plan    {micros(cached):8.1f} µs")
+    print(f"{name:8} simple    plan + route   {micros(plan_and_route):8.1f} µs")
+
+
+def main() -> None:
+    router = Router(parse_config(CONFIG), cache_size=4 * N * ROUNDS)
+    for query, name in ((KEYED, "select"), (UPDATE, "update"), (SCATTER, "scatter")):
+        extended(router, query, name)
+        simple(router, query, name)
+
+
+if __name__ == "__main__":
+    main()
