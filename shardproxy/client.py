@@ -12,13 +12,14 @@ import asyncio
 import logging
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from shardproxy import params as session_params
 from shardproxy import protocol as pg
 from shardproxy.admin import ADMIN_DATABASE
 from shardproxy.auth import ScramException, ScramServerExchange, md5_answer, parse_sasl_initial
 from shardproxy.connection import Connection
+from shardproxy.router import Plan, Route, bind_parameter, decode_key
 from shardproxy.server import (
     BIND_REQ, CLOSE, CLOSE_REQ, DESCRIBE, DESCRIBE_REQ, EXECUTE_REQ, FORWARD, FUNCTION_REQ, PARSE, PARSE_REQ, QUERY,
     QUERY_REQ, SYNC_REQ, SYNTH, HIDE, HIDDEN_QUERY, ServerConnection,
@@ -28,7 +29,6 @@ from shardproxy.statements import Statement, deallocate_target, is_discard_all
 if TYPE_CHECKING:
     from shardproxy.pool import Pool
     from shardproxy.proxy import Proxy
-    from shardproxy.router import Route
 
 log = logging.getLogger("shardproxy.client")
 
@@ -40,7 +40,17 @@ _DEALLOCATE_DONE = (QUERY, SYNTH, pg.command_complete("DEALLOCATE"))
 _DEALLOCATE_ALL_DONE = (QUERY, SYNTH, pg.command_complete("DEALLOCATE ALL"))
 _CLOSE_DONE = (CLOSE, SYNTH, pg.CLOSE_COMPLETE)
 _PARSE_DONE = (PARSE, SYNTH, pg.PARSE_COMPLETE)
+_SET_DONE = (QUERY, SYNTH, pg.command_complete("SET"))
+_RESET_DONE = (QUERY, SYNTH, pg.command_complete("RESET"))
 _GO, _STOP, _REFUSE = range(3)
+
+
+class Decision(NamedTuple):
+    """Where a statement goes, with the plan and text it was routed from."""
+
+    route: Route
+    plan: Plan | None
+    sql: str
 
 
 def _batch_end(buf, pos: int) -> int:
@@ -88,7 +98,8 @@ class ClientConnection(Connection):
         self.unnamed: Statement | None = None  # the unnamed statement, for the Bind that follows its Parse
         self.read_only = False  # the held transaction began READ ONLY
         self.mid_batch = False  # the last message forwarded was not the end of a batch
-        self._refusal = ""
+        self._refusal = ""  # the message of the statement to refuse, or "" to answer it with _local_reply
+        self._local_reply = _SET_DONE
         self.max_message_size = proxy.config.pool.max_message_size
 
     # -- connection set-up ------------------------------------------------------------------------------
@@ -189,6 +200,7 @@ class ClientConnection(Connection):
         values, self.param_sql = session_params.startup_values(startup)
         self.params = {k: v for k, v in defaults.items() if k in session_params.REPORTED} | values
         self.pid, self.secret = self.proxy.register(self)
+        self.home = self.id % len(self.proxy.config.shards)
         shown = defaults | values
         self.transport.write(b"".join(pg.parameter_status(k, v) for k, v in shown.items())
                              + pg.backend_key_data(self.pid, self.secret) + pg.READY[pg.IDLE])
@@ -214,12 +226,12 @@ class ClientConnection(Connection):
             if not self.proxy.sharded:
                 self._acquire(self.proxy.pool_for(self.database, self.user, self.proxy.login_node()))
                 return
-            decision = self._batch_route(self.buf, 0)
-            if decision is None:  # the statement that decides has not fully arrived
+            found = self._batch_route(self.buf, 0)
+            if found is None:  # the statement that decides has not fully arrived
                 return
-            route, batch_end, _, standalone = decision
-            if not (standalone and self._answer_locally(route, batch_end)):
-                self._start(route, batch_end)
+            decision, batch_end, _, standalone = found
+            if not (standalone and self._answer_locally(decision, batch_end)):
+                self._start(decision, batch_end)
 
     def _answer_without_server(self) -> bool:
         """Outside a transaction, Parse (of a statement some server accepted already), Close of a statement
@@ -319,7 +331,10 @@ class ClientConnection(Connection):
             if pos == refuse:
                 out.append(buf[span:pos])
                 span = end
-                self._refuse(self._refusal, buf, pos, end, out)
+                if self._refusal:
+                    self._refuse(self._refusal, buf, pos, end, out)
+                else:  # SET/RESET shardproxy.shard_key: the proxy's own setting, never sent
+                    server.enqueue_synthetic(self._local_reply)
             elif t == _B:
                 portal_end = buf.index(0, pos + 5)
                 if buf[portal_end + 1]:  # a named statement: use its server-side name
@@ -381,23 +396,30 @@ class ClientConnection(Connection):
     def _route_batch_here(self, buf, pos: int) -> tuple[int, int, bool]:
         """At the start of a batch on a linked connection: (where the next batch starts, the position of
         a statement to refuse or -1, whether the batch may run here at all)."""
-        decision = self._batch_route(buf, pos)
-        if decision is None:  # its deciding message has not arrived: it runs here
+        found = self._batch_route(buf, pos)
+        if found is None:  # its deciding message has not arrived: it runs here
             return -1, -1, True
-        route, batch_end, decider, _ = decision
-        verdict = self._check_route(route)
+        decision, batch_end, decider, standalone = found
+        kind = decision.route.kind
+        if standalone and kind in ("set_shard_key", "reset_shard_key"):
+            self.session_key = decision.plan.shard_key_value if kind == "set_shard_key" else None
+            self._refusal = ""
+            self._local_reply = _SET_DONE if kind == "set_shard_key" else _RESET_DONE
+            return batch_end, decider, True
+        verdict = self._check_route(decision)
         if verdict == _STOP:
             return -1, -1, False
         if verdict == _REFUSE:
+            route = decision.route
             self._refusal = route.message if route.target == "error" else self._cross_shard_message(route)
             return batch_end, decider, True
         return batch_end, -1, True
 
     # -- routing: which shard and node a transaction runs on ------------------------------------------
-    def _batch_route(self, buf, start: int) -> tuple[Route, int, int, bool] | None:
-        """The route of the batch at `start`: (route, where the batch ends, where its deciding message
-        is, whether it is one simple Query). A batch is a Query, or extended-protocol messages up to Sync,
-        decided by its Bind. None while the deciding message has not fully arrived."""
+    def _batch_route(self, buf, start: int) -> tuple[Decision, int, int, bool] | None:
+        """The routing decision for the batch at `start`: (decision, where the batch ends, where its
+        deciding message is, whether it is one simple Query). A batch is a Query, or extended-protocol
+        messages up to Sync, decided by its Bind. None while the deciding message has not fully arrived."""
         n = len(buf)
         pos = start
         unnamed = self.unnamed
@@ -408,8 +430,8 @@ class ClientConnection(Connection):
                 return None
             if t == _Q:
                 if pos > start:  # extended messages before a Query go first, on their own
-                    return self.proxy.router.any_route(), pos, pos, False
-                return self._query_route(buf, pos, end), end, pos, True
+                    return self.proxy.any_decision, pos, pos, False
+                return self._query_decision(buf, pos, end), end, pos, True
             if t == _P:
                 name, body_start = pg.read_cstring(buf, pos + 5)
                 statement = self.proxy.statements.get(bytes(buf[body_start:end]))
@@ -418,11 +440,36 @@ class ClientConnection(Connection):
                 else:
                     unnamed = self.unnamed = statement
             elif t == _B:
-                return self._bind_route(buf, pos, end, unnamed), _batch_end(buf, end), pos, False
+                return self._bind_decision(buf, pos, end, unnamed), _batch_end(buf, end), pos, False
             elif t == _S or t == _H or t == _F:
-                return self.proxy.router.any_route(), end, pos, False
+                return self.proxy.any_decision, end, pos, False
             pos = end
         return None
+
+    def _query_decision(self, buf, pos: int, end: int) -> Decision:
+        router = self.proxy.router
+        sql = bytes(buf[pos + 5:end - 1]).decode(errors="replace")
+        plan, literals = router.plan_simple(sql)
+        return Decision(router.route(plan, literals, None, self.session_key), plan, sql)
+
+    def _bind_decision(self, buf, pos: int, end: int, unnamed: Statement | None) -> Decision:
+        portal_end = buf.index(0, pos + 5)
+        name_end = buf.index(0, portal_end + 1)
+        statement = self.statements.get(bytes(buf[portal_end + 1:name_end])) if name_end > portal_end + 1 else unnamed
+        if statement is None:  # the server will say it does not exist
+            return self.proxy.any_decision
+        router = self.proxy.router
+        if statement.plan is None:
+            statement.plan = router.plan(statement.sql)
+        body = bytes(buf[pos + 5:end])
+        types = statement.param_types
+
+        def parameter(number: int) -> object:
+            value, fmt = bind_parameter(body, number)
+            oid = types[number - 1] if number <= len(types) else 0
+            return None if value is None else decode_key(value, fmt, oid)
+
+        return Decision(router.route(statement.plan, (), parameter, self.session_key), statement.plan, statement.sql)
 
     def _cross_shard_message(self, route: Route) -> str:
         here = self.proxy.config.shards[self.shard].name
@@ -431,21 +478,10 @@ class ClientConnection(Connection):
             return f"shardproxy: this transaction runs on shard {here}; a statement for shard {there} cannot join it"
         return f"shardproxy: a statement on every shard cannot run inside a transaction on shard {here}"
 
-    def _query_route(self, buf, pos: int, end: int) -> Route:
-        sql = bytes(buf[pos + 5:end - 1]).decode(errors="replace")
-        return self.proxy.router.route_query(sql, self.session_key)
-
-    def _bind_route(self, buf, pos: int, end: int, unnamed: Statement | None) -> Route:
-        portal_end = buf.index(0, pos + 5)
-        name_end = buf.index(0, portal_end + 1)
-        statement = self.statements.get(bytes(buf[portal_end + 1:name_end])) if name_end > portal_end + 1 else unnamed
-        if statement is None:  # the server will say it does not exist
-            return self.proxy.router.any_route()
-        return self.proxy.router.route_bind(statement, bytes(buf[pos + 5:end]), self.session_key)
-
-    def _answer_locally(self, route: Route, end: int) -> bool:
+    def _answer_locally(self, decision: Decision, end: int) -> bool:
         """Simple queries the proxy answers itself between transactions: a BEGIN it holds until the
         transaction names its shard, the end of such a transaction, the session's shard key, refusals."""
+        route, plan = decision.route, decision.plan
         kind = route.kind
         held = bool(self.held)
         if self.held_failed and kind not in ("commit", "rollback"):
@@ -453,19 +489,19 @@ class ClientConnection(Connection):
                              "end of transaction block") + pg.READY[pg.FAILED_TRANSACTION]
         elif kind == "begin" and not held:
             self.held.append(bytes(self.buf[:end]))
-            self.read_only = route.read_only
+            self.read_only = plan.read_only
             reply = pg.command_complete("BEGIN") + pg.READY[pg.IN_TRANSACTION]
         elif kind in ("commit", "rollback") and held:
             self.held.clear()
-            self.held_failed = False
+            self.held_failed = self.read_only = False
             reply = pg.command_complete(kind.upper()) + pg.READY[pg.IDLE]
         elif kind in ("set_shard_key", "reset_shard_key"):
-            self.session_key = route.value if kind == "set_shard_key" else None
+            self.session_key = plan.shard_key_value if kind == "set_shard_key" else None
             tag = "SET" if kind == "set_shard_key" else "RESET"
             reply = pg.command_complete(tag) + pg.READY[pg.IN_TRANSACTION if held else pg.IDLE]
         elif route.target == "error":
             self.held_failed = held
-            reply = pg.error(pg.FEATURE_NOT_SUPPORTED, route.message) + \
+            reply = pg.error(pg.FEATURE_NOT_SUPPORTED, route.message or "shardproxy: cannot route") + \
                 pg.READY[pg.FAILED_TRANSACTION if held else pg.IDLE]
         else:
             return False
@@ -473,19 +509,20 @@ class ClientConnection(Connection):
         self.transport.write(reply)
         return True
 
-    def _start(self, route: Route, batch_end: int) -> None:
+    def _start(self, decision: Decision, batch_end: int) -> None:
         """Open the transaction where the route says: one shard's node, or several shards at once."""
+        route = decision.route
         if route.target in ("scatter", "all"):
-            batch = bytes(self.buf[:batch_end])
-            if batch[-5] != _S and batch[0] != _Q:
+            if self.buf[batch_end - 5] != _S and self.buf[0] != _Q:
                 return  # a multi-shard batch runs whole: wait for its Sync
+            batch = bytes(self.buf[:batch_end])
             del self.buf[:batch_end]
             self.busy = True
-            asyncio.get_running_loop().create_task(self._run_on_shards(route, batch))
+            asyncio.get_running_loop().create_task(self._run_on_shards(decision, batch))
             return
         shard = self.home if route.target == "any" else route.shard
         self.tentative = route.target == "any" and bool(self.held)
-        write = route.write or bool(self.held) and not self.read_only
+        write = route.write or (bool(self.held) and not self.read_only)
         pool = self.proxy.node_pool(self, shard, write, route.force_primary)
         if pool is None:
             self.busy = True
@@ -508,19 +545,13 @@ class ClientConnection(Connection):
         else:
             self._dispatch()
 
-    async def _run_on_shards(self, route: Route, batch: bytes) -> None:
+    async def _run_on_shards(self, decision: Decision, batch: bytes) -> None:
         from shardproxy import fanout  # its legs are client connections: imported late, not circularly
 
         held = bool(self.held)
         status = pg.IN_TRANSACTION if held else pg.IDLE
         try:
-            if route.target == "all":
-                pools = [self.proxy.node_pool(self, i, True, True) for i in range(len(self.proxy.config.shards))]
-                if None in pools:
-                    raise pg.PostgresError(pg.CANNOT_CONNECT_NOW, "shardproxy: a shard has no primary")
-                reply = await fanout.run_everywhere(self, pools, batch, status)
-            else:
-                reply = await fanout.scatter(self, route, batch, status)
+            reply = await fanout.run(self, decision, batch, status)
         except pg.PostgresError as exc:
             reply = exc.to_message() + pg.READY[pg.FAILED_TRANSACTION if held else pg.IDLE]
         if held and reply.endswith(pg.READY[pg.FAILED_TRANSACTION]):
@@ -530,16 +561,18 @@ class ClientConnection(Connection):
             self.transport.write(reply)
             self._dispatch()
 
-    def _check_route(self, route: Route) -> int:
+    def _check_route(self, decision: Decision) -> int:
         """Whether a statement met on a linked connection may run there (GO), must wait for the next
         transaction (STOP), or is refused by making the server raise the error (REFUSE)."""
+        route = decision.route
         target = route.target
-        kind = route.kind
-        if kind == "begin":
+        if route.kind == "begin":
             self.tx_open = True
+        if target == "error":
+            return _REFUSE
         if target == "any":
-            if self.tentative and kind == "session":
-                self.held.append(route.replay)
+            if self.tentative and route.kind == "session":
+                self.held.append(pg.query(decision.sql))
             return _GO
         in_transaction = self.tx_open or self.server.status != pg.IDLE
         if target == "shard" and route.shard == self.shard and (self.on_primary or not route.write or in_transaction):

@@ -13,11 +13,13 @@ Writes on every shard are all-or-nothing: each leg runs the batch inside a trans
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 from typing import TYPE_CHECKING
 
 from shardproxy import protocol as pg
-from shardproxy.client import ClientConnection
+from shardproxy.client import ClientConnection, Decision
+from shardproxy.merge import Merger, ScatterPlan, Unmergeable, plan_scatter
 
 if TYPE_CHECKING:
     from shardproxy.pool import Pool
@@ -181,3 +183,106 @@ def _data_value(message: Message) -> str:
         return ""
     (length,) = pg.INT32.unpack_from(body, 2)
     return body[6 : 6 + length].decode()
+
+
+_P, _B, _DESCRIBE, _EXECUTE, _SYNC, _QUERY, _T, _PARAMS = b"PBDESQTt"
+
+
+async def scatter(client: ClientConnection, pools: list[Pool], plan: ScatterPlan, batch: bytes, status: int) -> bytes:
+    """Run a read on every shard (the plan's rewritten SQL) and merge the answers into the client's reply."""
+    client_messages = split_messages(batch)
+    leg_batch = _scatter_batch(client, plan, client_messages)
+    legs = [Leg(client, pool) for pool in pools]
+    try:
+        responses = await run_legs(legs, [leg_batch] * len(legs))
+    finally:
+        for leg in legs:
+            leg.release()
+    failed = first_error(responses)
+    if failed is not None:
+        return join_messages(with_status([m for m in failed if m[0] in (_E, _Z)], status))
+    merger = Merger(plan)
+    for answers in responses:
+        descriptions = [body for t, body in answers if t == _T]  # the portal's, with the result formats, last
+        merger.add_shard_result(descriptions[-1] if descriptions else b"", [body for t, body in answers if t == _D])
+    description, rows, tag = merger.result()
+    return join_messages(_scatter_reply(client_messages, responses[0], plan, description, rows, tag, status))
+
+
+def _scatter_batch(client: ClientConnection, plan: ScatterPlan, messages: list[Message]) -> bytes:
+    """What each shard runs: the rewritten query, simple or extended like the client's own."""
+    if messages[0][0] == _QUERY:
+        return pg.query(plan.shard_sql)
+    bind = next(body for t, body in messages if t == _B)
+    portal_end = bind.index(0)
+    name_end = bind.index(0, portal_end + 1)
+    statement = client.statements.get(bind[portal_end + 1 : name_end]) if name_end > portal_end + 1 else client.unnamed
+    types = statement.param_types if statement is not None else []
+    params, result_formats = _bind_sections(bind, name_end + 1)
+    parse = b"\0" + pg.cstring(plan.shard_sql) + pg.INT16.pack(len(types)) + b"".join(pg.INT32.pack(t) for t in types)
+    formats = plan.result_formats(result_formats) if len(result_formats) > 1 else result_formats
+    bind_body = b"\0\0" + params + pg.INT16.pack(len(formats)) + b"".join(pg.INT16.pack(f) for f in formats)
+    return (pg.message(b"P", parse) + pg.message(b"D", b"S\0") + pg.message(b"B", bind_body)
+            + pg.message(b"D", b"P\0") + pg.message(b"E", b"\0" + pg.INT32.pack(0)) + pg.SYNC)
+
+
+def _bind_sections(bind: bytes, pos: int) -> tuple[bytes, list[int]]:
+    """A Bind body's parameter section (formats and values, as sent) and its result format codes."""
+    start = pos
+    (count,) = pg.INT16.unpack_from(bind, pos)
+    pos += 2 + 2 * count
+    (count,) = pg.INT16.unpack_from(bind, pos)
+    pos += 2
+    for _ in range(count):
+        (length,) = pg.INT32.unpack_from(bind, pos)
+        pos += 4 + (length if length != 0xFFFFFFFF else 0)
+    (count,) = pg.INT16.unpack_from(bind, pos)
+    return bind[start:pos], [pg.INT16.unpack_from(bind, pos + 2 + 2 * i)[0] for i in range(count)]
+
+
+def _scatter_reply(client_messages: list[Message], shard_answers: list[Message], plan: ScatterPlan,
+                   description: bytes, rows: list[bytes], tag: str, status: int) -> list[Message]:
+    """The replies the client expects for its messages, with the merged rows in place of one shard's."""
+    if client_messages[0][0] == _QUERY:
+        return [(_T, description), *((_D, row) for row in rows), (_C, pg.cstring(tag)), (_Z, bytes([status]))]
+    parameters = next((body for t, body in shard_answers if t == _PARAMS), pg.INT16.pack(0))
+    statement_description = next((body for t, body in shard_answers if t == _T), b"")
+    reply: list[Message] = []
+    for t, body in client_messages:
+        if t == _P:
+            reply.append((ord("1"), b""))
+        elif t == _B:
+            reply.append((ord("2"), b""))
+        elif t == _DESCRIBE:
+            if body[:1] == b"S":
+                reply.extend([(_PARAMS, parameters), (_T, plan.describe(statement_description))])
+            else:
+                reply.append((_T, description))
+        elif t == _EXECUTE:
+            reply.extend((_D, row) for row in rows)
+            reply.append((_C, pg.cstring(tag)))
+        elif t == _SYNC:
+            reply.append((_Z, bytes([status])))
+    return reply
+
+
+@functools.lru_cache(maxsize=1024)
+def _scatter_plan(sql: str) -> ScatterPlan:
+    return plan_scatter(sql)
+
+
+async def run(client: ClientConnection, decision: Decision, batch: bytes, status: int) -> bytes:
+    """A statement for every shard: writes and DDL all-or-nothing on the primaries, reads merged."""
+    proxy = client.proxy
+    route = decision.route
+    write = route.target == "all"
+    pools = [proxy.node_pool(client, i, write, route.force_primary) for i in range(len(proxy.config.shards))]
+    if None in pools:
+        raise pg.PostgresError(pg.CANNOT_CONNECT_NOW, "shardproxy: a shard has no primary")
+    if write:
+        return await run_everywhere(client, pools, batch, status)
+    try:
+        plan = _scatter_plan(decision.sql)
+    except Unmergeable as exc:
+        raise pg.PostgresError(exc.sqlstate, exc.message) from None
+    return await scatter(client, pools, plan, batch, status)

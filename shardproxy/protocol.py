@@ -33,6 +33,7 @@ CANNOT_CONNECT_NOW = "57P03"
 FEATURE_NOT_SUPPORTED = "0A000"
 INTERNAL_ERROR = "XX000"
 IDLE_IN_TRANSACTION_TIMEOUT = "25P03"
+IN_FAILED_TRANSACTION = "25P02"
 
 # Responses the proxy synthesises. Prebuilt: they are sent on the hot path.
 PARSE_COMPLETE = b"1\x00\x00\x00\x04"

@@ -12,11 +12,12 @@ from contextlib import suppress
 from shardproxy import protocol as pg
 from shardproxy.admin import Admin
 from shardproxy.auth import ScramSecret, is_md5_hash, is_scram_verifier
-from shardproxy.client import ClientConnection
+from shardproxy.client import ClientConnection, Decision
 from shardproxy.config import Config, ConfigError, User, load_config
 from shardproxy.health import HealthChecker
 from shardproxy.metrics import Metrics
 from shardproxy.pool import Pool, PoolKey
+from shardproxy.router import Route, Router
 from shardproxy.statements import Registry
 from shardproxy.topology import NodeState, Topology
 
@@ -30,6 +31,8 @@ class Proxy:
         self.config = config
         self.pools: dict[PoolKey, Pool] = {}
         self.topology = Topology(config)
+        self.router = Router(config)
+        self.any_decision = Decision(Route("any", "utility"), None, "")  # for batches that name no statement
         self.health = HealthChecker(self.topology, config, *_health_login(config))
         self.statements = Registry()
         self.clients: dict[int, ClientConnection] = {}  # by the BackendKeyData pid the proxy issued
@@ -106,6 +109,8 @@ class Proxy:
             log.error("reload rejected: %s", "; ".join(exc.problems))
             raise
         self.config = config
+        self.router = Router(config)
+        asyncio.get_running_loop().create_task(self.health.apply_config(config))
         self._scram.clear()
         log.info("reloaded %s", config.path)
         return config
