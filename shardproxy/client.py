@@ -85,6 +85,7 @@ class ClientConnection(Connection):
         self.wait_started = 0.0
         self.admitted = False  # counted against max_client_conn
         # Routing state (sharded configurations only).
+        self.routes = proxy.sharded  # whether this connection's statements are routed one by one
         self.home = 0  # the shard for statements that name none
         self.shard = -1  # the shard of the linked server connection
         self.on_primary = False  # whether the linked server connection is its shard's primary
@@ -284,7 +285,7 @@ class ClientConnection(Connection):
         if statements:
             server.pending.append(HIDDEN_QUERY)
             server.write(pg.query("; ".join(statements)))
-        if self.proxy.sharded:
+        if self.routes:
             self.on_primary = self.proxy.is_primary(server.pool.node)
             self.tx_open = bool(self.held)
             for replay in self.held:  # the transaction's BEGIN and SETs, now that it has a shard
@@ -311,7 +312,7 @@ class ClientConnection(Connection):
         out: list = []
         n = len(buf)
         pos = span = 0
-        check = 0 if self.proxy.sharded and not self.mid_batch else -1  # where the next batch starts
+        check = 0 if self.routes and not self.mid_batch else -1  # where the next batch starts
         refuse = -1
         t = _S
         while n - pos >= 5:

@@ -70,6 +70,7 @@ class Leg(ClientConnection):
     def __init__(self, client: ClientConnection, pool: Pool):
         super().__init__(client.proxy)
         self.transport = Collector()  # type: ignore[assignment]
+        self.routes = False  # the batch was routed already: it runs on this leg's shard as it is
         self.user, self.database, self.pool = client.user, client.database, pool
         self.statements, self.params, self.param_sql = client.statements, client.params, client.param_sql
         self.error: pg.PostgresError | None = None
