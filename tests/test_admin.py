@@ -1,7 +1,8 @@
 """Operations: the admin socket, `shardproxy admin`, the admin database over psql, and /metrics.
 
-Real proxy daemons in front of a real primary and replica. Tests that change the config, or stop the daemon,
-run their own proxy.
+Real proxy daemons: one in front of the session's single server carries the client traffic, another in front
+of a primary and a replica shows nodes, roles and lag. Tests that change the config, or stop the daemon, run
+their own proxy.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from shardproxy.sandbox import LOOPBACK, Cluster, Node, ProxyProcess, Sandbox, S
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "conf" / "grafana" / "shardproxy.json"
-SHARD = "adm"
 # Every metric of the contract, with the labels each of its series must carry.
 CONTRACT_METRICS = {
     "shardproxy_client_connections": {"state"},
@@ -82,8 +82,13 @@ def scrape(proxy: ProxyProcess) -> str:
         return reply.read().decode()
 
 
-def families(text: str) -> dict[str, Any]:
-    return {family.name: family for family in text_string_to_metric_families(text)}
+def families(*texts: str) -> dict[str, list[Any]]:
+    """Each metric family's samples, from one or more scrapes."""
+    found: dict[str, list[Any]] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            found.setdefault(family.name, []).extend(family.samples)
+    return found
 
 
 def total(text: str, name: str, **labels: str) -> float:
@@ -102,19 +107,25 @@ def address(node: Node) -> str:
 
 # -- fixtures -----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def cluster(sandbox: Sandbox) -> Cluster:
-    """A primary and a replica in another region, so that nodes and lag have something to show."""
-    return sandbox.cluster(SHARD, replicas=1, regions=["r1", "r2"])
-
-
-@pytest.fixture(scope="module")
-def proxy(sandbox: Sandbox, cluster: Cluster) -> ProxyProcess:
-    return sandbox.proxy("admin", [cluster], pool={"size": 2, "query_wait_timeout": "10s"},
+def proxy(sandbox: Sandbox, pg: Cluster) -> ProxyProcess:
+    """This module's own proxy (not the shared one): metrics on, and a pool PAUSE may empty."""
+    return sandbox.proxy("admin", [pg], pool={"size": 2, "query_wait_timeout": "10s"},
                          metrics={"host": LOOPBACK, "port": sandbox.free_port()})
 
 
+@pytest.fixture(scope="module")
+def replicas(sandbox: Sandbox) -> Cluster:
+    """A primary and a replica in another region, so that nodes and lag have something to show."""
+    return sandbox.cluster("adm", replicas=1, regions=["r1", "r2"])
+
+
+@pytest.fixture(scope="module")
+def replicated(sandbox: Sandbox, replicas: Cluster) -> ProxyProcess:
+    return sandbox.proxy("replicated", [replicas], metrics={"host": LOOPBACK, "port": sandbox.free_port()})
+
+
 # -- the admin socket ---------------------------------------------------------------------------------------
-def test_socket_is_private_and_serves_many_commands_per_connection(proxy: ProxyProcess, cluster: Cluster) -> None:
+def test_socket_is_private_and_serves_many_commands_per_connection(proxy: ProxyProcess, pg: Cluster) -> None:
     mode = os.stat(proxy.admin_socket).st_mode
     assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
     commands = ["show pools", "SHOW NODES", "Show Shards", "SHOW CLIENTS", "SHOW SERVERS", "SHOW STATS",
@@ -130,29 +141,26 @@ def test_socket_is_private_and_serves_many_commands_per_connection(proxy: ProxyP
         "sv_used", "sv_login", "maxwait"]
     assert by_command["SHOW NODES"]["columns"] == [
         "shard", "host", "port", "region", "role", "state", "lag_bytes", "lag_seconds", "last_check"]
-    nodes = {row[2]: row for row in by_command["SHOW NODES"]["rows"]}
-    assert set(nodes) == {node.port for node in cluster.nodes}
-    assert nodes[cluster.replicas[0].port][3] == "r2"
+    assert [row[:3] for row in by_command["SHOW NODES"]["rows"]] == [[pg.name, pg.primary.host, pg.primary.port]]
     assert by_command["Show Shards"]["columns"] == ["name", "weight", "ring_share", "primary", "replicas"]
-    assert by_command["Show Shards"]["rows"][0][:4] == [SHARD, 1, 1.0, address(cluster.primary)]
+    assert by_command["Show Shards"]["rows"] == [[pg.name, 1, 1.0, address(pg.primary), ""]]
     assert by_command["SHOW CLIENTS"]["columns"][:5] == ["id", "user", "database", "address", "state"]
     assert by_command["SHOW SERVERS"]["columns"][:6] == ["node", "user", "database", "state", "pid", "client"]
     assert "total_xact_count" in by_command["SHOW STATS"]["columns"]
     config = dict(by_command["SHOW CONFIG"]["rows"])
-    assert config["pool.size"] == 2 and config["shards[0].name"] == SHARD
+    assert config["pool.size"] == 2 and config["shards[0].name"] == pg.name
     assert {config["users[0].password"], config["users[2].password"]} == {"***"}
     assert not {"secret", "adminpw", "md5secret"} & {str(value) for value in config.values()}
     assert by_command["SHOW VERSION"]["rows"][0][0].startswith("shardproxy ")
     assert ["ROUTE <key>", "the shard, read node and write node a key goes to now"] in by_command["HELP"]["rows"]
     assert by_command["route 42"]["columns"] == ["key", "shard", "read_node", "write_node"]
-    assert by_command["route 42"]["rows"][0][:2] == ["42", SHARD]
-    assert by_command["route 42"]["rows"][0][3] == address(cluster.primary)
+    assert by_command["route 42"]["rows"] == [["42", pg.name, address(pg.primary), address(pg.primary)]]
     assert by_command["FROBNICATE"] == {"ok": False, "error": "unknown command 'FROBNICATE'; type HELP for the list "
                                                               "of commands"}
     assert by_command["KILL"] == {"ok": False, "error": "usage: KILL <id>"}
 
 
-def test_clients_servers_pools_and_stats_follow_a_transaction(proxy: ProxyProcess, cluster: Cluster) -> None:
+def test_clients_servers_pools_and_stats_follow_a_transaction(proxy: ProxyProcess, pg: Cluster) -> None:
     before = client_ids(proxy)
     with psycopg.connect(proxy.dsn()) as conn:
         backend_pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]  # the transaction stays open
@@ -163,7 +171,7 @@ def test_clients_servers_pools_and_stats_follow_a_transaction(proxy: ProxyProces
         assert server["state"] == "active" and server["client"] == me and server["node"] == clients[me]["server"]
         [pool] = [row for row in table(proxy, "SHOW POOLS") if row["node"] == server["node"]
                   and row["database"] == "postgres" and row["user"] == "app"]
-        assert pool["sv_active"] == 1 and pool["cl_active"] >= 1 and pool["shard"] == SHARD
+        assert pool["sv_active"] == 1 and pool["cl_active"] >= 1 and pool["shard"] == pg.name
         stats = {row["node"]: row for row in table(proxy, "SHOW STATS") if row["database"] == "postgres"}
         conn.commit()
         wait_until(lambda: {row["id"]: row for row in table(proxy, "SHOW CLIENTS")}[me]["state"] == "idle")
@@ -173,13 +181,13 @@ def test_clients_servers_pools_and_stats_follow_a_transaction(proxy: ProxyProces
     assert after[node]["total_xact_time"] > stats[node]["total_xact_time"]
 
 
-def test_pause_waits_for_running_transactions_and_holds_new_ones_until_resume(proxy: ProxyProcess) -> None:
+def test_pause_waits_for_running_transactions_and_holds_new_ones_until_resume(proxy: ProxyProcess, pg: Cluster) -> None:
     assert admin(proxy, "RESUME")["error"] == "not paused"
     assert "unknown shard 'nope'" in admin(proxy, "PAUSE nope")["error"]
     with psycopg.connect(proxy.dsn()) as running, psycopg.connect(proxy.dsn(), autocommit=True) as held:
         running.execute("SELECT 1")  # a transaction in progress
         paused: list[dict[str, Any]] = []
-        pausing = threading.Thread(target=lambda: paused.append(admin(proxy, f"PAUSE {SHARD}")))
+        pausing = threading.Thread(target=lambda: paused.append(admin(proxy, f"PAUSE {pg.name}")))
         pausing.start()
         time.sleep(0.3)
         assert not paused  # PAUSE answers once running transactions have ended
@@ -213,23 +221,34 @@ def test_kill_closes_that_client_only(proxy: ProxyProcess) -> None:
                                                                        "see SHOW CLIENTS"}
 
 
-def test_ban_and_unban(proxy: ProxyProcess, cluster: Cluster) -> None:
-    replica = address(cluster.replicas[0])
-    assert not admin(proxy, "BAN 10.9.9.9:1")["ok"]
-    reply = admin(proxy, f"BAN {replica}")
+def test_nodes_shards_and_route_with_a_replica(replicated: ProxyProcess, replicas: Cluster) -> None:
+    nodes = {row["port"]: row for row in table(replicated, "SHOW NODES")}
+    assert set(nodes) == {node.port for node in replicas.nodes}
+    assert nodes[replicas.primary.port]["region"] == "r1" and nodes[replicas.replicas[0].port]["region"] == "r2"
+    [shard] = table(replicated, "SHOW SHARDS")
+    assert shard["name"] == replicas.name and shard["primary"] == address(replicas.primary)
+    [route] = table(replicated, "ROUTE 42")
+    assert route["shard"] == replicas.name and route["write_node"] == address(replicas.primary)
+    assert route["read_node"] in {address(node) for node in replicas.nodes}
+
+
+def test_ban_and_unban(replicated: ProxyProcess, replicas: Cluster) -> None:
+    replica = address(replicas.replicas[0])
+    assert not admin(replicated, "BAN 10.9.9.9:1")["ok"]
+    reply = admin(replicated, f"BAN {replica}")
     if not reply["ok"]:  # a proxy without health checks has no topology to ban a node in
         assert reply["error"].startswith("not available yet")
         return
     try:
-        assert {row["state"] for row in table(proxy, "SHOW NODES") if row["port"] == cluster.replicas[0].port} == \
-            {"banned"}
+        banned = {row["state"] for row in table(replicated, "SHOW NODES") if row["port"] == replicas.replicas[0].port}
+        assert banned == {"banned"}
     finally:
-        assert admin(proxy, f"UNBAN {replica}")["ok"]
-    assert "banned" not in {row["state"] for row in table(proxy, "SHOW NODES")}
+        assert admin(replicated, f"UNBAN {replica}")["ok"]
+    assert "banned" not in {row["state"] for row in table(replicated, "SHOW NODES")}
 
 
 # -- the command line ---------------------------------------------------------------------------------------
-def test_cli_table_json_and_exit_codes(proxy: ProxyProcess, tmp_path: Path) -> None:
+def test_cli_table_json_and_exit_codes(proxy: ProxyProcess, pg: Cluster, tmp_path: Path) -> None:
     done = cli("-s", proxy.admin_socket, "SHOW", "VERSION")
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[0].rstrip() == "version"
@@ -237,7 +256,7 @@ def test_cli_table_json_and_exit_codes(proxy: ProxyProcess, tmp_path: Path) -> N
     assert done.stdout.splitlines()[2].startswith("shardproxy ")
     done = cli("-c", proxy.config_path, "--json", "show", "shards")
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["rows"][0][0] == SHARD
+    assert json.loads(done.stdout)["rows"][0][0] == pg.name
     done = cli("-s", proxy.admin_socket, "SHOW", "NOTHING")
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr == "shardproxy: unknown command 'SHOW NOTHING'; type HELP for the list of commands\n"
@@ -265,8 +284,8 @@ async def test_psql_on_the_admin_database(proxy: ProxyProcess) -> None:
 
 
 # -- reload, and the socket's life cycle ---------------------------------------------------------------------
-def test_reload_applies_a_valid_file_and_rejects_an_invalid_one(sandbox: Sandbox, cluster: Cluster) -> None:
-    proxy = sandbox.proxy("reload", [cluster], pool={"size": 3})
+def test_reload_applies_a_valid_file_and_rejects_an_invalid_one(sandbox: Sandbox, pg: Cluster) -> None:
+    proxy = sandbox.proxy("reload", [pg], pool={"size": 3})
     proxy.write_config({**proxy.config, "pool": {"size": 5}})
     assert table(proxy, "RELOAD") == [{"config": proxy.config_path, "fraction_moved": 0.0}]
     settings = {row["key"]: row["value"] for row in table(proxy, "SHOW CONFIG")}
@@ -279,12 +298,12 @@ def test_reload_applies_a_valid_file_and_rejects_an_invalid_one(sandbox: Sandbox
         assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
-def test_stale_socket_is_replaced_a_live_one_refused_and_shutdown_exits_0(sandbox: Sandbox, cluster: Cluster) -> None:
+def test_stale_socket_is_replaced_a_live_one_refused_and_shutdown_exits_0(sandbox: Sandbox, pg: Cluster) -> None:
     path = os.path.join(sandbox.base_dir, "lifecycle.sock")
     with socket.socket(socket.AF_UNIX) as stale:
         stale.bind(path)  # left behind, as by a proxy that was killed: nobody listens
-    proxy = sandbox.proxy("lifecycle", [cluster], admin={"socket": path})
-    twin = sandbox.proxy("twin", [cluster], start=False, admin={"socket": path})
+    proxy = sandbox.proxy("lifecycle", [pg], admin={"socket": path})
+    twin = sandbox.proxy("twin", [pg], start=False, admin={"socket": path})
     with pytest.raises(SandboxError, match="belongs to a running shardproxy"):
         twin.start()
     assert admin(proxy, "SHUTDOWN")["ok"]
@@ -293,19 +312,19 @@ def test_stale_socket_is_replaced_a_live_one_refused_and_shutdown_exits_0(sandbo
 
 
 # -- metrics --------------------------------------------------------------------------------------------------
-def test_metrics_follow_the_contract_and_count_traffic(proxy: ProxyProcess) -> None:
+def test_metrics_follow_the_contract_and_count_traffic(proxy: ProxyProcess, replicated: ProxyProcess) -> None:
     before = scrape(proxy)
     with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
         for _ in range(3):
             conn.execute("SELECT 1")
     with pytest.raises(psycopg.OperationalError):
         psycopg.connect(proxy.dsn(password="wrong"))
-    text = scrape(proxy)
-    found = families(text)
+    text, with_replica = scrape(proxy), scrape(replicated)
+    found = families(text, with_replica)  # lag shows for replicas only
     for name, labels in CONTRACT_METRICS.items():
-        family = found[name.removesuffix("_total")]  # the parser names counters without the suffix
-        assert family.samples, name
-        for sample in family.samples:
+        samples = found[name.removesuffix("_total")]  # the parser names counters without the suffix
+        assert samples, name
+        for sample in samples:
             assert labels <= sample.labels.keys(), (name, sample)
     assert "process_cpu_seconds" in found
     assert total(text, "shardproxy_queries_total") >= total(before, "shardproxy_queries_total") + 3
@@ -313,18 +332,18 @@ def test_metrics_follow_the_contract_and_count_traffic(proxy: ProxyProcess) -> N
         total(before, "shardproxy_query_duration_seconds_count") + 3
     auth_errors = total(before, "shardproxy_errors_total", kind="auth")
     assert total(text, "shardproxy_errors_total", kind="auth") == auth_errors + 1
-    assert total(text, "shardproxy_node_up") == 2
+    assert total(with_replica, "shardproxy_node_up") == 2
     if shutil.which("promtool"):
-        lint = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True,
-                              timeout=30, check=False)
-        assert lint.returncode == 0, lint.stdout + lint.stderr
+        for scraped in (text, with_replica):
+            lint = subprocess.run(["promtool", "check", "metrics"], input=scraped, capture_output=True, text=True,
+                                  timeout=30, check=False)
+            assert lint.returncode == 0, lint.stdout + lint.stderr
 
 
-def test_dashboard_queries_only_exported_metrics(proxy: ProxyProcess) -> None:
+def test_dashboard_queries_only_exported_metrics(proxy: ProxyProcess, replicated: ProxyProcess) -> None:
     dashboard = json.loads(DASHBOARD.read_text())
-    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
-    assert exprs
+    assert [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
     referenced = set(re.findall(r"\b(?:shardproxy|process)_[a-z_]+", DASHBOARD.read_text()))
-    found = families(scrape(proxy))
-    exported = {sample.name for family in found.values() for sample in family.samples} | set(found)
+    found = families(scrape(proxy), scrape(replicated))
+    exported = {sample.name for samples in found.values() for sample in samples} | set(found)
     assert referenced and referenced <= exported, referenced - exported
