@@ -25,6 +25,7 @@ from shardproxy.server import (
     QUERY_REQ, SYNC_REQ, SYNTH, HIDE, HIDDEN_QUERY, ServerConnection,
 )
 from shardproxy.statements import Statement, deallocate_target, is_discard_all
+from shardproxy.topology import parse_lsn
 
 if TYPE_CHECKING:
     from shardproxy.pool import Pool
@@ -40,6 +41,7 @@ _DEALLOCATE_DONE = (QUERY, SYNTH, pg.command_complete("DEALLOCATE"))
 _DEALLOCATE_ALL_DONE = (QUERY, SYNTH, pg.command_complete("DEALLOCATE ALL"))
 _CLOSE_DONE = (CLOSE, SYNTH, pg.CLOSE_COMPLETE)
 _PARSE_DONE = (PARSE, SYNTH, pg.PARSE_COMPLETE)
+_COMMIT_LSN = pg.query("SELECT pg_current_wal_insert_lsn()")
 _SET_DONE = (QUERY, SYNTH, pg.command_complete("SET"))
 _RESET_DONE = (QUERY, SYNTH, pg.command_complete("RESET"))
 _GO, _STOP, _REFUSE = range(3)
@@ -98,6 +100,9 @@ class ClientConnection(Connection):
         self.busy = False  # a statement on several shards is running
         self.unnamed: Statement | None = None  # the unnamed statement, for the Bind that follows its Parse
         self.read_only = False  # the held transaction began READ ONLY
+        self.wrote = False  # the linked transaction wrote on a shard that has replicas (read-your-writes)
+        self.min_lsn: dict[int, int] = {}  # per shard: the WAL position of this client's last commit there
+        self.avoid: set[str] = set()  # nodes that just refused a connection, for this transaction
         self.mid_batch = False  # the last message forwarded was not the end of a batch
         self._refusal = ""  # the message of the statement to refuse, or "" to answer it with _local_reply
         self._local_reply = _SET_DONE
@@ -297,6 +302,11 @@ class ClientConnection(Connection):
     def _server_ready(self, server: ServerConnection) -> None:
         """Transaction pooling: once the transaction is over, the connection goes back to the pool."""
         if server.status != pg.IDLE or server.cancels:
+            return
+        if self.wrote:  # read-your-writes: learn where this commit ends in the WAL before letting go
+            self.wrote = False
+            server.pending.append((QUERY, HIDE, self._committed_at))
+            server.write(_COMMIT_LSN)
             return
         self.server = self.peer = None
         self.pool.release(server)
@@ -526,18 +536,22 @@ class ClientConnection(Connection):
         write = route.write or (bool(self.held) and not self.read_only)
         pool = self.proxy.node_pool(self, shard, write, route.force_primary)
         if pool is None:
-            self.busy = True
-            asyncio.get_running_loop().create_task(self._await_primary(shard))
+            self._await_primary(shard)
             return
         self.shard = shard
+        self.wrote = write and self.proxy.tracks_writes(shard)
         self._acquire(pool)
 
     def _acquire(self, pool: Pool) -> None:
         self.pool = pool
         pool.acquire(self)  # links now, or when a connection is free
 
-    async def _await_primary(self, shard: int) -> None:
-        """No primary for the shard: hold the transaction while a failover may bring a new one."""
+    def _await_primary(self, shard: int) -> None:
+        """No primary for the shard: hold the transaction (not fail it) while a failover may bring one."""
+        self.busy = True
+        asyncio.get_running_loop().create_task(self._held_for_failover(shard))
+
+    async def _held_for_failover(self, shard: int) -> None:
         name = self.proxy.config.shards[shard].name
         node = await self.proxy.health.wait_for_primary(name, self.proxy.config.routing.failover_timeout)
         self.busy = False
@@ -578,14 +592,22 @@ class ClientConnection(Connection):
         in_transaction = self.tx_open or self.server.status != pg.IDLE
         if target == "shard" and route.shard == self.shard and (self.on_primary or not route.write or in_transaction):
             self.tentative = False
+            self.wrote = self.wrote or (route.write and self.proxy.tracks_writes(self.shard))
             return _GO
         if self.tentative or not in_transaction:
             return _STOP
         return _REFUSE
 
+    def _committed_at(self, _: ServerConnection, t: int, body: bytes) -> None:
+        """The answer to _COMMIT_LSN: this client's reads on the shard need a replica that has replayed it."""
+        if t == _D and self.shard >= 0:
+            (length,) = pg.INT32.unpack_from(body, 2)
+            self.min_lsn[self.shard] = parse_lsn(bytes(body[6:6 + length]).decode())
+
     def _transaction_ended(self) -> None:
         self.shard = -1
         self.tx_open = self.tentative = self.mid_batch = False
+        self.avoid.clear()
         if self.switching:  # moving to another shard: the held BEGIN and SETs are replayed there
             self.switching = False
         else:
@@ -703,7 +725,7 @@ class ClientConnection(Connection):
             else:
                 owner[tracked[0]] = tracked[1]
 
-    def _discarded(self, server: ServerConnection, tag: bytes) -> None:
+    def _discarded(self, server: ServerConnection, _: int, tag: bytes) -> None:
         if tag == b"DISCARD ALL":
             server.prepared.clear()
             server.param_sql.clear()
@@ -718,9 +740,19 @@ class ClientConnection(Connection):
             self._fatal(pg.PostgresError(pg.CONNECTION_FAILURE, "shardproxy: server connection lost"))
 
     def fail(self, error: pg.PostgresError) -> None:
-        """Waiting for a server connection failed (timeout, server down)."""
+        """Waiting for a server connection failed (timeout, server down). Before any byte of the
+        transaction reached a server, a read moves on to the next node and a write waits for a failover."""
         self.wait_started = 0.0
-        self._fatal(error)
+        pool, shard = self.pool, self.shard
+        if error.code != pg.CONNECTION_FAILURE or not self.routes or shard < 0 or self.closed:
+            self._fatal(error)
+        elif self.proxy.is_primary(pool.node) or self.held:
+            self.shard = -1
+            self._await_primary(shard)
+        else:
+            self.avoid.add(pool.node.address)
+            self.shard = -1
+            self._dispatch()
 
     def _fatal(self, error: pg.PostgresError) -> None:
         if not self.closed and self.transport is not None:
@@ -736,8 +768,7 @@ class ClientConnection(Connection):
         server, self.server = self.server, None
         if server is None:
             return
-        server.client = server.peer = None
-        server.on_ready = None
+        self.pool.unlink(server)
         if server.pending or server.status != pg.IDLE:
             self.pool.discard(server)  # mid-transaction: closing is the sure way to roll it back
         elif self.proxy.config.pool.mode == "session":

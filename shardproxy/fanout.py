@@ -100,7 +100,7 @@ class Leg(ClientConnection):
     def release(self) -> None:
         server, self.server = self.server, None
         if server is not None:
-            server.on_ready = None
+            self.pool.unlink(server)
             if server.status == pg.IDLE and not server.pending:
                 self.pool.release(server)
             else:

@@ -67,10 +67,7 @@ class Pool:
     def release(self, server: ServerConnection) -> None:
         """A connection is free: to the longest-waiting client, else back to the idle list."""
         now = time.monotonic()
-        if server.client is not None:  # the end of a client's transaction (transaction pooling)
-            self.stats.transaction(now - server.linked_at)
-        server.client = server.peer = None
-        server.on_ready = None
+        self.unlink(server)
         server.last_used = now
         if server.closed:
             return
@@ -87,16 +84,25 @@ class Pool:
                 return
         self.idle.append(server)
 
+    def unlink(self, server: ServerConnection) -> None:
+        """The client's transaction (or session) on this connection is over."""
+        if server.client is not None:
+            self.stats.transaction(time.monotonic() - server.linked_at)
+            self.node.outstanding -= 1
+        server.client = server.peer = None
+        server.on_ready = None
+
     def _hand_over(self, client: ClientConnection, server: ServerConnection) -> None:
         """Link them, counting the hand-out and how long the client waited for it."""
         now = time.monotonic()
         self.stats.assigned(now - client.wait_started if client.wait_started else 0.0)
         server.linked_at = now
+        self.node.outstanding += 1  # reads go to the replica with the fewest (see Topology.read_candidates)
         client.link(server)
 
     def reset_and_release(self, server: ServerConnection) -> None:
         """Session pooling: wipe the session (DISCARD ALL) before the next client gets it."""
-        server.client = server.peer = None
+        self.unlink(server)
         server.pending.append(HIDDEN_QUERY)
         server.write(pg.query("DISCARD ALL"))
         server.on_ready = self._after_reset
@@ -122,7 +128,7 @@ class Pool:
         except ValueError:
             pass
         client = server.client
-        server.client = None
+        self.unlink(server)
         if client is not None:
             client.server_lost(server)
         self._grow()

@@ -188,9 +188,14 @@ class Proxy:
         if write or force_primary or self.config.routing.consistency == "strong":
             node = self.topology.primary(name)
         else:
-            candidates = self.topology.read_candidates(name)
+            min_lsn = client.min_lsn.get(shard) if self.config.routing.consistency == "read_your_writes" else None
+            candidates = [n for n in self.topology.read_candidates(name, min_lsn) if n.address not in client.avoid]
             node = candidates[0] if candidates else None
         return None if node is None else self.pool_for(client.database, client.user, node)
+
+    def tracks_writes(self, shard: int) -> bool:
+        """Whether commits on this shard must be followed for read-your-writes: it has replicas to read."""
+        return self.config.routing.consistency == "read_your_writes" and len(self.config.shards[shard].nodes) > 1
 
     def is_primary(self, node: NodeState) -> bool:
         primary = self.topology.primary(node.shard)

@@ -112,9 +112,12 @@ class ServerConnection(Connection):
             end = pos + 1 + _UNPACK(buf, pos + 1)[0]
             if end > n:
                 break
-            if t == _D and not hiding:  # DataRow: the bulk of the traffic, never completes a request
-                pos = end
-                continue
+            if t == _D:  # DataRow: the bulk of the traffic, never completes a request
+                if not hiding:
+                    pos = end
+                    continue
+                if pending and pending[0][2] is not None:  # a hidden query whose answer the proxy reads
+                    pending[0][2](self, t, buf[pos + 5 : end])
             if not pending:
                 if not self._unsolicited(t, buf, pos, end):
                     out.append(buf[span:pos])
@@ -134,7 +137,7 @@ class ServerConnection(Connection):
             elif t == _C or t == _I or t == _s:
                 done = kind == EXECUTE
                 if arg is not None and kind == QUERY and t == _C:
-                    arg(self, bytes(buf[pos + 5 : end - 1]))
+                    arg(self, t, bytes(buf[pos + 5 : end - 1]))
                 if t == _C and self.settings_before is not None and buf[pos + 5 : end - 1] == b"ROLLBACK":
                     self.settings_undone = True
             elif t == _T or t == _n:
