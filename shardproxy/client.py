@@ -45,6 +45,7 @@ _COMMIT_LSN = pg.query("SELECT pg_current_wal_insert_lsn()")
 _SET_DONE = (QUERY, SYNTH, pg.command_complete("SET"))
 _RESET_DONE = (QUERY, SYNTH, pg.command_complete("RESET"))
 _GO, _STOP, _REFUSE = range(3)
+_NEUTRAL = frozenset((_H, _d, _c, _f))  # messages that neither open nor end an extended-protocol batch
 
 
 class Decision(NamedTuple):
@@ -301,7 +302,7 @@ class ClientConnection(Connection):
 
     def _server_ready(self, server: ServerConnection) -> None:
         """Transaction pooling: once the transaction is over, the connection goes back to the pool."""
-        if server.status != pg.IDLE or server.cancels:
+        if server.status != pg.IDLE or server.cancels or self.mid_batch:
             return
         if self.wrote:  # read-your-writes: learn where this commit ends in the WAL before letting go
             self.wrote = False
@@ -323,8 +324,8 @@ class ClientConnection(Connection):
         n = len(buf)
         pos = span = 0
         check = 0 if self.routes and not self.mid_batch else -1  # where the next batch starts
-        refuse = -1
-        t = _S
+        refuse = decider = -1
+        last = _P if self.mid_batch else _S  # the type of the last message forwarded
         while n - pos >= 5:
             t = buf[pos]
             length = _UNPACK(buf, pos + 1)[0]
@@ -335,7 +336,7 @@ class ClientConnection(Connection):
             if end > n:
                 break
             if pos == check:
-                check, refuse, go = self._route_batch_here(buf, pos)
+                check, decider, refuse, go = self._route_batch_here(buf, pos)
                 if not go:
                     self._stopped(server, out)
                     break
@@ -346,6 +347,10 @@ class ClientConnection(Connection):
                     self._refuse(self._refusal, buf, pos, end, out)
                 else:  # SET/RESET shardproxy.shard_key: the proxy's own setting, never sent
                     server.enqueue_synthetic(self._local_reply)
+            elif t == _B and self.routes and pos != decider and (refusal := self._batch_member(buf, pos, end)):
+                out.append(buf[span:pos])
+                span = end
+                self._refuse(refusal, buf, pos, end, out)
             elif t == _B:
                 portal_end = buf.index(0, pos + 5)
                 if buf[portal_end + 1]:  # a named statement: use its server-side name
@@ -375,6 +380,8 @@ class ClientConnection(Connection):
                     self._parse(buf, pos, end, out)
                 else:
                     pending.append(PARSE_REQ)
+                    if self.routes:  # for the Binds that follow it in this batch
+                        self.unnamed = self.proxy.statements.get(bytes(buf[pos + 6:end]))
             elif t == _D or t == _C:
                 if buf[pos + 5] == _S and buf[pos + 6]:
                     out.append(buf[span:pos])
@@ -393,7 +400,10 @@ class ClientConnection(Connection):
                 self._fatal(pg.PostgresError(pg.PROTOCOL_VIOLATION, f"invalid frontend message type {t}"))
                 return
             pos = end
-        self.mid_batch = t != _S and t != _Q
+            if t not in _NEUTRAL:
+                last = t
+        # Extended-protocol messages since the last Sync keep the connection: its implicit transaction is open.
+        self.mid_batch = last != _S and last != _Q
         if not out and span == 0 and pos == n:
             server.transport.write(buf)
         else:
@@ -404,36 +414,51 @@ class ClientConnection(Connection):
             if not pending and server.status == pg.IDLE:
                 self._server_ready(server)  # stopped with nothing in flight: move on now
 
-    def _route_batch_here(self, buf, pos: int) -> tuple[int, int, bool]:
+    def _route_batch_here(self, buf, pos: int) -> tuple[int, int, int, bool]:
         """At the start of a batch on a linked connection: (where the next batch starts, the position of
-        a statement to refuse or -1, whether the batch may run here at all)."""
+        its deciding message or -1, the position of a statement to refuse or -1, whether the batch may run
+        here at all). Every other Bind of the batch is checked as it is forwarded (see _batch_member)."""
         found = self._batch_route(buf, pos)
         if found is None:  # its deciding message has not arrived: it runs here
-            return -1, -1, True
+            return -1, -1, -1, True
         decision, batch_end, decider, standalone = found
         kind = decision.route.kind
         if standalone and kind in ("set_shard_key", "reset_shard_key"):
             self.session_key = decision.plan.shard_key_value if kind == "set_shard_key" else None
             self._refusal = ""
             self._local_reply = _SET_DONE if kind == "set_shard_key" else _RESET_DONE
-            return batch_end, decider, True
+            return batch_end, decider, decider, True
         verdict = self._check_route(decision)
         if verdict == _STOP:
-            return -1, -1, False
+            return -1, -1, -1, False
         if verdict == _REFUSE:
             route = decision.route
             self._refusal = route.message if route.target == "error" else self._cross_shard_message(route)
-            return batch_end, decider, True
-        return batch_end, -1, True
+            return batch_end, decider, decider, True
+        return batch_end, decider, -1, True
+
+    def _batch_member(self, buf, pos: int, end: int) -> str:
+        """A Bind of a batch that some other message decided: why it cannot run here, or "" if it can.
+        Everything up to a Sync is one implicit transaction on one server, so a statement for another
+        shard (or for every shard) cannot be sent anywhere else: it is refused, which aborts the batch."""
+        decision = self._bind_decision(buf, pos, end, self.unnamed)
+        if self._check_route(decision) == _GO:
+            return ""
+        route = decision.route
+        if route.target == "error":
+            return route.message or "shardproxy: cannot route"
+        return self._cross_shard_message(route)
 
     # -- routing: which shard and node a transaction runs on ------------------------------------------
     def _batch_route(self, buf, start: int) -> tuple[Decision, int, int, bool] | None:
         """The routing decision for the batch at `start`: (decision, where the batch ends, where its
         deciding message is, whether it is one simple Query). A batch is a Query, or extended-protocol
-        messages up to Sync, decided by its Bind. None while the deciding message has not fully arrived."""
+        messages up to Sync, decided by its first Bind that names a shard (or every shard), else by its first
+        Bind. None while the deciding message has not fully arrived."""
         n = len(buf)
         pos = start
         unnamed = self.unnamed
+        first = None  # the first Bind's decision, when it names no shard (BEGIN, SET, SELECT 1)
         while n - pos >= 5:
             t = buf[pos]
             end = pos + 1 + _UNPACK(buf, pos + 1)[0]
@@ -441,7 +466,7 @@ class ClientConnection(Connection):
                 return None
             if t == _Q:
                 if pos > start:  # extended messages before a Query go first, on their own
-                    return self.proxy.any_decision, pos, pos, False
+                    return (first[0], pos, first[2], False) if first else (self.proxy.any_decision, pos, pos, False)
                 return self._query_decision(buf, pos, end), end, pos, True
             if t == _P:
                 name, body_start = pg.read_cstring(buf, pos + 5)
@@ -451,9 +476,12 @@ class ClientConnection(Connection):
                 else:
                     unnamed = self.unnamed = statement
             elif t == _B:
-                return self._bind_decision(buf, pos, end, unnamed), _batch_end(buf, end), pos, False
+                decision = self._bind_decision(buf, pos, end, unnamed)
+                if decision.route.target != "any":
+                    return decision, _batch_end(buf, end), pos, False
+                first = first or (decision, _batch_end(buf, end), pos, False)
             elif t == _S or t == _H or t == _F:
-                return self.proxy.any_decision, end, pos, False
+                return first or (self.proxy.any_decision, end, pos, False)
             pos = end
         return None
 
@@ -484,6 +512,8 @@ class ClientConnection(Connection):
 
     def _cross_shard_message(self, route: Route) -> str:
         here = self.proxy.config.shards[self.shard].name
+        if route.target == "shard" and route.shard == self.shard:
+            return f"shardproxy: this transaction runs on a replica of shard {here}; a write cannot join it"
         if route.target == "shard":
             there = self.proxy.config.shards[route.shard].name
             return f"shardproxy: this transaction runs on shard {here}; a statement for shard {there} cannot join it"
@@ -769,7 +799,7 @@ class ClientConnection(Connection):
         if server is None:
             return
         self.pool.unlink(server)
-        if server.pending or server.status != pg.IDLE:
+        if server.pending or server.status != pg.IDLE or self.mid_batch:
             self.pool.discard(server)  # mid-transaction: closing is the sure way to roll it back
         elif self.proxy.config.pool.mode == "session":
             self.pool.reset_and_release(server)
