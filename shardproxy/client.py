@@ -45,7 +45,6 @@ _COMMIT_LSN = pg.query("SELECT pg_current_wal_insert_lsn()")
 _SET_DONE = (QUERY, SYNTH, pg.command_complete("SET"))
 _RESET_DONE = (QUERY, SYNTH, pg.command_complete("RESET"))
 _GO, _STOP, _REFUSE = range(3)
-_NEUTRAL = frozenset((_H, _d, _c, _f))  # messages that neither open nor end an extended-protocol batch
 
 
 class Decision(NamedTuple):
@@ -104,7 +103,7 @@ class ClientConnection(Connection):
         self.wrote = False  # the linked transaction wrote on a shard that has replicas (read-your-writes)
         self.min_lsn: dict[int, int] = {}  # per shard: the WAL position of this client's last commit there
         self.avoid: set[str] = set()  # nodes that just refused a connection, for this transaction
-        self.mid_batch = False  # the last message forwarded was not the end of a batch
+        self.mid_batch = False  # an Execute was forwarded and no Sync yet
         self._refusal = ""  # the message of the statement to refuse, or "" to answer it with _local_reply
         self._local_reply = _SET_DONE
         self.max_message_size = proxy.config.pool.max_message_size
@@ -325,7 +324,7 @@ class ClientConnection(Connection):
         pos = span = 0
         check = 0 if self.routes and not self.mid_batch else -1  # where the next batch starts
         refuse = decider = -1
-        last = _P if self.mid_batch else _S  # the type of the last message forwarded
+        executing = self.mid_batch  # an Execute since the last Sync: its implicit transaction is open
         while n - pos >= 5:
             t = buf[pos]
             length = _UNPACK(buf, pos + 1)[0]
@@ -400,10 +399,12 @@ class ClientConnection(Connection):
                 self._fatal(pg.PostgresError(pg.PROTOCOL_VIOLATION, f"invalid frontend message type {t}"))
                 return
             pos = end
-            if t not in _NEUTRAL:
-                last = t
-        # Extended-protocol messages since the last Sync keep the connection: its implicit transaction is open.
-        self.mid_batch = last != _S and last != _Q
+            if t == _E:
+                executing = True
+            elif t == _S or t == _Q or t == _F:
+                executing = False
+        # After an Execute, the connection is kept until Sync ends the implicit transaction it opened.
+        self.mid_batch = executing
         if not out and span == 0 and pos == n:
             server.transport.write(buf)
         else:
