@@ -507,7 +507,8 @@ class ProxyProcess:
 def proxy_config(clusters: Sequence[Cluster], port: int, admin_socket: str, users: Sequence[User] = DEFAULT_USERS,
                  region: str | None = None, **sections: Any) -> dict[str, Any]:
     """A proxy config for these clusters, one shard each, with every sandbox user; `sections` override."""
-    regions = sorted({node.region for cluster in clusters for node in cluster.nodes if node.region})
+    # Regions by first appearance: the primaries' region first, as the first priority.
+    regions = list(dict.fromkeys(node.region for cluster in clusters for node in cluster.nodes if node.region))
     config: dict[str, Any] = {
         "listen": {"host": LOOPBACK, "port": port},
         "admin": {"socket": admin_socket},
