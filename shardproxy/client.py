@@ -95,7 +95,9 @@ class ClientConnection(Connection):
         self.held: list[bytes] = []  # BEGIN and SETs of a transaction that has not named its shard yet
         self.held_failed = False  # an error inside a held transaction: only ROLLBACK/COMMIT ends it
         self.tentative = False  # the transaction runs on the home shard until a statement names one
+        self.begin_replay: bytes | None = None  # a tentative transaction's extended-protocol BEGIN, as a Query
         self.switching = False  # leaving the home shard: the tentative transaction is being rolled back
+        self.stopped = False  # forwarding stopped at a statement for another connection (see _stopped)
         self.tx_open = False  # a BEGIN went to the linked server connection in this link
         self.busy = False  # a statement on several shards is running
         self.unnamed: Statement | None = None  # the unnamed statement, for the Bind that follows its Parse
@@ -216,6 +218,9 @@ class ClientConnection(Connection):
     # -- the request half of the data path ------------------------------------------------------------
     def on_data(self, data: bytes | bytearray) -> None:
         if self.server is not None:
+            if self.stopped:  # what follows a statement for another connection waits for this one to end
+                self.buf += data
+                return
             self._forward(self.take_input(data))
             return
         self.buf += data
@@ -337,6 +342,7 @@ class ClientConnection(Connection):
             if pos == check:
                 check, decider, refuse, go = self._route_batch_here(buf, pos)
                 if not go:
+                    self.stopped = True
                     self._stopped(server, out)
                     break
             if pos == refuse:
@@ -562,8 +568,16 @@ class ClientConnection(Connection):
             self.busy = True
             asyncio.get_running_loop().create_task(self._run_on_shards(decision, batch))
             return
-        shard = self.home if route.target == "any" else route.shard
-        self.tentative = route.target == "any" and bool(self.held)
+        # A refused extended-protocol batch goes to the home shard, whose server raises the refusal (_forward).
+        shard = route.shard if route.target == "shard" else self.home
+        if route.kind == "begin" and not self.held and self.buf[0] != _Q:
+            # BEGIN in the extended protocol (psycopg's executemany, pipelines) runs at once on the home
+            # shard: tentatively, as a held BEGIN would, and replayed where the transaction moves.
+            self.begin_replay = pg.query(decision.sql)
+            self.read_only = decision.plan.read_only
+            self.tentative = True
+        else:
+            self.tentative = route.target != "shard" and bool(self.held)
         write = route.write or (bool(self.held) and not self.read_only)
         pool = self.proxy.node_pool(self, shard, write, route.force_primary)
         if pool is None:
@@ -637,13 +651,14 @@ class ClientConnection(Connection):
 
     def _transaction_ended(self) -> None:
         self.shard = -1
-        self.tx_open = self.tentative = self.mid_batch = False
+        self.tx_open = self.tentative = self.mid_batch = self.stopped = False
         self.avoid.clear()
         if self.switching:  # moving to another shard: the held BEGIN and SETs are replayed there
             self.switching = False
         else:
             self.held.clear()
             self.held_failed = self.read_only = False
+            self.begin_replay = None
 
     def _refuse(self, message: str, buf, pos: int, end: int, out: list) -> None:
         """Make the linked server raise the refusal, so that it also aborts the transaction there."""
@@ -665,6 +680,9 @@ class ClientConnection(Connection):
             server.pending.append(HIDDEN_QUERY)
             self.tentative = False
             self.switching = True
+            if self.begin_replay is not None:
+                self.held.insert(0, self.begin_replay)
+                self.begin_replay = None
 
     # -- named prepared statements --------------------------------------------------------------------
     def _parse(self, buf, pos: int, end: int, out: list) -> None:
