@@ -280,7 +280,7 @@ async def run(client: ClientConnection, decision: Decision, batch: bytes, status
     pools = [proxy.node_pool(client, i, write, route.force_primary) for i in range(len(proxy.config.shards))]
     if None in pools:
         raise pg.PostgresError(pg.CANNOT_CONNECT_NOW, "shardproxy: a shard has no primary")
-    if batch[0] != _QUERY[0] and sum(t == _B[0] for t, _ in split_messages(batch)) > 1:
+    if batch[0] != _QUERY and sum(t == _B for t, _ in split_messages(batch)) > 1:
         # Each shard would run the batch's other statements too, and the reply is built for one statement.
         raise pg.PostgresError(pg.FEATURE_NOT_SUPPORTED, "shardproxy: a statement that runs on every shard "
                                "must be the only one in its batch (send a Sync before and after it)")
