@@ -420,6 +420,8 @@ class ClientConnection(Connection):
             self.buf = bytearray(buf[pos:])
             if not pending and server.status == pg.IDLE:
                 self._server_ready(server)  # stopped with nothing in flight: move on now
+        elif not pending and server.on_ready is not None and self.server is server:
+            server.on_ready(server)  # all answered by the proxy itself (DEALLOCATE ALL): no server reply will come
 
     def _route_batch_here(self, buf, pos: int) -> tuple[int, int, int, bool]:
         """At the start of a batch on a linked connection: (where the next batch starts, the position of
@@ -614,6 +616,10 @@ class ClientConnection(Connection):
             reply = await fanout.run(self, decision, batch, status)
         except pg.PostgresError as exc:
             reply = exc.to_message() + pg.READY[pg.FAILED_TRANSACTION if held else pg.IDLE]
+        except Exception as exc:  # a bug must cost this statement, not the client's connection
+            log.exception("client %d: statement on several shards failed", self.id)
+            error = pg.PostgresError(pg.INTERNAL_ERROR, f"shardproxy: internal error: {exc}")
+            reply = error.to_message() + pg.READY[pg.FAILED_TRANSACTION if held else pg.IDLE]
         if held and reply.endswith(pg.READY[pg.FAILED_TRANSACTION]):
             self.held_failed = True
         self.busy = False
