@@ -8,6 +8,8 @@ from those responses here.
 Writes on every shard are all-or-nothing: each leg runs the batch inside a transaction, then all prepare
 (PREPARE TRANSACTION) and all commit, or all roll back. Servers without prepared transactions
 (max_prepared_transactions = 0) get a plain COMMIT on each shard, after every shard has succeeded.
+Statements that PostgreSQL refuses inside a transaction block (CREATE INDEX CONCURRENTLY, VACUUM, ...)
+cannot be all-or-nothing: each shard runs them on its own, and a failure names the shards they took effect on.
 """
 
 from __future__ import annotations
@@ -138,6 +140,10 @@ def with_status(messages: list[Message], status: int) -> list[Message]:
     return [(t, bytes([status]) if t == _Z else body) for t, body in messages]
 
 
+class NotTransactional(Exception):
+    """The batch cannot run inside a transaction block (SQLSTATE 25001): nothing of it ran."""
+
+
 async def run_everywhere(client: ClientConnection, pools: list[Pool], batch: bytes, status: int) -> bytes:
     """Run a write batch on every shard's primary, all-or-nothing; the client's response."""
     legs = [Leg(client, pool) for pool in pools]
@@ -148,12 +154,49 @@ async def run_everywhere(client: ClientConnection, pools: list[Pool], batch: byt
         failed = first_error([answers for answers, _ in responses])
         if failed is not None:
             await run_legs(legs, [pg.query("ROLLBACK")] * len(legs))
+            if status == pg.IDLE and _error_fields(failed).get("C") == ACTIVE_SQL_TRANSACTION:
+                raise NotTransactional  # VACUUM and the like: run without a transaction, once the legs are back
             return join_messages(with_status(failed, status))
         await _commit(legs, two_phase=all(setting != "0" for _, setting in responses))
         return join_messages(with_status(responses[0][0], status))
     finally:
         for leg in legs:
             leg.release()
+
+
+async def run_alone_everywhere(client: ClientConnection, pools: list[Pool], batch: bytes, status: int) -> bytes:
+    """Run a batch that cannot be inside a transaction block on every shard's primary at once, each on its
+    own. Nothing can be undone afterwards, so if some shards fail, the client's error says which shards
+    have it done (and PostgreSQL's SQLSTATE and detail of the first failure)."""
+    if status != pg.IDLE:  # as PostgreSQL answers it inside a transaction block
+        raise pg.PostgresError(ACTIVE_SQL_TRANSACTION, "shardproxy: this statement cannot run inside a "
+                               "transaction block (it runs on every shard without one)")
+    legs = [Leg(client, pool) for pool in pools]
+    try:
+        responses = await run_legs(legs, [batch] * len(legs))
+    finally:
+        for leg in legs:
+            leg.release()
+    names = [shard.name for shard in client.proxy.config.shards]
+    failed = [i for i, answers in enumerate(responses) if first_error([answers]) is not None]
+    if not failed:
+        return join_messages(with_status(responses[0], status))
+    fields = _error_fields(responses[failed[0]])
+    done = [name for i, name in enumerate(names) if i not in failed]
+    outcome = (f"it took effect on {_shards(done)}, where it stays (it cannot run inside a transaction, "
+               "so it is not all-or-nothing)" if done else "it took effect on no shard")
+    fields["M"] = f"shardproxy: failed on {_shards([names[i] for i in failed])}: {fields.get('M', '')}; {outcome}"
+    error = pg.PostgresError(fields.get("C", pg.INTERNAL_ERROR), fields["M"], fields=fields).to_message()
+    return join_messages(with_status([(t, error[5:] if t == _E else body) for t, body in responses[failed[0]]],
+                                     status))
+
+
+def _shards(names: list[str]) -> str:
+    return f"shard{'s' if len(names) > 1 else ''} {', '.join(names)}"
+
+
+def _error_fields(messages: list[Message]) -> dict[str, str]:
+    return pg.parse_fields(next(body for t, body in messages if t == _E))
 
 
 def _middle(messages: list[Message]) -> tuple[list[Message], str]:
@@ -187,6 +230,7 @@ def _data_value(message: Message) -> str:
 
 
 _P, _B, _DESCRIBE, _EXECUTE, _SYNC, _QUERY, _T, _PARAMS = b"PBDESQTt"
+ACTIVE_SQL_TRANSACTION = "25001"  # "... cannot run inside a transaction block"
 
 
 async def scatter(client: ClientConnection, pools: list[Pool], plan: ScatterPlan, batch: bytes, status: int) -> bytes:
@@ -285,7 +329,12 @@ async def run(client: ClientConnection, decision: Decision, batch: bytes, status
         raise pg.PostgresError(pg.FEATURE_NOT_SUPPORTED, "shardproxy: a statement that runs on every shard "
                                "must be the only one in its batch (send a Sync before and after it)")
     if write:
-        return await run_everywhere(client, pools, batch, status)
+        if decision.plan is not None and decision.plan.concurrently:
+            return await run_alone_everywhere(client, pools, batch, status)
+        try:
+            return await run_everywhere(client, pools, batch, status)
+        except NotTransactional:
+            return await run_alone_everywhere(client, pools, batch, status)
     try:
         plan = _scatter_plan(decision.sql)
     except Unmergeable as exc:
