@@ -392,6 +392,8 @@ class ClientConnection(Connection):
                     out.append(buf[span:pos])
                     span = end
                     self._statement_message(t, bytes(buf[pos + 6:end - 1]), out)
+                elif t == _D and buf[pos + 5] == _S and self.routes:  # the unnamed statement: learn its types
+                    pending.append((DESCRIBE, FORWARD, self.unnamed))
                 else:
                     pending.append(DESCRIBE_REQ if t == _D else CLOSE_REQ)
             elif t == _F:
