@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 import time
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -45,6 +46,7 @@ _COMMIT_LSN = pg.query("SELECT pg_current_wal_insert_lsn()")
 _SET_DONE = (QUERY, SYNTH, pg.command_complete("SET"))
 _RESET_DONE = (QUERY, SYNTH, pg.command_complete("RESET"))
 _GO, _STOP, _REFUSE = range(3)
+_SSL_YES = b"S"
 
 
 class Decision(NamedTuple):
@@ -74,6 +76,7 @@ class ClientConnection(Connection):
         self.proxy = proxy
         self.id = proxy.next_client_id()
         self.address = ""
+        self.encrypted = False  # TLS since the SSLRequest
         self.user = ""
         self.database = ""
         self.pool: Pool | None = None
@@ -138,11 +141,18 @@ class ClientConnection(Connection):
             self.close()
 
     async def _startup(self) -> dict[str, str] | None:
-        """Read the startup packet, answering SSL/GSS requests with N; None for a CancelRequest."""
+        """Read the startup packet, answering an SSLRequest with S and TLS when tls.mode allows it, else
+        (and GSSENCRequests always) with N; None for a CancelRequest."""
         while True:
             _, body = await self.read_message()
             (code,) = pg.INT32.unpack_from(body, 0)
-            if code in (pg.SSL_REQUEST, pg.GSSENC_REQUEST):
+            if code == pg.SSL_REQUEST and self.proxy.client_ssl is not None and not self.encrypted:
+                if self.buf or self._inbox:  # as PostgreSQL: nothing may come between the request and TLS
+                    raise pg.ProtocolError("received unencrypted data after SSL request")
+                self.transport.write(_SSL_YES)
+                self.expect_startup_packet()
+                await self._start_tls(self.proxy.client_ssl)
+            elif code in (pg.SSL_REQUEST, pg.GSSENC_REQUEST) and not self.encrypted:
                 self.transport.write(pg.SSL_NO)
                 self.expect_startup_packet()
             elif code == pg.CANCEL_REQUEST and len(body) == 12:
@@ -155,9 +165,26 @@ class ClientConnection(Connection):
                 self.database = startup.get("database") or self.user
                 if not self.user:
                     raise pg.PostgresError(pg.INVALID_AUTHORIZATION, "no PostgreSQL user name specified in startup packet")
+                if not self.encrypted and self.proxy.config.tls.mode == "require":
+                    raise pg.PostgresError(pg.INVALID_AUTHORIZATION,
+                                           "shardproxy: SSL required: connections without encryption are refused")
                 return startup
             else:
                 raise pg.PostgresError(pg.PROTOCOL_VIOLATION, f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}")
+
+    async def _start_tls(self, context: ssl.SSLContext) -> None:
+        """Switch to TLS right after the S: the client sends nothing more before its ClientHello."""
+        plain = self.transport
+        try:
+            self.transport = await asyncio.get_running_loop().start_tls(plain, self, context, server_side=True)
+        except BaseException as exc:
+            self.closed = True  # nothing more in plaintext: the client expects a handshake
+            plain.close()
+            if isinstance(exc, OSError):  # the handshake failed (SSLError) or the client left
+                log.info("client %d %s: TLS handshake failed: %s", self.id, self.address, exc)
+                raise ConnectionResetError("TLS handshake failed") from None
+            raise
+        self.encrypted = True
 
     async def _authenticate(self) -> None:
         user = self.proxy.config.user(self.user)

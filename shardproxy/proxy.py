@@ -19,6 +19,7 @@ from shardproxy.metrics import Metrics
 from shardproxy.pool import Pool, PoolKey
 from shardproxy.router import Route, Router
 from shardproxy.statements import Registry
+from shardproxy.tls import client_context, server_context
 from shardproxy.topology import NodeState, Topology
 
 log = logging.getLogger("shardproxy")
@@ -29,6 +30,8 @@ JANITOR_INTERVAL = 0.5
 class Proxy:
     def __init__(self, config: Config):
         self.config = config
+        self.client_ssl = client_context(config)  # None unless tls.mode allows TLS; built once, as loading is slow
+        self.server_ssl = server_context(config)  # None when server_tls.mode is disable
         self.pools: dict[PoolKey, Pool] = {}
         self.topology = Topology(config)
         self.router = Router(config)
@@ -105,10 +108,12 @@ class Proxy:
             raise ConfigError(["the running config was not read from a file"])
         try:
             config = load_config(self.config.path, region=self.config.region, workers=self.config.workers)
+            client_ssl, server_ssl = client_context(config), server_context(config)  # certificates may have changed
         except ConfigError as exc:
             log.error("reload rejected: %s", "; ".join(exc.problems))
             raise
         self.config = config
+        self.client_ssl, self.server_ssl = client_ssl, server_ssl
         self.router = Router(config)
         asyncio.get_running_loop().create_task(self.health.apply_config(config))
         self._scram.clear()

@@ -115,6 +115,10 @@ _COMMENT = re.compile(r"/\*(.*?)\*/", re.DOTALL)
 _COMMENT_KEY = re.compile(
     r"\bshard_key\s*[:=]\s*(?:'((?:[^']|'')*)'|\"([^\"]*)\"|([^\s,;'\"*]+))", re.IGNORECASE
 )
+_EXECUTE_ERROR = (
+    "shardproxy: EXECUTE of an SQL prepared statement cannot be routed (the proxy does not see its statement); "
+    "use the protocol's prepared statements, which are routed by their parameters, or a /* shard_key: ... */ comment"
+)
 _COMMENT_PRIMARY = re.compile(r"\btarget\s*[:=]\s*['\"]?primary\b", re.IGNORECASE)
 
 
@@ -337,6 +341,9 @@ class Router:
                 shard = self._explicit_shard(plan.comment_key, session_key)
             except ShardKeyError as exc:
                 return Route("error", kind, message=str(exc))
+            if shard is None and plan.verb == "EXECUTE" and len(self.ring.names) > 1:
+                # Its statement (PREPARE'd on one shard) is out of sight: on any shard its rows would land astray.
+                return Route("error", kind, message=_EXECUTE_ERROR)
             return self._made("any" if shard is None else "shard", kind, shard, True, plan.force_primary)
         write = kind == "begin" and not plan.read_only
         return self._made("any", kind, None, write, plan.force_primary)
@@ -541,6 +548,8 @@ class _Analysis:
             self._copy(body)
         elif name == "DeclareCursorStmt":
             self._query_of("DECLARE", body["query"])
+        elif name == "ExecuteStmt":
+            self.verb = "EXECUTE"
         elif name == "VariableShowStmt":
             self.kind, self.verb = "read", "SHOW"
         elif name == "TransactionStmt":

@@ -563,14 +563,22 @@ def test_refusals_touch_nothing(sharded, shards, names, facts):
         ("SELECT grp, count(*) FROM facts GROUP BY grp HAVING count(*) > 10", None),
         ("SELECT string_agg(note, ',') FROM facts", None),
         ("SELECT count(DISTINCT grp) FROM facts", None),
+        ("EXECUTE refused_insert(2400)", None),  # its statement was PREPARE'd on some shard, out of sight
     ]
     with connect(sharded, autocommit=True) as conn:
+        conn.execute("PREPARE refused_insert(bigint) AS INSERT INTO orders (user_id, item) VALUES ($1, 'multi')")
         for query, params in refused:
             with pytest.raises(psycopg.errors.FeatureNotSupported, match="^shardproxy:"):
                 conn.execute(query, params)
             assert conn.execute("SELECT 1").fetchone() == (1,)
+        # executemany sends its rows in one batch, which PostgreSQL runs as one transaction: on one shard only
+        with pytest.raises(psycopg.errors.FeatureNotSupported, match="^shardproxy:"):
+            conn.cursor().executemany("INSERT INTO orders (user_id, item) VALUES (%s, 'multi')", [(a,), (b,)])
+        conn.cursor().executemany("INSERT INTO orders (user_id, item) VALUES (%s, 'many')", [(a,), (a,)])
     done = psql(sharded, "-c", "UPDATE orders SET amount = 0", check=False)
     assert done.returncode != 0 and "shardproxy:" in done.stderr
+    assert_placed(shards, names, "orders", "item = 'many'", 2)
+    direct(shards[names.index(owner(a, names))], "DELETE FROM orders WHERE item = 'many'")
     assert everywhere(shards, "SELECT count(*), sum(amount) FROM orders") == before
     assert everywhere(shards, "SELECT 1 FROM orders WHERE item IN ('multi', 'no key')") == {n: [] for n in names}
 
