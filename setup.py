@@ -29,6 +29,7 @@ setup(
             "psycopg[binary]>=3.1.18",
             "SQLAlchemy>=2.0",
             "hypothesis>=6.90",
+            "cryptography>=41",  # certificates for the TLS tests
         ],
     },
     entry_points={"console_scripts": ["shardproxy=shardproxy.cli:main"]},

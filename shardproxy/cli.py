@@ -88,7 +88,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from shardproxy.tls import client_context, server_context
+
     config = load_config(args.config)
+    client_context(config)  # certificate, key and CA files load (ConfigError if not)
+    server_context(config)
     print(f"{args.config}: ok ({len(config.shards)} shards, {sum(len(s.nodes) for s in config.shards)} nodes)")
     return 0
 

@@ -16,7 +16,8 @@ from collections.abc import Callable
 
 import asyncpg
 
-from shardproxy.config import Config, Region, ServerTls
+from shardproxy.config import Config, Region
+from shardproxy.tls import config_path
 from shardproxy.topology import NodeState, Probe, Topology, parse_lsn
 
 log = logging.getLogger(__name__)
@@ -232,7 +233,7 @@ class HealthChecker:
                 password=self.password,
                 database=self.database,
                 timeout=timeout,
-                ssl=_ssl(self.config.server_tls),
+                ssl=_ssl(self.config),
                 server_settings={"application_name": "shardproxy health check"},
             )
             self._conns[node.address] = conn
@@ -254,10 +255,11 @@ class HealthChecker:
             conn.terminate()  # no goodbye: the server may be gone
 
 
-def _ssl(tls: ServerTls) -> ssl.SSLContext | str | bool:
-    """asyncpg's ssl argument for the configured server TLS mode."""
+def _ssl(config: Config) -> ssl.SSLContext | str | bool:
+    """asyncpg's ssl argument for the configured server TLS mode, checked as the data path checks it."""
+    tls = config.server_tls
     if tls.mode == "disable":
         return False
     if tls.mode == "verify-full":
-        return ssl.create_default_context(cafile=tls.ca)
+        return ssl.create_default_context(cafile=config_path(config, tls.ca) if tls.ca else None)
     return tls.mode

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from shardproxy import protocol as pg
 from shardproxy.server import HIDDEN_QUERY, ServerConnection
+from shardproxy.tls import connect_server
 
 if TYPE_CHECKING:
     from shardproxy.client import ClientConnection
@@ -159,12 +160,12 @@ class Pool:
 
     async def open(self) -> ServerConnection:
         """A new logged-in connection; raises PostgresError (the server's own, or 08006) when it fails."""
-        loop = asyncio.get_running_loop()
         user = self.proxy.config.user(self.key.user)
         server = ServerConnection(self)
         try:
             async with asyncio.timeout(self.settings.server_connect_timeout):
-                await loop.create_connection(lambda: server, self.node.host, self.node.port)
+                await connect_server(server, self.node.host, self.node.port, self.proxy.config.server_tls.mode,
+                                     self.proxy.server_ssl)
                 await server.login(self.key.user, user.password if user else None, self.key.database)
         except (OSError, asyncio.TimeoutError) as exc:
             server.close()
