@@ -732,12 +732,41 @@ class _Analysis:
         target = _target_at(select, position)
         constant = self._value(target)
         passes_key = position is None or self._is_key_column(target) or _has_star(select)
+        values = None if constant is not None else self._values_keys(select, target)
         if cover.covered and constant is not None:
             scope.own.extend([constant, *cover.keys])
+        elif cover.covered and values:
+            scope.own.extend([*values, *cover.keys])
         elif cover.covered and passes_key:
             scope.own.extend(cover.keys)  # assumes the SELECT passes its key column through
         else:
             scope.children.append(cover)
+
+    def _values_keys(self, select: dict[str, Any], target: dict[str, Any] | None) -> list[KeyRef] | None:
+        """The key of every row of ``INSERT ... SELECT v.c[::type], ... FROM (VALUES ...) AS v(c, ...)``, the
+        form SQLAlchemy's ORM sends several rows in; None unless each row has a literal or parameter there."""
+        cast = target.get("TypeCast") if target else None
+        if cast is not None:
+            target = cast.get("arg")
+        column = target.get("ColumnRef") if target else None
+        sources = select.get("fromClause", ())
+        if column is None or len(sources) != 1 or "RangeSubselect" not in sources[0]:
+            return None
+        subquery = sources[0]["RangeSubselect"]
+        rows = subquery.get("subquery", {}).get("SelectStmt", {}).get("valuesLists")
+        names = [name["String"]["sval"].lower() for name in subquery.get("alias", {}).get("colnames", ())]
+        field = column["fields"][-1].get("String")
+        if not rows or field is None or field["sval"].lower() not in names:
+            return None
+        index = names.index(field["sval"].lower())
+        refs = [self._value(_item(row["List"]["items"], index)) for row in rows]
+        if None in refs:
+            return None
+        if cast is None:
+            return refs
+        if "arrayBounds" in cast["typeName"]:
+            return None
+        return [replace(ref, cast=_CASTS.get(_name(cast["typeName"]["names"]))) for ref in refs if ref is not None]
 
     def _sets_key(self, body: dict[str, Any]) -> bool:
         return any(

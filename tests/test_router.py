@@ -462,6 +462,22 @@ def test_multi_row_insert(router: Router) -> None:
     assert route(router, f"INSERT INTO orders (user_id) VALUES ({a}), ({a} + 1)").target == "error"
 
 
+def test_insert_select_from_values(router: Router) -> None:
+    """SQLAlchemy's ORM inserts several rows as INSERT ... SELECT ... FROM (VALUES ...) AS alias(columns)."""
+    a, same, other = keys_on_two_shards(router)
+    sql = ("INSERT INTO orders (user_id, item) SELECT p0::BIGINT, p1::VARCHAR FROM (VALUES ($1::BIGINT, $2::VARCHAR, 0), "
+           "($3::BIGINT, $4::VARCHAR, 1)) AS imp_sen(p0, p1, sen_counter) ORDER BY sen_counter RETURNING orders.id")
+    assert route(router, sql, [str(a), "x", str(same), "y"]) == Route("shard", "write", shard_of(router, a), write=True)
+    assert error_of(route(router, sql, [a, "x", other, "y"])).startswith("shardproxy: INSERT rows belong to different")
+    assert route_simple(router, f"INSERT INTO orders (item, user_id) SELECT i, k FROM (VALUES ('x', {a}), ('y', {same})) "
+                                "AS v(i, k)").shard == shard_of(router, a)
+    # a row without a literal or parameter, a second FROM item, a column not from the VALUES: no key
+    for sql in (f"INSERT INTO orders (user_id) SELECT k FROM (VALUES ({a}), (DEFAULT)) AS v(k)",
+                f"INSERT INTO orders (user_id) SELECT k FROM (VALUES ({a})) AS v(k), orders o2",
+                f"INSERT INTO orders (user_id) SELECT other FROM (VALUES ({a})) AS v(k)"):
+        assert route_simple(router, sql).target == "error", sql
+
+
 def test_missing_and_null_parameters(router: Router) -> None:
     plan = router.plan("SELECT * FROM orders WHERE user_id = $2")
     assert error_of(router.route(plan, params=[1])) == "shardproxy: no value for shard key parameter $2"

@@ -259,6 +259,15 @@ class Account(Base):
     balance: orm.Mapped[Decimal] = orm.mapped_column(sa.Numeric(12, 2), default=Decimal(0))
 
 
+class Purchase(Base):
+    """A server-generated key: the ORM inserts several rows at once as INSERT ... SELECT ... FROM (VALUES ...)."""
+
+    __tablename__ = "e2e_purchases"
+    id: orm.Mapped[int] = orm.mapped_column(sa.BigInteger, sa.Identity(), primary_key=True)
+    user_id: orm.Mapped[int] = orm.mapped_column(sa.BigInteger, index=True)
+    item: orm.Mapped[str] = orm.mapped_column(sa.String(50))
+
+
 def test_sqlalchemy_create_all_and_orm(sharded, shards, names):
     url = sa.engine.make_url(sharded.dsn(dbname=APP_DB)).set(drivername="postgresql+psycopg")
     engine = sa.create_engine(url, pool_size=2, max_overflow=0)
@@ -279,9 +288,20 @@ def test_sqlalchemy_create_all_and_orm(sharded, shards, names):
                                                              ("a607-2", 0)]
         with orm.Session(engine) as session:  # no key, in a transaction of its own: a scatter read, merged
             assert session.scalar(sa.select(sa.func.count()).select_from(Account)) == 60
+        for user in range(620, 630):
+            with orm.Session(engine) as session:
+                purchases = [Purchase(user_id=user, item=f"p{n}") for n in range(4)]
+                session.add_all(purchases)
+                session.commit()
+                assert all(p.id is not None for p in purchases)
+        with orm.Session(engine) as session:  # one user's rows, several shards' users: refused, nothing written
+            session.add_all([Purchase(user_id=user, item="mixed") for user in two_users_apart(names, 630)])
+            with pytest.raises(sa.exc.NotSupportedError, match="shardproxy:"):
+                session.commit()
     finally:
         engine.dispose()
     assert_placed(shards, names, "e2e_accounts", "true", 60)
+    assert_placed(shards, names, "e2e_purchases", "true", 40)
 
 
 # -- statements that name no table, and keys given outside the statement --------------------------------------------------
