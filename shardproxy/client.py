@@ -230,8 +230,7 @@ class ClientConnection(Connection):
         if self.database == ADMIN_DATABASE:  # the admin console: commands, not a server session
             self.proxy.admin.open_session(self)
             return
-        self.pool = self.proxy.pool_for(self.database, self.user, self.proxy.login_node())
-        defaults = await self.pool.fetch_defaults()
+        self.pool, defaults = await self.proxy.login(self.database, self.user)
         values, self.param_sql = session_params.startup_values(startup)
         self.params = {k: v for k, v in defaults.items() if k in session_params.REPORTED} | values
         self.pid, self.secret = self.proxy.register(self)

@@ -20,7 +20,7 @@ from shardproxy.pool import Pool, PoolKey
 from shardproxy.router import Route, Router
 from shardproxy.statements import Registry
 from shardproxy.tls import client_context, server_context
-from shardproxy.topology import NodeState, Topology
+from shardproxy.topology import Change, NodeState, Topology
 
 log = logging.getLogger("shardproxy")
 
@@ -34,6 +34,7 @@ class Proxy:
         self.server_ssl = server_context(config)  # None when server_tls.mode is disable
         self.pools: dict[PoolKey, Pool] = {}
         self.topology = Topology(config)
+        self.topology.on_change(self._fence)
         self.router = Router(config)
         self.any_decision = Decision(Route("any", "utility"), None, "")  # for batches that name no statement
         self.health = HealthChecker(self.topology, config, *_health_login(config))
@@ -210,6 +211,44 @@ class Proxy:
         """Where a new client's server parameters come from: the first shard's primary if known."""
         shard = self.config.shards[0].name
         return self.topology.primary(shard) or self.topology.nodes(shard)[0]
+
+    def _fence(self, change: Change) -> None:
+        """A primary that a newer one replaced while it still runs (split brain) gets nothing more: the
+        transactions still open on it end unacknowledged (their clients get 08006), rather than commit
+        where the shard no longer reads or writes, and clients waiting for it are routed again."""
+        node = self.topology.node(change.old) if change.kind == "primary" and change.old else None
+        if node is None or not node.fenced:
+            return
+        for pool in [pool for pool in self.pools.values() if pool.node is node]:
+            waiting = list(pool.waiting)
+            pool.waiting.clear()
+            pool.close()
+            for client in waiting:
+                client.fail(pg.PostgresError(pg.CONNECTION_FAILURE, f"shardproxy: {node.address} is fenced"))
+        log.warning("%s fenced: its connections are closed", node.address)
+
+    async def login(self, database: str, user: str) -> tuple[Pool, dict[str, str]]:
+        """The pool a new client's server parameters come from, and those parameters: the first shard's
+        primary's, or while it cannot be reached (a failover) those of the shard's next node that can, so
+        clients still log in and read from replicas. A server's own refusal (password, unknown database)
+        is the client's answer as it is."""
+        shard = self.config.shards[0].name
+        nodes = [self.login_node(), *self.topology.read_candidates(shard), *self.topology.nodes(shard)]
+        error: pg.PostgresError | None = None
+        for node in dict.fromkeys(nodes):  # in that order, each once
+            pool = self.pool_for(database, user, node)
+            try:
+                defaults = await pool.fetch_defaults()
+            except pg.PostgresError as exc:
+                if exc.code != pg.CONNECTION_FAILURE:
+                    raise
+                error = exc
+                continue
+            if defaults.get("in_hot_standby") == "on":  # a replica's: clients see the proxy, which takes writes
+                defaults = {**defaults, "in_hot_standby": "off"}
+            return pool, defaults
+        assert error is not None
+        raise error
 
     async def _janitor_loop(self) -> None:
         while True:
