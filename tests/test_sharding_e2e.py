@@ -141,15 +141,20 @@ def test_psql_simple_protocol_inserts(sharded, shards, names):
     assert done.stdout.strip() == str(117 % 7)
 
 
-def test_psycopg_extended_text_parameters(sharded, shards, names):
+def test_psycopg_extended_text_and_binary_parameters(sharded, shards, names):
     with connect(sharded, autocommit=True) as conn:
-        for u in range(200, 230):
-            conn.execute("INSERT INTO orders (user_id, item, amount) VALUES (%s, %s, %s)", (u, "psycopg", u))
+        for u in range(200, 220):  # %t: text format
+            conn.execute("INSERT INTO orders (user_id, item, amount) VALUES (%t, %t, %t)", (u, "psycopg", u))
+        for u in range(220, 230):  # %b: binary format (int2/int4/int8 by the value's size)
+            conn.execute("INSERT INTO orders (user_id, item, amount) VALUES (%b, %b, %b)", (u, "psycopg", u))
+        conn.execute("INSERT INTO orders (user_id, item) VALUES (%b, 'psycopg-big')", (2**40 + 7,))
         # a key cast in SQL, and a string parameter for a bigint key
-        conn.execute("INSERT INTO orders (user_id, item) VALUES (%s::bigint, 'psycopg-cast')", ("230",))
-        assert conn.execute("SELECT amount FROM orders WHERE orders.user_id = %s::bigint AND item = 'psycopg'",
+        conn.execute("INSERT INTO orders (user_id, item) VALUES (%t::bigint, 'psycopg-cast')", ("230",))
+        assert conn.execute("SELECT amount FROM orders WHERE orders.user_id = %t::bigint AND item = 'psycopg'",
                             (215,)).fetchall() == [(215,)]
-    assert_placed(shards, names, "orders", "item LIKE 'psycopg%'", 31)
+        assert conn.execute("SELECT amount FROM orders WHERE user_id = %b AND item = 'psycopg'",
+                            (225,)).fetchall() == [(225,)]
+    assert_placed(shards, names, "orders", "item LIKE 'psycopg%'", 32)
 
 
 def test_psycopg_server_side_prepared(sharded, shards, names):
