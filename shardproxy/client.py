@@ -336,6 +336,7 @@ class ClientConnection(Connection):
             return
         if self.wrote:  # read-your-writes: learn where this commit ends in the WAL before letting go
             self.wrote = False
+            self.tx_open = False  # over: a statement for another shard arriving meanwhile waits, is not refused
             server.pending.append((QUERY, HIDE, self._committed_at))
             server.write(_COMMIT_LSN)
             return
