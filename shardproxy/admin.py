@@ -26,7 +26,7 @@ from shardproxy import __version__
 from shardproxy import protocol as pg
 from shardproxy.cli import parse_key
 from shardproxy.config import Config, ConfigError
-from shardproxy.ring import Ring, fraction_moved
+from shardproxy.ring import Ring
 
 if TYPE_CHECKING:
     from shardproxy.client import ClientConnection
@@ -284,13 +284,12 @@ class Admin:
         return Table(["key", "shard", "read_node", "write_node"], [[args[0], shard, read, write]])
 
     async def _reload(self, args: list[str]) -> Table:
-        old = self.proxy.config
         try:
             new = self.proxy.reload()
         except ConfigError as exc:
             raise AdminError("reload rejected, the running config stays: " + "; ".join(exc.problems)) from None
-        moved = fraction_moved(Ring.from_config(old), Ring.from_config(new))
-        return Table(["config", "fraction_moved"], [[new.path, round(moved, 6)]])
+        # The share of the key space whose shard changed: transactions that start from now on use the new ring.
+        return Table(["config", "fraction_moved"], [[new.path, round(self.proxy.ring_moved, 6)]])
 
     async def _pause(self, args: list[str]) -> Table:
         shards = self._shards(args)
@@ -342,6 +341,7 @@ class Admin:
             raise AdminError(f"no client with id {args[0]!r}; see SHOW CLIENTS")
         if client.wait_started and client.pool is not None:
             client.pool.cancel_waiting(client)
+        client.reason = "killed by admin (KILL)"
         client.fail(pg.PostgresError(pg.ADMIN_SHUTDOWN, "terminating connection due to administrator command"))
         return Table([])
 

@@ -14,10 +14,18 @@ from shardproxy import __version__
 from shardproxy.config import ConfigError, load_config
 
 
+# Fields an event's log call may pass with extra={...}: JSON lines carry them as keys of their own.
+LOG_FIELDS = ("event", "client", "user", "shard", "node", "seconds", "reason")
+
+
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)),
-                           "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()})
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)),
+                 "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
+        entry.update((key, getattr(record, key)) for key in LOG_FIELDS if hasattr(record, key))
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
 
 
 def setup_logging(level: str, fmt: str) -> None:

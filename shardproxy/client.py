@@ -112,6 +112,7 @@ class ClientConnection(Connection):
         self._refusal = ""  # the message of the statement to refuse, or "" to answer it with _local_reply
         self._local_reply = _SET_DONE
         self.max_message_size = proxy.config.pool.max_message_size
+        self.reason = ""  # why the connection ended, for the log; "" until the proxy ends it
 
     # -- connection set-up ------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -229,6 +230,8 @@ class ClientConnection(Connection):
         """Tell the client the server's parameters and its cancel key, then open the data path."""
         if self.database == ADMIN_DATABASE:  # the admin console: commands, not a server session
             self.proxy.admin.open_session(self)
+            log.info("client %d %s connected to the admin console: user=%s", self.id, self.address, self.user,
+                     extra={"event": "connect", "client": self.id, "user": self.user})
             return
         self.pool, defaults = await self.proxy.login(self.database, self.user)
         values, self.param_sql = session_params.startup_values(startup)
@@ -238,7 +241,8 @@ class ClientConnection(Connection):
         shown = defaults | values
         self.transport.write(b"".join(pg.parameter_status(k, v) for k, v in shown.items())
                              + pg.backend_key_data(self.pid, self.secret) + pg.READY[pg.IDLE])
-        log.info("client %d %s connected: user=%s database=%s", self.id, self.address, self.user, self.database)
+        log.info("client %d %s connected: user=%s database=%s", self.id, self.address, self.user, self.database,
+                 extra={"event": "connect", "client": self.id, "user": self.user})
         self.end_login()
 
     # -- the request half of the data path ------------------------------------------------------------
@@ -258,6 +262,7 @@ class ClientConnection(Connection):
             if len(self.buf) < 5 or not self._answer_without_server():
                 return
             if self.buf[0] == _X:
+                self.reason = "client sent Terminate"
                 self.close()
                 return
             if not self.proxy.sharded:
@@ -428,6 +433,7 @@ class ClientConnection(Connection):
             elif t == _X:
                 out.append(buf[span:pos])
                 server.write(b"".join(out))
+                self.reason = "client sent Terminate"
                 self.close()
                 return
             elif t not in (_d, _H, _c, _f):
@@ -629,7 +635,10 @@ class ClientConnection(Connection):
 
     async def _held_for_failover(self, shard: int) -> None:
         name = self.proxy.config.shards[shard].name
-        node = await self.proxy.health.wait_for_primary(name, self.proxy.config.routing.failover_timeout)
+        timeout = self.proxy.config.routing.failover_timeout
+        if name in self.proxy.admin.paused:  # its primary may be restarting under PAUSE: wait as PAUSE promises
+            timeout = max(timeout, self.proxy.config.pool.query_wait_timeout)
+        node = await self.proxy.health.wait_for_primary(name, timeout)
         self.busy = False
         if node is None:
             self._fatal(pg.PostgresError(pg.CANNOT_CONNECT_NOW, f"shardproxy: shard {name} has no primary"))
@@ -842,11 +851,18 @@ class ClientConnection(Connection):
         if not self.closed and self.transport is not None:
             self.proxy.metrics.client_error(error)
             self.transport.write(error.to_message("FATAL"))
+            self.reason = self.reason or error.message
         self.close()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
         self.proxy.forget(self)
+        if self.user:  # a login was attempted: not a cancel request, nor a probe of the port
+            reason = self.reason or (f"connection lost: {exc}" if exc else "client closed the connection")
+            seconds = round(time.time() - self.connected_at, 3)
+            log.info("client %d %s disconnected after %.3fs: %s", self.id, self.address, seconds, reason,
+                     extra={"event": "disconnect", "client": self.id, "user": self.user, "seconds": seconds,
+                            "reason": reason})
         if self.pool is not None and self.wait_started:
             self.pool.cancel_waiting(self)
         server, self.server = self.server, None

@@ -166,6 +166,7 @@ class User(_Model):
 class Log(_Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
+    slow_queries: Duration = 0.0  # log transactions that held a server connection longer; 0 = off
 
 
 class Config(_Model):

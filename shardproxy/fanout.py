@@ -71,6 +71,7 @@ class Leg(ClientConnection):
 
     def __init__(self, client: ClientConnection, pool: Pool):
         super().__init__(client.proxy)
+        self.id = client.id  # logs name the client, as SHOW CLIENTS does
         self.transport = Collector()  # type: ignore[assignment]
         self.routes = False  # the batch was routed already: it runs on this leg's shard as it is
         self.user, self.database, self.pool = client.user, client.database, pool

@@ -213,12 +213,14 @@ class HealthChecker:
             self.topology.report_failure(address, time.time(), self.fall)
             if was_healthy and not node.healthy:
                 log.warning(
-                    "%s is down after %d failed checks: %s", address, node.failures, exc
+                    "%s is down after %d failed checks: %s", address, node.failures, exc,
+                    extra={"event": "node_down", "shard": node.shard, "node": address},
                 )
         else:
             self.topology.report(address, probe, self.rise)
             if node.healthy and not was_healthy:
-                log.info("%s is up as %s", address, node.role)
+                log.info("%s is up as %s", address, node.role,
+                         extra={"event": "node_up", "shard": node.shard, "node": address})
         async with self._checked:
             self._checked.notify_all()
 

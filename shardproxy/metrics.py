@@ -171,11 +171,17 @@ class Metrics:
 
     def _topology_changed(self, change: Any) -> None:  # a topology.Change
         """A failover: a shard's primary is now another node than the last one (a first election is not)."""
-        if change.kind != "primary" or change.new is None:
+        if change.kind != "primary":
+            return
+        if change.new is None:
+            log.warning("shard %s has no primary (was %s): writes wait for one", change.shard, change.old,
+                        extra={"event": "no_primary", "shard": change.shard, "node": change.old})
             return
         previous = self._primaries.get(change.shard)
         if previous is not None and previous != change.new:
             self.failovers.labels(change.shard).inc()
+            log.warning("failover: shard %s primary %s -> %s", change.shard, previous, change.new,
+                        extra={"event": "failover", "shard": change.shard, "node": change.new})
         self._primaries[change.shard] = change.new
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -47,6 +47,7 @@ class Pool:
         self.defaults: dict[str, str] | None = None  # the server's reported parameters on a fresh session
         self._defaults_lock = asyncio.Lock()
         self.paused = proxy.admin.is_paused(node.address)  # PAUSE: hold new transactions (see admin.py)
+        self.draining = False  # its node left the config: paused for good (see drain)
         self.stats = proxy.metrics.pool_stats(node.address)
 
     @property
@@ -87,9 +88,18 @@ class Pool:
 
     def unlink(self, server: ServerConnection) -> None:
         """The client's transaction (or session) on this connection is over."""
-        if server.client is not None:
-            self.stats.transaction(time.monotonic() - server.linked_at)
+        client = server.client
+        if client is not None:
+            seconds = time.monotonic() - server.linked_at
+            self.stats.transaction(seconds)
             self.node.outstanding -= 1
+            slow = self.proxy.config.log.slow_queries
+            # Per transaction (per session in session pooling): the time from hand-out to give-back, so one
+            # comparison per transaction, never per statement.
+            if slow and seconds > slow:
+                log.warning("client %d: slow transaction, %.3fs on shard %s node %s", client.id, seconds,
+                            self.node.shard, self.node_label, extra={"event": "slow", "client": client.id,
+                            "shard": self.node.shard, "node": self.node_label, "seconds": round(seconds, 3)})
         server.client = server.peer = None
         server.on_ready = None
 
@@ -223,8 +233,17 @@ class Pool:
             self.discard(server)
 
     def resume(self) -> None:
-        self.paused = False
+        self.paused = self.draining
         self._grow()  # connections for the clients held meanwhile
+
+    def drain(self) -> None:
+        """Its node left the config (a reload): paused for good, so connections close as transactions end,
+        and clients waiting here are routed again (a write waits for its shard's primary, a read moves on)."""
+        self.draining = True
+        self.pause()
+        error = pg.PostgresError(pg.CONNECTION_FAILURE, f"shardproxy: {self.node_label} left the configuration")
+        while self.waiting:
+            self.waiting.popleft().fail(error)
 
     # -- for SHOW POOLS ---------------------------------------------------------------------------------
     @property

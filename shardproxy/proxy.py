@@ -17,6 +17,7 @@ from shardproxy.config import Config, ConfigError, User, load_config
 from shardproxy.health import HealthChecker
 from shardproxy.metrics import Metrics
 from shardproxy.pool import Pool, PoolKey
+from shardproxy.ring import fraction_moved
 from shardproxy.router import Route, Router
 from shardproxy.statements import Registry
 from shardproxy.tls import client_context, server_context
@@ -42,6 +43,7 @@ class Proxy:
         self.clients: dict[int, ClientConnection] = {}  # by the BackendKeyData pid the proxy issued
         self.connected = 0
         self.auth_failures = 0
+        self.ring_moved = 0.0  # the share of the key space the last reload gave to another shard
         self.shutting_down = False
         self._client_ids = 0
         self._scram: dict[str, tuple[str, ScramSecret]] = {}
@@ -115,11 +117,29 @@ class Proxy:
             raise
         self.config = config
         self.client_ssl, self.server_ssl = client_ssl, server_ssl
-        self.router = Router(config)
+        old_ring, self.router = self.router.ring, Router(config)
+        self.ring_moved = fraction_moved(old_ring, self.router.ring)
+        # The topology changes with the ring, so that no transaction routed by the new ring finds a shard
+        # without its nodes; health checks of added nodes start in the task.
+        self.topology.apply_config(config)
+        self._drain_removed(config)
+        for client in self.clients.values():
+            client.home %= len(config.shards)
         asyncio.get_running_loop().create_task(self.health.apply_config(config))
         self._scram.clear()
-        log.info("reloaded %s", config.path)
+        log.info("reloaded %s: %.2f%% of the key space moved to another shard", config.path, self.ring_moved * 100,
+                 extra={"event": "reload"})
         return config
+
+    def _drain_removed(self, config: Config) -> None:
+        """Pools to nodes the config no longer has (or has in another shard) drain: idle connections close
+        now, busy ones as their transactions end, and new transactions get pools of their own."""
+        kept = {(node.address, shard.name) for shard in config.shards for node in shard.nodes}
+        for pool in list(self.pools.values()):
+            if (pool.node.address, pool.node.shard) not in kept and not pool.draining:
+                pool.drain()
+                log.info("pool %s/%s to %s drains: the node left the config", pool.key.database, pool.key.user,
+                         pool.node_label)
 
     def _reload_on_signal(self) -> None:
         with suppress(ConfigError):  # reload() logged why
@@ -163,7 +183,8 @@ class Proxy:
 
     def auth_failed(self, client: ClientConnection) -> None:
         self.auth_failures += 1
-        log.warning("client %d %s: authentication failed for user %s", client.id, client.address, client.user)
+        log.warning("client %d %s: authentication failed for user %s", client.id, client.address, client.user,
+                    extra={"event": "auth_failure", "client": client.id, "user": client.user})
 
     def scram_secret(self, user: User) -> ScramSecret:
         """Derived once per password: the key derivation is deliberately slow."""
@@ -177,7 +198,7 @@ class Proxy:
     def pool_for(self, database: str, user: str, node: NodeState) -> Pool:
         key = PoolKey(database, user, node.address)
         pool = self.pools.get(key)
-        if pool is None:
+        if pool is None or pool.draining:  # a node back in the config after a reload: a fresh pool
             pool = self.pools[key] = Pool(self, key, node)
         return pool
 
@@ -254,8 +275,10 @@ class Proxy:
         while True:
             await asyncio.sleep(JANITOR_INTERVAL)
             now = time.monotonic()
-            for pool in list(self.pools.values()):
+            for key, pool in list(self.pools.items()):
                 pool.tick(now)
+                if pool.draining and not pool.servers and self.pools.get(key) is pool:
+                    del self.pools[key]
             self._expire_idle_transactions(now)
 
     def _expire_idle_transactions(self, now: float) -> None:
