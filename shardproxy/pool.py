@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -59,9 +60,13 @@ class Pool:
         """Link an idle connection to the client now, or queue the client until one is free."""
         while self.idle:
             server = self.idle.pop()  # the most recently used: warm caches, and the rest can time out
-            if not server.closed:
-                self._hand_over(client, server)
-                return
+            if server.closed:
+                continue
+            if _hung_up(server):  # died while idle: the client will not get it, whose read could move on
+                self.discard(server)
+                continue
+            self._hand_over(client, server)
+            return
         client.wait_started = time.monotonic()
         self.waiting.append(client)
         self._grow()
@@ -249,3 +254,17 @@ class Pool:
     @property
     def active(self) -> int:
         return sum(1 for s in self.servers if s.client is not None)
+
+
+def _hung_up(server: ServerConnection) -> bool:
+    """Whether an idle connection's socket has something to read. An idle server sends nothing, so that is
+    its end (EOF, a reset, a FATAL before closing) which the event loop has not delivered yet: a server
+    that was killed while the proxy was busy. One zero-timeout poll() per hand-out from the idle list
+    (poll, not select: descriptors go past select's 1024 with many clients)."""
+    sock = server.transport.get_extra_info("socket") if server.transport is not None else None
+    fd = sock.fileno() if sock is not None else -1
+    if fd < 0:
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))  # POLLIN, or POLLHUP/POLLERR which poll reports regardless
