@@ -40,7 +40,7 @@ def regions(interval: str) -> dict[str, dict[str, Any]]:
 
 
 # -- the contract's ring, to pick one key per shard --------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _points(names: tuple[str, ...]) -> list[tuple[int, str]]:
     return sorted((mmh3.hash(f"{name}#{i}".encode(), signed=False), name) for name in names for i in range(256))
 
@@ -304,15 +304,15 @@ def test_read_your_writes_holds_with_a_paused_replica(proxies, shards, keys, nam
         try:
             for i in range(10):
                 writer.execute(f"INSERT INTO t (user_id, v) VALUES ({key}, 'ryw{i}')")
-                in_recovery, port, rows = writer.execute(count.format(v=f"ryw{i}")).fetchone()
+                _, port, rows = writer.execute(count.format(v=f"ryw{i}")).fetchone()
                 assert rows == 1, f"write {i} not visible to its writer on {names[port]}"
                 assert names[port] != paused.name
             # Another client has written nothing: it still reads the paused replica, which lacks the rows.
-            in_recovery, port, rows = bystander.execute(count.format(v="ryw9")).fetchone()
+            _, port, rows = bystander.execute(count.format(v="ryw9")).fetchone()
             assert (names[port], rows) == (paused.name, 0)
             with writer.transaction():  # and in an explicit transaction
                 writer.execute("SET TRANSACTION READ ONLY")
-                in_recovery, port, rows = writer.execute(count.format(v="ryw9")).fetchone()
+                _, port, rows = writer.execute(count.format(v="ryw9")).fetchone()
                 assert rows == 1 and names[port] != paused.name
         finally:
             paused.sql("SELECT pg_wal_replay_resume()")
@@ -399,9 +399,8 @@ def test_failover_holds_writes_then_moves_them_to_the_promoted_replica(failover)
 
         # No primary: a proxy with a short failover_timeout holds the write that long, then refuses it.
         started = time.monotonic()
-        with pytest.raises(psycopg.OperationalError) as refused:
-            with connect(failover["impatient"]) as conn:
-                conn.execute(insert.format(key=key, n=-1))
+        with pytest.raises(psycopg.OperationalError) as refused, connect(failover["impatient"]) as conn:
+            conn.execute(insert.format(key=key, n=-1))
         waited = time.monotonic() - started
         print(f"\nwith failover_timeout 1s and no primary: {refused.value.sqlstate} after {waited:.2f}s")
         assert refused.value.sqlstate in ("57P03", "08006"), refused.value
