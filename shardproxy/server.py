@@ -42,6 +42,7 @@ QUERY_REQ: Request = (QUERY, FORWARD, None)
 FUNCTION_REQ: Request = (FUNCTION, FORWARD, None)
 HIDDEN_QUERY: Request = (QUERY, HIDE, None)
 HIDDEN_CLOSE: Request = (CLOSE, HIDE, None)
+HIDDEN_SYNC: Request = (SYNC, HIDE, None)
 ENDS_AT_READY = (SYNC, QUERY, FUNCTION)
 
 _D, _C, _Z, _T, _n, _1, _2, _3, _E, _I, _s, _S, _N, _A, _t = b"DCZTn123EIsSNAt"
@@ -158,6 +159,9 @@ class ServerConnection(Connection):
                 arg.param_types = parameter_types(buf[pos + 5 : end])
             elif t == _E and kind not in ENDS_AT_READY:
                 self._skip_to_sync()
+                if not pending:  # no Sync sent yet (Parse, Describe, Flush): the server now ignores all but one
+                    pending.append(HIDDEN_SYNC)
+                    self.write(pg.SYNC)
                 if hiding and kind == PARSE:  # the client must learn that its statement does not exist
                     hiding = False
             if t == _E:

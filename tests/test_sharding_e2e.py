@@ -241,6 +241,23 @@ async def test_asyncpg_parse_anywhere_bind_decides(sharded, shards, names):
                       f"SELECT amount FROM orders WHERE user_id = {user}") == [(user + 2,)]
 
 
+async def test_asyncpg_error_before_sync_leaves_a_clean_connection(sharded):
+    """asyncpg prepares with Parse, Describe and Flush. When that Parse fails, the server ignores everything
+    until a Sync: the connection must not go back to the pool in that state."""
+    conn = await aconnect(sharded)
+    other = await aconnect(sharded)
+    try:
+        for _ in range(6):
+            with pytest.raises(asyncpg.exceptions.UndefinedTableError):
+                await conn.fetch("SELECT * FROM no_such_table WHERE user_id = $1", 1)
+        for _ in range(12):
+            assert await asyncio.wait_for(other.fetchval("SELECT 1"), 10) == 1
+            assert await asyncio.wait_for(conn.fetchval("SELECT 2"), 10) == 2
+    finally:
+        conn.terminate()  # without waiting: after a failure the proxy may not answer
+        other.terminate()
+
+
 def test_uuid_keys_in_text_and_literals(sharded, shards, names):
     keys = [uuid.UUID(int=i * 7919 + 1) for i in range(10)]
     with connect(sharded, autocommit=True) as conn:
