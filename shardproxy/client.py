@@ -337,7 +337,7 @@ class ClientConnection(Connection):
 
     def _server_ready(self, server: ServerConnection) -> None:
         """Transaction pooling: once the transaction is over, the connection goes back to the pool."""
-        if server.status != pg.IDLE or server.cancels or self.mid_batch:
+        if server.status != pg.IDLE or server.cancels or self.mid_batch or server.ignoring:
             return
         if self.wrote:  # read-your-writes: learn where this commit ends in the WAL before letting go
             self.wrote = False
@@ -371,6 +371,10 @@ class ClientConnection(Connection):
                 return
             if end > n:
                 break
+            if server.ignoring and t != _S and t != _X:  # after an error the server skips all up to Sync
+                out.append(buf[span:pos])
+                span = pos = end
+                continue
             if pos == check:
                 check, decider, refuse, go = self._route_batch_here(buf, pos)
                 if not go:
@@ -399,6 +403,8 @@ class ClientConnection(Connection):
                 pending.append(EXECUTE_REQ)
             elif t == _S:
                 pending.append(SYNC_REQ)
+                if self.routes:
+                    check = end  # the next batch, if in this read, is routed too
             elif t == _Q:
                 if buf[pos + 5] in _MAYBE_SESSION_STATEMENT and bytes(buf[pos + 5:pos + 9]).lower() in _SESSION_PREFIXES:
                     out.append(buf[span:pos])
@@ -869,7 +875,7 @@ class ClientConnection(Connection):
         if server is None:
             return
         self.pool.unlink(server)
-        if server.pending or server.status != pg.IDLE or self.mid_batch:
+        if server.pending or server.status != pg.IDLE or self.mid_batch or server.ignoring:
             self.pool.discard(server)  # mid-transaction: closing is the sure way to roll it back
         elif self.proxy.config.pool.mode == "session":
             self.pool.reset_and_release(server)

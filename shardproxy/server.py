@@ -42,7 +42,6 @@ QUERY_REQ: Request = (QUERY, FORWARD, None)
 FUNCTION_REQ: Request = (FUNCTION, FORWARD, None)
 HIDDEN_QUERY: Request = (QUERY, HIDE, None)
 HIDDEN_CLOSE: Request = (CLOSE, HIDE, None)
-HIDDEN_SYNC: Request = (SYNC, HIDE, None)
 ENDS_AT_READY = (SYNC, QUERY, FUNCTION)
 
 _D, _C, _Z, _T, _n, _1, _2, _3, _E, _I, _s, _S, _N, _A, _t = b"DCZTn123EIsSNAt"
@@ -69,6 +68,8 @@ class ServerConnection(Connection):
         # The client's and our param_sql before a SET in the current transaction, restored if it rolls back.
         self.settings_before: tuple[dict[str, str], dict[str, str]] | None = None
         self.settings_undone = False  # an error or ROLLBACK since the last ReadyForQuery
+        # After an error the server skips every message up to the client's next Sync: the connection is kept.
+        self.ignoring = False
 
     # -- login --------------------------------------------------------------------------------------
     async def login(self, user: str, password: str | None, database: str) -> None:
@@ -130,6 +131,7 @@ class ServerConnection(Connection):
             if t == _Z:
                 self.status = buf[pos + 5]
                 done = True
+                self.ignoring = False
                 if self.settings_before is not None and self.status == pg.IDLE and action != HIDE:
                     if self.settings_undone and client is not None:
                         client.param_sql, self.param_sql = self.settings_before
@@ -159,9 +161,7 @@ class ServerConnection(Connection):
                 arg.param_types = parameter_types(buf[pos + 5 : end])
             elif t == _E and kind not in ENDS_AT_READY:
                 self._skip_to_sync()
-                if not pending:  # no Sync sent yet (Parse, Describe, Flush): the server now ignores all but one
-                    pending.append(HIDDEN_SYNC)
-                    self.write(pg.SYNC)
+                self.ignoring = not pending  # no Sync sent yet (after a Flush): the server waits for the client's
                 if hiding and kind == PARSE:  # the client must learn that its statement does not exist
                     hiding = False
             if t == _E:

@@ -10,9 +10,13 @@ from __future__ import annotations
 import asyncio
 import bisect
 import functools
+import hashlib
 import os
 import re
+import socket
+import struct
 import subprocess
+import time
 import uuid
 from collections import Counter
 from decimal import Decimal
@@ -188,6 +192,55 @@ def test_psycopg_pipeline(sharded, shards, names):
                        for u in (401, 420, 439)]
         assert [c.fetchall() for c in cursors] == [[(401,)], [(420,)], [(439,)]]
     assert_placed(shards, names, "orders", "item = 'pipeline'", 40)
+
+
+def _message(kind: bytes, body: bytes) -> bytes:
+    return kind + struct.pack("!i", len(body) + 4) + body
+
+
+def _read_until_ready(sock: socket.socket, count: int) -> list[tuple[bytes, bytes]]:
+    """Messages from the proxy up to the count-th ReadyForQuery."""
+    data, messages = b"", []
+    while sum(kind == b"Z" for kind, _ in messages) < count:
+        chunk = sock.recv(65536)
+        assert chunk, messages
+        data += chunk
+        while len(data) >= 5 and len(data) >= 1 + struct.unpack_from("!i", data, 1)[0]:
+            length = struct.unpack_from("!i", data, 1)[0]
+            messages.append((data[:1], data[5:1 + length]))
+            data = data[1 + length:]
+    return messages
+
+
+def test_batches_for_different_shards_in_one_read(sharded, shards, names):
+    """Sync-ended batches arriving together, also right after the end of a batch begun in an earlier read:
+    each is routed on its own."""
+    for cluster in shards:
+        direct(cluster, "GRANT SELECT, INSERT ON orders TO md5user; GRANT USAGE ON SEQUENCE orders_id_seq TO md5user")
+    users = list(users_on_each_shard(names, 4500).values())
+    with socket.create_connection((sharded.host, sharded.port), timeout=10) as sock:
+        startup = b"user\0md5user\0database\0" + APP_DB.encode() + b"\0\0"
+        sock.sendall(struct.pack("!ii", len(startup) + 8, 196608) + startup)
+        request = b""
+        while len(request) < 13:  # AuthenticationMD5Password: answer it
+            request += sock.recv(13 - len(request))
+        assert request[:1] == b"R" and struct.unpack_from("!i", request, 5)[0] == 5, request
+        inner = hashlib.md5(b"md5secret" + b"md5user").hexdigest().encode()
+        sock.sendall(_message(b"p", b"md5" + hashlib.md5(inner + request[9:13]).hexdigest().encode() + b"\0"))
+        assert _read_until_ready(sock, 1)[-1] == (b"Z", b"I")
+        batches = b""
+        for user in users:  # Parse, Bind (a text parameter), Execute, Sync: one batch per shard, all in one write
+            batches += _message(b"P", b"\0INSERT INTO orders (user_id, item) VALUES ($1, 'one-read')\0\0\0")
+            batches += _message(b"B", b"\0\0\0\0\0\1" + struct.pack("!i", len(str(user))) + str(user).encode() + b"\0\0")
+            batches += _message(b"E", b"\0\0\0\0\0") + _message(b"S", b"")
+        first_sync = batches.index(_message(b"S", b""))
+        sock.sendall(batches[:first_sync])  # the first batch but its Sync, read on its own
+        time.sleep(0.3)
+        sock.sendall(batches[first_sync:])  # its Sync and the other batches
+        replies = _read_until_ready(sock, len(users))
+        assert [kind for kind, _ in replies] == [b"1", b"2", b"C", b"Z"] * len(users), replies
+        sock.sendall(_message(b"X", b""))
+    assert_placed(shards, names, "orders", "item = 'one-read'", len(users))
 
 
 def test_psycopg_pipeline_batch_across_shards_is_refused(sharded, shards, names):
