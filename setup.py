@@ -18,7 +18,6 @@ setup(
         "prometheus-client>=0.19",
         "PyYAML>=6.0",
         "pydantic>=2.5",
-        "scramp>=1.4.4",
         "pglast>=6.0",
     ],
     extras_require={

@@ -1,6 +1,9 @@
 """Authentication: the proxy checks clients (as a server would) and logs in to servers (as a client would).
 
-SCRAM-SHA-256 is done with `scramp`; md5 and cleartext are a few lines of hashing.
+SCRAM-SHA-256 (RFC 5802, 7677) is written here for both sides: PostgreSQL clients send an empty user name
+(the startup packet named the user), and a user configured with a verifier only logs in to servers with the
+ClientKey its client just proved, which a library working from passwords cannot do. md5 and cleartext are a
+few lines of hashing.
 """
 
 from __future__ import annotations
@@ -11,12 +14,14 @@ import hmac
 import os
 from dataclasses import dataclass
 
-from scramp import ScramClient, ScramException
-
 from shardproxy import protocol as pg
 
 SCRAM = "SCRAM-SHA-256"
 AUTH_OK, AUTH_CLEARTEXT, AUTH_MD5, AUTH_SASL, AUTH_SASL_CONTINUE, AUTH_SASL_FINAL = 0, 3, 5, 10, 11, 12
+
+
+class ScramException(Exception):
+    """A SCRAM exchange failed: wrong proof, malformed message."""
 
 
 def md5_hex(data: bytes) -> str:
@@ -72,11 +77,7 @@ class ScramSecret:
 
 
 class ScramServerExchange:
-    """One SCRAM-SHA-256 exchange (RFC 5802, 7677), the proxy playing the server.
-
-    Written here rather than taken from scramp: PostgreSQL clients send an empty user name in their first
-    message (the startup packet already named the user), which scramp's server side refuses.
-    """
+    """One SCRAM-SHA-256 exchange with a client, the proxy playing the server."""
 
     def __init__(self, secret: ScramSecret):
         self.secret = secret
@@ -109,7 +110,60 @@ class ScramServerExchange:
         client_key = bytes(a ^ b for a, b in zip(base64.b64decode(proof), signature))
         if not hmac.compare_digest(hashlib.sha256(client_key).digest(), self.secret.stored_key):
             raise ScramException("wrong password")
+        self.client_key = client_key  # proven: it can log in to servers that hold the same verifier
         return b"v=" + base64.b64encode(_hmac(self.secret.server_key, auth_message))
+
+
+@dataclass(frozen=True)
+class ProvenKey:
+    """A client's SCRAM ClientKey, recovered from its proof, with the verifier it was checked against."""
+
+    client_key: bytes
+    secret: ScramSecret
+
+
+class ScramClientExchange:
+    """One SCRAM-SHA-256 exchange with a server, the proxy playing the client: from the plaintext password,
+    or from a client's proven key when the config holds only a verifier (the server must hold the same one,
+    same salt and iterations, as `pg_authid.rolpassword` gives)."""
+
+    def __init__(self, password: str | None, proven: ProvenKey | None):
+        self.password = password
+        self.proven = proven
+        self._bare = f"n=,r={base64.b64encode(os.urandom(18)).decode()}"
+        self._server_signature = b""
+
+    def first(self) -> bytes:
+        return f"n,,{self._bare}".encode()
+
+    def final(self, server_first: bytes) -> bytes:
+        text = server_first.decode()
+        attributes = dict(part.split("=", 1) for part in text.split(",") if "=" in part)
+        nonce, salt, iterations = attributes.get("r", ""), base64.b64decode(attributes.get("s", "")), int(attributes.get("i", 0))
+        if not nonce.startswith(self._bare[5:]):
+            raise ScramException("the server's nonce does not extend ours")
+        client_key, server_key = self._keys(salt, iterations)
+        without_proof = f"c=biws,r={nonce}"
+        auth_message = f"{self._bare},{text},{without_proof}".encode()
+        signature = _hmac(hashlib.sha256(client_key).digest(), auth_message)
+        proof = bytes(a ^ b for a, b in zip(client_key, signature))
+        self._server_signature = _hmac(server_key, auth_message)
+        return f"{without_proof},p={base64.b64encode(proof).decode()}".encode()
+
+    def verify(self, server_final: bytes) -> None:
+        """Check the server's signature: it knows the verifier too (no one in between)."""
+        if not hmac.compare_digest(server_final.decode().removeprefix("v=").encode(),
+                                   base64.b64encode(self._server_signature)):
+            raise ScramException("the server's signature is wrong")
+
+    def _keys(self, salt: bytes, iterations: int) -> tuple[bytes, bytes]:
+        if self.password is not None:
+            salted = hashlib.pbkdf2_hmac("sha256", self.password.encode(), salt, iterations)
+            return _hmac(salted, b"Client Key"), _hmac(salted, b"Server Key")
+        secret = self.proven.secret if self.proven is not None else None
+        if secret is None or secret.salt != salt or secret.iterations != iterations:
+            raise pg.PostgresError(pg.INVALID_AUTHORIZATION, "the server's SCRAM verifier differs from the configured one")
+        return self.proven.client_key, secret.server_key
 
 
 def sasl_mechanisms(body: bytes) -> list[str]:
@@ -126,10 +180,11 @@ def parse_sasl_initial(body: bytes) -> tuple[str, bytes]:
 class ServerLogin:
     """The proxy's side of a server's authentication requests: answers each AuthenticationXXX message."""
 
-    def __init__(self, user: str, password: str | None):
+    def __init__(self, user: str, password: str | None, proven: ProvenKey | None = None):
         self.user = user
         self.password = password
-        self._scram: ScramClient | None = None
+        self.proven = proven  # for a user configured with a SCRAM verifier only
+        self._scram: ScramClientExchange | None = None
 
     def answer(self, body: bytes) -> bytes | None:
         """The reply to one Authentication message body, or None when there is nothing to send."""
@@ -137,24 +192,24 @@ class ServerLogin:
         if code == AUTH_OK:
             return None
         if code == AUTH_SASL_FINAL:
-            self._require_scram().set_server_final(bytes(body[4:]).decode())
+            self._require_scram().verify(bytes(body[4:]))
             return None
-        if code == AUTH_MD5:  # an md5 hash in the config is enough here
-            password = self._require_password(allow_md5_hash=True)
-            return pg.message(b"p", md5_answer(self.user, password, bytes(body[4:8])) + b"\0")
-        password = self._require_password()
-        if code == AUTH_CLEARTEXT:
-            return pg.message(b"p", password.encode() + b"\0")
         if code == AUTH_SASL:
             if SCRAM not in sasl_mechanisms(body):
                 raise pg.PostgresError(pg.INVALID_AUTHORIZATION, "server offers no SASL mechanism the proxy supports")
-            self._scram = ScramClient([SCRAM], self.user, password)
-            first = self._scram.get_client_first().encode()
+            plaintext = self.password if self.password and not is_scram_verifier(self.password) else None
+            if plaintext is None and self.proven is None:
+                self._require_password()  # raises: nothing to log in with
+            self._scram = ScramClientExchange(plaintext, self.proven)
+            first = self._scram.first()
             return pg.message(b"p", pg.cstring(SCRAM) + pg.INT32.pack(len(first)) + first)
         if code == AUTH_SASL_CONTINUE:
-            scram = self._require_scram()
-            scram.set_server_first(bytes(body[4:]).decode())
-            return pg.message(b"p", scram.get_client_final().encode())
+            return pg.message(b"p", self._require_scram().final(bytes(body[4:])))
+        if code == AUTH_MD5:  # an md5 hash in the config is enough here
+            password = self._require_password(allow_md5_hash=True)
+            return pg.message(b"p", md5_answer(self.user, password, bytes(body[4:8])) + b"\0")
+        if code == AUTH_CLEARTEXT:
+            return pg.message(b"p", self._require_password().encode() + b"\0")
         raise pg.PostgresError(pg.INVALID_AUTHORIZATION, f"server asks for an unsupported authentication (code {code})")
 
     def _require_password(self, allow_md5_hash: bool = False) -> str:
@@ -165,10 +220,11 @@ class ServerLogin:
             )
         return password
 
-    def _require_scram(self) -> ScramClient:
+    def _require_scram(self) -> ScramClientExchange:
         if self._scram is None:
             raise pg.ProtocolError("SASL message out of order")
         return self._scram
 
 
-__all__ = ["ScramException", "ScramSecret", "ScramServerExchange", "ServerLogin", "md5_answer", "parse_sasl_initial"]
+__all__ = ["ProvenKey", "ScramException", "ScramSecret", "ScramServerExchange", "ServerLogin", "md5_answer",
+           "parse_sasl_initial"]

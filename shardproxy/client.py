@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, NamedTuple
 from shardproxy import params as session_params
 from shardproxy import protocol as pg
 from shardproxy.admin import ADMIN_DATABASE
-from shardproxy.auth import ScramException, ScramServerExchange, md5_answer, parse_sasl_initial
+from shardproxy.auth import (
+    ProvenKey, ScramException, ScramServerExchange, is_scram_verifier, md5_answer, parse_sasl_initial,
+)
 from shardproxy.connection import Connection
 from shardproxy.router import Plan, Route, bind_parameter, decode_key
 from shardproxy.server import (
@@ -199,7 +201,10 @@ class ClientConnection(Connection):
             answer = await self._password_message()
             ok = answer.rstrip(b"\0") == md5_answer(self.user, user.password or "", salt)
         elif user.auth == "scram-sha-256":
-            ok = await self._scram(ScramServerExchange(self.proxy.scram_secret(user)))
+            exchange = ScramServerExchange(self.proxy.scram_secret(user))
+            ok = await self._scram(exchange)
+            if ok and is_scram_verifier(user.password or ""):  # the key that logs this user in to servers
+                self.proxy.proven_keys[user.name] = ProvenKey(exchange.client_key, exchange.secret)
         else:
             ok = True
         if not ok:
@@ -259,7 +264,13 @@ class ClientConnection(Connection):
     def _dispatch(self) -> None:
         """Between transactions: start the next one on the server connection its first statement needs."""
         while self.server is None and not (self.busy or self.wait_started or self.closed):
-            if len(self.buf) < 5 or not self._answer_without_server():
+            if len(self.buf) < 5:
+                return
+            length = _UNPACK(self.buf, 1)[0]
+            if length < 4 or length > self.max_message_size:  # refused now, not once it all arrived
+                self._fatal(pg.PostgresError(pg.PROTOCOL_VIOLATION, "invalid message length"))
+                return
+            if not self._answer_without_server():
                 return
             if self.buf[0] == _X:
                 self.reason = "client sent Terminate"

@@ -181,7 +181,8 @@ class Pool:
             async with asyncio.timeout(self.settings.server_connect_timeout):
                 await connect_server(server, self.node.host, self.node.port, self.proxy.config.server_tls.mode,
                                      self.proxy.server_ssl)
-                await server.login(self.key.user, user.password if user else None, self.key.database)
+                await server.login(self.key.user, user.password if user else None, self.key.database,
+                                   self.proxy.proven_keys.get(self.key.user))
         except (OSError, asyncio.TimeoutError) as exc:
             server.close()
             self.proxy.health.check_now(self.node_label)

@@ -11,7 +11,7 @@ from contextlib import suppress
 
 from shardproxy import protocol as pg
 from shardproxy.admin import Admin
-from shardproxy.auth import ScramSecret, is_md5_hash, is_scram_verifier
+from shardproxy.auth import ProvenKey, ScramSecret, is_md5_hash, is_scram_verifier
 from shardproxy.client import ClientConnection, Decision
 from shardproxy.config import Config, ConfigError, User, load_config
 from shardproxy.health import HealthChecker
@@ -47,6 +47,7 @@ class Proxy:
         self.shutting_down = False
         self._client_ids = 0
         self._scram: dict[str, tuple[str, ScramSecret]] = {}
+        self.proven_keys: dict[str, ProvenKey] = {}  # users configured with a verifier: their clients' proven key
         self._server: asyncio.AbstractServer | None = None
         self._janitor: asyncio.Task | None = None
         self._stopped = asyncio.Event()

@@ -16,7 +16,7 @@ from collections import OrderedDict, deque
 from typing import TYPE_CHECKING, Any, Callable
 
 from shardproxy import protocol as pg
-from shardproxy.auth import ServerLogin
+from shardproxy.auth import ProvenKey, ServerLogin
 from shardproxy.connection import Connection
 from shardproxy.statements import parameter_types
 
@@ -72,10 +72,10 @@ class ServerConnection(Connection):
         self.ignoring = False
 
     # -- login --------------------------------------------------------------------------------------
-    async def login(self, user: str, password: str | None, database: str) -> None:
+    async def login(self, user: str, password: str | None, database: str, proven: ProvenKey | None = None) -> None:
         """Start up and authenticate; raises PostgresError with the server's own error if refused."""
         self.write(pg.startup_message({"user": user, "database": database}))
-        answerer = ServerLogin(user, password)
+        answerer = ServerLogin(user, password, proven)
         while True:
             kind, body = await self.read_message()
             if kind == ord("R"):
