@@ -17,7 +17,7 @@ import mmh3
 
 # Let the script run from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from shardproxy.ring import Ring  # noqa: E402
+from shardproxy.ring import Ring
 
 SHARDS = [(f"shard-{i}", 1) for i in range(1, 9)]
 VIRTUAL_NODES = 256
@@ -60,20 +60,24 @@ def lookups_per_second(owner: Callable[[object], str], keys: list[object]) -> fl
     return len(keys) / best
 
 
-def main() -> None:
+def measure(n_keys: int = N_KEYS) -> dict[str, tuple[float, float]]:
+    """Lookups/s per key type: (compiled, python)."""
     rng = random.Random(0)
     key_sets: dict[str, list[object]] = {
-        "int (int64)": [rng.randrange(-(2**63), 2**63) for _ in range(N_KEYS)],
-        "int (< 10^7)": [rng.randrange(10**7) for _ in range(N_KEYS)],
-        "str": [f"user-{rng.getrandbits(40):x}@example.org" for _ in range(N_KEYS)],
-        "uuid": [uuid.UUID(int=rng.getrandbits(128)) for _ in range(N_KEYS)],
+        "int (int64)": [rng.randrange(-(2**63), 2**63) for _ in range(n_keys)],
+        "int (< 10^7)": [rng.randrange(10**7) for _ in range(n_keys)],
+        "str": [f"user-{rng.getrandbits(40):x}@example.org" for _ in range(n_keys)],
+        "uuid": [uuid.UUID(int=rng.getrandbits(128)) for _ in range(n_keys)],
     }
     compiled, python = Ring(SHARDS, VIRTUAL_NODES), PythonRing(SHARDS, VIRTUAL_NODES)
+    return {name: (lookups_per_second(compiled.owner, keys), lookups_per_second(python.owner, keys))
+            for name, keys in key_sets.items()}
+
+
+def main() -> None:
     print(f"{len(SHARDS)} shards x {VIRTUAL_NODES} virtual nodes, {N_KEYS} keys, best of {ROUNDS}")
     print(f"{'keys':<14}{'compiled/s':>14}{'python/s':>14}{'speedup':>10}")
-    for name, keys in key_sets.items():
-        fast = lookups_per_second(compiled.owner, keys)
-        slow = lookups_per_second(python.owner, keys)
+    for name, (fast, slow) in measure().items():
         print(f"{name:<14}{fast:>14,.0f}{slow:>14,.0f}{fast / slow:>9.1f}x")
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 # Let the script run from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from shardproxy.config import parse_config  # noqa: E402
-from shardproxy.router import Router  # noqa: E402
+from shardproxy.config import parse_config
+from shardproxy.router import Router
 
 CONFIG = """\
 sharding: {key: user_id, reference_tables: [countries]}
@@ -51,37 +51,42 @@ def micros(call: Callable[[int], object]) -> float:
     return best / N * 1e6
 
 
-def extended(router: Router, query: str, name: str) -> None:
+def measure(router: Router, query: str) -> dict[str, float]:
+    """µs per call for one query shape, keyed "extended uncached plan", "simple plan + route", ..."""
     param_text = query.replace("{k}", "$1")
     cached = param_text.format(c="note")
     router.plan(cached)
     plan = router.plan(cached)
-    print(f"{name:8} extended  uncached plan  {micros(lambda i: router.plan(param_text.format(c=f'c{i}'))):8.1f} µs")
-    print(f"{name:8} extended  cached plan    {micros(lambda i: router.plan(cached)):8.1f} µs")
-    print(f"{name:8} extended  route          {micros(lambda i: router.route(plan, params=[i])):8.1f} µs")
 
-
-def simple(router: Router, query: str, name: str) -> None:
-    def uncached(i: int) -> object:
-        return router.plan_simple(query.format(c=f"s{i}", k=i))
-
-    def cached(i: int) -> object:
+    def simple_cached(i: int) -> object:
         return router.plan_simple(query.format(c="note", k=i))
 
     def plan_and_route(i: int) -> object:
         plan, literals = router.plan_simple(query.format(c="note", k=i))
         return router.route(plan, literals)
 
-    print(f"{name:8} simple    uncached plan  {micros(uncached):8.1f} µs")
-    print(f"{name:8} simple    cached plan    {micros(cached):8.1f} µs")
-    print(f"{name:8} simple    plan + route   {micros(plan_and_route):8.1f} µs")
+    return {
+        "extended uncached plan": micros(lambda i: router.plan(param_text.format(c=f"c{i}"))),
+        "extended cached plan": micros(lambda i: router.plan(cached)),
+        "extended route": micros(lambda i: router.route(plan, params=[i])),
+        "simple uncached plan": micros(lambda i: router.plan_simple(query.format(c=f"s{i}", k=i))),
+        "simple cached plan": micros(simple_cached),
+        "simple plan + route": micros(plan_and_route),
+    }
+
+
+QUERIES = {"select": KEYED, "update": UPDATE, "scatter": SCATTER}
+
+
+def make_router() -> Router:
+    return Router(parse_config(CONFIG), cache_size=4 * N * ROUNDS)
 
 
 def main() -> None:
-    router = Router(parse_config(CONFIG), cache_size=4 * N * ROUNDS)
-    for query, name in ((KEYED, "select"), (UPDATE, "update"), (SCATTER, "scatter")):
-        extended(router, query, name)
-        simple(router, query, name)
+    router = make_router()
+    for name, query in QUERIES.items():
+        for what, value in measure(router, query).items():
+            print(f"{name:8} {what:24} {value:8.1f} µs")
 
 
 if __name__ == "__main__":
