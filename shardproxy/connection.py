@@ -64,7 +64,10 @@ class Connection(asyncio.Protocol):
         return buf
 
     def end_login(self) -> None:
-        """From now on data goes to on_data(); what arrived early is processed at once."""
+        """From now on data goes to on_data(); what arrived early is processed at once.
+        Raises the ProtocolError of a bad message that came with the login and was never read."""
+        if isinstance(self._lost, pg.ProtocolError):
+            raise self._lost
         self._logging_in = False
         early = b"".join(bytes([t]) + pg.INT32.pack(len(b) + 4) + b for t, b in self._inbox)
         self._inbox.clear()

@@ -1,0 +1,360 @@
+"""Hostile clients: fuzzed byte streams, slow and stuck clients, and a connection storm over the limit.
+
+Each test runs its own proxy daemon in front of the session's shared server and checks that the proxy
+stays alive, answers or hangs up on the abuser within a bound, keeps serving a well-behaved client
+connected throughout, and does not grow without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+import socket
+import struct
+import time
+
+import psycopg
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from shardproxy.sandbox import Cluster, ProxyProcess, Sandbox
+from tests.conftest import APP_DB
+from tests.test_failures import TRUST_USERS, connect_soon, error_codes, message, startup_packet, wait_until
+
+FUZZ_EXAMPLES = 1000
+CLOSE_WITHIN = 3.0  # seconds from the abuser's last byte (and half-close) to the proxy hanging up
+RSS_SLACK_KB = 40 * 1024
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def hostile_proxy(sandbox: Sandbox, pg: Cluster, name: str, **pool: object) -> ProxyProcess:
+    """A proxy with trust logins for raw sockets, a 1MB message limit and a 2s login timeout."""
+    settings_ = {"size": 4, "max_message_size": "1MB", "client_login_timeout": "2s", "query_wait_timeout": "5s"}
+    proxy = sandbox.proxy(name, [pg], start=False, admin_users=[], pool={**settings_, **pool})
+    proxy.write_config({**proxy.config, "users": TRUST_USERS})
+    proxy.start()
+    return proxy
+
+
+def read_until_closed(sock: socket.socket, deadline: float) -> bytes:
+    """Everything the proxy sends until it hangs up; raises TimeoutError past the deadline."""
+    received = bytearray()
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"still open; got {bytes(received[:200])!r}")
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return bytes(received)
+        except socket.timeout:
+            raise TimeoutError(f"still open; got {bytes(received[:200])!r}") from None
+        if not chunk:
+            return bytes(received)
+        received += chunk
+
+
+def split_messages(data: bytes) -> list[tuple[bytes, bytes]]:
+    """Backend messages, as far as they frame (a one-byte 'N' answer to SSLRequest is skipped)."""
+    out = []
+    pos = 0
+    while len(data) - pos >= 5:
+        if data[pos:pos + 1] == b"N" and pos == 0 and data[1:2] in (b"E", b"R", b""):
+            pos += 1
+            continue
+        (length,) = struct.unpack_from("!I", data, pos + 1)
+        out.append((data[pos:pos + 1], data[pos + 5:pos + 1 + length]))
+        pos += 1 + length
+    return out
+
+
+# -- the fuzzer -------------------------------------------------------------------------------------------------
+def _parse(name: bytes, sql: bytes, types: list[int]) -> bytes:
+    return message(b"P", name + b"\0" + sql + b"\0" + struct.pack("!H", len(types))
+                   + b"".join(struct.pack("!I", t) for t in types))
+
+
+def _bind(portal: bytes, statement: bytes, values: list[bytes]) -> bytes:
+    params = b"".join(struct.pack("!i", len(v)) + v for v in values)
+    return message(b"B", portal + b"\0" + statement + b"\0" + struct.pack("!H", 0)
+                   + struct.pack("!H", len(values)) + params + struct.pack("!H", 0))
+
+
+VALID = [
+    message(b"Q", b"SELECT 1\0"),
+    message(b"Q", b"\0"),
+    message(b"Q", b"BEGIN\0"),
+    message(b"Q", b"COMMIT\0"),
+    message(b"Q", b"ROLLBACK\0"),
+    message(b"Q", b"SELECT generate_series(1, 50)\0"),
+    message(b"Q", b"COPY (SELECT 1) TO STDOUT\0"),
+    message(b"Q", b"SET application_name = 'fuzzed'\0"),
+    message(b"Q", b"SELECT 1; SELECT 2\0"),
+    _parse(b"", b"SELECT $1::int", [23]),
+    _parse(b"fz", b"SELECT 2", []),
+    _bind(b"", b"", [b"7"]),
+    _bind(b"", b"fz", []),
+    message(b"D", b"S\0"),
+    message(b"D", b"Sfz\0"),
+    message(b"D", b"P\0"),
+    message(b"E", b"\0" + struct.pack("!I", 0)),
+    message(b"S", b""),
+    message(b"H", b""),
+    message(b"C", b"Sfz\0"),
+    message(b"C", b"P\0"),
+    message(b"d", b"copy data"),
+    message(b"c", b""),
+    message(b"f", b"copy failed\0"),
+    message(b"F", struct.pack("!IHHIH", 1, 0, 0, 0, 0)),
+    message(b"p", b"password\0"),
+]
+GOOD_STARTUP = startup_packet(user="app", database=APP_DB, application_name="fuzz")
+SSL_REQUEST = struct.pack("!II", 8, 80877103)
+GSS_REQUEST = struct.pack("!II", 8, 80877104)
+
+
+def _with_length(frame: bytes, length: int) -> bytes:
+    return frame[:1] + struct.pack("!I", length & 0xFFFFFFFF) + frame[5:]
+
+
+valid = st.sampled_from(VALID)
+mutated = st.one_of(
+    st.builds(lambda f, d: _with_length(f, len(f) - 1 + d), valid, st.integers(-8, 8).filter(bool)),
+    st.builds(lambda t, n: bytes([t]) + struct.pack("!I", n), st.integers(0, 255), st.integers(2**20, 2**32 - 1)),
+    st.builds(lambda f, cut: f[:cut], valid, st.integers(1, 12)),
+    st.builds(lambda f, t: bytes([t]) + f[1:], valid, st.integers(0, 255)),
+    st.builds(lambda t, body: message(bytes([t]), body), st.integers(0, 255), st.binary(max_size=40)),
+    st.binary(min_size=1, max_size=200),
+    st.just(GOOD_STARTUP),
+    st.builds(lambda tail: message(b"X", b"") + tail, st.binary(min_size=1, max_size=40)),
+)
+startups = st.one_of(
+    st.just(GOOD_STARTUP),
+    st.just(GOOD_STARTUP),
+    st.just(GOOD_STARTUP),
+    st.builds(lambda s: SSL_REQUEST + s, st.sampled_from([GOOD_STARTUP, SSL_REQUEST, b""])),
+    st.just(GSS_REQUEST + GOOD_STARTUP),
+    st.builds(lambda a, b: struct.pack("!IIII", 16, 80877102, a, b), st.integers(0, 2**32 - 1),
+              st.integers(0, 2**32 - 1)),  # a cancel request for a random key
+    st.builds(lambda d: struct.pack("!I", len(GOOD_STARTUP) + d) + GOOD_STARTUP[4:], st.integers(-12, 12)),
+    st.builds(lambda v: struct.pack("!I", len(GOOD_STARTUP)) + struct.pack("!I", v) + GOOD_STARTUP[8:],
+              st.integers(0, 2**32 - 1)),  # another protocol version
+    st.builds(lambda p: startup_packet(**p), st.dictionaries(st.sampled_from(["user", "database", "options", "x"]),
+                                                             st.text(max_size=12).filter(lambda s: "\0" not in s))),
+    st.binary(max_size=64),
+)
+streams = st.tuples(startups, st.lists(st.one_of(valid, valid, mutated), max_size=8))
+
+
+@pytest.fixture(scope="module")
+def fuzz_proxy(sandbox: Sandbox, pg: Cluster) -> ProxyProcess:
+    return hostile_proxy(sandbox, pg, "hostile-fuzz")
+
+
+def test_fuzzed_streams_never_hang_or_hurt_the_proxy(fuzz_proxy: ProxyProcess) -> None:
+    proxy = fuzz_proxy
+    pid = proxy.process.pid
+    bystander = psycopg.connect(proxy.dsn(dbname=APP_DB), autocommit=True)
+    cases = {"run": 0, "errors": 0, "closed_by_proxy": 0}
+
+    def run(stream: tuple[bytes, list[bytes]]) -> None:
+        startup, frames = stream
+        sock = socket.create_connection((proxy.host, proxy.port), timeout=CLOSE_WITHIN)
+        try:
+            try:
+                sock.sendall(startup + b"".join(frames))
+                sock.shutdown(socket.SHUT_WR)  # whatever was incomplete stays so: the proxy sees the end
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the proxy hung up already
+            received = read_until_closed(sock, time.monotonic() + CLOSE_WITHIN)
+        finally:
+            sock.close()
+        if b"E" in [kind for kind, _ in split_messages(received)]:
+            cases["errors"] += 1
+        assert proxy.process.poll() is None, proxy.log()[-3000:]
+        assert bystander.execute("SELECT 41 + 1").fetchone() == (42,)
+
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(streams)
+    def one_stream(stream: tuple[bytes, list[bytes]]) -> None:
+        cases["run"] += 1
+        run(stream)
+
+    for _ in range(20):  # warm up: first connections, pools and caches allocate their memory
+        run((GOOD_STARTUP, [VALID[0], VALID[5]]))
+    before = rss_kb(pid)
+    one_stream()
+    after = rss_kb(pid)
+    print(f"fuzz: {cases['run']} streams, {cases['errors']} answered with an ErrorResponse; "
+          f"RSS {before} kB -> {after} kB")
+    assert cases["run"] >= FUZZ_EXAMPLES
+    assert after - before < RSS_SLACK_KB
+    assert bystander.execute("SELECT 'still serving'").fetchone() == ("still serving",)
+    bystander.close()
+
+
+def test_fatal_frame_after_valid_ones_is_refused_without_waiting_for_the_end(fuzz_proxy: ProxyProcess) -> None:
+    """Valid frames, then one no server could accept: 08P01 and a hang-up while the socket stays open."""
+    invalid_types = [t for t in range(256) if bytes([t]) not in b"BCDEFHPQSXcdfp"]
+
+    @settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(st.sampled_from([f for f in VALID if f[:1] not in b"dcfp"]), max_size=5),
+           st.one_of(st.builds(lambda t: message(bytes([t]), b"junk"), st.sampled_from(invalid_types)),
+                     st.builds(lambda n: b"Q" + struct.pack("!I", n), st.integers(2**20 + 5, 2**31 - 1))))
+    def one_stream(frames: list[bytes], fatal: bytes) -> None:
+        sock = socket.create_connection((fuzz_proxy.host, fuzz_proxy.port), timeout=CLOSE_WITHIN)
+        try:
+            sock.sendall(GOOD_STARTUP + b"".join(frames) + fatal)
+            received = read_until_closed(sock, time.monotonic() + CLOSE_WITHIN)
+        finally:
+            sock.close()
+        assert "08P01" in error_codes(split_messages(received))
+        assert fuzz_proxy.process.poll() is None
+
+    one_stream()
+
+
+# -- slow and stuck clients ---------------------------------------------------------------------------------------
+def test_one_byte_a_second_login_is_cut_by_client_login_timeout(fuzz_proxy: ProxyProcess) -> None:
+    sock = socket.create_connection((fuzz_proxy.host, fuzz_proxy.port), timeout=5)
+    started = time.monotonic()
+    sent = 0
+    try:
+        for byte in GOOD_STARTUP:
+            try:
+                sock.sendall(bytes([byte]))
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += 1
+            sock.settimeout(1.0)
+            try:
+                reply = sock.recv(65536)
+            except socket.timeout:
+                continue
+            received = reply + read_until_closed(sock, time.monotonic() + 2)
+            break
+        else:
+            pytest.fail("the whole startup packet went through, one byte a second")
+    finally:
+        sock.close()
+    assert 1.9 < time.monotonic() - started < 3.5
+    assert sent < len(GOOD_STARTUP)
+    assert error_codes(split_messages(received)) == ["08P01"]
+
+
+def test_client_that_never_reads_a_huge_result_is_held_back_not_buffered(
+    sandbox: Sandbox, pg: Cluster
+) -> None:
+    proxy = hostile_proxy(sandbox, pg, "hostile-stuck")
+    pid = proxy.process.pid
+    with psycopg.connect(proxy.dsn(dbname=APP_DB), autocommit=True) as other:
+        other.execute("SELECT 1")
+        before = rss_kb(pid)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((proxy.host, proxy.port))
+        sock.sendall(startup_packet(user="app", database=APP_DB, application_name="hostile-stuck"))
+        time.sleep(0.3)
+        sock.sendall(message(b"Q", b"SELECT repeat('x', 1000) FROM generate_series(1, 2000000)\0"))
+        # ~2 GB of rows: the server blocks writing to the proxy once the proxy stops reading it.
+        stuck = ("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'hostile-stuck'"
+                 " AND state = 'active' AND wait_event = 'ClientWrite'")
+        try:
+            assert wait_until(lambda: pg.primary.sql(stuck) == [(1,)], 10), "the server was never held back"
+            samples = []
+            for _ in range(6):
+                time.sleep(0.5)
+                samples.append(rss_kb(pid))
+                assert other.execute("SELECT 'unaffected'").fetchone() == ("unaffected",)
+            print(f"stuck reader: RSS {before} kB before, samples {samples} kB")
+            assert max(samples) - before < 150 * 1024
+            assert samples[-1] - samples[0] < 10 * 1024  # flat, not growing
+        finally:
+            sock.close()
+        gone = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'hostile-stuck'"
+        assert wait_until(lambda: pg.primary.sql(gone) == [(0,)], 5), pg.primary.sql(
+            "SELECT pid, state, wait_event, query FROM pg_stat_activity WHERE application_name = 'hostile-stuck'")
+        assert other.execute("SELECT 'still fine'").fetchone() == ("still fine",)
+    assert proxy.process.poll() is None
+
+
+# -- a connection storm over max_client_conn ------------------------------------------------------------------
+MAX_CLIENTS = 200
+STORM_EXCESS = 10_000
+STORM_CONCURRENCY = 1000
+
+
+async def _raw_login(host: str, port: int) -> tuple[str, asyncio.StreamReader | None, asyncio.StreamWriter | None]:
+    """'ok' with the open streams, or the SQLSTATE the proxy refused with."""
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(GOOD_STARTUP)
+    while True:
+        header = await reader.readexactly(5)
+        body = await reader.readexactly(struct.unpack("!I", header[1:])[0] - 4)
+        if header[:1] == b"Z":
+            return "ok", reader, writer
+        if header[:1] == b"E":
+            writer.close()
+            return error_codes([(b"E", body)])[0], None, None
+
+
+async def _raw_query(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, sql: bytes) -> list[bytes]:
+    writer.write(message(b"Q", sql + b"\0"))
+    kinds = []
+    while True:
+        header = await reader.readexactly(5)
+        await reader.readexactly(struct.unpack("!I", header[1:])[0] - 4)
+        kinds.append(header[:1])
+        if header[:1] == b"Z":
+            return kinds
+
+
+async def test_connection_storm_over_max_client_conn(sandbox: Sandbox, pg: Cluster) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = MAX_CLIENTS + STORM_CONCURRENCY + 500
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, wanted), hard))  # the proxy inherits it too
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < wanted:
+        pytest.skip("not enough file descriptors for the storm")
+    proxy = hostile_proxy(sandbox, pg, "hostile-storm", max_client_conn=MAX_CLIENTS, client_login_timeout="10s")
+
+    admitted = await asyncio.gather(*(_raw_login(proxy.host, proxy.port) for _ in range(MAX_CLIENTS)))
+    assert [state for state, _, _ in admitted] == ["ok"] * MAX_CLIENTS
+
+    limit = asyncio.Semaphore(STORM_CONCURRENCY)
+    outcomes: dict[str, int] = {}
+
+    async def attempt() -> None:
+        async with limit:
+            try:
+                state, _, writer = await asyncio.wait_for(_raw_login(proxy.host, proxy.port), 10)
+                if writer is not None:
+                    writer.close()
+            except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
+                state = type(exc).__name__
+            outcomes[state] = outcomes.get(state, 0) + 1
+
+    started = time.monotonic()
+    await asyncio.gather(*(attempt() for _ in range(STORM_EXCESS)))
+    took = time.monotonic() - started
+    print(f"storm: {MAX_CLIENTS} held, {STORM_EXCESS} over the limit in {took:.1f}s: {outcomes}")
+    assert outcomes == {"53300": STORM_EXCESS}
+    assert proxy.process.poll() is None
+
+    results = await asyncio.gather(*(_raw_query(r, w, b"SELECT 1") for _, r, w in admitted))
+    assert all(kinds[-1] == b"Z" and b"E" not in kinds for kinds in results)
+    for _, _, writer in admitted:
+        writer.close()
+    await asyncio.gather(*(writer.wait_closed() for _, _, writer in admitted), return_exceptions=True)
+    with connect_soon(proxy.dsn(dbname=APP_DB), 5) as late:  # the places are free again, once the goodbyes arrive
+        assert late.execute("SELECT 1").fetchone() == (1,)
