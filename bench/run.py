@@ -120,14 +120,17 @@ def cpu_seconds(pid: int) -> float:
     return sum(cpu_split(pid))
 
 
-def syscalls(pid: int) -> tuple[int, int]:
-    """(write, read) system calls so far of pid and its child processes."""
+def syscalls(pid: int) -> tuple[int, int] | None:
+    """(write, read) system calls so far of pid and its child processes; None if /proc/PID/io is unreadable
+    (a process that changed its user, as PgBouncer does with -u, needs ptrace rights to read it)."""
     writes = reads = 0
     for proc in [pid, *_children(pid)]:
         try:
             with open(f"/proc/{proc}/io") as f:
                 counts = dict(line.split(": ") for line in f.read().splitlines())
         except OSError:
+            if proc == pid:
+                return None
             continue
         writes, reads = writes + int(counts["syscw"]), reads + int(counts["syscr"])
     return writes, reads
@@ -204,8 +207,10 @@ def pgbench(target: Target, args: list[str], clients: int, seconds: float, log_d
         run.cpu_us = (after - before) / run.transactions * 1e6
         user, system = split1[0] - split0[0], split1[1] - split0[1]
         run.sys_share = system / (user + system) if user + system else None
-        run.writes = (io1[0] - io0[0]) / run.transactions
-        run.reads = (io1[1] - io0[1]) / run.transactions
+        # Zero counts over a run with transactions mean the kernel hid them (also a permission matter).
+        if io0 is not None and io1 is not None and io1 != io0:
+            run.writes = (io1[0] - io0[0]) / run.transactions
+            run.reads = (io1[1] - io0[1]) / run.transactions
     if log_dir is not None:
         for path in glob.glob(os.path.join(log_dir, "lat.*")):
             with open(path) as f:
@@ -429,6 +434,10 @@ def report(cells: dict[tuple[str, str], list[Run]], sharded: dict[tuple[str, str
         runs = store.get(key)
         return median([r.cpu_us for r in runs]) if runs else None
 
+    def spread(runs: list[Run]) -> str:
+        values = [r.cpu_us for r in runs if r.cpu_us is not None]
+        return f"{min(values):.0f}–{max(values):.0f}" if values else "n/a"
+
     def ratio(a: float | None, b: float | None) -> float | None:
         return a / b if a and b else None
 
@@ -454,7 +463,8 @@ def report(cells: dict[tuple[str, str], list[Run]], sharded: dict[tuple[str, str
     out.append("\n".join(lines))
 
     proxies = [n for n in names if n != "direct"]
-    lines = ["### Proxy system calls per transaction (write / read, /proc/PID/io) and kernel share of its CPU", "",
+    lines = [("### Proxy system calls per transaction (write / read, /proc/PID/io) and its CPU µs per transaction "
+             "split into user + kernel (/proc/PID/stat)"), "",
              "| workload | " + " | ".join(proxies) + " |", "|---" * (len(proxies) + 1) + "|"]
     for workload in WORKLOADS:
         shown = []
@@ -463,8 +473,9 @@ def report(cells: dict[tuple[str, str], list[Run]], sharded: dict[tuple[str, str
             if not runs:
                 shown.append("skipped")
                 continue
-            w, r, k = (median([getattr(run, a) for run in runs]) for a in ("writes", "reads", "sys_share"))
-            shown.append(f"{fmt(w, '.2f')} / {fmt(r, '.2f')}, {fmt(k and 100 * k)}% kernel")
+            w, r, k, c = (median([getattr(run, a) for run in runs]) for a in ("writes", "reads", "sys_share", "cpu_us"))
+            split = f"{c * (1 - k):.1f} + {c * k:.1f}" if c is not None and k is not None else "n/a"
+            shown.append(f"{fmt(w, '.2f')} / {fmt(r, '.2f')}; {split} µs")
         lines.append(f"| {workload} | " + " | ".join(shown) + " |")
     out.append("\n".join(lines))
 
@@ -487,13 +498,14 @@ def report(cells: dict[tuple[str, str], list[Run]], sharded: dict[tuple[str, str
     out.append("\n".join(lines))
 
     lines = ["### Sharded: point read + update by random user_id (2 queries per transaction), 16 clients", "",
-             "| shardproxy config | simple tps | simple CPU µs/tx | prepared tps | prepared CPU µs/tx |",
+             "| shardproxy config | simple tps | simple CPU µs/tx (min–max) | prepared tps | prepared CPU µs/tx (min–max) |",
              "|---" * 5 + "|"]
     for label in configs:
         lines.append(f"| {label} | " + " | ".join(
             f"{fmt(median([r.tps for r in sharded[(m, label)]]))}"
             + (f" ({e} errors)" if (e := sum(r.errors for r in sharded[(m, label)])) else "")
-            + f" | {fmt(cpu(sharded, (m, label)), '.1f')}" for m in ("simple", "prepared")) + " |")
+            + f" | {fmt(cpu(sharded, (m, label)), '.1f')} ({spread(sharded[(m, label)])})"
+            for m in ("simple", "prepared")) + " |")
     routing: dict[str, dict[str, float | None]] = {}
     for m in ("simple", "prepared"):
         four = cpu(sharded, (m, configs[2]))
@@ -501,7 +513,10 @@ def report(cells: dict[tuple[str, str], list[Run]], sharded: dict[tuple[str, str
         for label in configs[:2]:
             one = cpu(sharded, (m, label))
             routing[m][label] = None if four is None or one is None else (four - one) / QUERIES_PER_SCRIPT
-    lines += ["", "Routing cost per query, µs of proxy CPU ((4 shards - 1 shard) / 2 queries):", "",
+    lines += ["", ("Routing cost per query, µs of proxy CPU ((4 shards - 1 shard) / 2 queries). The 1-shard, 1-node "
+              "config skips routing, and its one pool serves both statements; with a replica, reads and writes "
+              "use two pools as with 4 shards, so that is the like-for-like baseline. A difference below the "
+              "run-to-run spread (compare the repetitions) is noise, not a cost."), "",
               "| protocol | vs 1 shard, 1 node (no routing) | vs 1 shard + replica (routed) |", "|---|---|---|"]
     for m in ("simple", "prepared"):
         lines.append(f"| {m} | " + " | ".join(fmt(routing[m][label], "+.1f") for label in configs[:2]) + " |")
@@ -548,10 +563,15 @@ def report(cells: dict[tuple[str, str], list[Run]], sharded: dict[tuple[str, str
     rows.append(("added latency, -S 1 client (avg; p50 / p99)", "≤ 25 µs",
                  (f"{added:+.1f} µs; {latency['shardproxy']['p50'] - base['p50']:+.1f} / "
                  f"{latency['shardproxy']['p99'] - base['p99']:+.1f} µs"), check(added <= 25)))
+    # The router's own work per query, measured directly: a cached plan plus the ring lookup.
+    direct_cost = {"prepared": max(v["extended cached plan"] + v["extended route"] for v in routes.values()),
+                   "simple": max(v["simple plan + route"] for v in routes.values())}
     for m, goal in (("prepared", 3.0), ("simple", 10.0)):
         vs_routed, vs_plain = routing[m][configs[1]], routing[m][configs[0]]
-        rows.append((f"routing cost per query, 4 shards vs 1 (routed; no routing), {m}", f"≤ {goal:g} µs",
-                     f"{fmt(vs_routed, '+.1f')}; {fmt(vs_plain, '+.1f')} µs", check(at_most(vs_routed, goal))))
+        rows.append(((f"routing cost per query, {m}: CPU/tx 4 shards minus 1 shard routed; minus 1 shard unrouted; "
+                     "router microbenchmark (worst query)"), f"≤ {goal:g} µs",
+                     f"{fmt(vs_routed, '+.1f')}; {fmt(vs_plain, '+.1f')}; {direct_cost[m]:.1f} µs",
+                     check(at_most(vs_routed, goal))))
     slowest = min(fast for fast, _ in ring.values())
     rows.append(("ring lookups/s, compiled (slowest key type)", "≥ 3M/s", f"{slowest / 1e6:.1f}M/s",
                  check(slowest >= 3e6)))
