@@ -1,0 +1,115 @@
+"""A TCP fault relay for tests and benchmarks: put it between a proxy and a server to inject faults.
+
+Modes: `pass` (forward), `latency` (forward each chunk after a delay), `stall` (accept, forward nothing,
+close nothing) and `reset` (abort every connection, refuse new ones with a reset). It runs its own event
+loop in a daemon thread, so it serves synchronous and asynchronous tests alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from contextlib import suppress
+
+MODES = ("pass", "latency", "stall", "reset")
+CHUNK = 64 * 1024
+
+
+class Relay:
+    def __init__(self, target_host: str, target_port: int, host: str = "127.0.0.1") -> None:
+        self.target = (target_host, target_port)
+        self.host = host
+        self.port = 0
+        self.mode = "pass"
+        self.latency = 0.0
+        self.connections = 0  # accepted so far
+        self._loop = asyncio.new_event_loop()
+        self._server: asyncio.AbstractServer | None = None
+        self._transports: set[asyncio.Transport] = set()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="fault-relay")
+
+    def __enter__(self) -> Relay:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> Relay:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._listen(), self._loop).result(5)
+        return self
+
+    def set_mode(self, mode: str, latency: float = 0.0) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r} is not one of {MODES}")
+        self.latency = latency
+        self.mode = mode
+        if mode == "reset":
+            self._loop.call_soon_threadsafe(self._abort_all)
+
+    def close(self) -> None:
+        if not self._loop.is_running():
+            return
+
+        async def shut() -> None:
+            if self._server is not None:
+                self._server.close()
+            self._abort_all()
+
+        with suppress(Exception):
+            asyncio.run_coroutine_threadsafe(shut(), self._loop).result(5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    # -- the loop's side ----------------------------------------------------------------------------------
+    async def _listen(self) -> None:
+        self._server = await asyncio.start_server(self._serve, self.host, 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def _abort_all(self) -> None:
+        for transport in list(self._transports):
+            transport.abort()
+        self._transports.clear()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        if self.mode == "reset":
+            _reset(writer)
+            return
+        self._transports.add(writer.transport)  # type: ignore[arg-type]
+        if self.mode == "stall":  # never answer: the upstream is not even dialled
+            while self.mode == "stall" and not writer.transport.is_closing():
+                await asyncio.sleep(0.05)
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            _reset(writer)
+            return
+        self._transports.add(up_writer.transport)  # type: ignore[arg-type]
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True)
+        for w in (writer, up_writer):
+            self._transports.discard(w.transport)  # type: ignore[arg-type]
+            w.transport.abort()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(CHUNK):
+            while self.mode == "stall" and not writer.transport.is_closing():
+                await asyncio.sleep(0.05)
+            if self.mode == "reset":
+                return
+            if self.mode == "latency" and self.latency:
+                await asyncio.sleep(self.latency)
+            writer.write(data)
+            await writer.drain()
+        with suppress(OSError):
+            writer.write_eof()
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close with an RST instead of a FIN."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    writer.transport.abort()

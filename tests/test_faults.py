@@ -1,0 +1,153 @@
+"""Faults under load: a server killed, a server stalled, the proxy restarted, and a short soak.
+
+Two shards; the first is reached through a fault relay (tests/relay.py), the second directly. Writers on
+both shards record every write the proxy acknowledged; at the end each one must be on its shard.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from shardproxy.sandbox import Cluster, ProxyProcess, Sandbox
+from tests.relay import Relay
+from tests.soak import rss_growth_kb, run_soak
+from tests.test_failures import wait_until
+from tests.workload import Workload, create_table, server_sessions
+
+DB = "faultdb"
+CONNECT_TIMEOUT = 1.0
+FAILOVER_TIMEOUT = 2.0
+# A client of a failed shard hears of it within: the failover wait, a connect attempt, and some slack.
+ERROR_WITHIN = FAILOVER_TIMEOUT + CONNECT_TIMEOUT + 2.0
+
+
+@pytest.fixture(scope="module")
+def shards(sandbox: Sandbox) -> dict[str, Cluster]:
+    clusters = {name: sandbox.cluster(name) for name in ("faults0", "faults1")}
+    for cluster in clusters.values():
+        cluster.primary.sql(f"CREATE DATABASE {DB} OWNER app")
+    create_table(list(clusters.values()), DB)
+    return clusters
+
+
+@pytest.fixture
+def relayed(sandbox: Sandbox, shards: dict[str, Cluster], request: pytest.FixtureRequest
+            ) -> Iterator[tuple[ProxyProcess, Relay]]:
+    """A proxy whose first shard's node is the relay, in front of that shard's real server."""
+    first = shards["faults0"].primary
+    with Relay(first.host, first.port) as relay:
+        name = "faults-" + request.node.name.removeprefix("test_")[:20].replace("_", "-")
+        proxy = sandbox.proxy(
+            name, list(shards.values()), start=False, shutdown_timeout="10s",
+            sharding={"key": "user_id"},
+            pool={"size": 4, "server_connect_timeout": f"{CONNECT_TIMEOUT}s", "query_wait_timeout": "5s"},
+            routing={"failover_timeout": f"{FAILOVER_TIMEOUT}s"},
+        )
+        config = proxy.config
+        config["shards"][0]["nodes"][0]["port"] = relay.port
+        proxy.write_config(config)
+        proxy.start()
+        yield proxy, relay
+        proxy.stop()
+
+
+def no_transaction_left_open(shards: dict[str, Cluster]) -> bool:
+    return all(server_sessions(c, "state LIKE 'idle in transaction%'") == 0 for c in shards.values())
+
+
+def test_server_killed_mid_transaction_fails_its_clients_quickly_and_pools_recover(
+    relayed: tuple[ProxyProcess, Relay], shards: dict[str, Cluster]
+) -> None:
+    proxy, _ = relayed
+    victim = shards["faults1"].primary
+    with Workload(proxy, DB) as load:
+        assert wait_until(lambda: load.successes_after(0) >= 3, 10), load.failures()[:5]
+        killed = time.monotonic()
+        victim.stop("immediate")
+        time.sleep(1.0)
+        victim.start()
+        back = time.monotonic()
+        assert wait_until(lambda: load.successes_after(back) >= 5, 15), "the pools did not recover"
+        assert load.successes_after(killed, "faults0") >= 20  # the other shard never paused
+    affected = load.failures("faults1")
+    print(f"kill: {len(affected)} errors on the killed shard, {load.acked()} acknowledged writes")
+    assert affected, "the kill went unnoticed"
+    for failure in affected:
+        assert failure.ended - failure.started < ERROR_WITHIN, failure
+        assert failure.started < back + 1, failure
+    assert load.failures("faults0") == []
+    assert load.missing(shards, DB) == []
+    assert wait_until(lambda: no_transaction_left_open(shards), 3)
+
+
+def test_stalled_server_holds_only_its_own_shard(
+    relayed: tuple[ProxyProcess, Relay], shards: dict[str, Cluster]
+) -> None:
+    proxy, relay = relayed
+    stall = 3.0
+    with Workload(proxy, DB) as load:
+        assert wait_until(lambda: load.successes_after(0) >= 3, 10), load.failures()[:5]
+        relay.set_mode("stall")
+        stalled = time.monotonic()
+        time.sleep(stall)
+        progress = load.successes_after(stalled, "faults1")
+        relay.set_mode("pass")
+        resumed = time.monotonic()
+        assert wait_until(lambda: load.successes_after(resumed) >= 5, 15), "the stalled shard did not recover"
+    assert progress >= 20, "clients of the other shard were held up"
+    assert load.failures("faults1") == []
+    # The proxy has no timeout for a server that stops answering on an established connection (no
+    # query timeout): its clients wait out the stall, then go on, or fail once a connect is attempted.
+    gaps = []
+    for writer in load.of("faults0"):
+        before = [t for t in writer.successes if t < stalled]
+        after = [t for t in writer.successes if t > stalled]
+        gaps.append(after[0] - before[-1])
+    failures = load.failures("faults0")
+    print(f"stall {stall}s: stalled-shard clients waited {[round(g, 2) for g in gaps]}s, "
+          f"{len(failures)} errors {[(f.sqlstate, round(f.ended - f.started, 2)) for f in failures]}")
+    assert max(gaps) < stall + ERROR_WITHIN
+    assert all(f.ended - f.started < stall + ERROR_WITHIN for f in failures)
+    assert load.missing(shards, DB) == []
+    assert wait_until(lambda: no_transaction_left_open(shards), 3)
+
+
+def test_proxy_sigterm_under_load_finishes_transactions_then_clients_reconnect(
+    relayed: tuple[ProxyProcess, Relay], shards: dict[str, Cluster]
+) -> None:
+    proxy, _ = relayed
+    with Workload(proxy, DB) as load:
+        assert wait_until(lambda: load.successes_after(0) >= 3, 10), load.failures()[:5]
+        proxy.signal(signal.SIGTERM)
+        assert proxy.process.wait(timeout=10) == 0
+        down = time.monotonic()
+        proxy.start()
+        assert wait_until(lambda: load.successes_after(down) >= 5, 15), "clients did not come back"
+    failures = load.failures()
+    print(f"SIGTERM: {len(failures)} client errors {sorted({(f.phase, f.sqlstate) for f in failures}, key=str)}")
+    # Between transactions a client is told the proxy is going away (57P01), or cannot connect meanwhile;
+    # a transaction under way is never cut: no error after the first statement.
+    assert all(f.phase in ("connect", "insert") for f in failures), failures
+    assert all(f.sqlstate in ("57P01", None) or f.sqlstate.startswith("08") for f in failures), failures
+    assert load.missing(shards, DB) == []
+    assert wait_until(lambda: no_transaction_left_open(shards), 3)
+
+
+SOAK_SECONDS = 30
+
+
+def test_soak_short(relayed: tuple[ProxyProcess, Relay], shards: dict[str, Cluster]) -> None:
+    proxy, relay = relayed
+    report = run_soak(proxy, relay, shards, DB, SOAK_SECONDS, seed=int(time.time()), fault_every=3.0)
+    print(report.summary())
+    assert proxy.process.poll() is None
+    assert sum(report.faults.values()) >= 5
+    assert report.acked > 100
+    assert report.missing == []
+    assert report.idle_in_transaction == 0
+    assert all(on_server == in_pools for on_server, in_pools in report.leaks.values()), report.leaks
+    assert rss_growth_kb(report.rss_kb) < 20 * 1024, report.rss_kb
