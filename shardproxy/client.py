@@ -276,8 +276,11 @@ class ClientConnection(Connection):
                 self.reason = "client sent Terminate"
                 self.close()
                 return
-            if not self.proxy.sharded:
-                self._acquire(self.proxy.pool_for(self.database, self.user, self.proxy.login_node()))
+            if not self.routes:  # one server: the pool found at login, unless a reload drained it
+                pool = self.pool
+                if pool.draining:
+                    pool = self.proxy.pool_for(self.database, self.user, self.proxy.login_node())
+                self._acquire(pool)
                 return
             found = self._batch_route(self.buf, 0)
             if found is None:  # the statement that decides has not fully arrived
@@ -333,10 +336,11 @@ class ClientConnection(Connection):
         if self.proxy.config.pool.mode == "transaction":
             server.on_ready = self._server_ready
         server.transport.resume_reading()
-        statements = session_params.sync_statements(self.params, self.param_sql, server.params, server.param_sql)
-        if statements:
-            server.pending.append(HIDDEN_QUERY)
-            server.write(pg.query("; ".join(statements)))
+        if self.params != server.reported or self.param_sql != server.param_sql:  # compared in C: the rule is equal
+            statements = session_params.sync_statements(self.params, self.param_sql, server.params, server.param_sql)
+            if statements:
+                server.pending.append(HIDDEN_QUERY)
+                server.write(pg.query("; ".join(statements)))
         if self.routes:
             self.on_primary = self.proxy.is_primary(server.pool.node)
             self.tx_open = bool(self.held)

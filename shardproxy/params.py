@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import re
 
-REPORTED = ("application_name", "client_encoding", "DateStyle", "IntervalStyle", "TimeZone",
-            "standard_conforming_strings")
+REPORTED = frozenset(("application_name", "client_encoding", "DateStyle", "IntervalStyle", "TimeZone",
+                      "standard_conforming_strings"))
 UNREPORTED = ("search_path", "extra_float_digits")
-_CANONICAL = {name.lower(): name for name in REPORTED + UNREPORTED}
+_CANONICAL = {name.lower(): name for name in (*REPORTED, *UNREPORTED)}
 
 # A SET or RESET alone, or as the first of several statements: a value ends at the first semicolon outside quotes.
 _SET = re.compile(r"""\s*(?:set\s+(?:session\s+)?(\w+)\s*(?:to|=)\s*((?:'(?:[^']|'')*'|"(?:[^"]|"")*"|[^'";])+?)"""

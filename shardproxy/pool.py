@@ -262,10 +262,11 @@ def _hung_up(server: ServerConnection) -> bool:
     its end (EOF, a reset, a FATAL before closing) which the event loop has not delivered yet: a server
     that was killed while the proxy was busy. One zero-timeout poll() per hand-out from the idle list
     (poll, not select: descriptors go past select's 1024 with many clients)."""
-    sock = server.transport.get_extra_info("socket") if server.transport is not None else None
-    fd = sock.fileno() if sock is not None else -1
-    if fd < 0:
-        return False
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
+    poller = server.poller
+    if poller is None:
+        sock = server.transport.get_extra_info("socket") if server.transport is not None else None
+        if sock is None or sock.fileno() < 0:
+            return False
+        poller = server.poller = select.poll()  # registered once: a hand-out costs one poll() call
+        poller.register(sock.fileno(), select.POLLIN)
     return bool(poller.poll(0))  # POLLIN, or POLLHUP/POLLERR which poll reports regardless

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
 import time
 from collections import OrderedDict, deque
 from typing import TYPE_CHECKING, Any, Callable
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from shardproxy import protocol as pg
 from shardproxy.auth import ProvenKey, ServerLogin
 from shardproxy.connection import Connection
+from shardproxy.params import REPORTED
 from shardproxy.statements import parameter_types
 
 if TYPE_CHECKING:
@@ -53,6 +55,8 @@ class ServerConnection(Connection):
         super().__init__()
         self.pool = pool
         self.params: dict[str, str] = {}  # reported parameters, as ParameterStatus last said
+        self.reported: dict[str, str] = {}  # those of them that follow clients (params.REPORTED)
+        self.poller: select.poll | None = None  # for the check that an idle connection is still alive (pool.py)
         self.param_sql: dict[str, str] = {}  # unreported parameters: the statement that last set each
         self.pid = 0
         self.secret = 0
@@ -97,6 +101,8 @@ class ServerConnection(Connection):
         value, _ = pg.read_cstring(body, offset)
         pair = name.decode(), value.decode()
         self.params[pair[0]] = pair[1]
+        if pair[0] in REPORTED:
+            self.reported[pair[0]] = pair[1]
         return pair
 
     # -- the response half of the data path ----------------------------------------------------------
@@ -155,7 +161,7 @@ class ServerConnection(Connection):
                 done = kind == CLOSE
             elif t == _S:
                 name, value = self._record_parameter(buf[pos + 5 : end])
-                if client is not None and not hiding:
+                if client is not None and name in REPORTED:  # hidden SETs too: the server's spelling is kept
                     client.params[name] = value
             elif t == _t and arg is not None:  # a named statement's parameter types, for routing by key
                 arg.param_types = parameter_types(buf[pos + 5 : end])
@@ -213,7 +219,7 @@ class ServerConnection(Connection):
         Returns whether to forward it to the client."""
         if t == _S:
             name, value = self._record_parameter(buf[pos + 5 : end])
-            if self.client is not None:
+            if self.client is not None and name in REPORTED:
                 self.client.params[name] = value
         elif t == _E:
             log.warning("server %s: %s", self.pool.node_label, pg.parse_fields(buf[pos + 5 : end]).get("M", ""))
