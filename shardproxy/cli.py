@@ -84,6 +84,9 @@ def _run(args: argparse.Namespace) -> int:
     from shardproxy.proxy import Proxy
 
     config = load_config(args.config, region=args.region, workers=args.workers)
+    if config.workers > 1:  # refused rather than silently running one process
+        print("shardproxy: workers > 1 is not supported yet; run with workers: 1", file=sys.stderr)
+        return 2
     setup_logging(config.log.level, args.log_format or config.log.format)
 
     async def serve() -> None:

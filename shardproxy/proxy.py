@@ -61,7 +61,7 @@ class Proxy:
         await self.health.start()  # roles are discovered, never taken from the file
         listen = self.config.listen
         self._server = await loop.create_server(lambda: ClientConnection(self), listen.host, listen.port,
-                                                reuse_port=self.config.workers > 1, backlog=4096)
+                                                backlog=4096)
         await self.metrics.start()
         self._janitor = loop.create_task(self._janitor_loop())
         log.info("listening on %s:%d", listen.host, self.port)
