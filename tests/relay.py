@@ -11,6 +11,7 @@ import asyncio
 import socket
 import threading
 from contextlib import suppress
+from typing import Self
 
 MODES = ("pass", "latency", "stall", "reset")
 CHUNK = 64 * 1024
@@ -29,13 +30,13 @@ class Relay:
         self._transports: set[asyncio.Transport] = set()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="fault-relay")
 
-    def __enter__(self) -> Relay:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def start(self) -> Relay:
+    def start(self) -> Self:
         self._thread.start()
         asyncio.run_coroutine_threadsafe(self._listen(), self._loop).result(5)
         return self

@@ -75,7 +75,7 @@ def run_soak(proxy: ProxyProcess, relay: Relay, clusters: dict[str, Cluster], db
     """`clusters` by shard name; the first shard's node is reached through `relay`, the second directly."""
     rng = random.Random(seed)
     report = SoakReport(seconds)
-    (relayed, relayed_cluster), (direct, direct_cluster) = clusters.items()
+    (relayed, _), (direct, direct_cluster) = clusters.items()
     stop = threading.Event()
     reader = threading.Thread(target=_scatter_reader, args=(proxy.dsn(dbname=dbname), stop, report), daemon=True)
     pid = proxy.process.pid
@@ -89,7 +89,7 @@ def run_soak(proxy: ProxyProcess, relay: Relay, clusters: dict[str, Cluster], db
             report.rss_kb.append(rss_kb(pid))
             if time.monotonic() < next_fault or time.monotonic() - started > seconds - 3:
                 continue
-            fault = rng.choice(["kill", "stall", "client-kill", "latency"])
+            fault = rng.choice(["kill", "stall", "client-kill", "latency", "reset"])
             report.faults[fault] = report.faults.get(fault, 0) + 1
             log(f"  {time.monotonic() - started:5.1f}s fault: {fault}")
             if fault == "kill":
@@ -99,6 +99,10 @@ def run_soak(proxy: ProxyProcess, relay: Relay, clusters: dict[str, Cluster], db
             elif fault == "stall":
                 relay.set_mode("stall")
                 time.sleep(rng.uniform(0.5, 1.5))
+                relay.set_mode("pass")
+            elif fault == "reset":  # every connection to the relayed server dropped with an RST
+                relay.set_mode("reset")
+                time.sleep(rng.uniform(0.1, 0.5))
                 relay.set_mode("pass")
             elif fault == "latency":
                 relay.set_mode("latency", latency=0.02)

@@ -56,7 +56,7 @@ def read_until_closed(sock: socket.socket, deadline: float) -> bytes:
             chunk = sock.recv(65536)
         except ConnectionResetError:
             return bytes(received)
-        except socket.timeout:
+        except TimeoutError:
             raise TimeoutError(f"still open; got {bytes(received[:200])!r}") from None
         if not chunk:
             return bytes(received)
@@ -239,7 +239,7 @@ def test_one_byte_a_second_login_is_cut_by_client_login_timeout(fuzz_proxy: Prox
             sock.settimeout(1.0)
             try:
                 reply = sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             received = reply + read_until_closed(sock, time.monotonic() + 2)
             break
@@ -340,7 +340,7 @@ async def test_connection_storm_over_max_client_conn(sandbox: Sandbox, pg: Clust
                 state, _, writer = await asyncio.wait_for(_raw_login(proxy.host, proxy.port), 10)
                 if writer is not None:
                     writer.close()
-            except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
                 state = type(exc).__name__
             outcomes[state] = outcomes.get(state, 0) + 1
 

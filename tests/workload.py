@@ -10,8 +10,9 @@ import random
 import socket
 import threading
 import time
+from contextlib import suppress
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import psycopg
 
@@ -103,10 +104,8 @@ class Writer:
     def drop(self) -> None:
         conn, self.conn = self.conn, None
         if conn is not None:
-            try:
+            with suppress(psycopg.Error, OSError):
                 conn.close()
-            except Exception:
-                pass
 
 
 class Workload:
@@ -121,7 +120,7 @@ class Workload:
         self.stop = threading.Event()
         self.threads = [threading.Thread(target=w.run, args=(self.stop,), daemon=True) for w in self.writers]
 
-    def __enter__(self) -> Workload:
+    def __enter__(self) -> Self:
         for thread in self.threads:
             thread.start()
         return self
