@@ -98,8 +98,8 @@ def test_stalled_server_holds_only_its_own_shard(
         relay.set_mode("pass")
         resumed = time.monotonic()
         assert wait_until(lambda: load.successes_after(resumed) >= 5, 15), "the stalled shard did not recover"
-    assert progress >= 20, "clients of the other shard were held up"
-    assert load.failures("faults1") == []
+    assert progress >= 20, f"clients of the other shard were held up: {progress} transactions each"
+    assert load.failures("faults1") == [], load.failures("faults1")
     # The proxy has no timeout for a server that stops answering on an established connection (no
     # query timeout): its clients wait out the stall, then go on, or fail once a connect is attempted.
     gaps = []
@@ -110,7 +110,7 @@ def test_stalled_server_holds_only_its_own_shard(
     failures = load.failures("faults0")
     print(f"stall {stall}s: stalled-shard clients waited {[round(g, 2) for g in gaps]}s, "
           f"{len(failures)} errors {[(f.sqlstate, round(f.ended - f.started, 2)) for f in failures]}")
-    assert max(gaps) < stall + ERROR_WITHIN
+    assert max(gaps) < stall + ERROR_WITHIN, gaps
     assert all(f.ended - f.started < stall + ERROR_WITHIN for f in failures)
     assert load.missing(shards, DB) == []
     assert wait_until(lambda: no_transaction_left_open(shards), 3)
