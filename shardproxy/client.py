@@ -48,6 +48,8 @@ _COMMIT_LSN = pg.query("SELECT pg_current_wal_insert_lsn()")
 _SET_DONE = (QUERY, SYNTH, pg.command_complete("SET"))
 _RESET_DONE = (QUERY, SYNTH, pg.command_complete("RESET"))
 _GO, _STOP, _REFUSE = range(3)
+_COMMITTED_ALREADY = pg.notice(pg.WARNING, "shardproxy: this statement ran on every shard and is committed there "
+                               "already; a ROLLBACK of the transaction will not undo it")
 _SSL_YES = b"S"
 
 
@@ -681,6 +683,8 @@ class ClientConnection(Connection):
             reply = error.to_message() + pg.READY[pg.FAILED_TRANSACTION if held else pg.IDLE]
         if held and reply.endswith(pg.READY[pg.FAILED_TRANSACTION]):
             self.held_failed = True
+        elif held and decision.route.target == "all":  # say so: a later ROLLBACK cannot undo it
+            reply = _COMMITTED_ALREADY + reply
         self.busy = False
         if not self.closed:
             self.transport.write(reply)

@@ -31,6 +31,7 @@ QUERY_CANCELED = "57014"
 ADMIN_SHUTDOWN = "57P01"
 CANNOT_CONNECT_NOW = "57P03"
 FEATURE_NOT_SUPPORTED = "0A000"
+WARNING = "01000"
 INTERNAL_ERROR = "XX000"
 IDLE_IN_TRANSACTION_TIMEOUT = "25P03"
 IN_FAILED_TRANSACTION = "25P02"
@@ -79,6 +80,12 @@ def message(kind: bytes, body: bytes = b"") -> bytes:
 def error(code: str, text: str, severity: str = "ERROR") -> bytes:
     """An ErrorResponse made by the proxy."""
     return PostgresError(code, text, severity).to_message()
+
+
+def notice(code: str, text: str, severity: str = "WARNING") -> bytes:
+    """A NoticeResponse made by the proxy."""
+    fields = {"S": severity, "V": severity, "C": code, "M": text}
+    return message(b"N", b"".join(k.encode() + v.encode() + b"\0" for k, v in fields.items()) + b"\0")
 
 
 def fatal(code: str, text: str) -> bytes:

@@ -121,3 +121,14 @@ def test_session_shard_key(sharded, shards):
         conn.execute("RESET shardproxy.shard_key")
     expected = next(c for c in shards if c.name == owner(7777, names))
     assert port == expected.primary.port
+
+
+def test_ddl_inside_a_transaction_warns_that_it_commits_at_once(sharded, shards):
+    notices = []
+    with psycopg.connect(sharded.dsn(dbname=APP_DB)) as conn:  # psycopg's default: statements in a transaction
+        conn.add_notice_handler(lambda diag: notices.append(diag.message_primary))
+        conn.execute("CREATE TABLE committed_early (user_id bigint)")
+        conn.rollback()
+    assert any("will not undo it" in n for n in notices), notices
+    for cluster in shards:  # as the warning said
+        assert cluster.primary.sql("SELECT to_regclass('committed_early') IS NOT NULL", dbname=APP_DB) == [(True,)]
