@@ -474,6 +474,7 @@ class ClientConnection(Connection):
         else:
             out.append(buf[span:pos])
             server.transport.write(b"".join(out))
+        server.last_used = time.monotonic()  # query_timeout counts the server's silence from here
         if pos < n:
             self.buf = bytearray(buf[pos:])
             if not pending and server.status == pg.IDLE:

@@ -132,6 +132,7 @@ class Pool(_Model):
     server_lifetime: Duration = 3600.0
     server_connect_timeout: Duration = 5.0
     idle_transaction_timeout: Duration = 0.0  # 0 = off
+    query_timeout: Duration = 0.0  # 0 = off
     client_login_timeout: Duration = 60.0
     max_message_size: Size = Field(default=64 * 1024**2, ge=1)
     prepared_statements_per_server: int = Field(default=1000, ge=0)

@@ -283,15 +283,22 @@ class Proxy:
             self._expire_idle_transactions(now)
 
     def _expire_idle_transactions(self, now: float) -> None:
-        limit = self.config.pool.idle_transaction_timeout
-        if not limit:
+        """idle_transaction_timeout: the client is silent inside a transaction; query_timeout: the server is
+        silent while the client waits for an answer (server.last_used is when it last sent anything)."""
+        idle, silent = self.config.pool.idle_transaction_timeout, self.config.pool.query_timeout
+        if not (idle or silent):
             return
         for client in list(self.clients.values()):
             server = client.server
+            if server is None:
+                continue
             # Session pooling links the server between transactions too: only an open transaction counts.
-            if server is not None and not server.pending and server.status != pg.IDLE \
-                    and now - server.last_used > limit:
+            if idle and not server.pending and server.status != pg.IDLE and now - server.last_used > idle:
                 client.fail(pg.PostgresError(pg.IDLE_IN_TRANSACTION_TIMEOUT, "idle_transaction_timeout"))
+            elif silent and server.pending and now - server.last_used > silent:
+                self.health.check_now(server.pool.node_label)
+                client.fail(pg.PostgresError(pg.QUERY_CANCELED, f"shardproxy: query_timeout: no answer from "
+                                                                f"server {server.pool.node_label} for {silent:g}s"))
 
 
 def _health_login(config: Config) -> tuple[str, str | None]:

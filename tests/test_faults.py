@@ -44,7 +44,8 @@ def relayed(sandbox: Sandbox, shards: dict[str, Cluster], request: pytest.Fixtur
         proxy = sandbox.proxy(
             name, list(shards.values()), start=False, shutdown_timeout="10s",
             sharding={"key": "user_id"},
-            pool={"size": 4, "server_connect_timeout": f"{CONNECT_TIMEOUT}s", "query_wait_timeout": "5s"},
+            pool={"size": 4, "server_connect_timeout": f"{CONNECT_TIMEOUT}s", "query_wait_timeout": "5s",
+                  **getattr(request, "param", {})},  # extra pool settings, for tests that ask (indirect)
             routing={"failover_timeout": f"{FAILOVER_TIMEOUT}s"},
         )
         config = proxy.config
@@ -112,6 +113,29 @@ def test_stalled_server_holds_only_its_own_shard(
           f"{len(failures)} errors {[(f.sqlstate, round(f.ended - f.started, 2)) for f in failures]}")
     assert max(gaps) < stall + ERROR_WITHIN, gaps
     assert all(f.ended - f.started < stall + ERROR_WITHIN for f in failures)
+    assert load.missing(shards, DB) == []
+    assert wait_until(lambda: no_transaction_left_open(shards), 3)
+
+
+@pytest.mark.parametrize("relayed", [{"query_timeout": "1s"}], indirect=True)
+def test_query_timeout_fails_the_clients_of_a_stalled_server(
+    relayed: tuple[ProxyProcess, Relay], shards: dict[str, Cluster]
+) -> None:
+    """With query_timeout, a server that stops answering costs its clients an error, not a hang."""
+    proxy, relay = relayed
+    with Workload(proxy, DB) as load:
+        assert wait_until(lambda: load.successes_after(0) >= 3, 10), load.failures()[:5]
+        relay.set_mode("stall")
+        stalled = time.monotonic()
+        assert wait_until(lambda: all(w.failures for w in load.of("faults0")), 6), "stalled clients hang"
+        waited = max(f.ended - stalled for w in load.of("faults0") for f in w.failures[:1])
+        progress = load.successes_after(stalled, "faults1")
+        relay.set_mode("pass")
+        resumed = time.monotonic()
+        assert wait_until(lambda: load.successes_after(resumed) >= 5, 15), "the stalled shard did not recover"
+    assert waited < 1 + 0.5 + 2.0, waited  # the timeout, a janitor round, slack for a busy machine
+    assert {f.sqlstate for f in load.failures("faults0")} <= {"57014", "08006", None}, load.failures("faults0")
+    assert progress >= 5 and load.failures("faults1") == []
     assert load.missing(shards, DB) == []
     assert wait_until(lambda: no_transaction_left_open(shards), 3)
 
