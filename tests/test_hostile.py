@@ -20,19 +20,12 @@ from hypothesis import strategies as st
 
 from shardproxy.sandbox import Cluster, ProxyProcess, Sandbox
 from tests.conftest import APP_DB
+from tests.workload import rss_kb
 from tests.test_failures import TRUST_USERS, connect_soon, error_codes, message, startup_packet, wait_until
 
 FUZZ_EXAMPLES = 1000
 CLOSE_WITHIN = 3.0  # seconds from the abuser's last byte (and half-close) to the proxy hanging up
 RSS_SLACK_KB = 40 * 1024
-
-
-def rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for {pid}")
 
 
 def hostile_proxy(sandbox: Sandbox, pg: Cluster, name: str, **pool: object) -> ProxyProcess:

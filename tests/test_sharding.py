@@ -1,14 +1,13 @@
 """Sharding end to end: rows land where the contract's ring says, reads find them, and what cannot be
 routed exactly is refused with 0A000 and touches nothing."""
 
-import uuid
 
 import asyncpg
-import mmh3
 import psycopg
 import pytest
 
 from tests.conftest import APP_DB
+from tests.test_sharding_e2e import owner  # the contract's ring, written out plainly
 
 SHARDS = 3
 
@@ -28,13 +27,6 @@ def sharded(sandbox, shards):
         conn.execute("CREATE TABLE orders (id bigserial, user_id bigint NOT NULL, item text, amount int)")
         conn.execute("CREATE TABLE countries (code text PRIMARY KEY, name text)")
     return proxy
-
-
-def owner(key, names):
-    """The contract's ring, written out plainly: the model the proxy must agree with."""
-    points = sorted((mmh3.hash(f"{name}#{i}".encode(), signed=False), name) for name in names for i in range(256))
-    h = mmh3.hash(str(key).encode(), signed=False)
-    return next((name for point, name in points if point >= h), points[0][1])
 
 
 def rows_on(cluster, table="orders"):
