@@ -1,16 +1,10 @@
 """Prometheus metrics at http://metrics.host:metrics.port/metrics (port 0: off).
 
 State (connections, node health, replica lag) is read from the proxy when Prometheus scrapes, by a
-Collector: the data path pays nothing for it. Events (transactions, pool waits, errors, failovers) are
-counters and histograms whose labelled children are bound once per (shard, role), so the data path pays one
-inc()/observe() per transaction, never per message. /metrics is served by the event loop itself, so a scrape
-reads a consistent state without locks.
-
-Several workers (`workers > 1`, designed, built when the worker supervisor lands): the supervisor points
-PROMETHEUS_MULTIPROC_DIR at a fresh directory before it forks, so each worker's counters and histograms live
-in files that prometheus-client's MultiProcessCollector sums; the state gauges move from the scrape-time
-Collector to Gauges with multiprocess_mode="livesum" that each worker's janitor refreshes; the supervisor
-alone serves /metrics and calls mark_process_dead() for every worker that exits.
+Collector: the data path pays nothing for it. The data path's events (transactions, pool waits) are plain
+numbers in one Tally per (shard, node role), bumped without locks or label lookups and turned into counters and
+histograms at scrape time; rare events (errors, failovers) are prometheus-client counters. /metrics is served
+by the event loop itself, so a scrape reads a consistent state.
 """
 
 from __future__ import annotations
@@ -18,28 +12,34 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections import Counter as Tally
+from itertools import accumulate
+from bisect import bisect_left
+from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST, CollectorRegistry, Counter, GCCollector, Histogram, PlatformCollector, ProcessCollector,
-    disable_created_metrics, generate_latest,
+    CONTENT_TYPE_LATEST, CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, disable_created_metrics,
+    generate_latest,
 )
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client import Counter as CounterMetric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 from prometheus_client.registry import Collector
 
 from shardproxy import protocol as pg
-from shardproxy.admin import NodeView, client_state, node_views, role_of, shard_of
+from shardproxy.admin import NodeView, client_state, node_views, shard_of
 
 if TYPE_CHECKING:
     from shardproxy.proxy import Proxy
+    from shardproxy.topology import NodeState
 
 log = logging.getLogger("shardproxy.metrics")
 disable_created_metrics()  # the *_created series would double what every scrape carries, for nothing we use
 
 DURATION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                     5.0, 10.0)
+QUERY_KINDS = ("read", "write", "ddl", "scatter")
 CLIENT_STATES = ("active", "waiting", "idle", "login")
 SERVER_STATES = ("active", "idle", "login")
 # errors_total{kind} of an error the proxy sent a client: by exact message first, else by SQLSTATE.
@@ -65,90 +65,101 @@ def error_kind(error: pg.PostgresError) -> str:
     return _ERROR_BY_MESSAGE.get(error.message) or _ERROR_BY_CODE.get(error.code, _SERVER_ERROR)
 
 
-class QueryMetrics:
-    """The event metrics' children for one (shard, role): bound once, so counting is one inc() or observe()."""
+class Spread:
+    """A histogram as plain numbers: observations per bucket (the last one past every bound) and their sum."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(DURATION_BUCKETS) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(DURATION_BUCKETS, value)] += 1  # the first bound >= value: Prometheus' "le"
+        self.sum += value
+
+
+class Tally:
+    """The events of one (shard, role): plain numbers that the data path bumps and a scrape reads."""
 
     __slots__ = ("read", "write", "ddl", "scatter", "duration", "wait")
 
-    def __init__(self, metrics: Metrics, shard: str, role: str):
-        self.read = metrics.queries.labels(shard, role, "read")
-        self.write = metrics.queries.labels(shard, role, "write")
-        self.ddl = metrics.queries.labels(shard, role, "ddl")
-        self.scatter = metrics.queries.labels(shard, role, "scatter")
-        self.duration = metrics.query_duration.labels(shard, role)
-        self.wait = metrics.pool_wait.labels(shard, role)
+    def __init__(self) -> None:
+        self.read = self.write = self.ddl = self.scatter = 0
+        self.duration = Spread()  # how long a client held a server connection
+        self.wait = Spread()  # how long a client queued for one
 
 
 class PoolStats:
-    """One pool's counters for SHOW STATS, and its way to the Prometheus children of its node's current role."""
+    """One pool's counters for SHOW STATS, and the tally of its node's current role for Prometheus."""
 
-    __slots__ = ("assignments", "transactions", "transaction_time", "wait_time", "_metrics", "_shard", "_address")
+    __slots__ = ("assignments", "transactions", "transaction_time", "wait_time", "_metrics", "_shard", "_node",
+                 "_role", "_tally")
 
-    def __init__(self, metrics: Metrics, shard: str, address: str):
+    def __init__(self, metrics: Metrics, shard: str, node: NodeState):
         self.assignments = 0  # server connections handed to a client
         self.transactions = 0  # of those, given back at a transaction's end
         self.transaction_time = 0.0  # seconds, from hand-out to give-back
         self.wait_time = 0.0  # seconds clients waited for a hand-out
         self._metrics = metrics
         self._shard = shard
-        self._address = address
+        self._node = node
+        self._role = node.role
+        self._tally = metrics.tally(shard, node.role)  # the pool's series exist from its creation
+
+    def tally(self) -> Tally:
+        """The tally of the node's role now: a failover changes it."""
+        if self._node.role != self._role:
+            self._role = self._node.role
+            self._tally = self._metrics.tally(self._shard, self._role)
+        return self._tally
 
     def assigned(self, waited: float) -> None:
         self.assignments += 1
         if waited:  # only clients that queued are observed: compare the count with hand-outs for the share
             self.wait_time += waited
-            self.query_metrics().wait.observe(waited)
+            self.tally().wait.observe(waited)
 
     def transaction(self, seconds: float) -> None:
         """A transaction ended. Until the router counts statements by kind, a transaction counts as one query:
         a read on a replica, else a write."""
         self.transactions += 1
         self.transaction_time += seconds
-        role = role_of(self._metrics.proxy, self._address)
-        children = self._metrics.children(self._shard, role)
-        (children.read if role == "replica" else children.write).inc()
-        children.duration.observe(seconds)
-
-    def query_metrics(self) -> QueryMetrics:
-        """Looked up per event, not bound per pool: a failover changes the node's role."""
-        return self._metrics.children(self._shard, role_of(self._metrics.proxy, self._address))
+        tally = self.tally()
+        if self._role == "replica":
+            tally.read += 1
+        else:
+            tally.write += 1
+        tally.duration.observe(seconds)
 
 
 class Metrics:
     def __init__(self, proxy: Proxy):
         self.proxy = proxy
         self.registry = CollectorRegistry()
-        self.queries = Counter("shardproxy_queries_total", "Queries by shard, node role and kind (today: transactions)",
-                               ["shard", "role", "kind"], registry=self.registry)
-        self.query_duration = Histogram(
-            "shardproxy_query_duration_seconds", "Time a client held a server connection, per transaction",
-            ["shard", "role"], buckets=DURATION_BUCKETS, registry=self.registry)
-        self.pool_wait = Histogram("shardproxy_pool_wait_seconds", "Time clients queued for a server connection",
-                                   ["shard", "role"], buckets=DURATION_BUCKETS, registry=self.registry)
-        self.errors = Counter("shardproxy_errors_total", "Errors the proxy sent to clients", ["kind"],
+        self.errors = CounterMetric("shardproxy_errors_total", "Errors the proxy sent to clients", ["kind"],
                               registry=self.registry)
-        self.failovers = Counter("shardproxy_failovers_total", "Changes of a shard's primary to another node",
+        self.failovers = CounterMetric("shardproxy_failovers_total", "Changes of a shard's primary to another node",
                                  ["shard"], registry=self.registry)
         for kind in {*_ERROR_BY_MESSAGE.values(), *_ERROR_BY_CODE.values(), _SERVER_ERROR}:
             self.errors.labels(kind)  # every kind is exported from the start, at zero
+        self._tallies: dict[tuple[str, str], Tally] = {}
         self.registry.register(_StateCollector(proxy))
+        self.registry.register(_EventCollector(self._tallies))
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)
-        self._children: dict[tuple[str, str], QueryMetrics] = {}
         self._primaries: dict[str, str] = {}  # the last primary seen per shard, to tell failovers apart
         self._server: asyncio.AbstractServer | None = None
 
-    def pool_stats(self, address: str) -> PoolStats:
-        shard = shard_of(self.proxy.config).get(address, "")
-        self.children(shard, role_of(self.proxy, address))  # the pool's series exist from its creation
-        return PoolStats(self, shard, address)
+    def pool_stats(self, node: NodeState) -> PoolStats:
+        return PoolStats(self, shard_of(self.proxy.config).get(node.address, ""), node)
 
-    def children(self, shard: str, role: str) -> QueryMetrics:
-        children = self._children.get((shard, role))
-        if children is None:
-            children = self._children[shard, role] = QueryMetrics(self, shard, role)
-        return children
+    def tally(self, shard: str, role: str) -> Tally:
+        tally = self._tallies.get((shard, role))
+        if tally is None:
+            tally = self._tallies[shard, role] = Tally()
+        return tally
 
     def client_error(self, error: pg.PostgresError) -> None:
         self.errors.labels(error_kind(error)).inc()
@@ -202,6 +213,34 @@ class Metrics:
             writer.close()
 
 
+class _EventCollector(Collector):
+    """The tallies of the data path, as Prometheus counters and histograms."""
+
+    def __init__(self, tallies: dict[tuple[str, str], Tally]):
+        self.tallies = tallies
+
+    def collect(self) -> Iterator[Metric]:
+        queries = CounterMetricFamily("shardproxy_queries", "Queries by shard, node role and kind (today: transactions)",
+                                      labels=["shard", "role", "kind"])
+        duration = HistogramMetricFamily("shardproxy_query_duration_seconds",
+                                         "Time a client held a server connection, per transaction",
+                                         labels=["shard", "role"])
+        wait = HistogramMetricFamily("shardproxy_pool_wait_seconds", "Time clients queued for a server connection",
+                                     labels=["shard", "role"])
+        for (shard, role), tally in list(self.tallies.items()):
+            for kind in QUERY_KINDS:
+                queries.add_metric([shard, role, kind], getattr(tally, kind))
+            for family, spread in ((duration, tally.duration), (wait, tally.wait)):
+                family.add_metric([shard, role], _cumulative(spread.counts), spread.sum)
+        yield from (queries, duration, wait)
+
+
+def _cumulative(counts: list[int]) -> list[tuple[str, float]]:
+    """Per-bucket counts as Prometheus buckets: each bound with the observations at or below it."""
+    bounds = [*map(floatToGoString, DURATION_BUCKETS), "+Inf"]
+    return list(zip(bounds, accumulate(counts)))
+
+
 class _StateCollector(Collector):
     """Gauges computed from the proxy's state at scrape time."""
 
@@ -228,7 +267,7 @@ class _StateCollector(Collector):
         yield from (up, lag_seconds, lag_bytes)
 
     def _clients(self) -> Metric:
-        states = Tally(client_state(client) for client in list(self.proxy.clients.values()))
+        states = Counter(client_state(client) for client in list(self.proxy.clients.values()))
         states["login"] = self.proxy.connected - len(self.proxy.clients)  # admitted, not yet logged in
         family = GaugeMetricFamily("shardproxy_client_connections", "Client connections by state", labels=["state"])
         for state in CLIENT_STATES:
@@ -236,7 +275,7 @@ class _StateCollector(Collector):
         return family
 
     def _servers(self, nodes: list[NodeView]) -> Metric:
-        counts: dict[str, Tally[str]] = {node.address: Tally() for node in nodes}
+        counts: dict[str, Counter[str]] = {node.address: Counter() for node in nodes}
         for pool in list(self.proxy.pools.values()):
             tally = counts.get(pool.node.address)
             if tally is not None:  # None: a node a reload removed, whose pool is draining

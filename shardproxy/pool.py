@@ -49,7 +49,7 @@ class Pool:
         self._defaults_lock = asyncio.Lock()
         self.paused = proxy.admin.is_paused(node.address)  # PAUSE: hold new transactions (see admin.py)
         self.draining = False  # its node left the config: paused for good (see drain)
-        self.stats = proxy.metrics.pool_stats(node.address)
+        self.stats = proxy.metrics.pool_stats(node)
 
     @property
     def settings(self) -> PoolSettings:
