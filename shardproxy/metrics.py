@@ -4,7 +4,8 @@ State (connections, node health, replica lag) is read from the proxy when Promet
 Collector: the data path pays nothing for it. The data path's events (transactions, pool waits) are plain
 numbers in one Tally per (shard, node role), bumped without locks or label lookups and turned into counters and
 histograms at scrape time; rare events (errors, failovers) are prometheus-client counters. /metrics is served
-by the event loop itself, so a scrape reads a consistent state.
+by the event loop itself, so a scrape reads a consistent state. With several workers each worker answers the
+admin command METRICS with its exposition instead, and the supervisor serves their sum (shardproxy.workers).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import math
 from itertools import accumulate
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
@@ -165,16 +166,19 @@ class Metrics:
         self.errors.labels(error_kind(error)).inc()
 
     # -- serving --------------------------------------------------------------------------------------------
-    async def start(self) -> None:
+    async def start(self, serve: bool = True) -> None:
+        """Bind the counters to the topology; unless `serve` is off (a worker: its supervisor serves), serve."""
         for shard in self.proxy.config.shards:
             self.failovers.labels(shard.name)
         topology = getattr(self.proxy, "topology", None)
         if topology is not None:
             topology.on_change(self._topology_changed)
         settings = self.proxy.config.metrics
-        if settings.port:
-            self._server = await asyncio.start_server(self._serve, settings.host, settings.port)
-            log.info("metrics on http://%s:%d/metrics", settings.host, settings.port)
+        if settings.port and serve:
+            self._server = await serve_metrics(settings.host, settings.port, self.exposition)
+
+    async def exposition(self) -> bytes:
+        return generate_latest(self.registry)
 
     def close(self) -> None:
         if self._server is not None:
@@ -194,23 +198,6 @@ class Metrics:
             log.warning("failover: shard %s primary %s -> %s", change.shard, previous, change.new,
                         extra={"event": "failover", "shard": change.shard, "node": change.new})
         self._primaries[change.shard] = change.new
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Just enough HTTP for Prometheus: GET /metrics, one request per connection."""
-        try:
-            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-            parts = request.split(b" ", 2)
-            if len(parts) == 3 and parts[1].split(b"?")[0] == b"/metrics":
-                status, content_type, body = "200 OK", CONTENT_TYPE_LATEST, generate_latest(self.registry)
-            else:
-                status, content_type, body = "404 Not Found", "text/plain", b"try /metrics\n"
-            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
-                         "Connection: close\r\n\r\n".encode() + body)
-            await writer.drain()
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError):
-            pass
-        finally:
-            writer.close()
 
 
 class _EventCollector(Collector):
@@ -288,3 +275,27 @@ class _StateCollector(Collector):
             for state in SERVER_STATES:
                 family.add_metric([node.shard, node.address, node.role, state], counts[node.address][state])
         return family
+
+
+async def serve_metrics(host: str, port: int, exposition: Callable[[], Awaitable[bytes]]) -> asyncio.AbstractServer:
+    """Just enough HTTP for Prometheus: GET /metrics, one request per connection, answered with exposition()."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            parts = request.split(b" ", 2)
+            if len(parts) == 3 and parts[1].split(b"?")[0] == b"/metrics":
+                status, content_type, body = "200 OK", CONTENT_TYPE_LATEST, await exposition()
+            else:
+                status, content_type, body = "404 Not Found", "text/plain", b"try /metrics\n"
+            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+                         "Connection: close\r\n\r\n".encode() + body)
+            await writer.drain()
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, host, port)
+    log.info("metrics on http://%s:%d/metrics", host, port)
+    return server
