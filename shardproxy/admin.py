@@ -40,6 +40,7 @@ HELP_HINT = "type HELP for the list of commands"
 SYNTAX_ERROR = "42601"
 NOT_POSSIBLE_NOW = "55000"  # object_not_in_prerequisite_state
 PAUSE_POLL = 0.05
+REPLY_LIMIT = 256 * 1024 * 1024  # one JSON line holds SHOW CLIENTS of every client, or a worker's metrics
 
 Value = str | int | float | bool | None
 # RowDescription field after the name: no table, type text (oid 25), variable length, no modifier, text format.
@@ -129,8 +130,7 @@ class Admin:
         self.proxy = proxy
         self.paused: set[str] = set()  # shard names
         self._ring: tuple[Config, Ring] | None = None
-        self._server: asyncio.AbstractServer | None = None
-        self._socket: tuple[str, int] | None = None  # the path we bound and its inode
+        self._socket: AdminSocket | None = None
         commands = [
             Command("SHOW POOLS", "server connection pools and their clients", self._show_pools),
             Command("SHOW NODES", "nodes: role, state and lag as health checks see them", self._show_nodes),
@@ -150,6 +150,7 @@ class Admin:
             Command("UNBAN <host:port>", "put a banned node back into rotation", self._unban),
             Command("KILL <id>", "close a client connection (id as in SHOW CLIENTS)", self._kill),
             Command("SHUTDOWN", "stop gracefully: running transactions end first", self._shutdown),
+            Command("METRICS", "the Prometheus exposition text of /metrics, in one row", self._metrics),
         ]
         self.commands = {command.name: command for command in commands}
 
@@ -349,50 +350,17 @@ class Admin:
         self.proxy.request_shutdown()
         return Table([])
 
+    async def _metrics(self, args: list[str]) -> Table:
+        return Table(["text"], [[(await self.proxy.metrics.exposition()).decode()]])
+
     # -- the unix socket ------------------------------------------------------------------------------------
-    async def start(self) -> None:
-        path = self.proxy.config.admin.socket
-        _claim(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        umask = os.umask(0o177)  # born 0600: no moment where others could connect
-        try:
-            sock.bind(path)
-        except OSError:
-            sock.close()
-            raise
-        finally:
-            os.umask(umask)
-        self._socket = (path, os.stat(path).st_ino)
-        self._server = await asyncio.start_unix_server(self._serve, sock=sock)
-        log.info("admin socket %s", path)
+    async def start(self, path: str) -> None:
+        self._socket = AdminSocket(path, self.execute)
+        await self._socket.start()
 
     def close(self) -> None:
-        if self._server is None or self._socket is None:
-            return
-        self._server.close()
-        path, inode = self._socket
-        with suppress(OSError):
-            if os.stat(path).st_ino == inode:  # not one a newer proxy made
-                os.unlink(path)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while line := await reader.readline():
-                if not line.strip():
-                    continue
-                writer.write(json.dumps(await self._reply(line.decode(errors="replace"))).encode() + b"\n")
-                await writer.drain()
-        except (ConnectionError, ValueError):  # ValueError: a line longer than the reader's limit
-            pass
-        finally:
-            writer.close()
-
-    async def _reply(self, line: str) -> dict[str, Any]:
-        try:
-            table = await self.execute(line)
-        except AdminError as exc:
-            return {"ok": False, "error": str(exc)}
-        return {"ok": True, "columns": table.columns, "rows": table.rows}
+        if self._socket is not None:
+            self._socket.close()
 
     # -- the admin database over the PostgreSQL protocol ----------------------------------------------------
     def open_session(self, client: ClientConnection) -> None:
@@ -424,6 +392,15 @@ class Admin:
             pass
         client.close()
 
+    async def _execute_everywhere(self, line: str) -> Table:
+        """The admin database answers for all workers: with several, the supervisor's socket merges their replies."""
+        if getattr(self.proxy, "worker", None) is None:
+            return await self.execute(line)
+        try:
+            return await ask(self.proxy.config.admin.socket, line)
+        except OSError as exc:
+            raise AdminError(f"cannot reach the supervisor's admin socket: {exc.strerror or exc}") from None
+
     async def _answer(self, sql: str) -> bytes:
         """A simple query's replies, one command per statement; an error ends the query, as in PostgreSQL."""
         statements = [text for text in sql.split(";") if text.strip()]
@@ -432,7 +409,7 @@ class Admin:
         out: list[bytes] = []
         for text in statements:
             try:
-                table = await self.execute(text)
+                table = await self._execute_everywhere(text)
             except AdminError as exc:
                 out.append(pg.error(exc.code, str(exc)))
                 break
@@ -442,6 +419,58 @@ class Admin:
                 out += [_data_row(row) for row in table.rows]
             out.append(pg.command_complete(text.split()[0].upper()))
         return b"".join(out)
+
+
+class AdminSocket:
+    """A unix socket, born 0600, that answers each command line with one line of JSON from `execute`."""
+
+    def __init__(self, path: str, execute: Callable[[str], Awaitable[Table]]):
+        self.path = path
+        self.execute = execute
+        self._server: asyncio.AbstractServer | None = None
+        self._inode = 0  # of the socket we bound
+
+    async def start(self) -> None:
+        claim_socket(self.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        umask = os.umask(0o177)  # born 0600: no moment where others could connect
+        try:
+            sock.bind(self.path)
+        except OSError:
+            sock.close()
+            raise
+        finally:
+            os.umask(umask)
+        self._inode = os.stat(self.path).st_ino
+        self._server = await asyncio.start_unix_server(self._serve, sock=sock)
+        log.info("admin socket %s", self.path)
+
+    def close(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        with suppress(OSError):
+            if os.stat(self.path).st_ino == self._inode:  # not one a newer proxy made
+                os.unlink(self.path)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                if not line.strip():
+                    continue
+                writer.write(json.dumps(await self._reply(line.decode(errors="replace"))).encode() + b"\n")
+                await writer.drain()
+        except (ConnectionError, ValueError):  # ValueError: a line longer than the reader's limit
+            pass
+        finally:
+            writer.close()
+
+    async def _reply(self, line: str) -> dict[str, Any]:
+        try:
+            table = await self.execute(line)
+        except AdminError as exc:
+            return {"ok": False, "error": str(exc)}
+        return {"ok": True, "columns": table.columns, "rows": table.rows}
 
 
 # -- the client side, for `shardproxy admin` ------------------------------------------------------------------
@@ -459,6 +488,23 @@ def request(path: str, command: str, timeout: float = 5.0) -> str:
     return line.decode()
 
 
+async def ask(path: str, command: str) -> Table:
+    """Send one command from the event loop; raises AdminError with a failed reply's error, OSError when the
+    socket cannot be reached."""
+    reader, writer = await asyncio.open_unix_connection(path, limit=REPLY_LIMIT)
+    try:
+        writer.write(command.encode() + b"\n")
+        line = await reader.readline()
+    finally:
+        writer.close()
+    if not line:
+        raise ConnectionResetError(f"{path} closed without answering")
+    reply = json.loads(line)
+    if not reply["ok"]:
+        raise AdminError(reply["error"])
+    return Table(reply["columns"], reply["rows"])
+
+
 def format_table(columns: list[str], rows: list[list[Value]]) -> str:
     cells = [columns, *[["" if value is None else _text(value) for value in row] for row in rows]]
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
@@ -468,7 +514,7 @@ def format_table(columns: list[str], rows: list[list[Value]]) -> str:
 
 
 # -- helpers -------------------------------------------------------------------------------------------------
-def _claim(path: str) -> None:
+def claim_socket(path: str) -> None:
     """Remove a socket a dead proxy left behind; refuse a path that is not a socket or that a live proxy serves."""
     try:
         mode = os.lstat(path).st_mode

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import sys
@@ -48,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--region")
     run.add_argument("--workers", type=int)
     run.add_argument("--log-format", choices=["text", "json"])
+    run.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # set by the supervisor for its workers
+    run.add_argument("--runtime-dir", help=argparse.SUPPRESS)  # the supervisor's directory of internal sockets
     commands.add_parser("demo", help="start a local sandbox of PostgreSQL servers and proxies")
     check = commands.add_parser("check", help="validate a config file")
     check.add_argument("-c", "--config", required=True)
@@ -82,15 +83,17 @@ def _run(args: argparse.Namespace) -> int:
     import uvloop
 
     from shardproxy.proxy import Proxy
+    from shardproxy.workers import Supervisor, Worker
 
     config = load_config(args.config, region=args.region, workers=args.workers)
-    if config.workers > 1:  # refused rather than silently running one process
-        print("shardproxy: workers > 1 is not supported yet; run with workers: 1", file=sys.stderr)
-        return 2
-    setup_logging(config.log.level, args.log_format or config.log.format)
+    log_format = args.log_format or config.log.format
+    setup_logging(config.log.level, log_format)
+    if config.workers > 1 and args.worker is None:
+        return Supervisor(config, log_format).run()
+    worker = None if args.worker is None else Worker(args.worker, config.workers, args.runtime_dir)
 
     async def serve() -> None:
-        proxy = Proxy(config)
+        proxy = Proxy(config, worker)
         await proxy.start()
         await proxy.serve_forever()
 

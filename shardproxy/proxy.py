@@ -22,6 +22,7 @@ from shardproxy.router import Route, Router
 from shardproxy.statements import Registry
 from shardproxy.tls import client_context, server_context
 from shardproxy.topology import Change, NodeState, Topology
+from shardproxy.workers import Worker
 
 log = logging.getLogger("shardproxy")
 
@@ -29,8 +30,9 @@ JANITOR_INTERVAL = 0.5
 
 
 class Proxy:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, worker: Worker | None = None):
         self.config = config
+        self.worker = worker  # None when this process is the only one (workers: 1)
         self.client_ssl = client_context(config)  # None unless tls.mode allows TLS; built once, as loading is slow
         self.server_ssl = server_context(config)  # None when server_tls.mode is disable
         self.pools: dict[PoolKey, Pool] = {}
@@ -57,13 +59,18 @@ class Proxy:
     # -- start and stop ---------------------------------------------------------------------------------
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        await self.admin.start()  # first: a proxy already running there keeps its socket and its port
+        worker = self.worker
+        # First: a proxy already running there keeps its socket and its port. A worker's socket is internal:
+        # the supervisor answers the configured one for all workers, and serves their metrics.
+        await self.admin.start(self.config.admin.socket if worker is None else worker.admin_socket)
         await self.health.start()  # roles are discovered, never taken from the file
         listen = self.config.listen
         self._server = await loop.create_server(lambda: ClientConnection(self), listen.host, listen.port,
-                                                backlog=4096)
-        await self.metrics.start()
+                                                backlog=4096, reuse_port=worker is not None)
+        await self.metrics.start(serve=worker is None)
         self._janitor = loop.create_task(self._janitor_loop())
+        if worker is not None:
+            await worker.start(lambda: ClientConnection(self), self.request_shutdown)
         log.info("listening on %s:%d", listen.host, self.port)
 
     @property
@@ -104,6 +111,8 @@ class Proxy:
             pool.close()
         self.admin.close()
         self.metrics.close()
+        if self.worker is not None:
+            self.worker.close()
         self._stopped.set()
 
     def reload(self) -> Config:
@@ -149,7 +158,7 @@ class Proxy:
     # -- clients ------------------------------------------------------------------------------------------
     def next_client_id(self) -> int:
         self._client_ids += 1
-        return self._client_ids
+        return self._client_ids if self.worker is None else self.worker.tag(self._client_ids)
 
     def admit(self, client: ClientConnection) -> bool:
         if self.shutting_down or self.connected >= self.config.pool.max_client_conn:
@@ -161,8 +170,8 @@ class Proxy:
     def register(self, client: ClientConnection) -> tuple[int, int]:
         """Issue the client's cancel key."""
         while True:
-            pid = secrets.randbits(31) or 1
-            if pid not in self.clients:
+            pid = secrets.randbits(31) if self.worker is None else self.worker.new_pid()
+            if pid and pid not in self.clients:
                 self.clients[pid] = client
                 return pid, secrets.randbits(32)
 
@@ -175,6 +184,9 @@ class Proxy:
 
     def cancel(self, pid: int, secret: int) -> None:
         """A CancelRequest: cancel what that client runs now, on the server connection it holds now."""
+        if self.worker is not None and not self.worker.owns(pid):  # the kernel gave it to the wrong worker
+            self.worker.forward_cancel(pid, secret)
+            return
         client = self.clients.get(pid)
         if client is None or not secrets.compare_digest(client.secret.to_bytes(4, "big"), secret.to_bytes(4, "big")):
             return
