@@ -153,7 +153,7 @@ class Tls(_Model):
 
 
 class ServerTls(_Model):
-    mode: Literal["disable", "prefer", "require", "verify-full"] = "disable"
+    mode: Literal["disable", "prefer", "require", "verify-ca", "verify-full"] = "disable"
     ca: str | None = None
 
 
@@ -405,3 +405,5 @@ def _limit_problems(config: Config) -> Iterator[tuple[Loc, str]]:
         for field in ("cert", "key"):
             if getattr(config.tls, field) is None:
                 yield ("tls", field), f"required when tls.mode is {config.tls.mode}"
+    if config.server_tls.mode.startswith("verify") and config.server_tls.ca is None:
+        yield ("server_tls", "ca"), f"required when server_tls.mode is {config.server_tls.mode}"

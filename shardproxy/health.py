@@ -17,7 +17,7 @@ from collections.abc import Callable
 import asyncpg
 
 from shardproxy.config import Config, Region
-from shardproxy.tls import config_path
+from shardproxy.tls import server_context
 from shardproxy.topology import NodeState, Probe, Topology, parse_lsn
 
 log = logging.getLogger(__name__)
@@ -258,10 +258,8 @@ class HealthChecker:
 
 
 def _ssl(config: Config) -> ssl.SSLContext | str | bool:
-    """asyncpg's ssl argument for the configured server TLS mode, checked as the data path checks it."""
-    tls = config.server_tls
-    if tls.mode == "disable":
-        return False
-    if tls.mode == "verify-full":
-        return ssl.create_default_context(cafile=config_path(config, tls.ca) if tls.ca else None)
-    return tls.mode
+    """asyncpg's ssl argument for the configured server TLS mode, checked as the data path checks it (prefer,
+    unchecked there too, is left to asyncpg so that a server without TLS is still reached)."""
+    if config.server_tls.mode == "prefer":
+        return "prefer"
+    return server_context(config) or False  # None under disable

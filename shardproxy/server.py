@@ -21,6 +21,7 @@ from shardproxy.auth import ProvenKey, ServerLogin
 from shardproxy.connection import Connection
 from shardproxy.params import REPORTED
 from shardproxy.statements import parameter_types
+from shardproxy.tls import send_cancel
 
 if TYPE_CHECKING:
     from shardproxy.client import ClientConnection
@@ -254,14 +255,13 @@ class ServerConnection(Connection):
         asyncio.get_running_loop().create_task(self._send_cancel())
 
     async def _send_cancel(self) -> None:
-        try:
-            node = self.pool.node
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(node.host, node.port), 5)
-            writer.write(pg.cancel_request(self.pid, self.secret))
-            await asyncio.wait_for(reader.read(), 5)  # the server closes once it has signalled the backend
-            writer.close()
-        except (OSError, asyncio.TimeoutError) as exc:
-            log.warning("cancel request to %s failed: %s", self.pool.node_label, exc)
+        node, proxy = self.pool.node, self.pool.proxy
+        packet = pg.cancel_request(self.pid, self.secret)
+        try:  # encrypted as the pool's connections are: the cancel key is a credential
+            await asyncio.wait_for(send_cancel(node.host, node.port, proxy.config.server_tls.mode, proxy.server_ssl,
+                                               packet), 10)
+        except (OSError, asyncio.TimeoutError, pg.PostgresError) as exc:
+            log.warning("cancel request to %s failed: %s", self.pool.node_label, exc or "timeout")
         finally:
             self.cancels -= 1
             if self.cancels == 0 and not self.pending and self.on_ready is not None:

@@ -46,21 +46,22 @@ def client_context(config: Config) -> ssl.SSLContext | None:
 def server_context(config: Config) -> ssl.SSLContext | None:
     """The context servers are reached with, or None when `server_tls.mode` is disable.
 
-    prefer and require encrypt without checking the server's certificate (as libpq's modes of those names
-    do without a root certificate); verify-full checks the chain against `server_tls.ca` (the system's CAs
-    when unset) and the host name or address the node is configured with."""
+    prefer encrypts without checking; require checks the server's chain against `server_tls.ca` when one is
+    given (libpq's rule when a root certificate is present), as verify-ca always does; verify-full also checks
+    the host name or address the node is configured with. Validation refuses verify-* without a ca."""
     tls: ServerTls = config.server_tls
     if tls.mode == "disable":
         return None
-    if tls.mode == "verify-full":
-        try:
-            return ssl.create_default_context(cafile=config_path(config, tls.ca) if tls.ca else None)
-        except (OSError, ValueError) as exc:
-            raise ConfigError([f"{config.path or '<config>'}: server_tls.ca: cannot load: {_reason(exc)}"]) from None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = tls.mode == "verify-full"
+    if tls.ca is None or tls.mode == "prefer":
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    try:
+        context.load_verify_locations(cafile=config_path(config, tls.ca))
+    except (OSError, ValueError) as exc:
+        raise ConfigError([f"{config.path or '<config>'}: server_tls.ca: cannot load: {_reason(exc)}"]) from None
     return context
 
 
@@ -130,3 +131,35 @@ async def connect_server(protocol: asyncio.Protocol, host: str, port: int, mode:
     except BaseException:
         transport.close()
         raise
+
+
+class _Cancel(asyncio.Protocol):
+    """Sends a CancelRequest as soon as the connection is up, then waits for the server to close it."""
+
+    def __init__(self, packet: bytes) -> None:
+        self.packet = packet
+        self.transport: asyncio.BaseTransport | None = None
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        transport.write(self.packet)  # type: ignore[attr-defined]
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+async def send_cancel(host: str, port: int, mode: str, context: ssl.SSLContext | None, packet: bytes) -> None:
+    """Deliver a CancelRequest over the same kind of connection as `connect_server` opens (PostgreSQL takes
+    an SSLRequest before a CancelRequest, so the key never crosses the network in the clear when TLS is on).
+
+    Returns once the server has closed the connection, which it does after signalling the backend.
+    Raises as `connect_server` does."""
+    cancel = _Cancel(packet)
+    try:
+        await connect_server(cancel, host, port, mode, context)
+        await cancel.closed
+    finally:
+        if cancel.transport is not None:
+            cancel.transport.close()

@@ -25,6 +25,7 @@ class Relay:
         self.mode = "pass"
         self.latency = 0.0
         self.connections = 0  # accepted so far
+        self.openings: list[bytes] = []  # each connection's first bytes from its client (8: a request code)
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.AbstractServer | None = None
         self._transports: set[asyncio.Transport] = set()
@@ -88,13 +89,18 @@ class Relay:
             _reset(writer)
             return
         self._transports.add(up_writer.transport)  # type: ignore[arg-type]
-        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True)
+        await asyncio.gather(self._pipe(reader, up_writer, self.openings), self._pipe(up_reader, writer),
+                             return_exceptions=True)
         for w in (writer, up_writer):
             self._transports.discard(w.transport)  # type: ignore[arg-type]
             w.transport.abort()
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    openings: list[bytes] | None = None) -> None:
         while data := await reader.read(CHUNK):
+            if openings is not None:  # the first chunk only
+                openings.append(data[:8])
+                openings = None
             while self.mode == "stall" and not writer.transport.is_closing():
                 await asyncio.sleep(0.05)
             if self.mode == "reset":

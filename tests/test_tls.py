@@ -1,9 +1,11 @@
 """TLS to clients (tls.mode disable / allow / require) and to servers (server_tls.mode prefer / require /
-verify-full), against a sandbox server with ssl = on and certificates made here by a throwaway CA."""
+verify-ca / verify-full, cancel requests included), against sandbox servers with ssl = on and certificates made
+here by a throwaway CA."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import ipaddress
 import os
@@ -13,6 +15,7 @@ import ssl
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 
 import asyncpg
 import psycopg
@@ -25,6 +28,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from shardproxy import protocol as pg
 from shardproxy.sandbox import Cluster, ProxyProcess, Sandbox
 from shardproxy.tls import SSL_REQUEST_PACKET
+from tests.relay import Relay
 
 SSL_QUERY = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
 GSSENC_REQUEST_PACKET = pg.INT32.pack(8) + pg.INT32.pack(pg.GSSENC_REQUEST)
@@ -53,12 +57,14 @@ def _make_ca(common_name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certifi
     return key, cert
 
 
-def _make_leaf(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate,
-               common_name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """A certificate for localhost and 127.0.0.1, good for both the proxy and the server."""
+LOCAL_NAMES = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+
+
+def _make_leaf(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, common_name: str,
+               names: list[x509.GeneralName] = LOCAL_NAMES) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A certificate for `names`; the default (localhost and 127.0.0.1) suits both the proxy and the server."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
-    names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
     ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     cert = (
         x509.CertificateBuilder()
@@ -80,19 +86,24 @@ def _make_leaf(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate,
 
 @pytest.fixture(scope="module")
 def certs(sandbox: Sandbox) -> dict[str, str]:
-    """ca, cert, key (signed by ca, for localhost and 127.0.0.1) and other_ca, an unrelated CA; the files
-    belong to the servers' account (a server refuses a key file others may read)."""
+    """ca, cert, key (signed by ca, for localhost and 127.0.0.1), misnamed_cert and misnamed_key (signed by ca
+    for db.invalid only) and other_ca, an unrelated CA; the files belong to the servers' account (a server
+    refuses a key file others may read)."""
     directory = os.path.join(sandbox.base_dir, "tls")
     os.mkdir(directory, 0o755)
     ca_key, ca_cert = _make_ca("shardproxy test CA")
     _, other_ca = _make_ca("some other CA")
     key, cert = _make_leaf(ca_key, ca_cert, "localhost")
+    misnamed_key, misnamed_cert = _make_leaf(ca_key, ca_cert, "db.invalid", [x509.DNSName("db.invalid")])
     pem = serialization.Encoding.PEM
     files = {
         "ca": ca_cert.public_bytes(pem),
         "other_ca": other_ca.public_bytes(pem),
         "cert": cert.public_bytes(pem),
         "key": key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+        "misnamed_cert": misnamed_cert.public_bytes(pem),
+        "misnamed_key": misnamed_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                   serialization.NoEncryption()),
     }
     owner = os.stat(sandbox.base_dir)
     paths = {}
@@ -100,18 +111,26 @@ def certs(sandbox: Sandbox) -> dict[str, str]:
         path = paths[name] = os.path.join(directory, f"{name}.pem")
         with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
             f.write(data)
-        if name != "key":
+        if not name.endswith("key"):
             os.chmod(path, 0o644)
     for path in (directory, *paths.values()):
         os.chown(path, owner.st_uid, owner.st_gid)
     return paths
 
 
+def _ssl_settings(cert: str, key: str) -> dict[str, str]:
+    return {"ssl": "on", "ssl_cert_file": f"'{cert}'", "ssl_key_file": f"'{key}'"}
+
+
 @pytest.fixture(scope="module")
 def tls_pg(sandbox: Sandbox, certs: dict[str, str]) -> Cluster:
-    return sandbox.cluster("tls", settings={
-        "ssl": "on", "ssl_cert_file": f"'{certs['cert']}'", "ssl_key_file": f"'{certs['key']}'",
-    })
+    return sandbox.cluster("tls", settings=_ssl_settings(certs["cert"], certs["key"]))
+
+
+@pytest.fixture(scope="module")
+def misnamed_pg(sandbox: Sandbox, certs: dict[str, str]) -> Cluster:
+    """A server whose certificate chains to the CA but names neither localhost nor 127.0.0.1."""
+    return sandbox.cluster("tls-misnamed", settings=_ssl_settings(certs["misnamed_cert"], certs["misnamed_key"]))
 
 
 def _proxy(sandbox: Sandbox, name: str, cluster: Cluster, **sections) -> ProxyProcess:
@@ -291,24 +310,76 @@ def _login_error(proxy: ProxyProcess) -> asyncpg.PostgresError:
     return caught.value
 
 
-def test_verify_full_with_a_wrong_ca_fails_fast(sandbox: Sandbox, tls_pg: Cluster, certs: dict[str, str]) -> None:
-    wrong = _proxy(sandbox, "tls-wrong-ca", tls_pg, server_tls={"mode": "verify-full", "ca": certs["other_ca"]})
+@contextlib.contextmanager
+def _running(sandbox: Sandbox, name: str, cluster: Cluster, **sections) -> Iterator[ProxyProcess]:
+    proxy = _proxy(sandbox, name, cluster, **sections)
     try:
-        error = _login_error(wrong)
+        yield proxy
     finally:
-        wrong.stop()
+        proxy.stop()
+
+
+def _server_ssl(proxy: ProxyProcess) -> bool:
+    with psycopg.connect(_conninfo(proxy, sslmode="disable"), autocommit=True) as conn:
+        return conn.execute(SSL_QUERY).fetchone()[0]
+
+
+@pytest.mark.parametrize("mode", ["require", "verify-ca", "verify-full"])
+def test_a_wrong_ca_fails_fast(sandbox: Sandbox, tls_pg: Cluster, certs: dict[str, str], mode: str) -> None:
+    """Given a ca, require checks the chain as verify-ca and verify-full do (libpq's rule)."""
+    with _running(sandbox, f"tls-wrong-ca-{mode}", tls_pg, server_tls={"mode": mode, "ca": certs["other_ca"]}) as wrong:
+        error = _login_error(wrong)
     assert error.sqlstate == "08006"
     assert "certificate verify failed" in str(error)
 
 
+def test_require_without_a_ca_checks_nothing(sandbox: Sandbox, misnamed_pg: Cluster) -> None:
+    with _running(sandbox, "tls-require-unchecked", misnamed_pg, server_tls={"mode": "require"}) as proxy:
+        assert _server_ssl(proxy)
+
+
+def test_verify_ca_ignores_the_host_name(sandbox: Sandbox, misnamed_pg: Cluster, certs: dict[str, str]) -> None:
+    """The server's certificate chains to the ca but is for another name: verify-ca takes it, verify-full not."""
+    with _running(sandbox, "tls-verify-ca", misnamed_pg, server_tls={"mode": "verify-ca", "ca": certs["ca"]}) as proxy:
+        assert _server_ssl(proxy)
+    with _running(sandbox, "tls-verify-full-misnamed", misnamed_pg,
+                  server_tls={"mode": "verify-full", "ca": certs["ca"]}) as proxy:
+        error = _login_error(proxy)
+    assert error.sqlstate == "08006"
+    assert "certificate verify failed" in str(error) and "mismatch" in str(error)
+
+
 def test_require_against_a_server_without_ssl(sandbox: Sandbox, pg: Cluster) -> None:
-    strict = _proxy(sandbox, "tls-server-require", pg, server_tls={"mode": "require"})
-    try:
+    with _running(sandbox, "tls-server-require", pg, server_tls={"mode": "require"}) as strict:
         error = _login_error(strict)
-    finally:
-        strict.stop()
     assert error.sqlstate == "08006"
     assert "does not support SSL" in str(error)
+
+
+@pytest.mark.parametrize("use_ca", [False, True], ids=["require", "verify-full"])
+def test_cancel_to_the_server_is_encrypted(sandbox: Sandbox, tls_pg: Cluster, certs: dict[str, str],
+                                           use_ca: bool) -> None:
+    """The cancel key is a credential: the proxy opens its CancelRequest with an SSLRequest, as its pool
+    connections do. A relay in front of the server sees how every connection to it opens."""
+    server_tls = {"mode": "verify-full", "ca": certs["ca"]} if use_ca else {"mode": "require"}
+    node = tls_pg.primary
+    with Relay(node.host, node.port) as relay, \
+            _running(sandbox, f"tls-cancel-{server_tls['mode']}", tls_pg, server_tls=server_tls,
+                     shards=[{"name": "tls", "nodes": [{"host": "127.0.0.1", "port": relay.port}]}]) as proxy, \
+            psycopg.connect(_conninfo(proxy, sslmode="disable"), autocommit=True) as conn:
+        assert conn.execute(SSL_QUERY).fetchone() == (True,)
+        before = len(relay.openings)
+        timer = threading.Timer(0.5, conn.cancel)
+        timer.start()
+        started = time.monotonic()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            conn.execute("SELECT pg_sleep(20)")
+        timer.join()
+        assert time.monotonic() - started < 10
+        cancels = relay.openings[before:]
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert cancels, "no connection reached the server for the cancel"
+    assert all(opening == SSL_REQUEST_PACKET for opening in cancels), cancels
 
 
 def test_proxy_logs_no_tracebacks(secure: ProxyProcess, lenient: ProxyProcess) -> None:
@@ -333,3 +404,15 @@ def test_check_loads_the_certificate_files(tmp_path, certs: dict[str, str], caps
     assert main(["check", "-c", str(good)]) == 0
     assert main(["check", "-c", str(bad)]) == 2
     assert "tls: cannot load cert/key" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["verify-ca", "verify-full"])
+def test_check_wants_a_ca_to_verify_servers(tmp_path, capsys, mode: str) -> None:
+    from shardproxy.cli import main
+
+    config = tmp_path / "shardproxy.yaml"
+    config.write_text("shards: [{name: s0, nodes: [{host: 127.0.0.1, port: 5432}]}]\n"
+                      "users: [{name: app, password: x}]\n"
+                      f"server_tls:\n  mode: {mode}\n")
+    assert main(["check", "-c", str(config)]) == 2
+    assert f"{config}:3: server_tls.ca: required when server_tls.mode is {mode}" in capsys.readouterr().err
