@@ -375,7 +375,8 @@ class Sandbox:
             self._watchdog.kill()
 
     def proxy(self, name: str, clusters: Sequence[Cluster], start: bool = True, **sections: Any) -> ProxyProcess:
-        """A proxy daemon in front of `clusters`, on a free port; stopped by close()."""
+        """A proxy daemon in front of `clusters`, on a free port; stopped by close(). `sections` are config
+        sections, e.g. workers=2 for a supervisor and two workers (signals then go to the supervisor)."""
         config = proxy_config(clusters, self.free_port(), os.path.join(self.base_dir, f"{name}.sock"),
                               self.users, **sections)
         proxy = ProxyProcess(name, config, self.base_dir)
@@ -473,14 +474,24 @@ class ProxyProcess:
             )
         with open(self._pid_path, "w") as f:
             f.write(str(self.process.pid))
-        if not _wait_for(lambda: self._accepts() or self.process.poll() is not None, timeout) or not self._accepts():
+        if not _wait_for(lambda: self._ready() or self.process.poll() is not None, timeout) or not self._ready():
             self.stop()
             raise SandboxError(f"proxy {self.name} did not start\n{_tail(self.log())}")
 
-    def _accepts(self) -> bool:
+    def _ready(self) -> bool:
+        """The port accepts and the admin socket exists: a supervisor of several workers binds it only once
+        every worker listens."""
         with socket.socket() as probe:
             probe.settimeout(0.2)
-            return probe.connect_ex((self.host, self.port)) == 0
+            return probe.connect_ex((self.host, self.port)) == 0 and os.path.exists(self.admin_socket)
+
+    def worker_pids(self) -> list[int]:
+        """The supervisor's worker processes (workers > 1), in no particular order."""
+        if self.process is None:
+            return []
+        pid = self.process.pid
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(child) for child in f.read().split()]
 
     def signal(self, signum: int) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -94,6 +94,7 @@ class Worker:
             self._cancels.close()
 
     def forward_cancel(self, pid: int, secret: int) -> None:
+        log.debug("cancel request for pid %d forwarded to worker %d", pid, pid % self.count)
         task = asyncio.get_running_loop().create_task(self._forward_cancel(pid, secret))
         self._forwards.add(task)  # the loop keeps only weak references to tasks
         task.add_done_callback(self._forwards.discard)
@@ -183,6 +184,8 @@ class Supervisor:
         while not self.stopping:
             process = self.processes[i] = await self._spawn(i)
             was_ready = self.ready[i] = await self._wait_ready(i, process)
+            if was_ready:
+                log.info("worker %d (pid %d) ready", i, process.pid)
             code = await process.wait()
             self.ready[i] = False
             if self.stopping:

@@ -1,0 +1,204 @@
+"""Several workers: one proxy with workers: 2 in front of the session's primary, shared by the module's tests.
+
+Connections are spread over both workers by the kernel; cancels, KILL, RELOAD, the admin socket, the admin
+database and /metrics must behave as one proxy's. The last tests kill a worker and stop the supervisor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from shardproxy.admin import request
+from shardproxy.sandbox import Cluster, ProxyProcess, Sandbox
+
+DB = "workersdb"  # only this module's clients use it: pg_stat_activity tells their server connections apart
+
+
+def admin(proxy: ProxyProcess, command: str) -> dict[str, Any]:
+    return json.loads(request(proxy.admin_socket, command, timeout=30))
+
+
+def table(proxy: ProxyProcess, command: str) -> list[dict[str, Any]]:
+    reply = admin(proxy, command)
+    assert reply["ok"], reply
+    return [dict(zip(reply["columns"], row)) for row in reply["rows"]]
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def connect(proxy: ProxyProcess) -> psycopg.Connection:
+    return psycopg.connect(proxy.dsn(dbname=DB), autocommit=True)
+
+
+def local_address(conn: psycopg.Connection) -> str:
+    """The client's end of the connection, as SHOW CLIENTS shows it."""
+    with socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:
+        host, port = sock.getsockname()
+    return f"{host}:{port}"
+
+
+def metrics(proxy: ProxyProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    url = f"http://{proxy.host}:{proxy.config['metrics']['port']}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def total(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str) -> float:
+    return sum(value for (sample, _), value in samples.items() if sample == name)
+
+
+@pytest.fixture(scope="module")
+def proxy(sandbox: Sandbox, pg: Cluster) -> Iterator[ProxyProcess]:
+    if not pg.primary.sql(f"SELECT 1 FROM pg_database WHERE datname = '{DB}'"):
+        pg.primary.sql(f"CREATE DATABASE {DB} OWNER app")
+    proxy = sandbox.proxy("workers", [pg], workers=2, pool={"size": 4}, shutdown_timeout="5s", log={"level": "debug"},
+                          metrics={"host": "127.0.0.1", "port": sandbox.free_port()})
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture
+def clients(proxy: ProxyProcess) -> Iterator[list[psycopg.Connection]]:
+    """Twelve logged-in clients, closed after the test; the proxy has forgotten them before the next one."""
+    conns = [connect(proxy) for _ in range(12)]
+    yield conns
+    for conn in conns:
+        conn.close()
+    wait_until(lambda: not table(proxy, "SHOW CLIENTS"))
+
+
+def test_clients_are_served_by_both_workers(proxy: ProxyProcess, clients: list[psycopg.Connection]) -> None:
+    for conn in clients:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    rows = table(proxy, "SHOW CLIENTS")
+    assert len(rows) == 12 and {row["worker"] for row in rows} == {0, 1}, rows
+    assert len({row["id"] for row in rows}) == 12, "client ids are unique across workers"
+    assert all(row["id"] % 2 == row["worker"] for row in rows), "a client id names its worker"
+    pools = table(proxy, "SHOW POOLS")
+    assert [(row["database"], row["cl_active"]) for row in pools if row["database"] == DB] == [(DB, 12)], pools
+    assert sum(row["sv_active"] + row["sv_idle"] for row in pools if row["database"] == DB) <= 8  # 2 × size
+    servers = table(proxy, "SHOW SERVERS")
+    assert {row["worker"] for row in servers if row["database"] == DB} <= {0, 1}
+    # The admin database gives the same merged answers as the socket.
+    with psycopg.connect(proxy.dsn("admin", "adminpw", "shardproxy"), autocommit=True) as console:
+        cursor = console.execute("SHOW CLIENTS")
+        names = [column.name for column in cursor.description]
+        seen = [dict(zip(names, row)) for row in cursor.fetchall()]
+    assert {row["worker"] for row in seen} == {"0", "1"} and len(seen) == 13  # the console is a client too
+
+
+def test_cancel_reaches_the_owner_from_either_worker(proxy: ProxyProcess) -> None:
+    """Each cancel is a new connection that the kernel gives to either worker: about half are forwarded."""
+    forwarded = proxy.log().count("forwarded to worker")
+    for attempt in range(10):
+        with connect(proxy) as conn:
+            timer = threading.Timer(0.2, conn.cancel)
+            started = time.monotonic()
+            timer.start()
+            with pytest.raises(psycopg.errors.QueryCanceled) as caught:
+                conn.execute("SELECT pg_sleep(10)")
+            elapsed = time.monotonic() - started
+            assert caught.value.sqlstate == "57014"
+            assert elapsed < 2, f"attempt {attempt}: canceled after {elapsed:.1f}s"
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert proxy.log().count("forwarded to worker") > forwarded  # fails once in 2**10 runs by chance alone
+    wait_until(lambda: not table(proxy, "SHOW CLIENTS"))
+
+
+def test_metrics_are_summed_over_workers(proxy: ProxyProcess, clients: list[psycopg.Connection]) -> None:
+    before = metrics(proxy)
+    for conn in clients:
+        for _ in range(5):
+            conn.execute("SELECT 1")
+    after = metrics(proxy)
+    queries = total(after, "shardproxy_queries_total") - total(before, "shardproxy_queries_total")
+    assert queries == 60, queries
+    assert total(after, "shardproxy_client_connections") == 12
+    workers = {row["worker"] for row in table(proxy, "SHOW CLIENTS")}
+    assert workers == {0, 1}, "both workers' samples are in the sum"
+
+
+def test_kill_a_client_of_each_worker(proxy: ProxyProcess, clients: list[psycopg.Connection]) -> None:
+    by_address = {row["address"]: row for row in table(proxy, "SHOW CLIENTS")}
+    rows = [by_address[local_address(conn)] for conn in clients]
+    victims = {row["worker"]: conn for conn, row in zip(clients, rows)}
+    assert set(victims) == {0, 1}
+    for worker, conn in victims.items():
+        client_id = by_address[local_address(conn)]["id"]
+        assert admin(proxy, f"KILL {client_id}") == {"ok": True, "columns": [], "rows": []}
+        with pytest.raises(psycopg.OperationalError):
+            conn.execute("SELECT 1")
+    for conn in clients:
+        if conn not in victims.values():
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert admin(proxy, "KILL 999999")["error"] == "no client with id '999999'; see SHOW CLIENTS"
+
+
+def test_reload_reaches_every_worker(proxy: ProxyProcess) -> None:
+    done = proxy.log().count("reloaded ")
+    reply = table(proxy, "RELOAD")
+    assert reply == [{"config": proxy.config_path, "fraction_moved": 0.0}]
+    assert proxy.log().count("reloaded ") == done + 2
+    proxy.signal(signal.SIGHUP)
+    wait_until(lambda: proxy.log().count("reloaded ") == done + 4)
+
+
+def test_a_killed_worker_is_restarted(proxy: ProxyProcess) -> None:
+    victim, survivor = proxy.worker_pids()
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: len(proxy.worker_pids()) == 2 and victim not in proxy.worker_pids())
+    (successor,) = set(proxy.worker_pids()) - {survivor}
+    wait_until(lambda: f"(pid {successor}) ready" in proxy.log())
+    assert f"(pid {victim}) exited with code -9; restarting it" in proxy.log()
+    conns = [connect(proxy) for _ in range(12)]
+    try:
+        assert all(conn.execute("SELECT 1").fetchone() == (1,) for conn in conns)
+        assert {row["worker"] for row in table(proxy, "SHOW CLIENTS")} == {0, 1}
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def test_sigterm_stops_every_worker(proxy: ProxyProcess, pg: Cluster) -> None:
+    pids = proxy.worker_pids()
+    with connect(proxy) as conn:
+        conn.execute("SELECT 1")
+    assert proxy.stop() == 0
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in pids)
+    assert not os.path.exists(proxy.admin_socket)
+    left = "SELECT count(*) FROM pg_stat_activity WHERE datname = '" + DB + "'"
+    wait_until(lambda: pg.primary.sql(left) == [(0,)], 5)
+
+
+def test_workers_that_cannot_start_stop_the_supervisor(sandbox: Sandbox, pg: Cluster) -> None:
+    with socket.socket() as taken:  # a listener without SO_REUSEPORT: the workers cannot bind its port
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        broken = sandbox.proxy("workers-bad-port", [pg], start=False, workers=2,
+                               listen={"host": "127.0.0.1", "port": taken.getsockname()[1]})
+        started = time.monotonic()
+        result = subprocess.run([sys.executable, "-m", "shardproxy", "run", "-c", broken.config_path],
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "died 3 times before it was ready" in result.stderr
+    assert time.monotonic() - started < 20
