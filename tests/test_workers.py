@@ -22,8 +22,9 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from shardproxy.admin import request
+from shardproxy.admin import Table, request
 from shardproxy.sandbox import Cluster, ProxyProcess, Sandbox
+from shardproxy.workers import MERGES, sum_expositions
 
 DB = "workersdb"  # only this module's clients use it: pg_stat_activity tells their server connections apart
 
@@ -202,3 +203,36 @@ def test_workers_that_cannot_start_stop_the_supervisor(sandbox: Sandbox, pg: Clu
     assert result.returncode == 1, result.stderr[-2000:]
     assert "died 3 times before it was ready" in result.stderr
     assert time.monotonic() - started < 20
+
+
+# -- merging, without processes -------------------------------------------------------------------------------
+def test_pools_are_summed_and_maxwait_is_the_longest() -> None:
+    columns = ["database", "user", "shard", "node", "role", "region", "cl_active", "sv_idle", "maxwait"]
+    first = Table(columns, [["db", "app", "s0", "h:1", "primary", None, 3, 1, 0.5],
+                            ["db", "app", "s1", "h:2", "primary", None, 1, 0, 0.0]])
+    second = Table(columns, [["db", "app", "s0", "h:1", "primary", None, 2, 4, 0.25]])
+    merged = MERGES["SHOW POOLS"]([(0, first), (1, second)])
+    assert merged.rows == [["db", "app", "s0", "h:1", "primary", None, 5, 5, 0.5],
+                           ["db", "app", "s1", "h:2", "primary", None, 1, 0, 0.0]]
+
+
+def test_expositions_are_summed_by_name_and_labels() -> None:
+    def worker(queries: float, up: float, lag: float) -> str:
+        return ("# HELP q_total Queries\n# TYPE q_total counter\n"
+                f'q_total{{shard="a"}} {queries}\nq_total{{shard="b"}} 1.0\n'
+                "# HELP d Duration\n# TYPE d histogram\n"
+                f'd_bucket{{le="1.0"}} {queries}\nd_bucket{{le="+Inf"}} {queries}\nd_count {queries}\nd_sum 2.0\n'
+                "# HELP shardproxy_node_up Up\n# TYPE shardproxy_node_up gauge\n"
+                f'shardproxy_node_up{{node="n"}} {up}\n'
+                "# HELP shardproxy_replica_lag_seconds Lag\n# TYPE shardproxy_replica_lag_seconds gauge\n"
+                f'shardproxy_replica_lag_seconds{{node="n"}} {lag}\n')
+
+    text = sum_expositions([worker(3.0, 1.0, float("nan")), worker(4.0, 0.0, 2.5)]).decode()
+    samples = {(s.name, tuple(s.labels.items())): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples[("q_total", (("shard", "a"),))] == 7.0
+    assert samples[("q_total", (("shard", "b"),))] == 2.0
+    assert samples[("d_count", ())] == 7.0 and samples[("d_bucket", (("le", "+Inf"),))] == 7.0
+    assert samples[("d_sum", ())] == 4.0
+    assert samples[("shardproxy_node_up", (("node", "n"),))] == 0.0  # up only if every worker sees it up
+    assert samples[("shardproxy_replica_lag_seconds", (("node", "n"),))] == 2.5  # the worst known
