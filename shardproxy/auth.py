@@ -9,9 +9,11 @@ few lines of hashing.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
 import os
+import struct
 from dataclasses import dataclass
 
 from shardproxy import protocol as pg
@@ -22,6 +24,18 @@ AUTH_OK, AUTH_CLEARTEXT, AUTH_MD5, AUTH_SASL, AUTH_SASL_CONTINUE, AUTH_SASL_FINA
 
 class ScramException(Exception):
     """A SCRAM exchange failed: wrong proof, malformed message."""
+
+
+def _malformed(detail: str) -> pg.ProtocolError:
+    """A client's SCRAM message PostgreSQL would refuse with 08P01."""
+    return pg.ProtocolError(f"malformed SCRAM message: {detail}")
+
+
+def _text(message: bytes) -> str:
+    try:
+        return message.decode()
+    except UnicodeDecodeError:
+        raise _malformed("not UTF-8") from None
 
 
 def md5_hex(data: bytes) -> str:
@@ -81,33 +95,48 @@ class ScramServerExchange:
 
     def __init__(self, secret: ScramSecret):
         self.secret = secret
+        self._gs2_header = ""
         self._client_first_bare = ""
         self._server_first = ""
         self._nonce = ""
 
     def first(self, client_first: bytes) -> bytes:
-        text = client_first.decode()
-        gs2, bare = text.split(",", 1)[0], text.split(",", 2)[-1]
-        if gs2 not in ("n", "y"):
-            raise ScramException("channel binding is not supported")
-        attributes = dict(part.split("=", 1) for part in bare.split(",") if "=" in part)
-        if not attributes.get("r"):
-            raise ScramException("malformed client-first message")
+        """The server-first message; raises ProtocolError when the client-first message is malformed."""
+        parts = _text(client_first).split(",", 2)
+        if len(parts) < 3 or parts[0] not in ("n", "y"):
+            raise _malformed("channel binding is not supported" if parts[0].startswith("p=") else "bad GS2 header")
+        if parts[1]:
+            raise _malformed("authorization identities are not supported")
+        bare = parts[2]
+        attributes = bare.split(",")
+        nonce = attributes[1][2:] if len(attributes) > 1 and attributes[1].startswith("r=") else ""
+        if not attributes[0].startswith("n=") or not nonce or not all(33 <= ord(c) <= 126 for c in nonce):
+            raise _malformed("client-first message needs n= and a printable r=")
+        self._gs2_header = f"{parts[0]},,"
         self._client_first_bare = bare
-        self._nonce = attributes["r"] + base64.b64encode(os.urandom(18)).decode()
+        self._nonce = nonce + base64.b64encode(os.urandom(18)).decode()
         salt = base64.b64encode(self.secret.salt).decode()
         self._server_first = f"r={self._nonce},s={salt},i={self.secret.iterations}"
         return self._server_first.encode()
 
     def final(self, client_final: bytes) -> bytes:
-        """The server-final message; raises ScramException when the proof is wrong."""
-        without_proof, _, proof = client_final.decode().rpartition(",p=")
-        attributes = dict(part.split("=", 1) for part in without_proof.split(",") if "=" in part)
-        if attributes.get("r") != self._nonce or not proof:
-            raise ScramException("nonce mismatch")
+        """The server-final message; raises ScramException when the proof is wrong, ProtocolError when the
+        message is malformed or does not continue this exchange."""
+        without_proof, _, proof = _text(client_final).rpartition(",p=")
+        attributes = without_proof.split(",")
+        if attributes[0] != "c=" + base64.b64encode(self._gs2_header.encode()).decode():
+            raise _malformed("unexpected channel binding")
+        if len(attributes) < 2 or attributes[1] != f"r={self._nonce}":
+            raise _malformed("nonce mismatch")
+        try:
+            proof_bytes = base64.b64decode(proof, validate=True)
+        except binascii.Error:
+            raise _malformed("proof is not base64") from None
+        if len(proof_bytes) != len(self.secret.stored_key):
+            raise _malformed("proof has the wrong length")
         auth_message = f"{self._client_first_bare},{self._server_first},{without_proof}".encode()
         signature = _hmac(self.secret.stored_key, auth_message)
-        client_key = bytes(a ^ b for a, b in zip(base64.b64decode(proof), signature))
+        client_key = bytes(a ^ b for a, b in zip(proof_bytes, signature))
         if not hmac.compare_digest(hashlib.sha256(client_key).digest(), self.secret.stored_key):
             raise ScramException("wrong password")
         self.client_key = client_key  # proven: it can log in to servers that hold the same verifier
@@ -171,10 +200,16 @@ def sasl_mechanisms(body: bytes) -> list[str]:
 
 
 def parse_sasl_initial(body: bytes) -> tuple[str, bytes]:
-    """The mechanism and client-first message of a SASLInitialResponse body."""
-    mechanism, offset = pg.read_cstring(body, 0)
-    (length,) = pg.INT32.unpack_from(body, offset)
-    return mechanism.decode(), bytes(body[offset + 4 : offset + 4 + length])
+    """The mechanism and client-first message of a SASLInitialResponse body; raises ProtocolError when the
+    body does not frame (PostgreSQL refuses missing and extra bytes alike)."""
+    try:
+        mechanism, offset = pg.read_cstring(body, 0)
+        (length,) = pg.INT32.unpack_from(body, offset)
+    except (ValueError, struct.error):
+        raise pg.ProtocolError("malformed SASLInitialResponse") from None
+    if offset + 4 + length != len(body):
+        raise pg.ProtocolError("malformed SASLInitialResponse")
+    return mechanism.decode(errors="replace"), bytes(body[offset + 4 :])
 
 
 class ServerLogin:

@@ -215,15 +215,19 @@ class ClientConnection(Connection):
         self.transport.write(pg.AUTH_OK)
 
     async def _scram(self, exchange: ScramServerExchange) -> bool:
+        """Whether the client proved its password; a malformed exchange raises (08P01), counted as a failure."""
         self.transport.write(pg.auth_request(10, b"SCRAM-SHA-256\0\0"))
-        mechanism, client_first = parse_sasl_initial(await self._password_message())
-        if mechanism != "SCRAM-SHA-256":
-            raise pg.PostgresError(pg.PROTOCOL_VIOLATION, f"unsupported SASL mechanism {mechanism}")
         try:
+            mechanism, client_first = parse_sasl_initial(await self._password_message())
+            if mechanism != "SCRAM-SHA-256":
+                raise pg.PostgresError(pg.PROTOCOL_VIOLATION, f"unsupported SASL mechanism {mechanism}")
             self.transport.write(pg.auth_request(11, exchange.first(client_first)))
             final = exchange.final(await self._password_message())
         except ScramException:
             return False
+        except (pg.PostgresError, pg.ProtocolError):
+            self.proxy.auth_failed(self)
+            raise
         self.transport.write(pg.auth_request(12, final))
         return True
 

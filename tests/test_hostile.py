@@ -8,16 +8,20 @@ connected throughout, and does not grow without bound.
 from __future__ import annotations
 
 import asyncio
+import base64
 import resource
 import socket
 import struct
 import time
+from collections import Counter
+from collections.abc import Callable
 
 import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from shardproxy.auth import ScramClientExchange
 from shardproxy.sandbox import Cluster, ProxyProcess, Sandbox
 from tests.conftest import APP_DB
 from tests.workload import rss_kb
@@ -215,6 +219,162 @@ def test_fatal_frame_after_valid_ones_is_refused_without_waiting_for_the_end(fuz
         assert fuzz_proxy.process.poll() is None
 
     one_stream()
+
+
+# -- the SCRAM exchange -----------------------------------------------------------------------------------------
+SCRAM_EXAMPLES = 300
+SCRAM_USERS = {"app": "secret", "admin": "adminpw"}  # admin is configured by its verifier only
+
+
+def sasl_initial(mechanism: bytes, client_first: bytes, length_delta: int = 0, extra: bytes = b"") -> bytes:
+    return message(b"p", mechanism + b"\0" + struct.pack("!i", len(client_first) + length_delta) + client_first
+                   + extra)
+
+
+def _with_nonce(client_first: bytes, nonce: bytes) -> bytes:
+    return client_first.rpartition(b"r=")[0] + b"r=" + nonce
+
+
+# Each mutation takes the good message (SASLInitialResponse: client-first; SASLResponse: client-final) and
+# returns the frame sent instead, or None to send the good one. The expected answer is 08P01 or a hang-up,
+# except after a well-formed but wrong proof: 28P01.
+_printable = st.text(st.characters(min_codepoint=33, max_codepoint=126, exclude_characters=","), min_size=1,
+                     max_size=20).map(str.encode)
+_frame_cuts = st.integers(1, 40)
+initial_mutations = st.one_of(
+    st.builds(lambda m: lambda cf: sasl_initial(m, cf),
+              st.sampled_from([b"SCRAM-SHA-256-PLUS", b"PLAIN", b"", b"scram-sha-256", b"SCRAM-SHA-256\xff"])),
+    st.builds(lambda bad: lambda cf: sasl_initial(b"SCRAM-SHA-256", bad), st.sampled_from([
+        b"p=tls-server-end-point,,n=,r=abc", b"x,,n=,r=abc", b"n,a=someone,n=,r=abc", b"n=,r=abc", b"n,,r=abc",
+        b"n,,n=", b"n,,n=,r=", b"n,,n=,r=a b", b"n,,n=,r=\xff\xfe", b"n,,", b"n", b"", b"n,,m=ext,n=,r=abc",
+    ])),
+    st.builds(lambda noise: lambda cf: sasl_initial(b"SCRAM-SHA-256", noise), st.binary(max_size=60)),
+    st.builds(lambda d: lambda cf: sasl_initial(b"SCRAM-SHA-256", cf, d), st.integers(-40, 40).filter(bool)),
+    st.builds(lambda tail: lambda cf: sasl_initial(b"SCRAM-SHA-256", cf, extra=tail), st.binary(min_size=1,
+                                                                                               max_size=20)),
+    st.builds(lambda cut: lambda cf: sasl_initial(b"SCRAM-SHA-256", cf)[:cut], _frame_cuts),
+    st.just(lambda cf: message(b"p", b"SCRAM-SHA-256")),  # no NUL, no length
+    st.builds(lambda t: lambda cf: bytes([t]) + sasl_initial(b"SCRAM-SHA-256", cf)[1:],
+              st.integers(0, 255).filter(lambda t: t != ord("p"))),
+    st.builds(lambda n: lambda cf: b"p" + struct.pack("!I", n), st.integers(2**20 + 5, 2**32 - 1)),
+)
+
+
+def _flip_proof(final: bytes, index: int) -> bytes:
+    head, _, proof = final.rpartition(b",p=")
+    raw = bytearray(base64.b64decode(proof))
+    raw[index % len(raw)] ^= 0x01
+    return head + b",p=" + base64.b64encode(bytes(raw))
+
+
+final_mutations = st.one_of(
+    st.builds(lambda i: lambda f: message(b"p", _flip_proof(f, i)), st.integers(0, 31)),  # the one 28P01 case
+    st.builds(lambda nonce: lambda f: message(b"p", f.replace(f.split(b",")[1], b"r=" + nonce, 1)), _printable),
+    st.builds(lambda proof: lambda f: message(b"p", f.rpartition(b",p=")[0] + b",p=" + proof), st.sampled_from([
+        b"", b"!!!not base64!!!", base64.b64encode(b"x" * 31), base64.b64encode(b"x" * 33), b"YWJj", b"=",
+    ])),
+    st.builds(lambda cbind: lambda f: message(b"p", cbind + f[f.index(b","):]),
+              st.sampled_from([b"c=eSws", b"c=", b"c=cD10bHMtc2VydmVyLWVuZC1wb2ludCws", b"x=biws", b""])),
+    st.just(lambda f: message(b"p", f.rpartition(b",p=")[0])),  # no proof
+    st.builds(lambda tail: lambda f: message(b"p", f + tail), st.binary(min_size=1, max_size=20)),
+    st.builds(lambda noise: lambda f: message(b"p", noise), st.binary(max_size=80)),
+    st.builds(lambda cut: lambda f: message(b"p", f)[:cut], _frame_cuts),
+    st.builds(lambda t: lambda f: bytes([t]) + message(b"p", f)[1:],
+              st.integers(0, 255).filter(lambda t: t != ord("p"))),
+    st.builds(lambda n: lambda f: b"p" + struct.pack("!I", n), st.integers(2**20 + 5, 2**32 - 1)),
+)
+scram_cases = st.tuples(st.sampled_from(sorted(SCRAM_USERS)), st.one_of(
+    st.tuples(st.just("initial"), initial_mutations), st.tuples(st.just("final"), final_mutations)))
+
+
+@pytest.fixture(scope="module")
+def scram_proxy(sandbox: Sandbox, pg: Cluster) -> ProxyProcess:
+    """`app` with a plaintext password, `admin` with the SCRAM verifier the server stores: both scram-sha-256."""
+    verifier = pg.primary.sql("SELECT rolpassword FROM pg_authid WHERE rolname = 'admin'")[0][0]
+    proxy = sandbox.proxy("hostile-scram", [pg], start=False, admin_users=[],
+                          pool={"size": 4, "max_message_size": "1MB", "client_login_timeout": "2s"})
+    users = [{"name": "app", "password": "secret", "auth": "scram-sha-256"},
+             {"name": "admin", "password": verifier, "auth": "scram-sha-256"}]
+    proxy.write_config({**proxy.config, "users": users})
+    proxy.start()
+    return proxy
+
+
+class ScramAbuser:
+    """A raw-socket SCRAM client that follows the exchange up to the message it replaces."""
+
+    def __init__(self, proxy: ProxyProcess, user: str) -> None:
+        self.sock = socket.create_connection((proxy.host, proxy.port), timeout=CLOSE_WITHIN)
+        self.client = ScramClientExchange(SCRAM_USERS[user], None)
+        self.sock.sendall(startup_packet(user=user, database=APP_DB))
+        assert self.expect_auth() == 10  # AuthenticationSASL
+
+    def expect_auth(self) -> int:
+        header = self._recv(5)
+        body = self._recv(struct.unpack("!I", header[1:])[0] - 4)
+        assert header[:1] == b"R", (header, body)
+        self.last = body[4:]
+        return struct.unpack_from("!I", body)[0]
+
+    def _recv(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            assert chunk, "the proxy hung up in the middle of a good exchange"
+            data += chunk
+        return data
+
+    def abuse(self, stage: str, mutate: Callable[[bytes], bytes]) -> list[tuple[bytes, bytes]]:
+        """Send the mutated message at its stage, then hang up the sending side; what the proxy answered."""
+        if stage == "final":
+            self.sock.sendall(sasl_initial(b"SCRAM-SHA-256", self.client.first()))
+            assert self.expect_auth() == 11  # AuthenticationSASLContinue: the server-first message
+            frame = mutate(self.client.final(self.last))
+        else:
+            frame = mutate(self.client.first())
+        try:
+            self.sock.sendall(frame)
+            self.sock.shutdown(socket.SHUT_WR)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        try:
+            return split_messages(read_until_closed(self.sock, time.monotonic() + CLOSE_WITHIN))
+        finally:
+            self.sock.close()
+
+
+def test_fuzzed_scram_exchanges_are_refused(scram_proxy: ProxyProcess) -> None:
+    """Mutated SASLInitialResponse and SASLResponse messages, sent where a real exchange has them: each gets
+    08P01 (or a hang-up), a wrong proof 28P01; nobody gets in, failures are logged, good clients still log in."""
+    proxy = scram_proxy
+    outcomes: Counter[str] = Counter()
+
+    def good_login(user: str) -> None:
+        with psycopg.connect(proxy.dsn(user, SCRAM_USERS[user], dbname=APP_DB), autocommit=True,
+                             connect_timeout=5) as conn:
+            assert conn.execute("SELECT current_user").fetchone() == (user,)
+
+    @settings(max_examples=SCRAM_EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(scram_cases)
+    def one_case(case: tuple[str, tuple[str, Callable[[bytes], bytes]]]) -> None:
+        user, (stage, mutate) = case
+        replies = ScramAbuser(proxy, user).abuse(stage, mutate)
+        assert (b"R", struct.pack("!I", 0)) not in replies, "a mutated exchange logged in"
+        codes = error_codes(replies)
+        outcomes[codes[0] if codes else "closed"] += 1
+        assert set(codes) <= {"08P01", "28P01"}, replies
+        assert proxy.process.poll() is None, proxy.log()[-3000:]
+        good_login(user)
+
+    for user in SCRAM_USERS:  # the verifier-only user's first login gives the proxy its key to the server
+        good_login(user)
+    one_case()
+    failures = proxy.log().count("authentication failed for user")
+    print(f"SCRAM fuzz: {sum(outcomes.values())} cases: {dict(outcomes)}; {failures} failed logins logged")
+    assert sum(outcomes.values()) >= SCRAM_EXAMPLES
+    assert outcomes["28P01"] > 0 and outcomes["08P01"] > 0
+    assert failures >= outcomes["28P01"] + outcomes["08P01"]
+    assert "Traceback" not in proxy.log() and "never retrieved" not in proxy.log()
 
 
 # -- slow and stuck clients ---------------------------------------------------------------------------------------
