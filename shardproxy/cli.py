@@ -14,7 +14,7 @@ from shardproxy.config import ConfigError, load_config
 
 
 # Fields an event's log call may pass with extra={...}: JSON lines carry them as keys of their own.
-LOG_FIELDS = ("event", "client", "user", "shard", "node", "seconds", "reason")
+LOG_FIELDS = ("event", "client", "user", "shard", "node", "seconds", "reason", "worker")
 
 
 class _JsonFormatter(logging.Formatter):
@@ -27,12 +27,21 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def setup_logging(level: str, fmt: str) -> None:
+def setup_logging(level: str, fmt: str, worker: int | None = None) -> None:
+    """A worker's lines carry its id (a `worker` key in JSON), as they share the supervisor's stderr."""
     handler = logging.StreamHandler(sys.stderr)
+    if worker is not None:
+
+        def tag(record: logging.LogRecord) -> bool:
+            record.worker = worker
+            return True
+
+        handler.addFilter(tag)
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        name = "%(name)s" if worker is None else "%(name)s[%(worker)s]"
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {name}: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -87,7 +96,7 @@ def _run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, region=args.region, workers=args.workers)
     log_format = args.log_format or config.log.format
-    setup_logging(config.log.level, log_format)
+    setup_logging(config.log.level, log_format, args.worker)
     if config.workers > 1 and args.worker is None:
         return Supervisor(config, log_format).run()
     worker = None if args.worker is None else Worker(args.worker, config.workers, args.runtime_dir)

@@ -18,6 +18,7 @@ import logging
 import math
 import operator
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -70,7 +71,7 @@ class Worker:
         return number * self.count + self.id
 
     def new_pid(self) -> int:
-        return self.tag(int.from_bytes(os.urandom(4)) % (MAX_PID // self.count))
+        return self.tag(secrets.randbelow(MAX_PID // self.count))
 
     def owns(self, number: int) -> bool:
         return number % self.count == self.id
@@ -183,6 +184,8 @@ class Supervisor:
         failures = 0
         while not self.stopping:
             process = self.processes[i] = await self._spawn(i)
+            if self.stopping:  # stop() came while it was being spawned, and did not see it
+                process.send_signal(signal.SIGTERM)
             was_ready = self.ready[i] = await self._wait_ready(i, process)
             if was_ready:
                 log.info("worker %d (pid %d) ready", i, process.pid)
