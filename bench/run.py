@@ -1,6 +1,6 @@
 """The performance suite: shardproxy against a direct connection, PgBouncer and a bare byte relay.
 
-    python bench/run.py [--quick] [--profile]
+    python bench/run.py [--quick] [--profile | --workers-only]
 
 Starts its own PostgreSQL servers (sandbox), PgBouncer (Debian's `pgbouncer`, transaction mode, the same pool
 size as shardproxy) and bench/relay.py (asyncio + uvloop, one server connection per client, no parsing: the floor).
@@ -16,6 +16,9 @@ alike; figures are medians. Measured:
 4. Ring lookups/s and router key extraction µs/query (bench_ring.py, bench_router.py).
 5. Memory per idle client (proxy RSS growth / clients, N clients logged in and idle) and the accept rate of a
    connection storm (logins completed per second).
+6. Several cores: pgbench -S simple, 16 clients, through shardproxy with workers: 1 and workers: 2 (the same
+   number of server connections in all: pool size / workers each), interleaved: what a second worker gives where
+   the proxy is the bottleneck; CPU counts every process of the proxy (supervisor and workers).
 
 The tables are printed and appended to bench/RESULTS.md with the date and the machine. pgbench logs in as a
 `trust` user so that per-transaction CPU is not skewed by SCRAM hashing at connect time. --profile samples
@@ -286,6 +289,7 @@ def main() -> int:
     parser.add_argument("--pool", type=int, default=8, help="server pool size of shardproxy and PgBouncer")
     parser.add_argument("--idle-clients", type=int, default=10_000)
     parser.add_argument("--profile", action="store_true", help="also sample shardproxy with py-spy")
+    parser.add_argument("--workers-only", action="store_true", help="run only section 6 (workers 1 vs 2)")
     parser.add_argument("--no-append", action="store_true", help="print only; leave RESULTS.md alone")
     args = parser.parse_args()
     args.seconds = args.seconds or (2 if args.quick else 10)
@@ -299,36 +303,71 @@ def main() -> int:
         print("starting servers ...", flush=True)
         settings = {"max_connections": "300", "shared_buffers": "128MB"}
         main_cluster = sandbox.cluster("bench", settings=settings)
-        shards = [sandbox.cluster("s0", replicas=1, settings=settings)]
-        shards += [sandbox.cluster(f"s{i}", settings=settings) for i in range(1, 4)]
-        prepare_databases(main_cluster, shards)
-        proxy = sandbox.proxy("bench", [main_cluster], pool={"size": args.pool}, log={"level": "warning"})
-        assert proxy.process is not None
-        targets = [Target("direct", main_cluster.primary.port)]
-        relay, relay_port = start_relay(sandbox, main_cluster)
-        targets.append(Target("relay", relay_port, relay.pid))
-        bouncer = start_pgbouncer(sandbox, main_cluster, args.pool)
-        if bouncer is not None:
-            targets.append(Target("pgbouncer", bouncer[1], bouncer[0].pid))
-        targets.append(Target("shardproxy", proxy.port, proxy.process.pid))
-        try:
-            if args.profile:
-                sections.append(profile(sandbox, proxy.process.pid, proxy.port, args))
-            else:
-                sections += run_suite(sandbox, main_cluster, shards, targets, args)
-        finally:
-            relay.terminate()
-            if bouncer is not None:
-                bouncer[0].terminate()
-    header = (f"## {datetime.datetime.now():%Y-%m-%d %H:%M} bench/run.py{' --quick' if args.quick else ''}"
-              f"{' --profile' if args.profile else ''}: {machine()}; {args.seconds:g}s x {args.repeat} per cell, "
-              f"pool {args.pool}, {time.monotonic() - started:.0f}s in all\n")
+        if args.workers_only:
+            prepare_databases(main_cluster, [])
+            sections.append(several_workers(sandbox, main_cluster, args))
+        else:
+            sections += full_suite(sandbox, main_cluster, settings, args)
+    options = "".join(f" --{name.replace('_', '-')}" for name in ("quick", "profile", "workers_only")
+                      if getattr(args, name))
+    header = (f"## {datetime.datetime.now():%Y-%m-%d %H:%M} bench/run.py{options}: {machine()}; "
+              f"{args.seconds:g}s x {args.repeat} per cell, pool {args.pool}, {time.monotonic() - started:.0f}s in all\n")
     text = header + "\n" + "\n\n".join(sections) + "\n"
     print("\n" + text)
     if not args.no_append:
         with open(RESULTS, "a") as f:
             f.write("\n" + text)
     return 0
+
+
+def full_suite(sandbox: Sandbox, main_cluster: Cluster, settings: dict[str, str], args: argparse.Namespace) -> list[str]:
+    """Sections 1-6, or with --profile the profile alone."""
+    shards = [sandbox.cluster("s0", replicas=1, settings=settings)]
+    shards += [sandbox.cluster(f"s{i}", settings=settings) for i in range(1, 4)]
+    prepare_databases(main_cluster, shards)
+    proxy = sandbox.proxy("bench", [main_cluster], pool={"size": args.pool}, log={"level": "warning"})
+    assert proxy.process is not None
+    targets = [Target("direct", main_cluster.primary.port)]
+    relay, relay_port = start_relay(sandbox, main_cluster)
+    targets.append(Target("relay", relay_port, relay.pid))
+    bouncer = start_pgbouncer(sandbox, main_cluster, args.pool)
+    if bouncer is not None:
+        targets.append(Target("pgbouncer", bouncer[1], bouncer[0].pid))
+    targets.append(Target("shardproxy", proxy.port, proxy.process.pid))
+    try:
+        if args.profile:
+            return [profile(sandbox, proxy.process.pid, proxy.port, args)]
+        return [*run_suite(sandbox, main_cluster, shards, targets, args), several_workers(sandbox, main_cluster, args)]
+    finally:
+        relay.terminate()
+        if bouncer is not None:
+            bouncer[0].terminate()
+
+
+def several_workers(sandbox: Sandbox, cluster: Cluster, args: argparse.Namespace) -> str:
+    """6: pgbench -S simple, 16 clients, through one and through two workers, interleaved."""
+    print("workers 1 vs 2 ...", flush=True)
+    counts = (1, 2)
+    proxies = [sandbox.proxy(f"workers{n}", [cluster], workers=n, pool={"size": max(1, args.pool // n)},
+                             log={"level": "warning"}) for n in counts]
+    targets = [Target(f"workers: {n}", p.port, p.process.pid) for n, p in zip(counts, proxies) if p.process]
+    runs: dict[str, list[Run]] = collections.defaultdict(list)
+    for _ in range(args.repeat):
+        for target in targets:
+            runs[target.name].append(pgbench(target, WORKLOADS["-S simple"], 16, args.seconds))
+    for proxy in proxies:
+        proxy.stop()
+    lines = [f"### Several cores: pgbench -S simple, 16 clients, {args.pool} server connections in all", "",
+             "| shardproxy | tps (min–max) | CPU µs/tx, all processes | tps vs workers: 1 |", "|---" * 4 + "|"]
+    one = median([r.tps for r in runs[targets[0].name]])
+    for target in targets:
+        tps = median([r.tps for r in runs[target.name]])
+        errors = sum(r.errors for r in runs[target.name])
+        lines.append(f"| {target.name} | {fmt(tps)}{f' ({errors} errors)' if errors else ''} "
+                     f"({min(r.tps for r in runs[target.name]):.0f}–{max(r.tps for r in runs[target.name]):.0f}) | "
+                     f"{fmt(median([r.cpu_us for r in runs[target.name]]), '.1f')} | "
+                     f"{fmt(tps / one if tps and one else None, '.2f')} |")
+    return "\n".join(lines)
 
 
 def machine() -> str:
