@@ -25,7 +25,6 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import suppress
-from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
@@ -54,13 +53,13 @@ def cancel_path(runtime_dir: str, worker: int) -> str:
 
 
 # -- inside a worker ------------------------------------------------------------------------------------------
-@dataclass
 class Worker:
-    id: int
-    count: int
-    runtime_dir: str  # the supervisor's private directory of internal sockets
-    _cancels: asyncio.AbstractServer | None = None
-    _forwards: set[asyncio.Task] = field(default_factory=set)
+    def __init__(self, id: int, count: int, runtime_dir: str):
+        self.id = id
+        self.count = count
+        self.runtime_dir = runtime_dir  # the supervisor's private directory of internal sockets
+        self._cancels: asyncio.AbstractServer | None = None
+        self._forwards: set[asyncio.Task] = set()
 
     @property
     def admin_socket(self) -> str:
