@@ -93,6 +93,7 @@ class ClientConnection(Connection):
         self.connected_at = time.time()
         self.wait_started = 0.0
         self.admitted = False  # counted against max_client_conn
+        self.transaction_pooling = proxy.config.pool.mode == "transaction"  # as when the client connected
         # Routing state (sharded configurations only).
         self.routes = proxy.sharded  # whether this connection's statements are routed one by one
         self.home = 0  # the shard for statements that name none
@@ -262,7 +263,7 @@ class ClientConnection(Connection):
             if self.stopped:  # what follows a statement for another connection waits for this one to end
                 self.buf += data
                 return
-            self._forward(self.take_input(data))
+            self._forward(self.take_input(data) if self.buf else data)
             return
         self.buf += data
         self._dispatch()
@@ -339,7 +340,7 @@ class ClientConnection(Connection):
         server.client = self
         server.peer = self
         self.peer = server
-        if self.proxy.config.pool.mode == "transaction":
+        if self.transaction_pooling:
             server.on_ready = self._server_ready
         server.transport.resume_reading()
         if self.params != server.reported or self.param_sql != server.param_sql:  # compared in C: the rule is equal
@@ -724,8 +725,13 @@ class ClientConnection(Connection):
             self.min_lsn[self.shard] = parse_lsn(bytes(body[6:6 + length]).decode())
 
     def _transaction_ended(self) -> None:
+        self.mid_batch = self.stopped = False
+        if self.routes:
+            self._routed_transaction_ended()
+
+    def _routed_transaction_ended(self) -> None:
         self.shard = -1
-        self.tx_open = self.tentative = self.mid_batch = self.stopped = False
+        self.tx_open = self.tentative = False
         self.avoid.clear()
         if self.switching:  # moving to another shard: the held BEGIN and SETs are replayed there
             self.switching = False
@@ -901,7 +907,7 @@ class ClientConnection(Connection):
         self.pool.unlink(server)
         if server.pending or server.status != pg.IDLE or self.mid_batch or server.ignoring:
             self.pool.discard(server)  # mid-transaction: closing is the sure way to roll it back
-        elif self.proxy.config.pool.mode == "session":
+        elif not self.transaction_pooling:
             self.pool.reset_and_release(server)
         else:
             self.pool.release(server)

@@ -65,7 +65,7 @@ class Pool:
             if _hung_up(server):  # died while idle: the client will not get it, whose read could move on
                 self.discard(server)
                 continue
-            self._hand_over(client, server)
+            self._hand_over(client, server, time.monotonic())
             return
         client.wait_started = time.monotonic()
         self.waiting.append(client)
@@ -74,28 +74,29 @@ class Pool:
     def release(self, server: ServerConnection) -> None:
         """A connection is free: to the longest-waiting client, else back to the idle list."""
         now = time.monotonic()
-        self.unlink(server)
+        self.unlink(server, now)
         server.last_used = now
         if server.closed:
             return
         if self.paused:  # PAUSE: connections close as their transactions end
             self.discard(server)
             return
-        if now - server.created > self.settings.server_lifetime and not self.waiting:
+        waiting = self.waiting
+        if now - server.created > self.proxy.config.pool.server_lifetime and not waiting:
             self.discard(server)
             return
-        while self.waiting:
-            client = self.waiting.popleft()
+        while waiting:
+            client = waiting.popleft()
             if not client.closed:
-                self._hand_over(client, server)
+                self._hand_over(client, server, now)
                 return
         self.idle.append(server)
 
-    def unlink(self, server: ServerConnection) -> None:
+    def unlink(self, server: ServerConnection, now: float = 0.0) -> None:
         """The client's transaction (or session) on this connection is over."""
         client = server.client
         if client is not None:
-            seconds = time.monotonic() - server.linked_at
+            seconds = (now or time.monotonic()) - server.linked_at
             self.stats.transaction(seconds)
             self.node.outstanding -= 1
             slow = self.proxy.config.log.slow_queries
@@ -108,9 +109,8 @@ class Pool:
         server.client = server.peer = None
         server.on_ready = None
 
-    def _hand_over(self, client: ClientConnection, server: ServerConnection) -> None:
+    def _hand_over(self, client: ClientConnection, server: ServerConnection, now: float) -> None:
         """Link them, counting the hand-out and how long the client waited for it."""
-        now = time.monotonic()
         self.stats.assigned(now - client.wait_started if client.wait_started else 0.0)
         server.linked_at = now
         self.node.outstanding += 1  # reads go to the replica with the fewest (see Topology.read_candidates)

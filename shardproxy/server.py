@@ -108,7 +108,7 @@ class ServerConnection(Connection):
 
     # -- the response half of the data path ----------------------------------------------------------
     def on_data(self, data: bytes | bytearray) -> None:
-        buf = self.take_input(data)
+        buf = self.take_input(data) if self.buf else data
         self.last_used = time.monotonic()
         client = self.client
         pending = self.pending
