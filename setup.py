@@ -7,7 +7,8 @@ setup(
     description="A sharding, region-aware, pooling PostgreSQL proxy",
     packages=find_packages(include=["shardproxy", "shardproxy.*"]),
     ext_modules=cythonize(
-        [Extension("shardproxy._hash", ["shardproxy/_hash.pyx"])],
+        [Extension("shardproxy._hash", ["shardproxy/_hash.pyx"]),
+         Extension("shardproxy._wire", ["shardproxy/_wire.pyx"])],
         compiler_directives={"language_level": "3"},
     ),
     python_requires=">=3.11",

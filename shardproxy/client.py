@@ -23,10 +23,10 @@ from shardproxy.auth import (
 )
 from shardproxy.connection import Connection
 from shardproxy.router import Plan, Route, bind_parameter, decode_key
-from shardproxy.server import (
-    BIND_REQ, CLOSE, CLOSE_REQ, DESCRIBE, DESCRIBE_REQ, EXECUTE_REQ, FORWARD, FUNCTION_REQ, PARSE, PARSE_REQ, QUERY,
-    QUERY_REQ, SYNC_REQ, SYNTH, HIDE, HIDDEN_QUERY, ServerConnection,
+from shardproxy._wire import (
+    BIND_REQ, CLOSE, DESCRIBE, FORWARD, HIDDEN_QUERY, HIDE, PARSE, QUERY, QUERY_REQ, SYNTH, forward_requests,
 )
+from shardproxy.server import ServerConnection
 from shardproxy.statements import Statement, deallocate_target, is_discard_all
 from shardproxy.topology import parse_lsn
 
@@ -36,9 +36,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("shardproxy.client")
 
-_d, _H, _c, _f, _B, _E, _S, _Q, _P, _D, _C, _F, _X, _p = b"dHcfBESQPDCFXp"
+_H, _B, _S, _Q, _P, _D, _C, _F, _X, _p = b"HBSQPDCFXp"
 _UNPACK = pg.INT32.unpack_from
-_MAYBE_SESSION_STATEMENT = frozenset(b"sSrRdD")  # first letters of SET, RESET, DEALLOCATE, DISCARD
 _SESSION_PREFIXES = (b"set ", b"rese", b"deal", b"disc")
 _DEALLOCATE_DONE = (QUERY, SYNTH, pg.command_complete("DEALLOCATE"))
 _DEALLOCATE_ALL_DONE = (QUERY, SYNTH, pg.command_complete("DEALLOCATE ALL"))
@@ -375,117 +374,9 @@ class ClientConnection(Connection):
         elif self.buf and not self.closed:
             self.on_data(b"")
 
-    def _forward(self, buf: bytes | bytearray) -> None:
-        server = self.server
-        pending = server.pending
-        out: list = []
-        n = len(buf)
-        pos = span = 0
-        check = 0 if self.routes and not self.mid_batch else -1  # where the next batch starts
-        refuse = decider = -1
-        executing = self.mid_batch  # an Execute since the last Sync: its implicit transaction is open
-        while n - pos >= 5:
-            t = buf[pos]
-            length = _UNPACK(buf, pos + 1)[0]
-            end = pos + 1 + length
-            if length < 4 or length > self.max_message_size:
-                self._fatal(pg.PostgresError(pg.PROTOCOL_VIOLATION, "invalid message length"))
-                return
-            if end > n:
-                break
-            if server.ignoring and t != _S and t != _X:  # after an error the server skips all up to Sync
-                out.append(buf[span:pos])
-                span = pos = end
-                continue
-            if pos == check:
-                check, decider, refuse, go = self._route_batch_here(buf, pos)
-                if not go:
-                    self.stopped = True
-                    self._stopped(server, out)
-                    break
-            if pos == refuse:
-                out.append(buf[span:pos])
-                span = end
-                if self._refusal:
-                    self._refuse(self._refusal, buf, pos, end, out)
-                else:  # SET/RESET shardproxy.shard_key: the proxy's own setting, never sent
-                    server.enqueue_synthetic(self._local_reply)
-            elif t == _B and self.routes and pos != decider and (refusal := self._batch_member(buf, pos, end)):
-                out.append(buf[span:pos])
-                span = end
-                self._refuse(refusal, buf, pos, end, out)
-            elif t == _B:
-                portal_end = buf.index(0, pos + 5)
-                if buf[portal_end + 1]:  # a named statement: use its server-side name
-                    out.append(buf[span:pos])
-                    span = end
-                    self._bind(buf, pos, portal_end, end, out)
-                pending.append(BIND_REQ)
-            elif t == _E:
-                pending.append(EXECUTE_REQ)
-            elif t == _S:
-                pending.append(SYNC_REQ)
-                if self.routes:
-                    check = end  # the next batch, if in this read, is routed too
-            elif t == _Q:
-                if buf[pos + 5] in _MAYBE_SESSION_STATEMENT and bytes(buf[pos + 5:pos + 9]).lower() in _SESSION_PREFIXES:
-                    out.append(buf[span:pos])
-                    span = end
-                    self._session_statement(bytes(buf[pos:end]), out)
-                else:
-                    pending.append(QUERY_REQ)
-            elif t == _P:
-                query_start = buf.index(0, pos + 5) + 1
-                if buf[query_start] in _MAYBE_SESSION_STATEMENT and \
-                        bytes(buf[query_start:query_start + 4]).lower() in _SESSION_PREFIXES:  # a SET, extended
-                    self._track_set(pg.read_cstring(buf, query_start)[0].decode(errors="replace"), server)
-                if buf[pos + 5]:
-                    out.append(buf[span:pos])
-                    span = end
-                    self._parse(buf, pos, end, out)
-                else:
-                    pending.append(PARSE_REQ)
-                    if self.routes:  # for the Binds that follow it in this batch
-                        self.unnamed = self.proxy.statements.get(bytes(buf[pos + 6:end]))
-            elif t == _D or t == _C:
-                if buf[pos + 5] == _S and buf[pos + 6]:
-                    out.append(buf[span:pos])
-                    span = end
-                    self._statement_message(t, bytes(buf[pos + 6:end - 1]), out)
-                elif t == _D and buf[pos + 5] == _S and self.routes:  # the unnamed statement: learn its types
-                    pending.append((DESCRIBE, FORWARD, self.unnamed))
-                else:
-                    pending.append(DESCRIBE_REQ if t == _D else CLOSE_REQ)
-            elif t == _F:
-                pending.append(FUNCTION_REQ)
-            elif t == _X:
-                out.append(buf[span:pos])
-                server.write(b"".join(out))
-                self.reason = "client sent Terminate"
-                self.close()
-                return
-            elif t not in (_d, _H, _c, _f):
-                self._fatal(pg.PostgresError(pg.PROTOCOL_VIOLATION, f"invalid frontend message type {t}"))
-                return
-            pos = end
-            if t == _E:
-                executing = True
-            elif t == _S or t == _Q or t == _F:
-                executing = False
-        # After an Execute, the connection is kept until Sync ends the implicit transaction it opened.
-        self.mid_batch = executing
-        if not out and span == 0 and pos == n:
-            server.transport.write(buf)
-        else:
-            out.append(buf[span:pos])
-            server.transport.write(b"".join(out))
-        server.last_used = time.monotonic()  # query_timeout counts the server's silence from here
-        if pos < n:
-            self.buf = bytearray(buf[pos:])
-            if not pending and server.status == pg.IDLE:
-                self._server_ready(server)  # stopped with nothing in flight: move on now
-        elif not pending and server.on_ready is not None and self.server is server:
-            server.on_ready(server)  # all answered by the proxy itself (DEALLOCATE ALL): no server reply will come
+    # Frames what the client sent, records each request in the server's `pending` queue and forwards the
+    # bytes unchanged; calls back the methods below for routing, named statements and session statements.
+    _forward = forward_requests
 
     def _route_batch_here(self, buf, pos: int) -> tuple[int, int, int, bool]:
         """At the start of a batch on a linked connection: (where the next batch starts, the position of

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from shardproxy import protocol as pg
-from shardproxy.server import HIDDEN_QUERY, ServerConnection
+from shardproxy._wire import HIDDEN_QUERY
+from shardproxy.server import ServerConnection
 from shardproxy.tls import connect_server
 
 if TYPE_CHECKING:

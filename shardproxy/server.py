@@ -17,10 +17,10 @@ from collections import OrderedDict, deque
 from typing import TYPE_CHECKING, Any, Callable
 
 from shardproxy import protocol as pg
+from shardproxy._wire import HIDDEN_CLOSE, PARSE, QUERY, SYNC, SYNTH, forward_responses
 from shardproxy.auth import ProvenKey, ServerLogin
 from shardproxy.connection import Connection
 from shardproxy.params import REPORTED
-from shardproxy.statements import parameter_types
 from shardproxy.tls import send_cancel
 
 if TYPE_CHECKING:
@@ -29,26 +29,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("shardproxy.server")
 
-# Request kinds, and what to do with their responses.
-PARSE, BIND, DESCRIBE, EXECUTE, CLOSE, SYNC, QUERY, FUNCTION = range(8)
-FORWARD, HIDE, SYNTH = range(3)
+# The request kinds and actions of `pending`, and the loop that handles responses, are compiled (_wire.pyx).
 Request = tuple[int, int, Any]
 
-# The common requests, prebuilt so that recording one costs no allocation.
-PARSE_REQ: Request = (PARSE, FORWARD, None)
-BIND_REQ: Request = (BIND, FORWARD, None)
-DESCRIBE_REQ: Request = (DESCRIBE, FORWARD, None)
-EXECUTE_REQ: Request = (EXECUTE, FORWARD, None)
-CLOSE_REQ: Request = (CLOSE, FORWARD, None)
-SYNC_REQ: Request = (SYNC, FORWARD, None)
-QUERY_REQ: Request = (QUERY, FORWARD, None)
-FUNCTION_REQ: Request = (FUNCTION, FORWARD, None)
-HIDDEN_QUERY: Request = (QUERY, HIDE, None)
-HIDDEN_CLOSE: Request = (CLOSE, HIDE, None)
-ENDS_AT_READY = (SYNC, QUERY, FUNCTION)
 
-_D, _C, _Z, _T, _n, _1, _2, _3, _E, _I, _s, _S, _N, _A, _t = b"DCZTn123EIsSNAt"
-_UNPACK = pg.INT32.unpack_from
+_S, _E, _Z = b"SEZ"
 
 
 class ServerConnection(Connection):
@@ -107,98 +92,9 @@ class ServerConnection(Connection):
         return pair
 
     # -- the response half of the data path ----------------------------------------------------------
-    def on_data(self, data: bytes | bytearray) -> None:
-        buf = self.take_input(data) if self.buf else data
-        self.last_used = time.monotonic()
-        client = self.client
-        pending = self.pending
-        out: list = []
-        n = len(buf)
-        pos = span = 0
-        hiding = bool(pending) and pending[0][1] == HIDE
-        while n - pos >= 5:
-            t = buf[pos]
-            end = pos + 1 + _UNPACK(buf, pos + 1)[0]
-            if end > n:
-                break
-            if t == _D:  # DataRow: the bulk of the traffic, never completes a request
-                if not hiding:
-                    pos = end
-                    continue
-                if pending and pending[0][2] is not None:  # a hidden query whose answer the proxy reads
-                    pending[0][2](self, t, buf[pos + 5 : end])
-            if not pending:
-                if not self._unsolicited(t, buf, pos, end):
-                    out.append(buf[span:pos])
-                    span = end
-                pos = end
-                continue
-            kind, action, arg = pending[0]
-            done = False
-            if t == _Z:
-                self.status = buf[pos + 5]
-                done = True
-                self.ignoring = False
-                if self.settings_before is not None and self.status == pg.IDLE and action != HIDE:
-                    if self.settings_undone and client is not None:
-                        client.param_sql, self.param_sql = self.settings_before
-                    self.settings_before = None
-                self.settings_undone = False
-            elif t == _C or t == _I or t == _s:
-                done = kind == EXECUTE
-                if arg is not None and kind == QUERY and t == _C:
-                    arg(self, t, bytes(buf[pos + 5 : end - 1]))
-                if t == _C and self.settings_before is not None and buf[pos + 5 : end - 1] == b"ROLLBACK":
-                    self.settings_undone = True
-            elif t == _T or t == _n:
-                done = kind == DESCRIBE
-            elif t == _2:
-                done = kind == BIND
-            elif t == _1:
-                done = kind == PARSE
-                if arg is not None:
-                    arg.verified = True
-            elif t == _3:
-                done = kind == CLOSE
-            elif t == _S:
-                name, value = self._record_parameter(buf[pos + 5 : end])
-                if client is not None and name in REPORTED:  # hidden SETs too: the server's spelling is kept
-                    client.params[name] = value
-            elif t == _t and arg is not None:  # a named statement's parameter types, for routing by key
-                arg.param_types = parameter_types(buf[pos + 5 : end])
-            elif t == _E and kind not in ENDS_AT_READY:
-                self._skip_to_sync()
-                self.ignoring = not pending  # no Sync sent yet (after a Flush): the server waits for the client's
-                if hiding and kind == PARSE:  # the client must learn that its statement does not exist
-                    hiding = False
-            if t == _E:
-                self.settings_undone = True
-            if hiding:
-                out.append(buf[span:pos])
-                span = end
-            pos = end
-            if done:
-                pending.popleft()
-            if (done or t == _E) and pending:
-                if pending[0][1] == SYNTH:
-                    out.append(buf[span:pos])
-                    span = pos
-                    self._synthesize(out)
-                hiding = bool(pending) and pending[0][1] == HIDE
-        self._send(client, buf, out, span, pos, n)
-        if not pending and self.on_ready is not None:
-            self.on_ready(self)
-
-    def _send(self, client: ClientConnection | None, buf, out: list, span: int, pos: int, n: int) -> None:
-        """Write what is forwarded to the client; keep an incomplete message for the next read."""
-        if client is not None:
-            if not out and span == 0 and pos == n:
-                client.transport.write(buf)  # the common case: the whole read, uncopied
-            else:
-                out.append(buf[span:pos])
-                client.transport.write(b"".join(out))
-        if pos < n:
-            self.buf = bytearray(buf[pos:])
+    # Frames what the server sent, pops the requests each response completes, hides or synthesises, and
+    # forwards the rest to the linked client; calls on_ready once nothing is pending.
+    on_data = forward_responses
 
     def _skip_to_sync(self) -> None:
         """After an error the server skips every extended-protocol message up to the next Sync."""
