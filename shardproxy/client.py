@@ -113,6 +113,7 @@ class ClientConnection(Connection):
         self.min_lsn: dict[int, int] = {}  # per shard: the WAL position of this client's last commit there
         self.avoid: set[str] = set()  # nodes that just refused a connection, for this transaction
         self.mid_batch = False  # an Execute was forwarded and no Sync yet
+        self.decided: tuple[Decision, int, int, bool] | None = None  # the routing of the batch being linked
         self._refusal = ""  # the message of the statement to refuse, or "" to answer it with _local_reply
         self._local_reply = _SET_DONE
         self.max_message_size = proxy.config.pool.max_message_size
@@ -293,6 +294,8 @@ class ClientConnection(Connection):
                 return
             decision, batch_end, _, standalone = found
             if not (standalone and self._answer_locally(decision, batch_end)):
+                # A whole batch is not routed twice: its decision serves the link's first check too.
+                self.decided = found if standalone or self.buf[batch_end - 5] == _S else None
                 self._start(decision, batch_end)
 
     def _answer_without_server(self) -> bool:
@@ -355,6 +358,7 @@ class ClientConnection(Connection):
                 server.write(replay)
         data, self.buf = self.buf, bytearray()
         self._forward(data)
+        self.decided = None
 
     def _server_ready(self, server: ServerConnection) -> None:
         """Transaction pooling: once the transaction is over, the connection goes back to the pool."""
@@ -382,7 +386,7 @@ class ClientConnection(Connection):
         """At the start of a batch on a linked connection: (where the next batch starts, the position of
         its deciding message or -1, the position of a statement to refuse or -1, whether the batch may run
         here at all). Every other Bind of the batch is checked as it is forwarded (see _batch_member)."""
-        found = self._batch_route(buf, pos)
+        found = self.decided if pos == 0 and self.decided is not None else self._batch_route(buf, pos)
         if found is None:  # its deciding message has not arrived: it runs here
             return -1, -1, -1, True
         decision, batch_end, decider, standalone = found

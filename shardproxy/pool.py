@@ -12,8 +12,7 @@ import logging
 import select
 import time
 from collections import deque
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from shardproxy import protocol as pg
 from shardproxy._wire import HIDDEN_QUERY
@@ -29,8 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("shardproxy.pool")
 
 
-@dataclass(frozen=True)
-class PoolKey:
+class PoolKey(NamedTuple):  # a tuple: made and hashed for every routed transaction
     database: str
     user: str
     node: str  # host:port

@@ -12,7 +12,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from shardproxy.config import Config
@@ -92,10 +92,10 @@ class NodeState:
     # Claims to be primary but another one leads the shard (a newer timeline,
     # or the same one and it led first): it gets no traffic.
     fenced: bool = False
+    address: str = field(init=False)  # host:port, the node's name everywhere (made once: it is on the data path)
 
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
+    def __post_init__(self) -> None:
+        self.address = f"{self.host}:{self.port}"
 
     @property
     def state(self) -> State:
