@@ -277,8 +277,11 @@ class ClientConnection(Connection):
             if length < 4 or length > self.max_message_size:  # refused now, not once it all arrived
                 self._fatal(pg.PostgresError(pg.PROTOCOL_VIOLATION, "invalid message length"))
                 return
-            if not self._answer_without_server():
-                return
+            buf = self.buf
+            first = buf[0]
+            if first == _P and len(buf) > 5 and buf[5] or first == _C or first == _S:  # (what it may answer)
+                if not self._answer_without_server():
+                    return
             if self.buf[0] == _X:
                 self.reason = "client sent Terminate"
                 self.close()

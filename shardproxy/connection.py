@@ -31,6 +31,7 @@ class Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        self.__dict__.pop("data_received", None)  # the bound method would keep this object in a cycle
         self.closed = True
         self._lost = exc or ConnectionResetError("connection closed")
         self._wake()
@@ -69,6 +70,11 @@ class Connection(asyncio.Protocol):
         if isinstance(self._lost, pg.ProtocolError):
             raise self._lost
         self._logging_in = False
+        # From now on the transport calls on_data itself, skipping data_received's login check (uvloop binds
+        # the method once, when the protocol is set). The instance attribute goes again in connection_lost.
+        self.data_received = self.on_data  # type: ignore[method-assign]
+        if self.transport is not None:
+            self.transport.set_protocol(self)
         early = b"".join(bytes([t]) + pg.INT32.pack(len(b) + 4) + b for t, b in self._inbox)
         self._inbox.clear()
         rest, self.buf = early + bytes(self.buf), bytearray()

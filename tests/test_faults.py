@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 
+import psycopg
 import pytest
 
 from shardproxy.sandbox import Cluster, ProxyProcess, Sandbox
 from tests.relay import Relay
 from tests.soak import rss_growth_kb, run_soak
 from tests.test_failures import wait_until
-from tests.workload import Workload, create_table, server_sessions
+from tests.workload import Workload, create_table, keys_by_shard, server_sessions
 
 DB = "faultdb"
 CONNECT_TIMEOUT = 1.0
@@ -65,18 +67,24 @@ def test_server_killed_mid_transaction_fails_its_clients_quickly_and_pools_recov
 ) -> None:
     proxy, _ = relayed
     victim = shards["faults1"].primary
-    with Workload(proxy, DB) as load:
+    key = keys_by_shard(proxy, 1)["faults1"][0]
+    with Workload(proxy, DB) as load, psycopg.connect(proxy.dsn(dbname=DB), autocommit=True) as sleeper:
         assert wait_until(lambda: load.successes_after(0) >= 3, 10), load.failures()[:5]
+        # A statement surely in flight at the kill (the writers' may all fall between two transactions).
+        in_flight = ThreadPoolExecutor(1).submit(sleeper.execute, f"/* shard_key: {key} */ SELECT pg_sleep(30)")
+        assert wait_until(lambda: server_sessions(shards["faults1"], "query LIKE '%pg_sleep(30)%'") == 1, 5)
         killed = time.monotonic()
         victim.stop("immediate")
+        with pytest.raises(psycopg.OperationalError):
+            in_flight.result(ERROR_WITHIN)
+        assert time.monotonic() - killed < ERROR_WITHIN
         time.sleep(1.0)
         victim.start()
         back = time.monotonic()
         assert wait_until(lambda: load.successes_after(back) >= 5, 15), "the pools did not recover"
         assert load.successes_after(killed, "faults0") >= 20  # the other shard never paused
     affected = load.failures("faults1")
-    print(f"kill: {len(affected)} errors on the killed shard, {load.acked()} acknowledged writes")
-    assert affected, "the kill went unnoticed"
+    print(f"kill: {len(affected)} writer errors on the killed shard, {load.acked()} acknowledged writes")
     for failure in affected:
         assert failure.ended - failure.started < ERROR_WITHIN, failure
         assert failure.started < back + 1, failure
