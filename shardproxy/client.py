@@ -286,6 +286,8 @@ class ClientConnection(Connection):
                 self.reason = "client sent Terminate"
                 self.close()
                 return
+            if self.routes != self.proxy.sharded and not self.held:  # a reload added or removed shards
+                self.routes = self.proxy.sharded
             if not self.routes:  # one server: the pool found at login, unless a reload drained it
                 pool = self.pool
                 if pool.draining:

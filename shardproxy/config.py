@@ -136,6 +136,7 @@ class Pool(_Model):
     client_login_timeout: Duration = 60.0
     max_message_size: Size = Field(default=64 * 1024**2, ge=1)
     prepared_statements_per_server: int = Field(default=1000, ge=0)
+    statement_cache_size: int = Field(default=100_000, ge=1)
 
 
 class Routing(_Model):

@@ -41,7 +41,8 @@ class Proxy:
         self.router = Router(config)
         self.any_decision = Decision(Route("any", "utility"), None, "")  # for batches that name no statement
         self.health = HealthChecker(self.topology, config, *_health_login(config))
-        self.statements = Registry()
+        self.statements = Registry(config.pool.statement_cache_size)
+        self.sharded = _needs_routing(config)
         self.clients: dict[int, ClientConnection] = {}  # by the BackendKeyData pid the proxy issued
         self.connected = 0
         self.auth_failures = 0
@@ -127,6 +128,8 @@ class Proxy:
             raise
         self.config = config
         self.client_ssl, self.server_ssl = client_ssl, server_ssl
+        self.statements.limit = config.pool.statement_cache_size
+        self.sharded = _needs_routing(config)  # clients follow between their transactions
         old_ring, self.router = self.router.ring, Router(config)
         self.ring_moved = fraction_moved(old_ring, self.router.ring)
         # The topology changes with the ring, so that no transaction routed by the new ring finds a shard
@@ -215,11 +218,6 @@ class Proxy:
             pool = self.pools[key] = Pool(self, key, node)
         return pool
 
-    @property
-    def sharded(self) -> bool:
-        """One shard with one node needs no routing: every statement goes there."""
-        shards = self.config.shards
-        return len(shards) > 1 or len(shards[0].nodes) > 1
 
     def node_pool(self, client: ClientConnection, shard: int, write: bool, force_primary: bool = False) -> Pool | None:
         """The pool for a statement on a shard: its primary for writes, else the best node to read from;
@@ -311,6 +309,11 @@ class Proxy:
                 self.health.check_now(server.pool.node_label)
                 client.fail(pg.PostgresError(pg.QUERY_CANCELED, f"shardproxy: query_timeout: no answer from "
                                                                 f"server {server.pool.node_label} for {silent:g}s"))
+
+
+def _needs_routing(config: Config) -> bool:
+    """One shard with one node needs no routing: every statement goes there."""
+    return len(config.shards) > 1 or len(config.shards[0].nodes) > 1
 
 
 def _health_login(config: Config) -> tuple[str, str | None]:

@@ -8,7 +8,9 @@ before first use.
 
 from __future__ import annotations
 
+import itertools
 import re
+from collections import OrderedDict
 
 from shardproxy import protocol as pg
 
@@ -40,16 +42,25 @@ def parameter_types(body: bytes) -> list[int]:
 
 
 class Registry:
-    """Server-side names for Parse bodies, shared by every client and server connection of the process."""
+    """Server-side names for Parse bodies, shared by every client and server connection of the process.
 
-    def __init__(self) -> None:
-        self._by_body: dict[bytes, Statement] = {}
+    Bounded (least recently parsed first out), so that clients sending ever new statement texts do not grow the
+    proxy for good. A forgotten statement keeps working for the clients that hold it; parsed again, it gets a
+    new name (names are never reused), and servers that had prepared the old one drop it in their own LRU."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._by_body: OrderedDict[bytes, Statement] = OrderedDict()
+        self._names = itertools.count()
 
     def get(self, body: bytes) -> Statement:
         statement = self._by_body.get(body)
         if statement is None:
-            statement = Statement(b"sp%d" % len(self._by_body), body)
-            self._by_body[body] = statement
+            statement = self._by_body[body] = Statement(b"sp%d" % next(self._names), body)
+            while len(self._by_body) > self.limit:
+                self._by_body.popitem(last=False)
+        else:
+            self._by_body.move_to_end(body)
         return statement
 
     def known(self, body: bytes) -> Statement | None:

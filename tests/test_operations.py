@@ -167,6 +167,32 @@ def test_log_lines_are_json_events_naming_the_client(sandbox: Sandbox, clusters:
 
 
 # -- reload ------------------------------------------------------------------------------------------------
+def test_reload_from_one_node_to_two_shards_routes_connected_clients(
+        sandbox: Sandbox, clusters: list[Cluster]) -> None:
+    """A proxy with one node does not route; once a reload adds a shard, clients connected before route too."""
+    proxy = sandbox.proxy("ops-one", clusters[:1])
+    one, two = dict(proxy.config), dict(proxy.config)
+    second = clusters[1]
+    two["shards"] = [*one["shards"], {"name": second.name, "nodes": [
+        {"host": second.primary.host, "port": second.primary.port, "region": REGION}]}]
+    ring = Ring([(cluster.name, 1) for cluster in clusters[:2]], 256)
+    key = next(k for k in range(20_000_000, 20_001_000) if ring.owner(k) == second.name)
+    try:
+        with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+            conn.execute("SELECT 1")
+            proxy.write_config(two)
+            table(proxy, "RELOAD")
+            conn.execute(f"INSERT INTO {TABLE} (user_id, n) VALUES (%s, 5)", (key,))
+            assert second.primary.sql(f"SELECT n FROM {TABLE} WHERE user_id = {key}") == [(5,)]
+            assert clusters[0].primary.sql(f"SELECT count(*) FROM {TABLE} WHERE user_id = {key}") == [(0,)]
+            proxy.write_config(one)  # and back: everything goes to the one node again
+            table(proxy, "RELOAD")
+            conn.execute(f"INSERT INTO {TABLE} (user_id, n) VALUES (%s, 6)", (key,))
+            assert clusters[0].primary.sql(f"SELECT n FROM {TABLE} WHERE user_id = {key}") == [(6,)]
+    finally:
+        proxy.stop()
+
+
 def test_reload_adds_a_shard_under_connected_clients_and_drains_it_when_removed(
         sandbox: Sandbox, clusters: list[Cluster]) -> None:
     proxy = sandbox.proxy("ops-reload", clusters[:2])
