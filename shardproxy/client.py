@@ -1,9 +1,10 @@
 """A client connection: startup and authentication, then the request half of the data path.
 
-After login every message the client sends is framed here, recorded in the linked server connection's
-`pending` queue (see server.py) and forwarded as the bytes it arrived in. Only named prepared statements
-(Parse/Bind/Describe/Close), and a few session-level statements in simple queries, are rewritten or answered
-by the proxy.
+After login every message the client sends is framed (the loop is compiled: _wire.pyx), recorded in the linked
+server connection's `pending` queue (see server.py) and forwarded as the bytes it arrived in. Only named
+prepared statements (Parse/Bind/Describe/Close), and a few session-level statements in simple queries, are
+rewritten or answered by the proxy. Between transactions the client takes a server connection from a pool and
+gives it back after; in sharded configurations its routing half (routing.py) says which shard and node.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import os
 import ssl
 import time
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 from shardproxy import params as session_params
 from shardproxy import protocol as pg
@@ -21,14 +22,11 @@ from shardproxy.admin import ADMIN_DATABASE
 from shardproxy.auth import (
     ProvenKey, ScramException, ScramServerExchange, is_scram_verifier, md5_answer, parse_sasl_initial,
 )
+from shardproxy._wire import CLOSE, DESCRIBE, FORWARD, HIDDEN_QUERY, HIDE, PARSE, QUERY, QUERY_REQ, SYNTH, forward_requests
 from shardproxy.connection import Connection
-from shardproxy.router import Plan, Route, bind_parameter, decode_key
-from shardproxy._wire import (
-    BIND_REQ, CLOSE, DESCRIBE, FORWARD, HIDDEN_QUERY, HIDE, PARSE, QUERY, QUERY_REQ, SYNTH, forward_requests,
-)
+from shardproxy.routing import Routing
 from shardproxy.server import ServerConnection
 from shardproxy.statements import Statement, deallocate_target, is_discard_all
-from shardproxy.topology import parse_lsn
 
 if TYPE_CHECKING:
     from shardproxy.pool import Pool
@@ -36,44 +34,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("shardproxy.client")
 
-_H, _B, _S, _Q, _P, _D, _C, _F, _X, _p = b"HBSQPDCFXp"
+_S, _P, _C, _X, _p = b"SPCXp"
 _UNPACK = pg.INT32.unpack_from
 _SESSION_PREFIXES = (b"set ", b"rese", b"deal", b"disc")
 _DEALLOCATE_DONE = (QUERY, SYNTH, pg.command_complete("DEALLOCATE"))
 _DEALLOCATE_ALL_DONE = (QUERY, SYNTH, pg.command_complete("DEALLOCATE ALL"))
 _CLOSE_DONE = (CLOSE, SYNTH, pg.CLOSE_COMPLETE)
 _PARSE_DONE = (PARSE, SYNTH, pg.PARSE_COMPLETE)
-_COMMIT_LSN = pg.query("SELECT pg_current_wal_insert_lsn()")
-_SET_DONE = (QUERY, SYNTH, pg.command_complete("SET"))
-_RESET_DONE = (QUERY, SYNTH, pg.command_complete("RESET"))
-_GO, _STOP, _REFUSE = range(3)
-_COMMITTED_ALREADY = pg.notice(pg.WARNING, "shardproxy: this statement ran on every shard and is committed there "
-                               "already; a ROLLBACK of the transaction will not undo it")
 _SSL_YES = b"S"
 
 
-class Decision(NamedTuple):
-    """Where a statement goes, with the plan and text it was routed from."""
-
-    route: Route
-    plan: Plan | None
-    sql: str
-
-
-def _batch_end(buf, pos: int) -> int:
-    """Just past the Sync that ends the batch going on at pos, or the end of what has arrived."""
-    n = len(buf)
-    while n - pos >= 5:
-        end = pos + 1 + _UNPACK(buf, pos + 1)[0]
-        if end > n:
-            break
-        t, pos = buf[pos], end
-        if t == _S:
-            break
-    return pos
-
-
-class ClientConnection(Connection):
+class ClientConnection(Routing, Connection):
     def __init__(self, proxy: Proxy):
         super().__init__()
         self.proxy = proxy
@@ -93,29 +64,8 @@ class ClientConnection(Connection):
         self.wait_started = 0.0
         self.admitted = False  # counted against max_client_conn
         self.transaction_pooling = proxy.config.pool.mode == "transaction"  # as when the client connected
-        # Routing state (sharded configurations only).
-        self.routes = proxy.sharded  # whether this connection's statements are routed one by one
-        self.home = 0  # the shard for statements that name none
-        self.shard = -1  # the shard of the linked server connection
-        self.on_primary = False  # whether the linked server connection is its shard's primary
-        self.session_key: object = None  # SET shardproxy.shard_key
-        self.held: list[bytes] = []  # BEGIN and SETs of a transaction that has not named its shard yet
-        self.held_failed = False  # an error inside a held transaction: only ROLLBACK/COMMIT ends it
-        self.tentative = False  # the transaction runs on the home shard until a statement names one
-        self.begin_replay: bytes | None = None  # a tentative transaction's extended-protocol BEGIN, as a Query
-        self.switching = False  # leaving the home shard: the tentative transaction is being rolled back
-        self.stopped = False  # forwarding stopped at a statement for another connection (see _stopped)
-        self.tx_open = False  # a BEGIN went to the linked server connection in this link
-        self.busy = False  # a statement on several shards is running
-        self.unnamed: Statement | None = None  # the unnamed statement, for the Bind that follows its Parse
-        self.read_only = False  # the held transaction began READ ONLY
-        self.wrote = False  # the linked transaction wrote on a shard that has replicas (read-your-writes)
-        self.min_lsn: dict[int, int] = {}  # per shard: the WAL position of this client's last commit there
-        self.avoid: set[str] = set()  # nodes that just refused a connection, for this transaction
+        self.init_routing(proxy)
         self.mid_batch = False  # an Execute was forwarded and no Sync yet
-        self.decided: tuple[Decision, int, int, bool] | None = None  # the routing of the batch being linked
-        self._refusal = ""  # the message of the statement to refuse, or "" to answer it with _local_reply
-        self._local_reply = _SET_DONE
         self.max_message_size = proxy.config.pool.max_message_size
         self.reason = ""  # why the connection ended, for the log; "" until the proxy ends it
 
@@ -356,11 +306,7 @@ class ClientConnection(Connection):
                 server.pending.append(HIDDEN_QUERY)
                 server.write(pg.query("; ".join(statements)))
         if self.routes:
-            self.on_primary = self.proxy.is_primary(server.pool.node)
-            self.tx_open = bool(self.held)
-            for replay in self.held:  # the transaction's BEGIN and SETs, now that it has a shard
-                server.pending.append(HIDDEN_QUERY)
-                server.write(replay)
+            self._linked_on_shard(server)
         data, self.buf = self.buf, bytearray()
         self._forward(data)
         self.decided = None
@@ -370,10 +316,7 @@ class ClientConnection(Connection):
         if server.status != pg.IDLE or server.cancels or self.mid_batch or server.ignoring:
             return
         if self.wrote:  # read-your-writes: learn where this commit ends in the WAL before letting go
-            self.wrote = False
-            self.tx_open = False  # over: a statement for another shard arriving meanwhile waits, is not refused
-            server.pending.append((QUERY, HIDE, self._committed_at))
-            server.write(_COMMIT_LSN)
+            self._follow_commit(server)
             return
         self.server = self.peer = None
         self.pool.release(server)
@@ -387,282 +330,14 @@ class ClientConnection(Connection):
     # bytes unchanged; calls back the methods below for routing, named statements and session statements.
     _forward = forward_requests
 
-    def _route_batch_here(self, buf, pos: int) -> tuple[int, int, int, bool]:
-        """At the start of a batch on a linked connection: (where the next batch starts, the position of
-        its deciding message or -1, the position of a statement to refuse or -1, whether the batch may run
-        here at all). Every other Bind of the batch is checked as it is forwarded (see _batch_member)."""
-        found = self.decided if pos == 0 and self.decided is not None else self._batch_route(buf, pos)
-        if found is None:  # its deciding message has not arrived: it runs here
-            return -1, -1, -1, True
-        decision, batch_end, decider, standalone = found
-        kind = decision.route.kind
-        if standalone and kind in ("set_shard_key", "reset_shard_key"):
-            self.session_key = decision.plan.shard_key_value if kind == "set_shard_key" else None
-            self._refusal = ""
-            self._local_reply = _SET_DONE if kind == "set_shard_key" else _RESET_DONE
-            return batch_end, decider, decider, True
-        verdict = self._check_route(decision)
-        if verdict == _STOP:
-            return -1, -1, -1, False
-        if verdict == _REFUSE:
-            route = decision.route
-            self._refusal = route.message if route.target == "error" else self._cross_shard_message(route)
-            return batch_end, decider, decider, True
-        return batch_end, decider, -1, True
-
-    def _batch_member(self, buf, pos: int, end: int) -> str:
-        """A Bind of a batch that some other message decided: why it cannot run here, or "" if it can.
-        Everything up to a Sync is one implicit transaction on one server, so a statement for another
-        shard (or for every shard) cannot be sent anywhere else: it is refused, which aborts the batch."""
-        decision = self._bind_decision(buf, pos, end, self.unnamed)
-        if self._check_route(decision) == _GO:
-            return ""
-        route = decision.route
-        if route.target == "error":
-            return route.message or "shardproxy: cannot route"
-        return self._cross_shard_message(route)
-
-    # -- routing: which shard and node a transaction runs on ------------------------------------------
-    def _batch_route(self, buf, start: int) -> tuple[Decision, int, int, bool] | None:
-        """The routing decision for the batch at `start`: (decision, where the batch ends, where its
-        deciding message is, whether it is one simple Query). A batch is a Query, or extended-protocol
-        messages up to Sync, decided by its first Bind that names a shard (or every shard), else by its first
-        Bind. None while the deciding message has not fully arrived."""
-        n = len(buf)
-        pos = start
-        unnamed = self.unnamed
-        first = None  # the first Bind's decision, when it names no shard (BEGIN, SET, SELECT 1)
-        while n - pos >= 5:
-            t = buf[pos]
-            end = pos + 1 + _UNPACK(buf, pos + 1)[0]
-            if end > n:
-                return None
-            if t == _Q:
-                if pos > start:  # extended messages before a Query go first, on their own
-                    return (first[0], pos, first[2], False) if first else (self.proxy.any_decision, pos, pos, False)
-                return self._query_decision(buf, pos, end), end, pos, True
-            if t == _P:
-                name, body_start = pg.read_cstring(buf, pos + 5)
-                statement = self.proxy.statements.get(bytes(buf[body_start:end]))
-                if name:
-                    self.statements[name] = statement
-                else:
-                    unnamed = self.unnamed = statement
-            elif t == _B:
-                decision = self._bind_decision(buf, pos, end, unnamed)
-                if decision.route.target != "any":
-                    return decision, _batch_end(buf, end), pos, False
-                first = first or (decision, _batch_end(buf, end), pos, False)
-            elif t == _S or t == _H or t == _F:
-                return first or (self.proxy.any_decision, end, pos, False)
-            pos = end
-        return None
-
-    def _query_decision(self, buf, pos: int, end: int) -> Decision:
-        router = self.proxy.router
-        sql = bytes(buf[pos + 5:end - 1]).decode(errors="replace")
-        plan, literals = router.plan_simple(sql)
-        return Decision(router.route(plan, literals, None, self.session_key), plan, sql)
-
-    def _bind_decision(self, buf, pos: int, end: int, unnamed: Statement | None) -> Decision:
-        portal_end = buf.index(0, pos + 5)
-        name_end = buf.index(0, portal_end + 1)
-        statement = self.statements.get(bytes(buf[portal_end + 1:name_end])) if name_end > portal_end + 1 else unnamed
-        if statement is None:  # the server will say it does not exist
-            return self.proxy.any_decision
-        router = self.proxy.router
-        if statement.plan is None:
-            statement.plan = router.plan(statement.sql)
-        body = bytes(buf[pos + 5:end])
-        types = statement.param_types
-
-        def parameter(number: int) -> object:
-            value, fmt = bind_parameter(body, number)
-            oid = types[number - 1] if number <= len(types) else 0
-            return None if value is None else decode_key(value, fmt, oid)
-
-        return Decision(router.route(statement.plan, (), parameter, self.session_key), statement.plan, statement.sql)
-
-    def _cross_shard_message(self, route: Route) -> str:
-        here = self.proxy.config.shards[self.shard].name
-        if route.target == "shard" and route.shard == self.shard:
-            return f"shardproxy: this transaction runs on a replica of shard {here}; a write cannot join it"
-        if route.target == "shard":
-            there = self.proxy.config.shards[route.shard].name
-            return f"shardproxy: this transaction runs on shard {here}; a statement for shard {there} cannot join it"
-        return f"shardproxy: a statement on every shard cannot run inside a transaction on shard {here}"
-
-    def _answer_locally(self, decision: Decision, end: int) -> bool:
-        """Simple queries the proxy answers itself between transactions: a BEGIN it holds until the
-        transaction names its shard, the end of such a transaction, the session's shard key, refusals."""
-        route, plan = decision.route, decision.plan
-        kind = route.kind
-        held = bool(self.held)
-        if self.held_failed and kind not in ("commit", "rollback"):
-            reply = pg.error(pg.IN_FAILED_TRANSACTION, "current transaction is aborted, commands ignored until "
-                             "end of transaction block") + pg.READY[pg.FAILED_TRANSACTION]
-        elif kind == "begin" and not held:
-            self.held.append(bytes(self.buf[:end]))
-            self.read_only = plan.read_only
-            reply = pg.command_complete("BEGIN") + pg.READY[pg.IN_TRANSACTION]
-        elif kind in ("commit", "rollback") and held:
-            self.held.clear()
-            self.held_failed = self.read_only = False
-            reply = pg.command_complete(kind.upper()) + pg.READY[pg.IDLE]
-        elif kind in ("set_shard_key", "reset_shard_key"):
-            self.session_key = plan.shard_key_value if kind == "set_shard_key" else None
-            tag = "SET" if kind == "set_shard_key" else "RESET"
-            reply = pg.command_complete(tag) + pg.READY[pg.IN_TRANSACTION if held else pg.IDLE]
-        elif route.target == "error":
-            self.held_failed = held
-            reply = pg.error(pg.FEATURE_NOT_SUPPORTED, route.message or "shardproxy: cannot route") + \
-                pg.READY[pg.FAILED_TRANSACTION if held else pg.IDLE]
-        else:
-            return False
-        del self.buf[:end]
-        self.transport.write(reply)
-        return True
-
-    def _start(self, decision: Decision, batch_end: int) -> None:
-        """Open the transaction where the route says: one shard's node, or several shards at once."""
-        route = decision.route
-        if route.target in ("scatter", "all"):
-            if self.buf[batch_end - 5] != _S and self.buf[0] != _Q:
-                return  # a multi-shard batch runs whole: wait for its Sync
-            batch = bytes(self.buf[:batch_end])
-            del self.buf[:batch_end]
-            self.busy = True
-            asyncio.get_running_loop().create_task(self._run_on_shards(decision, batch))
-            return
-        # A refused extended-protocol batch goes to the home shard, whose server raises the refusal (_forward).
-        shard = route.shard if route.target == "shard" else self.home
-        if route.kind == "begin" and not self.held and self.buf[0] != _Q:
-            # BEGIN in the extended protocol (psycopg's executemany, pipelines) runs at once on the home
-            # shard: tentatively, as a held BEGIN would, and replayed where the transaction moves.
-            self.begin_replay = pg.query(decision.sql)
-            self.read_only = decision.plan.read_only
-            self.tentative = True
-        else:
-            self.tentative = route.target != "shard" and bool(self.held)
-        write = route.write or (bool(self.held) and not self.read_only)
-        pool = self.proxy.node_pool(self, shard, write, route.force_primary)
-        if pool is None:
-            self._await_primary(shard)
-            return
-        self.shard = shard
-        self.wrote = write and self.proxy.tracks_writes(shard)
-        self._acquire(pool)
-
     def _acquire(self, pool: Pool) -> None:
         self.pool = pool
         pool.acquire(self)  # links now, or when a connection is free
-
-    def _await_primary(self, shard: int) -> None:
-        """No primary for the shard: hold the transaction (not fail it) while a failover may bring one."""
-        self.busy = True
-        asyncio.get_running_loop().create_task(self._held_for_failover(shard))
-
-    async def _held_for_failover(self, shard: int) -> None:
-        name = self.proxy.config.shards[shard].name
-        timeout = self.proxy.config.routing.failover_timeout
-        if name in self.proxy.admin.paused:  # its primary may be restarting under PAUSE: wait as PAUSE promises
-            timeout = max(timeout, self.proxy.config.pool.query_wait_timeout)
-        node = await self.proxy.health.wait_for_primary(name, timeout)
-        self.busy = False
-        if node is None:
-            self._fatal(pg.PostgresError(pg.CANNOT_CONNECT_NOW, f"shardproxy: shard {name} has no primary"))
-        else:
-            self._dispatch()
-
-    async def _run_on_shards(self, decision: Decision, batch: bytes) -> None:
-        from shardproxy import fanout  # its legs are client connections: imported late, not circularly
-
-        held = bool(self.held)
-        status = pg.IN_TRANSACTION if held else pg.IDLE
-        try:
-            reply = await fanout.run(self, decision, batch, status)
-        except pg.PostgresError as exc:
-            reply = exc.to_message() + pg.READY[pg.FAILED_TRANSACTION if held else pg.IDLE]
-        except Exception as exc:  # a bug must cost this statement, not the client's connection
-            log.exception("client %d: statement on several shards failed", self.id)
-            error = pg.PostgresError(pg.INTERNAL_ERROR, f"shardproxy: internal error: {exc}")
-            reply = error.to_message() + pg.READY[pg.FAILED_TRANSACTION if held else pg.IDLE]
-        if held and reply.endswith(pg.READY[pg.FAILED_TRANSACTION]):
-            self.held_failed = True
-        elif held and decision.route.target == "all":  # say so: a later ROLLBACK cannot undo it
-            reply = _COMMITTED_ALREADY + reply
-        self.busy = False
-        if not self.closed:
-            self.transport.write(reply)
-            self._dispatch()
-
-    def _check_route(self, decision: Decision) -> int:
-        """Whether a statement met on a linked connection may run there (GO), must wait for the next
-        transaction (STOP), or is refused by making the server raise the error (REFUSE)."""
-        route = decision.route
-        target = route.target
-        if route.kind == "begin":
-            self.tx_open = True
-        if target == "error":
-            return _REFUSE
-        if target == "any":
-            if self.tentative and route.kind == "session":
-                self.held.append(pg.query(decision.sql))
-            return _GO
-        in_transaction = self.tx_open or self.server.status != pg.IDLE
-        if target == "shard" and route.shard == self.shard and (self.on_primary or not route.write or in_transaction):
-            self.tentative = False
-            self.wrote = self.wrote or (route.write and self.proxy.tracks_writes(self.shard))
-            return _GO
-        if self.tentative or not in_transaction:
-            return _STOP
-        return _REFUSE
-
-    def _committed_at(self, _: ServerConnection, t: int, body: bytes) -> None:
-        """The answer to _COMMIT_LSN: this client's reads on the shard need a replica that has replayed it."""
-        if t == _D and self.shard >= 0:
-            (length,) = pg.INT32.unpack_from(body, 2)
-            self.min_lsn[self.shard] = parse_lsn(bytes(body[6:6 + length]).decode())
 
     def _transaction_ended(self) -> None:
         self.mid_batch = self.stopped = False
         if self.routes:
             self._routed_transaction_ended()
-
-    def _routed_transaction_ended(self) -> None:
-        self.shard = -1
-        self.tx_open = self.tentative = False
-        self.avoid.clear()
-        if self.switching:  # moving to another shard: the held BEGIN and SETs are replayed there
-            self.switching = False
-        else:
-            self.held.clear()
-            self.held_failed = self.read_only = False
-            self.begin_replay = None
-
-    def _refuse(self, message: str, buf, pos: int, end: int, out: list) -> None:
-        """Make the linked server raise the refusal, so that it also aborts the transaction there."""
-        sql = f"DO $shardproxy$ BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', MESSAGE = {session_params.literal(message)}; END $shardproxy$"
-        if buf[pos] == _Q:
-            out.append(pg.query(sql))
-            self.server.pending.append(QUERY_REQ)
-            return
-        portal_end = buf.index(0, pos + 5)  # a Bind: bind the client's portal to the raising statement
-        out.append(pg.message(b"P", b"\0" + pg.cstring(sql) + b"\0\0"))
-        self.server.pending.append((PARSE, HIDE, None))
-        out.append(pg.message(b"B", bytes(buf[pos + 5:portal_end + 1]) + b"\0" + b"\0" * 6))
-        self.server.pending.append(BIND_REQ)
-
-    def _stopped(self, server: ServerConnection, out: list) -> None:
-        """Forwarding stopped at a statement for another connection: let this transaction end first."""
-        if self.tentative:  # nothing of value ran on the home shard: roll it back and move
-            out.append(pg.query("ROLLBACK"))
-            server.pending.append(HIDDEN_QUERY)
-            self.tentative = False
-            self.switching = True
-            if self.begin_replay is not None:
-                self.held.insert(0, self.begin_replay)
-                self.begin_replay = None
 
     # -- named prepared statements --------------------------------------------------------------------
     def _parse(self, buf, pos: int, end: int, out: list) -> None:

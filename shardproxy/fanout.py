@@ -20,8 +20,9 @@ import uuid
 from typing import TYPE_CHECKING
 
 from shardproxy import protocol as pg
-from shardproxy.client import ClientConnection, Decision
+from shardproxy.client import ClientConnection
 from shardproxy.merge import Merger, ScatterPlan, Unmergeable, plan_scatter
+from shardproxy.routing import Decision
 
 if TYPE_CHECKING:
     from shardproxy.pool import Pool

@@ -12,13 +12,14 @@ from contextlib import suppress
 from shardproxy import protocol as pg
 from shardproxy.admin import Admin
 from shardproxy.auth import ProvenKey, ScramSecret, is_md5_hash, is_scram_verifier
-from shardproxy.client import ClientConnection, Decision
+from shardproxy.client import ClientConnection
 from shardproxy.config import Config, ConfigError, User, load_config
 from shardproxy.health import HealthChecker
 from shardproxy.metrics import Metrics
 from shardproxy.pool import Pool, PoolKey
 from shardproxy.ring import fraction_moved
 from shardproxy.router import Route, Router
+from shardproxy.routing import Decision
 from shardproxy.statements import Registry
 from shardproxy.tls import client_context, server_context
 from shardproxy.topology import Change, NodeState, Topology
