@@ -65,7 +65,7 @@ class Routing:
 
     def init_routing(self, proxy: Proxy) -> None:
         self.routes = proxy.sharded  # whether this connection's statements are routed one by one
-        self.home = 0  # the shard for statements that name none
+        self.home = 0  # the shard for statements that name none: the last one used (set at login)
         self.shard = -1  # the shard of the linked server connection
         self.on_primary = False  # whether the linked server connection is its shard's primary
         self.session_key: object = None  # SET shardproxy.shard_key
@@ -361,6 +361,8 @@ class Routing:
             self.min_lsn[self.shard] = parse_lsn(bytes(body[6:6 + length]).decode())
 
     def _routed_transaction_ended(self) -> None:
+        if self.shard >= 0:  # statements that name no shard (say, a Parse on its own) follow the last one, so
+            self.home = self.shard  # that a client at work on one shard never waits on another's nodes
         self.shard = -1
         self.tx_open = self.tentative = False
         self.avoid.clear()

@@ -234,11 +234,8 @@ def read_key(key: int) -> str:
 
 def point_reads(proxy: ProxyProcess, key: int) -> Loop:
     """A client reading its key in autocommit; each success records the port of the server that answered.
-
-    Never prepared: psycopg prepares a statement on its 5th run, and that step may be routed to the
-    client's home shard rather than the key's, i.e. to the stalled replica (a separate issue).
-    """
-    return Loop(proxy, lambda conn, i: conn.execute(read_key(key), prepare=False).fetchone())
+    psycopg prepares the statement on its 6th run, in a batch of its own that names no shard."""
+    return Loop(proxy, lambda conn, i: conn.execute(read_key(key)).fetchone())
 
 
 def ports(loop: Loop, start: float, end: float = float("inf")) -> set[int]:
