@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from shardproxy.topology import NodeState
 
 log = logging.getLogger("shardproxy.pool")
+HUNG_UP_CHECK_AFTER = 0.01  # seconds idle, before a hand-out checks that the server is still there
 
 
 class PoolKey(NamedTuple):  # a tuple: made and hashed for every routed transaction
@@ -57,16 +58,20 @@ class Pool:
     # -- handing out and taking back ----------------------------------------------------------------
     def acquire(self, client: ClientConnection) -> None:
         """Link an idle connection to the client now, or queue the client until one is free."""
+        now = time.monotonic()
         while self.idle:
             server = self.idle.pop()  # the most recently used: warm caches, and the rest can time out
             if server.closed:
                 continue
-            if _hung_up(server):  # died while idle: the client will not get it, whose read could move on
+            # Died while idle: the client will not get it, whose read could move on. Checked past a few
+            # milliseconds of idleness only, so that a busy pool pays no system call per transaction (a death
+            # within them is one the event loop would normally have delivered already).
+            if now - server.last_used > HUNG_UP_CHECK_AFTER and _hung_up(server):
                 self.discard(server)
                 continue
-            self._hand_over(client, server, time.monotonic())
+            self._hand_over(client, server, now)
             return
-        client.wait_started = time.monotonic()
+        client.wait_started = now
         self.waiting.append(client)
         self._grow()
 
@@ -259,8 +264,8 @@ class Pool:
 def _hung_up(server: ServerConnection) -> bool:
     """Whether an idle connection's socket has something to read. An idle server sends nothing, so that is
     its end (EOF, a reset, a FATAL before closing) which the event loop has not delivered yet: a server
-    that was killed while the proxy was busy. One zero-timeout poll() per hand-out from the idle list
-    (poll, not select: descriptors go past select's 1024 with many clients)."""
+    that was killed while the proxy was busy. One zero-timeout poll() (poll, not select: descriptors go past
+    select's 1024 with many clients)."""
     poller = server.poller
     if poller is None:
         sock = server.transport.get_extra_info("socket") if server.transport is not None else None
