@@ -18,7 +18,6 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +26,8 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from shardproxy.admin import request
 from shardproxy.sandbox import LOOPBACK, Cluster, Node, ProxyProcess, Sandbox, SandboxError
+from tests.console import admin, table, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "conf" / "grafana" / "shardproxy.json"
@@ -48,24 +47,6 @@ CONTRACT_METRICS = {
 
 
 # -- helpers ------------------------------------------------------------------------------------------------
-def admin(proxy: ProxyProcess, command: str) -> dict[str, Any]:
-    return json.loads(request(proxy.admin_socket, command))
-
-
-def table(proxy: ProxyProcess, command: str) -> list[dict[str, Any]]:
-    """An ok reply's rows as dicts by column."""
-    reply = admin(proxy, command)
-    assert reply["ok"], reply
-    return [dict(zip(reply["columns"], row)) for row in reply["rows"]]
-
-
-def wait_until(condition: Callable[[], object], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "shardproxy", "admin", *args], capture_output=True, text=True,
                           timeout=30, cwd=ROOT, check=False)

@@ -40,6 +40,16 @@ def shards(sandbox: Sandbox) -> dict[str, Cluster]:
     return clusters
 
 
+def _through_relay(proxy: ProxyProcess, relay: Relay, node: int) -> Iterator[tuple[ProxyProcess, Relay]]:
+    """Start the proxy with its first shard's `node` reached through the relay; stop it after."""
+    config = proxy.config
+    config["shards"][0]["nodes"][node]["port"] = relay.port
+    proxy.write_config(config)
+    proxy.start()
+    yield proxy, relay
+    proxy.stop()
+
+
 @pytest.fixture
 def relayed(sandbox: Sandbox, shards: dict[str, Cluster], request: pytest.FixtureRequest
             ) -> Iterator[tuple[ProxyProcess, Relay]]:
@@ -54,12 +64,7 @@ def relayed(sandbox: Sandbox, shards: dict[str, Cluster], request: pytest.Fixtur
                   **getattr(request, "param", {})},  # extra pool settings, for tests that ask (indirect)
             routing={"failover_timeout": f"{FAILOVER_TIMEOUT}s"},
         )
-        config = proxy.config
-        config["shards"][0]["nodes"][0]["port"] = relay.port
-        proxy.write_config(config)
-        proxy.start()
-        yield proxy, relay
-        proxy.stop()
+        yield from _through_relay(proxy, relay, node=0)
 
 
 def no_transaction_left_open(shards: dict[str, Cluster]) -> bool:
@@ -220,12 +225,7 @@ def replica_relayed(sandbox: Sandbox, replicated: dict[str, Cluster]) -> Iterato
             pool={"size": 4, "server_connect_timeout": f"{CONNECT_TIMEOUT}s", "query_wait_timeout": "5s",
                   "query_timeout": f"{QUERY_TIMEOUT:g}s"},
         )
-        config = proxy.config
-        config["shards"][0]["nodes"][1]["port"] = relay.port
-        proxy.write_config(config)
-        proxy.start()
-        yield proxy, relay
-        proxy.stop()
+        yield from _through_relay(proxy, relay, node=1)
 
 
 def read_key(key: int) -> str:

@@ -10,35 +10,17 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import psycopg
 import pytest
 
-from shardproxy.admin import request
 from shardproxy.ring import Ring
 from shardproxy.sandbox import Cluster, ProxyProcess, Sandbox
+from tests.console import admin, table, wait_until
 
 TABLE = "ops_items"
 REGION = "r1"
-
-
-def admin(proxy: ProxyProcess, command: str) -> dict[str, Any]:
-    return json.loads(request(proxy.admin_socket, command, timeout=30))
-
-
-def table(proxy: ProxyProcess, command: str) -> list[dict[str, Any]]:
-    reply = admin(proxy, command)
-    assert reply["ok"], reply
-    return [dict(zip(reply["columns"], row)) for row in reply["rows"]]
-
-
-def wait_until(condition: Callable[[], object], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def create_table(cluster: Cluster) -> None:

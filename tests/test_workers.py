@@ -6,7 +6,6 @@ database and /metrics must behave as one proxy's. The last tests kill a worker a
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -15,35 +14,18 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from shardproxy.admin import Table, request
+from shardproxy.admin import Table
 from shardproxy.sandbox import Cluster, ProxyProcess, Sandbox
 from shardproxy.workers import MERGES, sum_expositions
+from tests.console import admin, table, wait_until
 
 DB = "workersdb"  # only this module's clients use it: pg_stat_activity tells their server connections apart
-
-
-def admin(proxy: ProxyProcess, command: str) -> dict[str, Any]:
-    return json.loads(request(proxy.admin_socket, command, timeout=30))
-
-
-def table(proxy: ProxyProcess, command: str) -> list[dict[str, Any]]:
-    reply = admin(proxy, command)
-    assert reply["ok"], reply
-    return [dict(zip(reply["columns"], row)) for row in reply["rows"]]
-
-
-def wait_until(condition: Callable[[], object], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def connect(proxy: ProxyProcess) -> psycopg.Connection:
