@@ -820,3 +820,41 @@ def test_pgbench_point_reads_and_updates(sharded, shards, names, users_table, tm
     after = sum(rows[0][0] or 0 for rows in everywhere(shards, "SELECT sum(balance) FROM users").values())
     assert after - before == processed, report
     assert_placed(shards, names, "users", "true", USERS)
+
+
+# -- bad SQL: PostgreSQL's own error, never a worse one of the proxy's ----------------------------------------------
+BAD_SQL = [
+    "SELEC 1",
+    "SELECT * FROM orders WHERE user_id = ",
+    "SELECT * FROM orders WHERE user_id = 1 AND",
+    "INSERT INTO orders (user_id, item VALUES (1, 'x')",
+    "UPDATE orders SET WHERE user_id = 1",
+    "SELECT 'unterminated",
+    "SELECT 1; SELEC 2",
+    "/* shard_key: 5 */ DELET FROM orders",
+]
+
+
+def _error(conn: psycopg.Connection, query: str, prepare: bool | None) -> tuple[str | None, str]:
+    with pytest.raises(psycopg.Error) as caught:
+        conn.execute(query, prepare=prepare)
+    return caught.value.sqlstate, caught.value.diag.message_primary or ""
+
+
+@pytest.mark.parametrize("prepare", [None, True], ids=["simple", "extended"])
+def test_bad_sql_gets_postgresqls_own_error(sharded, reference, prepare):
+    """The router cannot parse these: the client still gets the server's syntax error, as a direct connection
+    would, in the simple and the extended protocol, and the connection goes on (also inside a transaction)."""
+    with connect(sharded, autocommit=True) as proxied, \
+            psycopg.connect(reference.primary.dsn(dbname=APP_DB), autocommit=True) as direct_conn:
+        for query in BAD_SQL:
+            expected = _error(direct_conn, query, prepare)
+            assert expected[0] == "42601", expected
+            assert _error(proxied, query, prepare) == expected, query
+            assert proxied.execute("SELECT 1").fetchone() == (1,)
+    with connect(sharded) as conn:  # inside a transaction: aborted as PostgreSQL aborts it
+        conn.execute("SELECT count(*) FROM orders WHERE user_id = 1")
+        assert _error(conn, "SELEC 1", prepare)[0] == "42601"
+        assert _error(conn, "SELECT 1", prepare)[0] == "25P02"
+        conn.rollback()
+        assert conn.execute("SELECT 1").fetchone() == (1,)
