@@ -9,7 +9,6 @@ few lines of hashing.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
 import os
@@ -130,7 +129,7 @@ class ScramServerExchange:
             raise _malformed("nonce mismatch")
         try:
             proof_bytes = base64.b64decode(proof, validate=True)
-        except binascii.Error:
+        except ValueError:  # binascii.Error, or a proof that is not even ASCII
             raise _malformed("proof is not base64") from None
         if len(proof_bytes) != len(self.secret.stored_key):
             raise _malformed("proof has the wrong length")

@@ -95,6 +95,9 @@ class ClientConnection(Routing, Connection):
             self._fatal(pg.PostgresError(pg.PROTOCOL_VIOLATION, "client_login_timeout"))
         except ConnectionError:
             self.close()
+        except Exception as exc:  # a bug must cost this login, not leave the connection open without a timeout
+            log.exception("client %d %s: login failed", self.id, self.address)
+            self._fatal(pg.PostgresError(pg.INTERNAL_ERROR, f"shardproxy: internal error: {exc}"))
 
     async def _startup(self) -> dict[str, str] | None:
         """Read the startup packet, answering an SSLRequest with S and TLS when tls.mode allows it, else
@@ -320,7 +323,9 @@ class ClientConnection(Routing, Connection):
             return
         self.server = self.peer = None
         self.pool.release(server)
-        self._transaction_ended()
+        self.mid_batch = self.stopped = False
+        if self.routes:
+            self._routed_transaction_ended()
         if self.proxy.shutting_down:
             self._fatal(pg.PostgresError(pg.ADMIN_SHUTDOWN, "shardproxy is shutting down"))
         elif self.buf and not self.closed:
@@ -333,11 +338,6 @@ class ClientConnection(Routing, Connection):
     def _acquire(self, pool: Pool) -> None:
         self.pool = pool
         pool.acquire(self)  # links now, or when a connection is free
-
-    def _transaction_ended(self) -> None:
-        self.mid_batch = self.stopped = False
-        if self.routes:
-            self._routed_transaction_ended()
 
     # -- named prepared statements --------------------------------------------------------------------
     def _parse(self, buf, pos: int, end: int, out: list) -> None:

@@ -123,17 +123,15 @@ class PoolStats:
 
     def transaction(self, seconds: float) -> None:
         """A transaction ended. Until the router counts statements by kind, a transaction counts as one query:
-        a read on a replica, else a write. (Once per transaction: Spread.observe is inlined.)"""
+        a read on a replica, else a write."""
         self.transactions += 1
         self.transaction_time += seconds
-        tally = self._tally if self._node.role == self._role else self.tally()
+        tally = self.tally()
         if self._role == "replica":
             tally.read += 1
         else:
             tally.write += 1
-        duration = tally.duration
-        duration.counts[bisect_left(DURATION_BUCKETS, seconds)] += 1
-        duration.sum += seconds
+        tally.duration.observe(seconds)
 
 
 class Metrics:

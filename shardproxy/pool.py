@@ -73,7 +73,8 @@ class Pool:
             return
         client.wait_started = now
         self.waiting.append(client)
-        self._grow()
+        if len(self.servers) + self.opening < self.settings.size:  # (a full pool: the usual case under load)
+            self._grow()
 
     def release(self, server: ServerConnection) -> None:
         """A connection is free: to the longest-waiting client, else back to the idle list."""

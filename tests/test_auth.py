@@ -5,6 +5,7 @@ import psycopg
 import pytest
 
 from shardproxy.auth import ProvenKey, ScramClientExchange, ScramException, ScramSecret, ScramServerExchange
+from shardproxy.protocol import ProtocolError
 from tests.conftest import APP_DB
 
 
@@ -24,6 +25,16 @@ def test_scram_both_sides_agree_and_a_wrong_password_fails():
     exchange(secret, ScramClientExchange(None, ProvenKey(server.client_key, secret)))
     with pytest.raises(Exception):
         exchange(ScramSecret.from_password("s3cret"), ScramClientExchange(None, ProvenKey(server.client_key, secret)))
+
+
+@pytest.mark.parametrize("proof", ["@@@@", "\u5305" * 44, "", "AAAA" * 20])
+def test_a_malformed_proof_is_a_protocol_error(proof: str) -> None:
+    """Not base64, not even ASCII, empty, or of the wrong length: 08P01, never an exception of another kind."""
+    server = ScramServerExchange(ScramSecret.from_password("s3cret"))
+    server_first = server.first(b"n,,n=,r=abcdefgh").decode()
+    nonce = server_first.split(",")[0]
+    with pytest.raises(ProtocolError):
+        server.final(f"c=biws,{nonce},p={proof}".encode())
 
 
 @pytest.fixture(scope="module")
