@@ -144,6 +144,7 @@ class Routing(_Model):
     max_replica_lag: Duration = 5.0
     strong_tables: list[str] = Field(default_factory=list)
     failover_timeout: Duration = 10.0
+    in_doubt_after: Duration = Field(default=60.0, gt=0)  # a prepared two-phase commit older than this is in doubt
 
 
 class Tls(_Model):
@@ -339,12 +340,17 @@ def _semantic_problems(config: Config) -> list[tuple[Loc, str]]:
     ]
 
 
+MAX_SHARD_NAME_BYTES = 150  # two-phase commits name their first shard, in PostgreSQL's 200-byte gid
+
+
 def _shard_problems(config: Config) -> Iterator[tuple[Loc, str]]:
     names: set[str] = set()
     owners: dict[str, str] = {}
     for i, shard in enumerate(config.shards):
         if shard.name in names:
             yield ("shards", i, "name"), f"duplicate shard name {shard.name!r}"
+        if len(shard.name.encode()) > MAX_SHARD_NAME_BYTES:
+            yield ("shards", i, "name"), f"longer than {MAX_SHARD_NAME_BYTES} bytes"
         names.add(shard.name)
         for j, node in enumerate(shard.nodes):
             loc: Loc = ("shards", i, "nodes", j)

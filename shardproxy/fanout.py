@@ -6,7 +6,9 @@ parameters), collecting the responses instead of sending them. What the real cli
 from those responses here.
 
 Writes on every shard are all-or-nothing: each leg runs the batch inside a transaction, then all prepare
-(PREPARE TRANSACTION) and all commit, or all roll back. Servers without prepared transactions
+(PREPARE TRANSACTION) and all commit, or all roll back. The first shard (the decider) prepares before the
+others and commits before them, and rolls back after them, so that a commit left in doubt can be resolved
+from the decider's state alone (shardproxy.recovery). Servers without prepared transactions
 (max_prepared_transactions = 0) get a plain COMMIT on each shard, after every shard has succeeded.
 Statements that PostgreSQL refuses inside a transaction block (CREATE INDEX CONCURRENTLY, VACUUM, ...)
 cannot be all-or-nothing: each shard runs them on its own, and a failure names the shards they took effect on.
@@ -22,10 +24,12 @@ from typing import TYPE_CHECKING
 from shardproxy import protocol as pg
 from shardproxy.client import ClientConnection
 from shardproxy.merge import Merger, ScatterPlan, Unmergeable, plan_scatter
+from shardproxy.params import literal
 from shardproxy.routing import Decision
 
 if TYPE_CHECKING:
     from shardproxy.pool import Pool
+    from shardproxy.proxy import Proxy
     from shardproxy.server import ServerConnection
 
 Message = tuple[int, bytes]
@@ -79,6 +83,13 @@ class Leg(ClientConnection):
         self.statements, self.params, self.param_sql = client.statements, client.params, client.param_sql
         self.error: pg.PostgresError | None = None
         self._answered: asyncio.Future | None = None
+
+    @classmethod
+    def for_proxy(cls, proxy: Proxy, pool: Pool) -> Leg:
+        """A leg for the proxy's own statements, as the pool's user in its database."""
+        stand_in = ClientConnection(proxy)
+        stand_in.user, stand_in.database = pool.key.user, pool.key.database
+        return cls(stand_in, pool)
 
     async def run(self, batch: bytes) -> list[Message]:
         """Send a batch and wait for every response to it."""
@@ -208,18 +219,46 @@ def _middle(messages: list[Message]) -> tuple[list[Message], str]:
     return messages[ready[0] + 1 : ready[-2] + 1], (_data_value(setting[1]) if len(setting) > 1 else "")
 
 
+PREPARE_FAILED = "shardproxy: PREPARE TRANSACTION failed on a shard; rolled back"
+GID_PREFIX = "shardproxy:"
+
+
+def new_gid(decider: str) -> str:
+    """A two-phase commit's name: it names its first participant, whose state decides it (see recovery.py)."""
+    return f"{GID_PREFIX}{decider}:{uuid.uuid4().hex}"
+
+
+def decider_of(gid: str) -> str:
+    return gid.removeprefix(GID_PREFIX).rpartition(":")[0]
+
+
 async def _commit(legs: list[Leg], two_phase: bool) -> None:
     """Two-phase commit where every server allows it, else one COMMIT per shard."""
     if not two_phase:
         await run_legs(legs, [pg.query("COMMIT")] * len(legs))
         return
-    gid = f"shardproxy_{uuid.uuid4().hex}"
-    prepared = await run_legs(legs, [pg.query(f"PREPARE TRANSACTION '{gid}'")] * len(legs))
+    decider, others = legs[0], legs[1:]
+    gid = literal(new_gid(decider.pool.node.shard))
+    if first_error([await decider.run(pg.query(f"PREPARE TRANSACTION {gid}"))]) is not None:
+        await run_legs(others, [pg.query("ROLLBACK")] * len(others))
+        raise pg.PostgresError(pg.INTERNAL_ERROR, PREPARE_FAILED)
+    prepared = await run_legs(others, [pg.query(f"PREPARE TRANSACTION {gid}")] * len(others))
     if first_error(prepared) is not None:
-        await asyncio.gather(*(leg.run(pg.query(f"ROLLBACK PREPARED '{gid}'"))
-                               for leg, answers in zip(legs, prepared) if first_error([answers]) is None))
-        raise pg.PostgresError(pg.INTERNAL_ERROR, "shardproxy: PREPARE TRANSACTION failed on a shard; rolled back")
-    await run_legs(legs, [pg.query(f"COMMIT PREPARED '{gid}'")] * len(legs))
+        await _roll_back(decider, [leg for leg, answers in zip(others, prepared) if first_error([answers]) is None],
+                         gid)
+        raise pg.PostgresError(pg.INTERNAL_ERROR, PREPARE_FAILED)
+    if first_error([await decider.run(pg.query(f"COMMIT PREPARED {gid}"))]) is not None:
+        raise pg.PostgresError(pg.INTERNAL_ERROR, "shardproxy: COMMIT PREPARED failed on the first shard; the "
+                               "transaction stays prepared until in-doubt recovery rolls it back on every shard")
+    await run_legs(others, [pg.query(f"COMMIT PREPARED {gid}")] * len(others))
+
+
+async def _roll_back(decider: Leg, prepared: list[Leg], gid: str) -> None:
+    """The decider last, and only once every other leg has rolled back: while it holds the transaction
+    prepared, recovery (shardproxy.recovery) rolls back whatever is left."""
+    undone = await run_legs(prepared, [pg.query(f"ROLLBACK PREPARED {gid}")] * len(prepared))
+    if first_error(undone) is None:
+        await decider.run(pg.query(f"ROLLBACK PREPARED {gid}"))
 
 
 def _data_value(message: Message) -> str:

@@ -228,17 +228,7 @@ class HealthChecker:
         timeout = min(self._region_interval(node.address), self.timeout)
         conn = self._conns.get(node.address)
         if conn is None or conn.is_closed():
-            conn = await asyncpg.connect(
-                host=node.host,
-                port=node.port,
-                user=self.user,
-                password=self.password,
-                database=self.database,
-                timeout=timeout,
-                ssl=_ssl(self.config),
-                server_settings={"application_name": "shardproxy health check"},
-            )
-            self._conns[node.address] = conn
+            conn = self._conns[node.address] = await self.connect(node, "shardproxy health check", timeout)
         sent = time.monotonic()
         row = await conn.fetchrow(PROBE_SQL, timeout=timeout)
         return Probe(
@@ -249,6 +239,19 @@ class HealthChecker:
             sent=sent,
             received=time.monotonic(),
             at=time.time(),
+        )
+
+    async def connect(self, node: NodeState, application_name: str, timeout: float) -> asyncpg.Connection:
+        """A connection to the node as health checks log in (also for the proxy's other checks)."""
+        return await asyncpg.connect(
+            host=node.host,
+            port=node.port,
+            user=self.user,
+            password=self.password,
+            database=self.database,
+            timeout=timeout,
+            ssl=_ssl(self.config),
+            server_settings={"application_name": application_name},
         )
 
     def _drop(self, address: str) -> None:

@@ -142,6 +142,10 @@ class Metrics:
                               registry=self.registry)
         self.failovers = CounterMetric("shardproxy_failovers_total", "Changes of a shard's primary to another node",
                                  ["shard"], registry=self.registry)
+        self.in_doubt_resolved = CounterMetric("shardproxy_in_doubt_resolved_total", "Prepared transactions left "
+                                               "in doubt, finished by recovery", ["decision"], registry=self.registry)
+        for decision in ("commit", "rollback"):
+            self.in_doubt_resolved.labels(decision)
         for kind in {*_ERROR_BY_MESSAGE.values(), *_ERROR_BY_CODE.values(), _SERVER_ERROR}:
             self.errors.labels(kind)  # every kind is exported from the start, at zero
         self._tallies: dict[tuple[str, str], Tally] = {}

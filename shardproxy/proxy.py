@@ -17,6 +17,7 @@ from shardproxy.config import Config, ConfigError, User, load_config
 from shardproxy.health import HealthChecker
 from shardproxy.metrics import Metrics
 from shardproxy.pool import Pool, PoolKey
+from shardproxy.recovery import Recovery
 from shardproxy.ring import fraction_moved
 from shardproxy.router import Route, Router
 from shardproxy.routing import Decision
@@ -54,6 +55,7 @@ class Proxy:
         self.proven_keys: dict[str, ProvenKey] = {}  # users configured with a verifier: their clients' proven key
         self._server: asyncio.AbstractServer | None = None
         self._janitor: asyncio.Task | None = None
+        self.recovery = Recovery(self)  # of two-phase commits left in doubt
         self._stopped = asyncio.Event()
         self.admin = Admin(self)
         self.metrics = Metrics(self)
@@ -108,6 +110,7 @@ class Proxy:
             client.fail(pg.PostgresError(pg.ADMIN_SHUTDOWN, "shardproxy is shutting down"))
         if self._janitor is not None:
             self._janitor.cancel()
+        self.recovery.close()
         await self.health.stop()
         for pool in self.pools.values():
             pool.close()
@@ -292,6 +295,7 @@ class Proxy:
                 if pool.draining and not pool.servers and self.pools.get(key) is pool:
                     del self.pools[key]
             self._expire_idle_transactions(now)
+            self.recovery.tick(now)
 
     def _expire_idle_transactions(self, now: float) -> None:
         """idle_transaction_timeout: the client is silent inside a transaction; query_timeout: the server is

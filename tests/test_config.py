@@ -197,6 +197,11 @@ def test_duplicate_shard_names() -> None:
     assert problems_of(text) == ["x.yaml:9: shards[1].name: duplicate shard name 's0'"]
 
 
+def test_shard_name_fits_a_two_phase_commit_gid() -> None:
+    text = BASE.replace("name: s1", f"name: {'s' * 151}")
+    assert problems_of(text) == ["x.yaml:9: shards[1].name: longer than 150 bytes"]
+
+
 def test_node_in_unknown_region() -> None:
     text = BASE.replace("region: west}", "region: mars}")
     assert problems_of(text) == [

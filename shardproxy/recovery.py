@@ -1,0 +1,146 @@
+"""In-doubt two-phase commits: prepared transactions a proxy left behind when it died, or lost a shard,
+between PREPARE TRANSACTION and COMMIT PREPARED. They hold their locks until someone finishes them.
+
+No log is needed, thanks to the order fanout._commit keeps: the gid names the first participant (the
+decider), which prepares before the others, commits before them and rolls back after them. So while the
+decider holds the gid prepared, nobody has committed: roll back everywhere. Once it does not, and another
+participant does, the decider committed: commit everywhere. While the decider cannot be reached, nothing is
+decided. Only transactions prepared more than routing.in_doubt_after ago are looked at, so commits in flight
+(of this proxy or another one) are never touched; passes by several proxies at once agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, NamedTuple
+
+from shardproxy import protocol as pg
+from shardproxy.fanout import GID_PREFIX, Leg, decider_of, first_error
+from shardproxy.health import CHECK_ERRORS
+from shardproxy.params import literal
+
+if TYPE_CHECKING:
+    from shardproxy.proxy import Proxy
+
+log = logging.getLogger("shardproxy.recovery")
+
+PASS_INTERVAL = 30.0  # seconds between passes, or in_doubt_after if shorter
+_E = ord("E")
+
+
+class Prepared(NamedTuple):
+    database: str
+    owner: str
+    old: bool  # prepared longer than in_doubt_after ago
+
+
+class Recovery:
+    """Runs a pass shortly after start and then every PASS_INTERVAL, from the proxy's janitor."""
+
+    def __init__(self, proxy: Proxy):
+        self.proxy = proxy
+        self.started = -PASS_INTERVAL  # of the last pass; the first runs at the janitor's first round
+        self.task: asyncio.Task | None = None
+
+    def tick(self, now: float) -> None:
+        interval = min(PASS_INTERVAL, self.proxy.config.routing.in_doubt_after)  # a reload applies at once
+        if now - self.started < interval or (self.task is not None and not self.task.done()):
+            return
+        self.started = now
+        self.task = asyncio.get_running_loop().create_task(self._pass())
+
+    def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+    async def _pass(self) -> None:
+        try:
+            async with asyncio.timeout(PASS_INTERVAL):
+                await resolve_in_doubt(self.proxy)
+        except TimeoutError:
+            log.warning("in-doubt recovery pass took over %gs; the rest waits for the next pass", PASS_INTERVAL)
+        except Exception:  # a bug: say so, and try again next time
+            log.exception("in-doubt recovery pass failed")
+
+
+async def resolve_in_doubt(proxy: Proxy) -> None:
+    """One pass over every shard primary that is up."""
+    names = [shard.name for shard in proxy.config.shards]
+    found = await asyncio.gather(*(_prepared_on(proxy, name) for name in names))
+    held = {name: gids for name, gids in zip(names, found) if gids is not None}  # the shards that answered
+    in_doubt = sorted({gid for gids in held.values() for gid, xact in gids.items() if xact.old})
+    for gid in in_doubt:
+        decider = decider_of(gid)
+        if decider in held:  # else unreachable (or no shard of this config): not decided yet
+            holders = {name: gids[gid] for name, gids in held.items() if gid in gids}
+            await _finish(proxy, gid, gid not in held[decider], holders, decider)
+
+
+async def _finish(proxy: Proxy, gid: str, commit: bool, holders: dict[str, Prepared], decider: str) -> None:
+    """COMMIT or ROLLBACK PREPARED on every shard holding it; a rollback reaches the decider last, so that
+    a pass that stops half-way (or another proxy's pass) still finds the decision where it was."""
+    sql = f"{'COMMIT' if commit else 'ROLLBACK'} PREPARED {literal(gid)}"
+    others = [name for name in holders if name != decider]
+    results = await asyncio.gather(*(_run(proxy, name, holders[name], sql) for name in others))
+    done = [name for name, ok in zip(others, results) if ok]
+    if decider in holders and len(done) == len(others) and await _run(proxy, decider, holders[decider], sql):
+        done.append(decider)
+    decision = "commit" if commit else "rollback"
+    shards = ", ".join(done) or "no shard"
+    if len(done) < len(holders):
+        log.warning("in-doubt transaction %s: %s done on %s only; the rest waits for the next pass", gid,
+                    decision, shards)
+        return
+    proxy.metrics.in_doubt_resolved.labels(decision).inc()
+    log.info("in-doubt transaction %s resolved: %s on %s", gid, decision, shards,
+             extra={"event": "in_doubt_resolved", "gid": gid, "decision": decision, "shards": done})
+
+
+async def _prepared_on(proxy: Proxy, shard: str) -> dict[str, Prepared] | None:
+    """The proxy's prepared transactions on the shard's primary by gid; None if it cannot be asked.
+
+    Asked on a connection of its own, as health checks are, not a pooled one: a pool would keep a
+    connection open for this on every primary, in SHOW POOLS, and a paused pool would hold the question."""
+    node = proxy.topology.primary(shard)
+    if node is None:
+        return None
+    try:
+        conn = await proxy.health.connect(node, "shardproxy recovery", proxy.health.timeout)
+        try:
+            rows = await conn.fetch(_PREPARED_SQL, GID_PREFIX, proxy.config.routing.in_doubt_after,
+                                    timeout=proxy.health.timeout)
+        finally:
+            conn.terminate()
+    except CHECK_ERRORS as exc:
+        log.debug("in-doubt recovery: cannot ask shard %s: %s", shard, exc)
+        return None
+    return {row["gid"]: Prepared(row["database"], row["owner"], row["old"]) for row in rows}
+
+
+_PREPARED_SQL = ("SELECT gid, database, owner, prepared < now() - make_interval(secs => $2) AS old "
+                 "FROM pg_prepared_xacts WHERE starts_with(gid, $1)")
+
+
+async def _run(proxy: Proxy, shard: str, xact: Prepared, sql: str) -> bool:
+    """Run sql on the shard's primary, on a pooled connection in the transaction's database; whether it did."""
+    node = proxy.topology.primary(shard)
+    if node is None:
+        return False
+    # PostgreSQL lets only the transaction's owner (or a superuser) finish it. The proxy logs in only as
+    # users it has passwords for: an owner it does not know is tried as its health-check user, which then
+    # has to be a superuser.
+    user = xact.owner if proxy.config.user(xact.owner) is not None else proxy.health.user
+    leg = Leg.for_proxy(proxy, proxy.pool_for(xact.database, user, node))
+    try:
+        answers = await leg.run(pg.query(sql))
+    except pg.PostgresError as exc:
+        log.debug("in-doubt recovery: %s on shard %s: %s", sql, shard, exc.message)
+        return False
+    finally:
+        leg.release()
+    if first_error([answers]) is not None:
+        error = pg.PostgresError.from_body(next(body for t, body in answers if t == _E))
+        log.warning("in-doubt recovery: %s on shard %s failed: %s", sql, shard, error.message)
+        return False
+    return True

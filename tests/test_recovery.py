@@ -1,0 +1,146 @@
+"""In-doubt two-phase commits, left by hand on three real shards as a proxy that died would leave them,
+and resolved by a running proxy from the first participant's state alone."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import psycopg
+import pytest
+
+from shardproxy.fanout import new_gid
+from tests.conftest import APP_DB
+
+REGION = "recov"
+SHORT = {"in_doubt_after": "1s"}
+
+
+@pytest.fixture(scope="module")
+def shards(sandbox):
+    clusters = [sandbox.cluster(f"recov{i}", regions=[REGION]) for i in range(3)]
+    for cluster in clusters:
+        cluster.primary.sql(f"CREATE DATABASE {APP_DB} OWNER app")
+    return clusters
+
+
+def start_proxy(sandbox, shards, name: str, routing: dict):
+    # Health checked every second: a shard that comes back is seen soon.
+    return sandbox.proxy(name, shards, routing=routing,
+                         regions={REGION: {"primary": True, "health_check_interval": "1s"}})
+
+
+@pytest.fixture(scope="module")
+def proxy(sandbox, shards):
+    proxy = start_proxy(sandbox, shards, "recovery", SHORT)
+    with psycopg.connect(proxy.dsn(dbname=APP_DB), autocommit=True) as conn:
+        conn.execute("CREATE TABLE doubts (tag text)")  # DDL through the proxy: a two-phase commit
+    return proxy
+
+
+def prepare(cluster, gid: str, tag: str) -> None:
+    """A transaction of the app user that inserts `tag`, prepared as `gid` and left there."""
+    with psycopg.connect(cluster.primary.dsn(user="app", dbname=APP_DB), autocommit=True) as conn:
+        conn.execute("BEGIN")
+        conn.execute("INSERT INTO doubts VALUES (%s)", (tag,))
+        conn.execute(f"PREPARE TRANSACTION '{gid}'")
+
+
+def commit(cluster, tag: str) -> None:
+    cluster.primary.sql(f"INSERT INTO doubts VALUES ('{tag}')", dbname=APP_DB)
+
+
+def prepared(cluster) -> set[str]:
+    return {gid for (gid,) in cluster.primary.sql("SELECT gid FROM pg_prepared_xacts")}
+
+
+def holders(shards, gid: str) -> list[str]:
+    return [cluster.name for cluster in shards if gid in prepared(cluster)]
+
+
+def rows(shards, tag: str) -> list[int]:
+    return [cluster.primary.sql(f"SELECT count(*) FROM doubts WHERE tag = '{tag}'", dbname=APP_DB)[0][0]
+            for cluster in shards]
+
+
+def wait_resolved(shards, gid: str, timeout: float = 8) -> None:
+    deadline = time.monotonic() + timeout
+    while holders(shards, gid):
+        assert time.monotonic() < deadline, f"{gid} still prepared on {holders(shards, gid)}"
+        time.sleep(0.1)
+
+
+def test_ddl_through_the_proxy_leaves_nothing_prepared(proxy, shards):
+    assert [prepared(cluster) for cluster in shards] == [set()] * 3
+    assert rows(shards, "none") == [0, 0, 0]  # the table is on every shard
+
+
+def test_first_participant_committed_so_the_others_commit(proxy, shards):
+    gid = new_gid(shards[0].name)
+    commit(shards[0], "a")
+    for cluster in shards[1:]:
+        prepare(cluster, gid, "a")
+    wait_resolved(shards, gid)
+    assert rows(shards, "a") == [1, 1, 1]
+    assert f"in-doubt transaction {gid} resolved: commit on" in proxy.log()
+
+
+def test_all_prepared_so_all_roll_back(proxy, shards):
+    gid = new_gid(shards[1].name)
+    for cluster in shards:
+        prepare(cluster, gid, "b")
+    wait_resolved(shards, gid)
+    assert rows(shards, "b") == [0, 0, 0]
+    assert f"in-doubt transaction {gid} resolved: rollback on" in proxy.log()
+
+
+def test_first_participant_down_decides_nothing_until_it_is_back(proxy, shards):
+    gid = new_gid(shards[2].name)
+    for cluster in shards:
+        prepare(cluster, gid, "c")
+    decider = shards[2].primary
+    decider.stop()
+    try:
+        time.sleep(3)  # passes every second: without the decider, a committing pass would have run
+        assert holders(shards[:2], gid) == [shards[0].name, shards[1].name]
+    finally:
+        decider.start()
+    wait_resolved(shards, gid)
+    assert rows(shards, "c") == [0, 0, 0]
+
+
+def test_young_transactions_are_left_to_their_commit(sandbox, proxy, shards):
+    """A proxy that waits 3s: a pass that resolves an old gid leaves a younger one alone."""
+    proxy.stop()
+    patient = None
+    try:
+        old, young = new_gid(shards[0].name), new_gid(shards[0].name)
+        for cluster in shards:
+            prepare(cluster, old, "d-old")
+        time.sleep(3.5)
+        for cluster in shards:
+            prepare(cluster, young, "d-young")
+        patient = start_proxy(sandbox, shards, "recovery-patient", {"in_doubt_after": "3s"})
+        wait_resolved(shards, old)
+        assert len(holders(shards, young)) == 3
+        wait_resolved(shards, young)  # once it is old
+    finally:
+        if patient is not None:
+            patient.stop()
+        proxy.start()
+
+
+def test_other_gids_are_never_touched(proxy, shards):
+    foreign = [f"other:{shards[0].name}:{uuid.uuid4().hex}", f"shardproxy_{uuid.uuid4().hex}"]
+    ours = new_gid(shards[0].name)
+    for cluster in shards:
+        for gid in [*foreign, ours]:
+            prepare(cluster, gid, "e")
+    wait_resolved(shards, ours)
+    time.sleep(1.5)  # another pass
+    try:
+        assert all(holders(shards, gid) == [c.name for c in shards] for gid in foreign)
+    finally:
+        for cluster in shards:
+            for gid in foreign:
+                cluster.primary.sql(f"ROLLBACK PREPARED '{gid}'", dbname=APP_DB)
