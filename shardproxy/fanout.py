@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import uuid
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
     from shardproxy.pool import Pool
     from shardproxy.proxy import Proxy
     from shardproxy.server import ServerConnection
+
+log = logging.getLogger("shardproxy.fanout")
 
 Message = tuple[int, bytes]
 _E, _Z, _C, _D = b"EZCD"
@@ -248,9 +251,16 @@ async def _commit(legs: list[Leg], two_phase: bool) -> None:
                          gid)
         raise pg.PostgresError(pg.INTERNAL_ERROR, PREPARE_FAILED)
     if first_error([await decider.run(pg.query(f"COMMIT PREPARED {gid}"))]) is not None:
-        raise pg.PostgresError(pg.INTERNAL_ERROR, "shardproxy: COMMIT PREPARED failed on the first shard; the "
-                               "transaction stays prepared until in-doubt recovery rolls it back on every shard")
-    await run_legs(others, [pg.query(f"COMMIT PREPARED {gid}")] * len(others))
+        raise pg.PostgresError(pg.INTERNAL_ERROR, "shardproxy: COMMIT PREPARED failed on the first shard; in-doubt "
+                               "recovery commits or rolls back every shard as that shard decided")
+    # Committed on the first shard: decided. A shard that fails now gets the commit from in-doubt recovery.
+    answers = await asyncio.gather(*(leg.run(pg.query(f"COMMIT PREPARED {gid}")) for leg in others),
+                                   return_exceptions=True)
+    failed = [leg.pool.node.address for leg, answer in zip(others, answers)
+              if isinstance(answer, BaseException) or first_error([answer]) is not None]
+    if failed:
+        log.warning("COMMIT PREPARED %s failed on %s: committed on the first shard, in-doubt recovery finishes it",
+                    gid, ", ".join(failed))
 
 
 async def _roll_back(decider: Leg, prepared: list[Leg], gid: str) -> None:
