@@ -45,6 +45,8 @@ _SSL_YES = b"S"
 
 
 class ClientConnection(Routing, Connection):
+    kind: str | None = None  # what its transactions count as in queries_total (fanout legs); None: by node role
+
     def __init__(self, proxy: Proxy):
         super().__init__()
         self.proxy = proxy

@@ -77,8 +77,9 @@ def join_messages(messages: list[Message]) -> bytes:
 class Leg(ClientConnection):
     """One shard's part of a multi-shard statement, on behalf of `client`."""
 
-    def __init__(self, client: ClientConnection, pool: Pool):
+    def __init__(self, client: ClientConnection, pool: Pool, kind: str | None = None):
         super().__init__(client.proxy)
+        self.kind = kind  # what its transaction counts as: the statement's kind, not the node's role
         self.id = client.id  # logs name the client, as SHOW CLIENTS does
         self.transport = Collector()  # type: ignore[assignment]
         self.routes = False  # the batch was routed already: it runs on this leg's shard as it is
@@ -160,9 +161,9 @@ class NotTransactional(Exception):
     """The batch cannot run inside a transaction block (SQLSTATE 25001): nothing of it ran."""
 
 
-async def run_everywhere(client: ClientConnection, pools: list[Pool], batch: bytes, status: int) -> bytes:
+async def run_everywhere(client: ClientConnection, pools: list[Pool], batch: bytes, status: int, kind: str) -> bytes:
     """Run a write batch on every shard's primary, all-or-nothing; the client's response."""
-    legs = [Leg(client, pool) for pool in pools]
+    legs = [Leg(client, pool, kind) for pool in pools]
     try:
         begin = pg.query("BEGIN")
         setting = pg.query("SHOW max_prepared_transactions")
@@ -180,14 +181,15 @@ async def run_everywhere(client: ClientConnection, pools: list[Pool], batch: byt
             leg.release()
 
 
-async def run_alone_everywhere(client: ClientConnection, pools: list[Pool], batch: bytes, status: int) -> bytes:
+async def run_alone_everywhere(client: ClientConnection, pools: list[Pool], batch: bytes, status: int,
+                               kind: str) -> bytes:
     """Run a batch that cannot be inside a transaction block on every shard's primary at once, each on its
     own. Nothing can be undone afterwards, so if some shards fail, the client's error says which shards
     have it done (and PostgreSQL's SQLSTATE and detail of the first failure)."""
     if status != pg.IDLE:  # as PostgreSQL answers it inside a transaction block
         raise pg.PostgresError(ACTIVE_SQL_TRANSACTION, "shardproxy: this statement cannot run inside a "
                                "transaction block (it runs on every shard without one)")
-    legs = [Leg(client, pool) for pool in pools]
+    legs = [Leg(client, pool, kind) for pool in pools]
     try:
         responses = await run_legs(legs, [batch] * len(legs))
     finally:
@@ -288,7 +290,7 @@ async def scatter(client: ClientConnection, pools: list[Pool], plan: ScatterPlan
     """Run a read on every shard (the plan's rewritten SQL) and merge the answers into the client's reply."""
     client_messages = split_messages(batch)
     leg_batch = _scatter_batch(client, plan, client_messages)
-    legs = [Leg(client, pool) for pool in pools]
+    legs = [Leg(client, pool, "scatter") for pool in pools]
     try:
         responses = await run_legs(legs, [leg_batch] * len(legs))
     finally:
@@ -380,12 +382,13 @@ async def run(client: ClientConnection, decision: Decision, batch: bytes, status
         raise pg.PostgresError(pg.FEATURE_NOT_SUPPORTED, "shardproxy: a statement that runs on every shard "
                                "must be the only one in its batch (send a Sync before and after it)")
     if write:
+        kind = "ddl" if route.kind == "ddl" else "write"  # as shardproxy_queries_total counts it
         if decision.plan is not None and decision.plan.concurrently:
-            return await run_alone_everywhere(client, pools, batch, status)
+            return await run_alone_everywhere(client, pools, batch, status, kind)
         try:
-            return await run_everywhere(client, pools, batch, status)
+            return await run_everywhere(client, pools, batch, status, kind)
         except NotTransactional:
-            return await run_alone_everywhere(client, pools, batch, status)
+            return await run_alone_everywhere(client, pools, batch, status, kind)
     try:
         plan = _scatter_plan(decision.sql)
     except Unmergeable as exc:

@@ -83,10 +83,10 @@ class Spread:
 class Tally:
     """The events of one (shard, role): plain numbers that the data path bumps and a scrape reads."""
 
-    __slots__ = ("read", "write", "ddl", "scatter", "duration", "wait")
+    __slots__ = ("queries", "duration", "wait")
 
     def __init__(self) -> None:
-        self.read = self.write = self.ddl = self.scatter = 0
+        self.queries = dict.fromkeys(QUERY_KINDS, 0)
         self.duration = Spread()  # how long a client held a server connection
         self.wait = Spread()  # how long a client queued for one
 
@@ -121,16 +121,13 @@ class PoolStats:
             self.wait_time += waited
             self.tally().wait.observe(waited)
 
-    def transaction(self, seconds: float) -> None:
-        """A transaction ended. Until the router counts statements by kind, a transaction counts as one query:
-        a read on a replica, else a write."""
+    def transaction(self, seconds: float, kind: str | None) -> None:
+        """A transaction ended. It counts as one query of its kind: a shard's part of a statement on every shard
+        (scatter, ddl, write) says so; any other is a read on a replica, else a write."""
         self.transactions += 1
         self.transaction_time += seconds
         tally = self.tally()
-        if self._role == "replica":
-            tally.read += 1
-        else:
-            tally.write += 1
+        tally.queries[kind or ("read" if self._role == "replica" else "write")] += 1
         tally.duration.observe(seconds)
 
 
@@ -211,16 +208,17 @@ class _EventCollector(Collector):
         self.tallies = tallies
 
     def collect(self) -> Iterator[Metric]:
-        queries = CounterMetricFamily("shardproxy_queries", "Queries by shard, node role and kind (today: transactions)",
-                                      labels=["shard", "role", "kind"])
+        queries = CounterMetricFamily("shardproxy_queries", "Transactions by shard, node role and kind: a shard's "
+                                      "part of a statement on every shard as scatter, ddl or write, any other "
+                                      "as read on a replica, else write", labels=["shard", "role", "kind"])
         duration = HistogramMetricFamily("shardproxy_query_duration_seconds",
                                          "Time a client held a server connection, per transaction",
                                          labels=["shard", "role"])
         wait = HistogramMetricFamily("shardproxy_pool_wait_seconds", "Time clients queued for a server connection",
                                      labels=["shard", "role"])
         for (shard, role), tally in list(self.tallies.items()):
-            for kind in QUERY_KINDS:
-                queries.add_metric([shard, role, kind], getattr(tally, kind))
+            for kind, count in tally.queries.items():
+                queries.add_metric([shard, role, kind], count)
             for family, spread in ((duration, tally.duration), (wait, tally.wait)):
                 family.add_metric([shard, role], _cumulative(spread.counts), spread.sum)
         yield from (queries, duration, wait)

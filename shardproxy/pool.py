@@ -102,7 +102,7 @@ class Pool:
         client = server.client
         if client is not None:
             seconds = (now or time.monotonic()) - server.linked_at
-            self.stats.transaction(seconds)
+            self.stats.transaction(seconds, client.kind)
             self.node.outstanding -= 1
             slow = self.proxy.config.log.slow_queries
             # Per transaction (per session in session pooling): the time from hand-out to give-back, so one

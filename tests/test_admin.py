@@ -321,6 +321,22 @@ def test_metrics_follow_the_contract_and_count_traffic(proxy: ProxyProcess, repl
             assert lint.returncode == 0, lint.stdout + lint.stderr
 
 
+def test_statements_on_every_shard_count_as_their_kind(replicated: ProxyProcess, replicas: Cluster) -> None:
+    """A DDL statement counts as ddl on each shard's primary, a read with no key as scatter, not by node role."""
+    def count(text: str, kind: str) -> float:
+        return total(text, "shardproxy_queries_total", shard=replicas.name, kind=kind)
+
+    replicas.primary.sql("CREATE SCHEMA IF NOT EXISTS kinds AUTHORIZATION app")
+    before = scrape(replicated)
+    with psycopg.connect(replicated.dsn(), autocommit=True) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS kinds.t (user_id int, n int)")
+        replicas.wait_replicas_caught_up(10)  # the read may go to the replica
+        conn.execute("SELECT count(*) FROM kinds.t").fetchone()
+    after = scrape(replicated)
+    assert count(after, "ddl") == count(before, "ddl") + 1
+    assert count(after, "scatter") == count(before, "scatter") + 1
+
+
 def test_dashboard_queries_only_exported_metrics(proxy: ProxyProcess, replicated: ProxyProcess) -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     assert [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
