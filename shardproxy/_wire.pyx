@@ -67,6 +67,11 @@ cdef inline bint _session_prefix(const unsigned char* s, Py_ssize_t size):
     return False
 
 
+def is_session_statement(buf, Py_ssize_t start, Py_ssize_t end) -> bool:
+    """_session_prefix for Python callers: the statement text at buf[start:end] (a bytes or bytearray)."""
+    return _session_prefix(_chars(buf) + start, end - start)
+
+
 cdef inline long _action(object pending):
     return (<tuple>pending[0])[1]
 

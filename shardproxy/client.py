@@ -22,7 +22,9 @@ from shardproxy.admin import ADMIN_DATABASE
 from shardproxy.auth import (
     ProvenKey, ScramException, ScramServerExchange, is_scram_verifier, md5_answer, parse_sasl_initial,
 )
-from shardproxy._wire import CLOSE, DESCRIBE, FORWARD, HIDDEN_QUERY, HIDE, PARSE, QUERY, QUERY_REQ, SYNTH, forward_requests
+from shardproxy._wire import (
+    CLOSE, DESCRIBE, FORWARD, HIDDEN_QUERY, HIDE, PARSE, QUERY, QUERY_REQ, SYNTH, forward_requests, is_session_statement,
+)
 from shardproxy.connection import Connection
 from shardproxy.routing import Routing
 from shardproxy.server import ServerConnection
@@ -36,7 +38,6 @@ log = logging.getLogger("shardproxy.client")
 
 _S, _P, _C, _X, _p = b"SPCXp"
 _UNPACK = pg.INT32.unpack_from
-_SESSION_PREFIXES = (b"set ", b"rese", b"deal", b"disc")
 _DEALLOCATE_DONE = (QUERY, SYNTH, pg.command_complete("DEALLOCATE"))
 _DEALLOCATE_ALL_DONE = (QUERY, SYNTH, pg.command_complete("DEALLOCATE ALL"))
 _CLOSE_DONE = (CLOSE, SYNTH, pg.CLOSE_COMPLETE)
@@ -235,9 +236,9 @@ class ClientConnection(Routing, Connection):
             buf = self.buf
             first = buf[0]
             if first == _P and len(buf) > 5 and buf[5] or first == _C or first == _S:  # (what it may answer)
-                if not self._answer_without_server():
+                if not self._answer_without_server():  # answers trim buf in place
                     return
-            if self.buf[0] == _X:
+            if buf[0] == _X:
                 self.reason = "client sent Terminate"
                 self.close()
                 return
@@ -279,7 +280,7 @@ class ClientConnection(Routing, Connection):
                     break
                 self.statements[name] = statement
                 replies.append(pg.PARSE_COMPLETE)
-                if bytes(buf[body_start:body_start + 4]).lower() in _SESSION_PREFIXES:
+                if is_session_statement(buf, body_start, end):
                     self._track_set(pg.read_cstring(buf, body_start)[0].decode(errors="replace"), None)
             elif t == _C and buf[pos + 5] == _S and buf[pos + 6]:
                 self.statements.pop(bytes(buf[pos + 6:end - 1]), None)
