@@ -1,21 +1,27 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
-"""The per-message loops of the data path, compiled: what a client sends (`forward_requests`, the body of
-ClientConnection._forward) and what a server answers (`forward_responses`, ServerConnection.on_data).
+"""The data path, compiled: the hot halves of client and server connections as extension types.
 
-Every request forwarded to a server is recorded in the server connection's `pending` queue as a
-(kind, action, arg) tuple, and every response that completes a request pops it (see server.py). The loops
-read message headers straight from the receive buffer and forward the bytes they arrived in; anything
-unusual (named statements, session statements, routing, errors) is handed to the connection's Python methods.
+ClientCore (the base of ClientConnection) takes what a client sends: between transactions it starts the next
+one on a server connection from a pool (`_dispatch`, `link`), during one it frames and forwards (`_forward`),
+and when the server is free again it gives it back (`_server_ready`). ServerCore (the base of ServerConnection)
+frames what a server answers and forwards it (`on_data`). Every request forwarded to a server is recorded in the
+server connection's `pending` queue as a (kind, action, arg) tuple, and every response that completes a request
+pops it (see server.py). The loops read message headers straight from the receive buffer and forward the bytes
+they arrived in; anything unusual (named statements, session statements, routing, errors, logins) is handed to
+the connections' Python methods. Fields the data path reads are typed attributes here; the rest live in the
+Python subclasses.
 """
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_CheckExact
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact
 from libc.string cimport memchr
 
+import logging
+import select
 from time import monotonic
 
 from shardproxy import protocol as pg
-from shardproxy.params import REPORTED
+from shardproxy.params import REPORTED, sync_statements
 from shardproxy.statements import parameter_types
 
 # Request kinds, and what to do with their responses.
@@ -40,6 +46,9 @@ HIDDEN_QUERY = (QUERY, HIDE, None)
 HIDDEN_CLOSE = (CLOSE, HIDE, None)
 
 cdef object _INVALID_LENGTH = "invalid message length"
+cdef int _IDLE = pg.IDLE
+cdef double HUNG_UP_CHECK_AFTER = 0.01  # seconds idle, before a hand-out checks that the server is still there
+_pool_log = logging.getLogger("shardproxy.pool")
 
 
 cdef inline const unsigned char* _chars(object buf):
@@ -76,222 +85,525 @@ cdef inline long _action(object pending):
     return (<tuple>pending[0])[1]
 
 
-def forward_requests(client, buf):
-    """Frame what the client sent, record each request in the linked server's `pending` queue, and write it
-    on unchanged, but for named statements, session statements and routing decisions (the client's methods)."""
-    if not (PyBytes_CheckExact(buf) or PyByteArray_CheckExact(buf)):
-        buf = bytes(buf)
-    cdef const unsigned char* p = _chars(buf)
-    cdef Py_ssize_t n = len(buf), pos = 0, span = 0, end, length, check, refuse = -1, decider = -1, name_end, portal_end
-    cdef Py_ssize_t max_size = client.max_message_size
-    cdef unsigned char t
-    cdef bint routes = client.routes, executing = client.mid_batch, go
-    server = client.server
-    pending = server.pending
-    append = pending.append
-    out = []
-    check = 0 if routes and not executing else -1  # where the next batch starts
-    while n - pos >= 5:
-        t = p[pos]
-        length = _length(p + pos + 1)
-        end = pos + 1 + length
-        if length < 4 or length > max_size:
-            client._fatal(pg.PostgresError(pg.PROTOCOL_VIOLATION, _INVALID_LENGTH))
+cdef inline object _joined(object connection, object data):
+    """What arrived, after the bytes of an incomplete message left from the last read."""
+    cdef bytearray buf = connection.buf
+    if not buf:
+        return data
+    connection.buf = bytearray()
+    buf += data
+    return buf
+
+
+cdef class ServerCore
+
+
+cdef class ClientCore:
+    """The data path's half of a client connection (ClientConnection adds login, statements and routing)."""
+
+    cdef public object transport, peer, proxy, pool, params, param_sql, decided, kind
+    cdef public bytearray buf
+    cdef public ServerCore server
+    cdef public bint closed, routes, mid_batch, stopped, busy, transaction_pooling, wrote
+    cdef public double wait_started  # when it queued for a server connection; 0 when not waiting
+    cdef public Py_ssize_t max_message_size
+
+    def on_data(self, data):
+        if self.server is not None:
+            if self.stopped:  # what follows a statement for another connection waits for this one to end
+                self.buf += data
+                return
+            self._forward(_joined(self, data))
             return
-        if end > n:
-            break
-        if server.ignoring and t != c'S' and t != c'X':  # after an error the server skips all up to Sync
-            out.append(buf[span:pos])
-            span = pos = end
-            continue
-        if pos == check:
-            check, decider, refuse, go = client._route_batch_here(buf, pos)
-            if not go:
-                client.stopped = True
-                client._stopped(server, out)
+        self.buf += data
+        self._dispatch()
+
+    cpdef _dispatch(self):
+        """Between transactions: start the next one on the server connection its first statement needs."""
+        cdef Py_ssize_t length
+        cdef const unsigned char* p
+        while self.server is None and not (self.busy or self.wait_started or self.closed):
+            if len(self.buf) < 5:
+                return
+            p = <const unsigned char*>PyByteArray_AS_STRING(self.buf)
+            length = _length(p + 1)
+            if length < 4 or length > self.max_message_size:  # refused now, not once it all arrived
+                self._fatal(pg.PostgresError(pg.PROTOCOL_VIOLATION, _INVALID_LENGTH))
+                return
+            if p[0] == c'P' and len(self.buf) > 5 and p[5] or p[0] == c'C' or p[0] == c'S':  # (what it may answer)
+                if not self._answer_without_server():  # answers trim buf in place
+                    return
+            if self.buf[0] == c'X':
+                self.reason = "client sent Terminate"
+                self.close()
+                return
+            sharded = self.proxy.sharded
+            if self.routes != sharded and not self.held:  # a reload added or removed shards
+                self.routes = sharded
+            if not self.routes:  # one server: the pool found at login, unless a reload drained it
+                pool = self.pool
+                if pool.draining:
+                    pool = self.proxy.pool_for(self.database, self.user, self.proxy.login_node())
+                self._acquire(pool)
+                return
+            found = self._batch_route(self.buf, 0)
+            if found is None:  # the statement that decides has not fully arrived
+                return
+            decision, batch_end, _, standalone = found
+            if not (standalone and self._answer_locally(decision, batch_end)):
+                # A whole batch is not routed twice: its decision serves the link's first check too.
+                self.decided = found if standalone or self.buf[batch_end - 5] == c'S' else None
+                self._start(decision, batch_end)
+
+    cpdef _acquire(self, pool):
+        self.pool = pool
+        pool.acquire(self)  # links now, or when a connection is free
+
+    cpdef link(self, ServerCore server):
+        """Serve this client's messages on `server` until its transaction (or session) ends."""
+        self.wait_started = 0.0
+        self.server = server
+        server.client = self
+        server.peer = self
+        self.peer = server
+        if self.transaction_pooling:
+            server.on_ready = self._server_ready
+        server.transport.resume_reading()
+        if self.params != server.reported or self.param_sql != server.param_sql:  # compared in C: the rule is equal
+            statements = sync_statements(self.params, self.param_sql, server.params, server.param_sql)
+            if statements:
+                server.pending.append(HIDDEN_QUERY)
+                server.write(pg.query("; ".join(statements)))
+        if self.routes:
+            self._linked_on_shard(server)
+        data = self.buf
+        self.buf = bytearray()
+        self._forward(data)
+        self.decided = None
+
+    cpdef _server_ready(self, ServerCore server):
+        """Transaction pooling: once the transaction is over, the connection goes back to the pool."""
+        if server.status != _IDLE or server.cancels or self.mid_batch or server.ignoring:
+            return
+        if self.wrote:  # read-your-writes: learn where this commit ends in the WAL before letting go
+            self._follow_commit(server)
+            return
+        self.server = None
+        self.peer = None
+        self.pool.release(server)
+        self.mid_batch = self.stopped = False
+        if self.routes:
+            self._routed_transaction_ended()
+        if self.proxy.shutting_down:
+            self._fatal(pg.PostgresError(pg.ADMIN_SHUTDOWN, "shardproxy is shutting down"))
+        elif self.buf and not self.closed:
+            self.on_data(b"")
+
+    cpdef _forward(self, buf):
+        """Frame what the client sent, record each request in the linked server's `pending` queue, and write it
+        on unchanged, but for named statements, session statements and routing decisions (the Python methods)."""
+        if not (PyBytes_CheckExact(buf) or PyByteArray_CheckExact(buf)):
+            buf = bytes(buf)
+        cdef const unsigned char* p = _chars(buf)
+        cdef Py_ssize_t n = len(buf), pos = 0, span = 0, end, length, check, refuse = -1, decider = -1, name_end, portal_end
+        cdef Py_ssize_t max_size = self.max_message_size
+        cdef unsigned char t
+        cdef bint routes = self.routes, executing = self.mid_batch, go
+        cdef ServerCore server = self.server
+        pending = server.pending
+        append = pending.append
+        out = []
+        check = 0 if routes and not executing else -1  # where the next batch starts
+        while n - pos >= 5:
+            t = p[pos]
+            length = _length(p + pos + 1)
+            end = pos + 1 + length
+            if length < 4 or length > max_size:
+                self._fatal(pg.PostgresError(pg.PROTOCOL_VIOLATION, _INVALID_LENGTH))
+                return
+            if end > n:
                 break
-        if (t == c'B' or t == c'P' or t == c'D' or t == c'C') and length < 6 or (t == c'B' or t == c'P') and \
-                memchr(p + pos + 5, 0, length - 4) == NULL:  # a name or statement without its end
-            client._fatal(pg.PostgresError(pg.PROTOCOL_VIOLATION, "invalid message format"))
-            return
-        if pos == refuse:
+            if server.ignoring and t != c'S' and t != c'X':  # after an error the server skips all up to Sync
+                out.append(buf[span:pos])
+                span = pos = end
+                continue
+            if pos == check:
+                check, decider, refuse, go = self._route_batch_here(buf, pos)
+                if not go:
+                    self.stopped = True
+                    self._stopped(server, out)
+                    break
+            if (t == c'B' or t == c'P' or t == c'D' or t == c'C') and length < 6 or (t == c'B' or t == c'P') and \
+                    memchr(p + pos + 5, 0, length - 4) == NULL:  # a name or statement without its end
+                self._fatal(pg.PostgresError(pg.PROTOCOL_VIOLATION, "invalid message format"))
+                return
+            if pos == refuse:
+                out.append(buf[span:pos])
+                span = end
+                if self._refusal:
+                    self._refuse(self._refusal, buf, pos, end, out)
+                else:  # SET/RESET shardproxy.shard_key: the proxy's own setting, never sent
+                    server.enqueue_synthetic(self._local_reply)
+            elif t == c'B' and routes and pos != decider and (refusal := self._batch_member(buf, pos, end)):
+                out.append(buf[span:pos])
+                span = end
+                self._refuse(refusal, buf, pos, end, out)
+            elif t == c'B':
+                portal_end = <const unsigned char*>memchr(p + pos + 5, 0, length - 4) - p
+                if portal_end + 1 < end and p[portal_end + 1]:  # a named statement: use its server-side name
+                    out.append(buf[span:pos])
+                    span = end
+                    self._bind(buf, pos, portal_end, end, out)
+                append(BIND_REQ)
+            elif t == c'E':
+                append(EXECUTE_REQ)
+            elif t == c'S':
+                append(SYNC_REQ)
+                if routes:
+                    check = end  # the next batch, if in this read, is routed too
+            elif t == c'Q':
+                if _session_prefix(p + pos + 5, length - 4):
+                    out.append(buf[span:pos])
+                    span = end
+                    self._session_statement(bytes(buf[pos:end]), out)
+                else:
+                    append(QUERY_REQ)
+            elif t == c'P':
+                name_end = <const unsigned char*>memchr(p + pos + 5, 0, length - 4) - p
+                if _session_prefix(p + name_end + 1, end - name_end - 1):  # a SET, extended
+                    self._track_set(pg.read_cstring(buf, name_end + 1)[0].decode(errors="replace"), server)
+                if p[pos + 5]:
+                    out.append(buf[span:pos])
+                    span = end
+                    self._parse(buf, pos, end, out)
+                else:
+                    append(PARSE_REQ)
+                    if routes:  # for the Binds that follow it in this batch
+                        self.unnamed = self.proxy.statements.get(bytes(buf[pos + 6:end]))
+            elif t == c'D' or t == c'C':
+                if p[pos + 5] == c'S' and p[pos + 6]:
+                    out.append(buf[span:pos])
+                    span = end
+                    self._statement_message(t, bytes(buf[pos + 6:end - 1]), out)
+                elif t == c'D' and p[pos + 5] == c'S' and routes:  # the unnamed statement: learn its types
+                    append((DESCRIBE, FORWARD, self.unnamed))
+                else:
+                    append(DESCRIBE_REQ if t == c'D' else CLOSE_REQ)
+            elif t == c'F':
+                append(FUNCTION_REQ)
+            elif t == c'X':
+                out.append(buf[span:pos])
+                server.write(b"".join(out))
+                self.reason = "client sent Terminate"
+                self.close()
+                return
+            elif t not in b"dHcf":
+                self._fatal(pg.PostgresError(pg.PROTOCOL_VIOLATION, f"invalid frontend message type {t}"))
+                return
+            pos = end
+            if t == c'E':
+                executing = True
+            elif t == c'S' or t == c'Q' or t == c'F':
+                executing = False
+        # After an Execute, the connection is kept until Sync ends the implicit transaction it opened.
+        self.mid_batch = executing
+        if not out and span == 0 and pos == n:
+            server.transport.write(buf)
+        else:
             out.append(buf[span:pos])
-            span = end
-            if client._refusal:
-                client._refuse(client._refusal, buf, pos, end, out)
-            else:  # SET/RESET shardproxy.shard_key: the proxy's own setting, never sent
-                server.enqueue_synthetic(client._local_reply)
-        elif t == c'B' and routes and pos != decider and (refusal := client._batch_member(buf, pos, end)):
-            out.append(buf[span:pos])
-            span = end
-            client._refuse(refusal, buf, pos, end, out)
-        elif t == c'B':
-            portal_end = <const unsigned char*>memchr(p + pos + 5, 0, length - 4) - p
-            if portal_end + 1 < end and p[portal_end + 1]:  # a named statement: use its server-side name
-                out.append(buf[span:pos])
-                span = end
-                client._bind(buf, pos, portal_end, end, out)
-            append(BIND_REQ)
-        elif t == c'E':
-            append(EXECUTE_REQ)
-        elif t == c'S':
-            append(SYNC_REQ)
-            if routes:
-                check = end  # the next batch, if in this read, is routed too
-        elif t == c'Q':
-            if _session_prefix(p + pos + 5, length - 4):
-                out.append(buf[span:pos])
-                span = end
-                client._session_statement(bytes(buf[pos:end]), out)
-            else:
-                append(QUERY_REQ)
-        elif t == c'P':
-            name_end = <const unsigned char*>memchr(p + pos + 5, 0, length - 4) - p
-            if _session_prefix(p + name_end + 1, end - name_end - 1):  # a SET, extended
-                client._track_set(pg.read_cstring(buf, name_end + 1)[0].decode(errors="replace"), server)
-            if p[pos + 5]:
-                out.append(buf[span:pos])
-                span = end
-                client._parse(buf, pos, end, out)
-            else:
-                append(PARSE_REQ)
-                if routes:  # for the Binds that follow it in this batch
-                    client.unnamed = client.proxy.statements.get(bytes(buf[pos + 6:end]))
-        elif t == c'D' or t == c'C':
-            if p[pos + 5] == c'S' and p[pos + 6]:
-                out.append(buf[span:pos])
-                span = end
-                client._statement_message(t, bytes(buf[pos + 6:end - 1]), out)
-            elif t == c'D' and p[pos + 5] == c'S' and routes:  # the unnamed statement: learn its types
-                append((DESCRIBE, FORWARD, client.unnamed))
-            else:
-                append(DESCRIBE_REQ if t == c'D' else CLOSE_REQ)
-        elif t == c'F':
-            append(FUNCTION_REQ)
-        elif t == c'X':
-            out.append(buf[span:pos])
-            server.write(b"".join(out))
-            client.reason = "client sent Terminate"
-            client.close()
-            return
-        elif t not in b"dHcf":
-            client._fatal(pg.PostgresError(pg.PROTOCOL_VIOLATION, f"invalid frontend message type {t}"))
-            return
-        pos = end
-        if t == c'E':
-            executing = True
-        elif t == c'S' or t == c'Q' or t == c'F':
-            executing = False
-    # After an Execute, the connection is kept until Sync ends the implicit transaction it opened.
-    client.mid_batch = executing
-    if not out and span == 0 and pos == n:
-        server.transport.write(buf)
-    else:
-        out.append(buf[span:pos])
-        server.transport.write(b"".join(out))
-    server.last_used = monotonic()  # query_timeout counts the server's silence from here
-    if pos < n:
-        client.buf = bytearray(buf[pos:])
-        if not pending and server.status == pg.IDLE:
-            client._server_ready(server)  # stopped with nothing in flight: move on now
-    elif not pending and server.on_ready is not None and client.server is server:
-        server.on_ready(server)  # all answered by the proxy itself (DEALLOCATE ALL): no server reply will come
+            server.transport.write(b"".join(out))
+        server.last_used = monotonic()  # query_timeout counts the server's silence from here
+        if pos < n:
+            self.buf = bytearray(buf[pos:])
+            if self.stopped and not pending and server.status == _IDLE:
+                self._server_ready(server)  # stopped with nothing in flight: move on now
+        elif not pending and server.on_ready is not None and self.server is server:
+            server.on_ready(server)  # all answered by the proxy itself (DEALLOCATE ALL): no server reply will come
 
 
-def forward_responses(server, data):
-    """Frame what the server sent, pop the requests it completes, hide the answers to requests the proxy
-    injected, put the proxy's own answers in their place, and write the rest on to the linked client."""
-    buf = server.take_input(data) if server.buf else data
-    cdef const unsigned char* p = _chars(buf)
-    cdef Py_ssize_t n = len(buf), pos = 0, span = 0, end
-    cdef unsigned char t
-    cdef long kind, action
-    cdef bint done, hiding
-    cdef tuple request
-    server.last_used = monotonic()
-    client = server.client
-    pending = server.pending
-    out = []
-    hiding = bool(pending) and _action(pending) == A_HIDE
-    while n - pos >= 5:
-        t = p[pos]
-        end = pos + 1 + _length(p + pos + 1)
-        if end > n:
-            break
-        if t == c'D':  # DataRow: the bulk of the traffic, never completes a request
-            if not hiding:
+cdef class ServerCore:
+    """The data path's half of a server connection (ServerConnection adds login, statements and cancels)."""
+
+    cdef public object transport, peer, pool, pending, on_ready, settings_before, reported, param_sql, prepared
+    cdef public bytearray buf
+    cdef public ClientCore client
+    cdef public bint closed, ignoring, settings_undone
+    cdef public int status, cancels
+    cdef public double last_used, linked_at, created
+
+    def on_data(self, data):
+        """Frame what the server sent, pop the requests it completes, hide the answers to requests the proxy
+        injected, put the proxy's own answers in their place, and write the rest on to the linked client."""
+        buf = _joined(self, data)
+        cdef const unsigned char* p = _chars(buf)
+        cdef Py_ssize_t n = len(buf), pos = 0, span = 0, end
+        cdef unsigned char t
+        cdef long kind, action
+        cdef bint done, hiding
+        cdef tuple request
+        self.last_used = monotonic()
+        cdef ClientCore client = self.client
+        pending = self.pending
+        out = []
+        hiding = bool(pending) and _action(pending) == A_HIDE
+        while n - pos >= 5:
+            t = p[pos]
+            end = pos + 1 + _length(p + pos + 1)
+            if end > n:
+                break
+            if t == c'D':  # DataRow: the bulk of the traffic, never completes a request
+                if not hiding:
+                    pos = end
+                    continue
+                if pending and (<tuple>pending[0])[2] is not None:  # a hidden query whose answer the proxy reads
+                    (<tuple>pending[0])[2](self, t, buf[pos + 5:end])
+            if not pending:
+                if not self._unsolicited(t, buf, pos, end):
+                    out.append(buf[span:pos])
+                    span = end
                 pos = end
                 continue
-            if pending and (<tuple>pending[0])[2] is not None:  # a hidden query whose answer the proxy reads
-                (<tuple>pending[0])[2](server, t, buf[pos + 5:end])
-        if not pending:
-            if not server._unsolicited(t, buf, pos, end):
+            request = pending[0]
+            kind = request[0]
+            action = request[1]
+            arg = request[2]
+            done = False
+            if t == c'Z':
+                self.status = p[pos + 5]
+                done = True
+                self.ignoring = False
+                if self.settings_before is not None and p[pos + 5] == c'I' and action != A_HIDE:
+                    if self.settings_undone and client is not None:  # rolled back: so are the client's SETs
+                        client.param_sql, self.param_sql = self.settings_before
+                    self.settings_before = None
+                self.settings_undone = False
+            elif t == c'C' or t == c'I' or t == c's':
+                done = kind == K_EXECUTE
+                if arg is not None and kind == K_QUERY and t == c'C':
+                    arg(self, t, bytes(buf[pos + 5:end - 1]))
+                if t == c'C' and self.settings_before is not None and buf[pos + 5:end - 1] == b"ROLLBACK":
+                    self.settings_undone = True
+            elif t == c'T' or t == c'n':
+                done = kind == K_DESCRIBE
+            elif t == c'2':
+                done = kind == K_BIND
+            elif t == c'1':
+                done = kind == K_PARSE
+                if arg is not None:
+                    arg.verified = True
+            elif t == c'3':
+                done = kind == K_CLOSE
+            elif t == c'S':
+                name, value = self._record_parameter(buf[pos + 5:end])
+                if client is not None and name in REPORTED:  # hidden SETs too: the server's spelling is kept
+                    client.params[name] = value
+            elif t == c't' and arg is not None:  # a named statement's parameter types, for routing by key
+                arg.param_types = parameter_types(buf[pos + 5:end])
+            elif t == c'E' and kind != K_SYNC and kind != K_QUERY and kind != K_FUNCTION:
+                self._skip_to_sync()
+                self.ignoring = not pending  # no Sync sent yet (after a Flush): the server waits for the client's
+                if hiding and kind == K_PARSE:  # the client must learn that its statement does not exist
+                    hiding = False
+            if t == c'E':
+                self.settings_undone = True
+            if hiding:
                 out.append(buf[span:pos])
                 span = end
             pos = end
-            continue
-        request = pending[0]
-        kind = request[0]
-        action = request[1]
-        arg = request[2]
-        done = False
-        if t == c'Z':
-            server.status = p[pos + 5]
-            done = True
-            server.ignoring = False
-            if server.settings_before is not None and p[pos + 5] == c'I' and action != A_HIDE:
-                if server.settings_undone and client is not None:  # rolled back: so are the client's SETs
-                    client.param_sql, server.param_sql = server.settings_before
-                server.settings_before = None
-            server.settings_undone = False
-        elif t == c'C' or t == c'I' or t == c's':
-            done = kind == K_EXECUTE
-            if arg is not None and kind == K_QUERY and t == c'C':
-                arg(server, t, bytes(buf[pos + 5:end - 1]))
-            if t == c'C' and server.settings_before is not None and buf[pos + 5:end - 1] == b"ROLLBACK":
-                server.settings_undone = True
-        elif t == c'T' or t == c'n':
-            done = kind == K_DESCRIBE
-        elif t == c'2':
-            done = kind == K_BIND
-        elif t == c'1':
-            done = kind == K_PARSE
-            if arg is not None:
-                arg.verified = True
-        elif t == c'3':
-            done = kind == K_CLOSE
-        elif t == c'S':
-            name, value = server._record_parameter(buf[pos + 5:end])
-            if client is not None and name in REPORTED:  # hidden SETs too: the server's spelling is kept
-                client.params[name] = value
-        elif t == c't' and arg is not None:  # a named statement's parameter types, for routing by key
-            arg.param_types = parameter_types(buf[pos + 5:end])
-        elif t == c'E' and kind != K_SYNC and kind != K_QUERY and kind != K_FUNCTION:
-            server._skip_to_sync()
-            server.ignoring = not pending  # no Sync sent yet (after a Flush): the server waits for the client's
-            if hiding and kind == K_PARSE:  # the client must learn that its statement does not exist
-                hiding = False
-        if t == c'E':
-            server.settings_undone = True
-        if hiding:
-            out.append(buf[span:pos])
-            span = end
-        pos = end
-        if done:
-            pending.popleft()
-        if (done or t == c'E') and pending:
-            if _action(pending) == A_SYNTH:
+            if done:
+                pending.popleft()
+            if (done or t == c'E') and pending:
+                if _action(pending) == A_SYNTH:
+                    out.append(buf[span:pos])
+                    span = pos
+                    self._synthesize(out)
+                hiding = bool(pending) and _action(pending) == A_HIDE
+        if client is not None:
+            if not out and span == 0 and pos == n:
+                client.transport.write(buf)  # the common case: the whole read, uncopied
+            else:
                 out.append(buf[span:pos])
-                span = pos
-                server._synthesize(out)
-            hiding = bool(pending) and _action(pending) == A_HIDE
-    if client is not None:
-        if not out and span == 0 and pos == n:
-            client.transport.write(buf)  # the common case: the whole read, uncopied
-        else:
-            out.append(buf[span:pos])
-            client.transport.write(b"".join(out))
-    if pos < n:
-        server.buf = bytearray(buf[pos:])  # an incomplete message, for the next read
-    if not pending and server.on_ready is not None:
-        server.on_ready(server)
+                client.transport.write(b"".join(out))
+        if pos < n:
+            self.buf = bytearray(buf[pos:])  # an incomplete message, for the next read
+        if not pending and self.on_ready is not None:
+            self.on_ready(self)
+
+
+# -- the data path's counters: plain numbers that metrics.py turns into Prometheus series at scrape time ------
+
+DURATION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                    5.0, 10.0)
+QUERY_KINDS = ("read", "write", "ddl", "scatter")
+DEF _BUCKETS = 16
+
+
+cdef class Spread:
+    """A histogram of DURATION_BUCKETS as plain numbers: observations per bucket (the last one past every
+    bound) and their sum."""
+
+    cdef double _bounds[_BUCKETS]
+    cdef long long _counts[_BUCKETS + 1]
+    cdef public double sum
+
+    def __cinit__(self):
+        for i, bound in enumerate(DURATION_BUCKETS):
+            self._bounds[i] = bound
+
+    @property
+    def counts(self) -> list:
+        return [self._counts[i] for i in range(_BUCKETS + 1)]
+
+    cpdef observe(self, double value):
+        cdef int i = 0
+        while i < _BUCKETS and self._bounds[i] < value:  # the first bound >= value: Prometheus' "le"
+            i += 1
+        self._counts[i] += 1
+        self.sum += value
+
+
+cdef class Tally:
+    """The events of one (shard, role): plain numbers that the data path bumps and a scrape reads."""
+
+    cdef public dict queries
+    cdef public Spread duration, wait
+
+    def __init__(self):
+        self.queries = dict.fromkeys(QUERY_KINDS, 0)
+        self.duration = Spread()  # how long a client held a server connection
+        self.wait = Spread()  # how long a client queued for one
+
+
+cdef class PoolStats:
+    """One pool's counters for SHOW STATS, and the tally of its node's current role for Prometheus."""
+
+    cdef public long long assignments, transactions  # hand-outs of a server connection; of those, given back
+    cdef public double transaction_time, wait_time  # seconds from hand-out to give-back; queued for a hand-out
+    cdef object _metrics, _shard, _node, _role
+    cdef Tally _tally
+
+    def __init__(self, metrics, shard: str, node):
+        self._metrics = metrics
+        self._shard = shard
+        self._node = node
+        self._role = node.role
+        self._tally = metrics.tally(shard, node.role)  # the pool's series exist from its creation
+
+    cdef Tally tally(self):
+        """The tally of the node's role now: a failover changes it."""
+        role = self._node.role
+        if role is not self._role and role != self._role:
+            self._role = role
+            self._tally = self._metrics.tally(self._shard, role)
+        return self._tally
+
+    cdef assigned(self, double waited):
+        self.assignments += 1
+        if waited:  # only clients that queued are observed: compare the count with hand-outs for the share
+            self.wait_time += waited
+            self.tally().wait.observe(waited)
+
+    cdef transaction(self, double seconds, object kind):
+        """A transaction ended. It counts as one query of its kind: a shard's part of a statement on every shard
+        (scatter, ddl, write) says so; any other is a read on a replica, else a write."""
+        cdef Tally tally = self.tally()
+        self.transactions += 1
+        self.transaction_time += seconds
+        if kind is None:
+            kind = "read" if self._role == "replica" else "write"
+        tally.queries[kind] += 1
+        tally.duration.observe(seconds)
+
+
+cdef class PoolCore:
+    """The data path's half of a pool (Pool adds opening connections, timeouts, pause and drain)."""
+
+    cdef public object proxy, node, node_label, idle, waiting, servers
+    cdef public PoolStats stats
+    cdef public bint paused, draining
+    cdef public int opening
+
+    def acquire(self, ClientCore client):
+        """Link an idle connection to the client now, or queue the client until one is free."""
+        cdef double now = monotonic()
+        cdef ServerCore server
+        while self.idle:
+            server = self.idle.pop()  # the most recently used: warm caches, and the rest can time out
+            if server.closed:
+                continue
+            # Died while idle: the client will not get it, whose read could move on. Checked past a few
+            # milliseconds of idleness only, so that a busy pool pays no system call per transaction (a death
+            # within them is one the event loop would normally have delivered already).
+            if now - server.last_used > HUNG_UP_CHECK_AFTER and _hung_up(server):
+                self.discard(server)
+                continue
+            self._hand_over(client, server, now)
+            return
+        client.wait_started = now
+        self.waiting.append(client)
+        if len(self.servers) + self.opening < self.proxy.config.pool.size:  # (a full pool: the usual case under load)
+            self._grow()
+
+    def release(self, ServerCore server):
+        """A connection is free: to the longest-waiting client, else back to the idle list."""
+        cdef double now = monotonic()
+        cdef ClientCore client
+        self.unlink(server, now)
+        server.last_used = now
+        if server.closed:
+            return
+        if self.paused:  # PAUSE: connections close as their transactions end
+            self.discard(server)
+            return
+        waiting = self.waiting
+        if now - server.created > self.proxy.config.pool.server_lifetime and not waiting:
+            self.discard(server)
+            return
+        while waiting:
+            client = waiting.popleft()
+            if not client.closed:
+                self._hand_over(client, server, now)
+                return
+        self.idle.append(server)
+
+    def unlink(self, ServerCore server, double now=0.0):
+        """The client's transaction (or session) on this connection is over."""
+        cdef ClientCore client = server.client
+        cdef double seconds
+        if client is not None:
+            seconds = (now or monotonic()) - server.linked_at
+            self.stats.transaction(seconds, client.kind)
+            self.node.outstanding -= 1
+            slow = self.proxy.config.log.slow_queries
+            # Per transaction (per session in session pooling): the time from hand-out to give-back, so one
+            # comparison per transaction, never per statement.
+            if slow and seconds > slow:
+                shard = self.node.shard
+                _pool_log.warning("client %d: slow transaction, %.3fs on shard %s node %s", client.id, seconds,
+                                  shard, self.node_label, extra={"event": "slow", "client": client.id,
+                                  "shard": shard, "node": self.node_label, "seconds": round(seconds, 3)})
+        server.client = None
+        server.peer = None
+        server.on_ready = None
+
+    cdef _hand_over(self, ClientCore client, ServerCore server, double now):
+        """Link them, counting the hand-out and how long the client waited for it."""
+        self.stats.assigned(now - client.wait_started if client.wait_started else 0.0)
+        server.linked_at = now
+        self.node.outstanding += 1  # reads go to the replica with the fewest (see Topology.read_candidates)
+        client.link(server)
+
+
+cdef bint _hung_up(ServerCore server) except -1:
+    """Whether an idle connection's socket has something to read. An idle server sends nothing, so that is
+    its end (EOF, a reset, a FATAL before closing) which the event loop has not delivered yet: a server
+    that was killed while the proxy was busy. One zero-timeout poll() (poll, not select: descriptors go past
+    select's 1024 with many clients)."""
+    poller = server.poller
+    if poller is None:
+        sock = server.transport.get_extra_info("socket") if server.transport is not None else None
+        if sock is None or sock.fileno() < 0:
+            return False
+        poller = server.poller = select.poll()  # registered once: a hand-out costs one poll() call
+        poller.register(sock.fileno(), select.POLLIN)
+    return bool(poller.poll(0))  # POLLIN, or POLLHUP/POLLERR which poll reports regardless

@@ -23,7 +23,7 @@ from shardproxy.auth import (
     ProvenKey, ScramException, ScramServerExchange, is_scram_verifier, md5_answer, parse_sasl_initial,
 )
 from shardproxy._wire import (
-    CLOSE, DESCRIBE, FORWARD, HIDDEN_QUERY, HIDE, PARSE, QUERY, QUERY_REQ, SYNTH, forward_requests, is_session_statement,
+    CLOSE, DESCRIBE, FORWARD, HIDE, PARSE, QUERY, QUERY_REQ, SYNTH, ClientCore, is_session_statement,
 )
 from shardproxy.connection import Connection
 from shardproxy.routing import Routing
@@ -45,8 +45,8 @@ _PARSE_DONE = (PARSE, SYNTH, pg.PARSE_COMPLETE)
 _SSL_YES = b"S"
 
 
-class ClientConnection(Routing, Connection):
-    kind: str | None = None  # what its transactions count as in queries_total (fanout legs); None: by node role
+class ClientConnection(ClientCore, Routing, Connection):
+    # ClientCore's `kind`: what its transactions count as in queries_total (fanout legs); None: by node role.
 
     def __init__(self, proxy: Proxy):
         super().__init__()
@@ -214,50 +214,7 @@ class ClientConnection(Routing, Connection):
         self.end_login()
 
     # -- the request half of the data path ------------------------------------------------------------
-    def on_data(self, data: bytes | bytearray) -> None:
-        if self.server is not None:
-            if self.stopped:  # what follows a statement for another connection waits for this one to end
-                self.buf += data
-                return
-            self._forward(self.take_input(data) if self.buf else data)
-            return
-        self.buf += data
-        self._dispatch()
-
-    def _dispatch(self) -> None:
-        """Between transactions: start the next one on the server connection its first statement needs."""
-        while self.server is None and not (self.busy or self.wait_started or self.closed):
-            if len(self.buf) < 5:
-                return
-            length = _UNPACK(self.buf, 1)[0]
-            if length < 4 or length > self.max_message_size:  # refused now, not once it all arrived
-                self._fatal(pg.PostgresError(pg.PROTOCOL_VIOLATION, "invalid message length"))
-                return
-            buf = self.buf
-            first = buf[0]
-            if first == _P and len(buf) > 5 and buf[5] or first == _C or first == _S:  # (what it may answer)
-                if not self._answer_without_server():  # answers trim buf in place
-                    return
-            if buf[0] == _X:
-                self.reason = "client sent Terminate"
-                self.close()
-                return
-            if self.routes != self.proxy.sharded and not self.held:  # a reload added or removed shards
-                self.routes = self.proxy.sharded
-            if not self.routes:  # one server: the pool found at login, unless a reload drained it
-                pool = self.pool
-                if pool.draining:
-                    pool = self.proxy.pool_for(self.database, self.user, self.proxy.login_node())
-                self._acquire(pool)
-                return
-            found = self._batch_route(self.buf, 0)
-            if found is None:  # the statement that decides has not fully arrived
-                return
-            decision, batch_end, _, standalone = found
-            if not (standalone and self._answer_locally(decision, batch_end)):
-                # A whole batch is not routed twice: its decision serves the link's first check too.
-                self.decided = found if standalone or self.buf[batch_end - 5] == _S else None
-                self._start(decision, batch_end)
+    # on_data, _dispatch (between transactions), link, _forward and _server_ready are ClientCore's (_wire.pyx).
 
     def _answer_without_server(self) -> bool:
         """Outside a transaction, Parse (of a statement some server accepted already), Close of a statement
@@ -295,52 +252,6 @@ class ClientConnection(Routing, Connection):
             self.transport.write(b"".join(replies[:replied]))
             del buf[:answered]
         return n - answered >= 5
-
-    def link(self, server: ServerConnection) -> None:
-        """Serve this client's messages on `server` until its transaction (or session) ends."""
-        self.wait_started = 0.0
-        self.server = server
-        server.client = self
-        server.peer = self
-        self.peer = server
-        if self.transaction_pooling:
-            server.on_ready = self._server_ready
-        server.transport.resume_reading()
-        if self.params != server.reported or self.param_sql != server.param_sql:  # compared in C: the rule is equal
-            statements = session_params.sync_statements(self.params, self.param_sql, server.params, server.param_sql)
-            if statements:
-                server.pending.append(HIDDEN_QUERY)
-                server.write(pg.query("; ".join(statements)))
-        if self.routes:
-            self._linked_on_shard(server)
-        data, self.buf = self.buf, bytearray()
-        self._forward(data)
-        self.decided = None
-
-    def _server_ready(self, server: ServerConnection) -> None:
-        """Transaction pooling: once the transaction is over, the connection goes back to the pool."""
-        if server.status != pg.IDLE or server.cancels or self.mid_batch or server.ignoring:
-            return
-        if self.wrote:  # read-your-writes: learn where this commit ends in the WAL before letting go
-            self._follow_commit(server)
-            return
-        self.server = self.peer = None
-        self.pool.release(server)
-        self.mid_batch = self.stopped = False
-        if self.routes:
-            self._routed_transaction_ended()
-        if self.proxy.shutting_down:
-            self._fatal(pg.PostgresError(pg.ADMIN_SHUTDOWN, "shardproxy is shutting down"))
-        elif self.buf and not self.closed:
-            self.on_data(b"")
-
-    # Frames what the client sent, records each request in the server's `pending` queue and forwards the
-    # bytes unchanged; calls back the methods below for routing, named statements and session statements.
-    _forward = forward_requests
-
-    def _acquire(self, pool: Pool) -> None:
-        self.pool = pool
-        pool.acquire(self)  # links now, or when a connection is free
 
     # -- named prepared statements --------------------------------------------------------------------
     def _parse(self, buf, pos: int, end: int, out: list) -> None:

@@ -2,8 +2,8 @@
 
 State (connections, node health, replica lag) is read from the proxy when Prometheus scrapes, by a
 Collector: the data path pays nothing for it. The data path's events (transactions, pool waits) are plain
-numbers in one Tally per (shard, node role), bumped without locks or label lookups and turned into counters and
-histograms at scrape time; rare events (errors, failovers) are prometheus-client counters. /metrics is served
+numbers in one Tally per (shard, node role), compiled with the data path (_wire.pyx), bumped without locks or
+label lookups and turned into counters and histograms at scrape time; rare events (errors, failovers) are prometheus-client counters. /metrics is served
 by the event loop itself, so a scrape reads a consistent state. With several workers each worker answers the
 admin command METRICS with its exposition instead, and the supervisor serves their sum (shardproxy.workers).
 """
@@ -14,7 +14,6 @@ import asyncio
 import logging
 import math
 from itertools import accumulate
-from bisect import bisect_left
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -29,6 +28,7 @@ from prometheus_client.utils import floatToGoString
 from prometheus_client.registry import Collector
 
 from shardproxy import protocol as pg
+from shardproxy._wire import DURATION_BUCKETS, PoolStats, Tally
 from shardproxy.admin import NodeView, client_state, node_views, shard_of
 
 if TYPE_CHECKING:
@@ -38,9 +38,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("shardproxy.metrics")
 disable_created_metrics()  # the *_created series would double what every scrape carries, for nothing we use
 
-DURATION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-                    5.0, 10.0)
-QUERY_KINDS = ("read", "write", "ddl", "scatter")
 CLIENT_STATES = ("active", "waiting", "idle", "login")
 SERVER_STATES = ("active", "idle", "login")
 # errors_total{kind} of an error the proxy sent a client: by exact message first, else by SQLSTATE.
@@ -64,71 +61,6 @@ _SERVER_ERROR = "server"  # any other SQLSTATE: the server's own error, passed o
 
 def error_kind(error: pg.PostgresError) -> str:
     return _ERROR_BY_MESSAGE.get(error.message) or _ERROR_BY_CODE.get(error.code, _SERVER_ERROR)
-
-
-class Spread:
-    """A histogram as plain numbers: observations per bucket (the last one past every bound) and their sum."""
-
-    __slots__ = ("counts", "sum")
-
-    def __init__(self) -> None:
-        self.counts = [0] * (len(DURATION_BUCKETS) + 1)
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(DURATION_BUCKETS, value)] += 1  # the first bound >= value: Prometheus' "le"
-        self.sum += value
-
-
-class Tally:
-    """The events of one (shard, role): plain numbers that the data path bumps and a scrape reads."""
-
-    __slots__ = ("queries", "duration", "wait")
-
-    def __init__(self) -> None:
-        self.queries = dict.fromkeys(QUERY_KINDS, 0)
-        self.duration = Spread()  # how long a client held a server connection
-        self.wait = Spread()  # how long a client queued for one
-
-
-class PoolStats:
-    """One pool's counters for SHOW STATS, and the tally of its node's current role for Prometheus."""
-
-    __slots__ = ("assignments", "transactions", "transaction_time", "wait_time", "_metrics", "_shard", "_node",
-                 "_role", "_tally")
-
-    def __init__(self, metrics: Metrics, shard: str, node: NodeState):
-        self.assignments = 0  # server connections handed to a client
-        self.transactions = 0  # of those, given back at a transaction's end
-        self.transaction_time = 0.0  # seconds, from hand-out to give-back
-        self.wait_time = 0.0  # seconds clients waited for a hand-out
-        self._metrics = metrics
-        self._shard = shard
-        self._node = node
-        self._role = node.role
-        self._tally = metrics.tally(shard, node.role)  # the pool's series exist from its creation
-
-    def tally(self) -> Tally:
-        """The tally of the node's role now: a failover changes it."""
-        if self._node.role != self._role:
-            self._role = self._node.role
-            self._tally = self._metrics.tally(self._shard, self._role)
-        return self._tally
-
-    def assigned(self, waited: float) -> None:
-        self.assignments += 1
-        if waited:  # only clients that queued are observed: compare the count with hand-outs for the share
-            self.wait_time += waited
-            self.tally().wait.observe(waited)
-
-    def transaction(self, seconds: float, kind: str | None) -> None:
-        """A transaction ended. It counts as one query of its kind: a shard's part of a statement on every shard
-        (scatter, ddl, write) says so; any other is a read on a replica, else a write."""
-        self.transactions += 1
-        self.transaction_time += seconds
-        tally = self.tally()
-        tally.queries[kind or ("read" if self._role == "replica" else "write")] += 1
-        tally.duration.observe(seconds)
 
 
 class Metrics:

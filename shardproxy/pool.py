@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import select
-import time
 from collections import deque
 from typing import TYPE_CHECKING, NamedTuple
 
 from shardproxy import protocol as pg
-from shardproxy._wire import HIDDEN_QUERY
+from shardproxy._wire import HIDDEN_QUERY, PoolCore
 from shardproxy.server import ServerConnection
 from shardproxy.tls import connect_server
 
@@ -26,7 +24,6 @@ if TYPE_CHECKING:
     from shardproxy.topology import NodeState
 
 log = logging.getLogger("shardproxy.pool")
-HUNG_UP_CHECK_AFTER = 0.01  # seconds idle, before a hand-out checks that the server is still there
 
 
 class PoolKey(NamedTuple):  # a tuple: made and hashed for every routed transaction
@@ -35,7 +32,7 @@ class PoolKey(NamedTuple):  # a tuple: made and hashed for every routed transact
     node: str  # host:port
 
 
-class Pool:
+class Pool(PoolCore):
     def __init__(self, proxy: Proxy, key: PoolKey, node: NodeState):
         self.proxy = proxy
         self.key = key
@@ -55,72 +52,7 @@ class Pool:
     def settings(self) -> PoolSettings:
         return self.proxy.config.pool
 
-    # -- handing out and taking back ----------------------------------------------------------------
-    def acquire(self, client: ClientConnection) -> None:
-        """Link an idle connection to the client now, or queue the client until one is free."""
-        now = time.monotonic()
-        while self.idle:
-            server = self.idle.pop()  # the most recently used: warm caches, and the rest can time out
-            if server.closed:
-                continue
-            # Died while idle: the client will not get it, whose read could move on. Checked past a few
-            # milliseconds of idleness only, so that a busy pool pays no system call per transaction (a death
-            # within them is one the event loop would normally have delivered already).
-            if now - server.last_used > HUNG_UP_CHECK_AFTER and _hung_up(server):
-                self.discard(server)
-                continue
-            self._hand_over(client, server, now)
-            return
-        client.wait_started = now
-        self.waiting.append(client)
-        if len(self.servers) + self.opening < self.settings.size:  # (a full pool: the usual case under load)
-            self._grow()
-
-    def release(self, server: ServerConnection) -> None:
-        """A connection is free: to the longest-waiting client, else back to the idle list."""
-        now = time.monotonic()
-        self.unlink(server, now)
-        server.last_used = now
-        if server.closed:
-            return
-        if self.paused:  # PAUSE: connections close as their transactions end
-            self.discard(server)
-            return
-        waiting = self.waiting
-        if now - server.created > self.proxy.config.pool.server_lifetime and not waiting:
-            self.discard(server)
-            return
-        while waiting:
-            client = waiting.popleft()
-            if not client.closed:
-                self._hand_over(client, server, now)
-                return
-        self.idle.append(server)
-
-    def unlink(self, server: ServerConnection, now: float = 0.0) -> None:
-        """The client's transaction (or session) on this connection is over."""
-        client = server.client
-        if client is not None:
-            seconds = (now or time.monotonic()) - server.linked_at
-            self.stats.transaction(seconds, client.kind)
-            self.node.outstanding -= 1
-            slow = self.proxy.config.log.slow_queries
-            # Per transaction (per session in session pooling): the time from hand-out to give-back, so one
-            # comparison per transaction, never per statement.
-            if slow and seconds > slow:
-                log.warning("client %d: slow transaction, %.3fs on shard %s node %s", client.id, seconds,
-                            self.node.shard, self.node_label, extra={"event": "slow", "client": client.id,
-                            "shard": self.node.shard, "node": self.node_label, "seconds": round(seconds, 3)})
-        server.client = server.peer = None
-        server.on_ready = None
-
-    def _hand_over(self, client: ClientConnection, server: ServerConnection, now: float) -> None:
-        """Link them, counting the hand-out and how long the client waited for it."""
-        self.stats.assigned(now - client.wait_started if client.wait_started else 0.0)
-        server.linked_at = now
-        self.node.outstanding += 1  # reads go to the replica with the fewest (see Topology.read_candidates)
-        client.link(server)
-
+    # -- handing out and taking back: acquire, release, unlink are PoolCore's (_wire.pyx) ----------------
     def reset_and_release(self, server: ServerConnection) -> None:
         """Session pooling: wipe the session (DISCARD ALL) before the next client gets it."""
         self.unlink(server)
@@ -260,18 +192,3 @@ class Pool:
     @property
     def active(self) -> int:
         return sum(1 for s in self.servers if s.client is not None)
-
-
-def _hung_up(server: ServerConnection) -> bool:
-    """Whether an idle connection's socket has something to read. An idle server sends nothing, so that is
-    its end (EOF, a reset, a FATAL before closing) which the event loop has not delivered yet: a server
-    that was killed while the proxy was busy. One zero-timeout poll() (poll, not select: descriptors go past
-    select's 1024 with many clients)."""
-    poller = server.poller
-    if poller is None:
-        sock = server.transport.get_extra_info("socket") if server.transport is not None else None
-        if sock is None or sock.fileno() < 0:
-            return False
-        poller = server.poller = select.poll()  # registered once: a hand-out costs one poll() call
-        poller.register(sock.fileno(), select.POLLIN)
-    return bool(poller.poll(0))  # POLLIN, or POLLHUP/POLLERR which poll reports regardless

@@ -17,7 +17,7 @@ from collections import OrderedDict, deque
 from typing import TYPE_CHECKING, Any, Callable
 
 from shardproxy import protocol as pg
-from shardproxy._wire import HIDDEN_CLOSE, PARSE, QUERY, SYNC, SYNTH, forward_responses
+from shardproxy._wire import HIDDEN_CLOSE, PARSE, QUERY, SYNC, SYNTH, ServerCore
 from shardproxy.auth import ProvenKey, ServerLogin
 from shardproxy.connection import Connection
 from shardproxy.params import REPORTED
@@ -36,7 +36,7 @@ Request = tuple[int, int, Any]
 _S, _E, _Z = b"SEZ"
 
 
-class ServerConnection(Connection):
+class ServerConnection(ServerCore, Connection):
     def __init__(self, pool: Pool):
         super().__init__()
         self.pool = pool
@@ -92,9 +92,9 @@ class ServerConnection(Connection):
         return pair
 
     # -- the response half of the data path ----------------------------------------------------------
-    # Frames what the server sent, pops the requests each response completes, hides or synthesises, and
-    # forwards the rest to the linked client; calls on_ready once nothing is pending.
-    on_data = forward_responses
+    # on_data is ServerCore's (_wire.pyx): it frames what the server sent, pops the requests each response
+    # completes, hides or synthesises, forwards the rest to the linked client, and calls on_ready once nothing
+    # is pending. It calls the methods below for the unusual.
 
     def _skip_to_sync(self) -> None:
         """After an error the server skips every extended-protocol message up to the next Sync."""

@@ -17,6 +17,7 @@ import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
+from hashlib import md5
 
 import asyncpg
 import psycopg
@@ -205,6 +206,21 @@ def test_psycopg_large_copy(proxy, pg):
         assert out == "".join(f"{i}\n" for i in range(total)).encode()
         conn.commit()
     assert on_server(pg, f"SELECT count(*), count(DISTINCT id), max(id) FROM {table}") == [(total, total, total - 1)]
+
+
+def test_statements_larger_than_a_read(proxy, pg):
+    """A first statement that arrives over many reads (a 1 MB literal or parameter) waits for its end on the
+    server connection it got, in both protocols, inside a transaction and out."""
+    big = "x" * 1_000_000
+    with connect(proxy, autocommit=True) as conn:
+        assert conn.execute(f"SELECT length('{big}')").fetchone() == (len(big),)
+        assert conn.execute("SELECT length(%s)", (big,)).fetchone() == (len(big),)
+        assert conn.execute("SELECT md5(%s)", (big,), prepare=True).fetchone() == (md5(big.encode()).hexdigest(),)
+        with conn.transaction():
+            conn.execute("CREATE TEMP TABLE big_values (v text) ON COMMIT DROP")
+            conn.execute(f"INSERT INTO big_values VALUES ('{big}')")
+            assert conn.execute("SELECT length(v) FROM big_values").fetchone() == (len(big),)
+        assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
 def test_psycopg_notices(proxy):
