@@ -15,10 +15,10 @@ Python subclasses.
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_CheckExact
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact
 from libc.string cimport memchr
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 import logging
 import select
-from time import monotonic
 
 from shardproxy import protocol as pg
 from shardproxy.params import REPORTED, sync_statements
@@ -85,6 +85,13 @@ cdef inline long _action(object pending):
     return (<tuple>pending[0])[1]
 
 
+cdef inline double _now() noexcept:
+    """time.monotonic(), without a Python call."""
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
 cdef inline object _joined(object connection, object data):
     """What arrived, after the bytes of an incomplete message left from the last read."""
     cdef bytearray buf = connection.buf
@@ -96,15 +103,36 @@ cdef inline object _joined(object connection, object data):
 
 
 cdef class ServerCore
+cdef class PoolCore
 
 
-cdef class ClientCore:
+cdef class Endpoint:
+    """What client and server connections share: the socket, the receive buffer, and the connection whose
+    reading pauses while this one's socket cannot take more (see connection.py)."""
+
+    cdef object _transport, _write  # the transport, and its write method looked up once
+    cdef public bytearray buf
+    cdef public bint closed
+    cdef public object peer
+
+    @property
+    def transport(self):
+        return self._transport
+
+    @transport.setter
+    def transport(self, transport):
+        self._transport = transport
+        self._write = None if transport is None else transport.write
+
+
+cdef class ClientCore(Endpoint):
     """The data path's half of a client connection (ClientConnection adds login, statements and routing)."""
 
-    cdef public object transport, peer, proxy, pool, params, param_sql, decided, kind
-    cdef public bytearray buf
+    cdef public object proxy, params, param_sql, decided, kind
+    cdef public object on_server_ready  # _server_ready, bound once (unset when the connection is lost)
+    cdef public PoolCore pool
     cdef public ServerCore server
-    cdef public bint closed, routes, mid_batch, stopped, busy, transaction_pooling, wrote
+    cdef public bint routes, mid_batch, stopped, busy, transaction_pooling, wrote
     cdef public double wait_started  # when it queued for a server connection; 0 when not waiting
     cdef public Py_ssize_t max_message_size
 
@@ -167,8 +195,10 @@ cdef class ClientCore:
         server.peer = self
         self.peer = server
         if self.transaction_pooling:
-            server.on_ready = self._server_ready
-        server.transport.resume_reading()
+            if self.on_server_ready is None:
+                self.on_server_ready = self._server_ready
+            server.on_ready = self.on_server_ready
+        server._transport.resume_reading()
         if self.params != server.reported or self.param_sql != server.param_sql:  # compared in C: the rule is equal
             statements = sync_statements(self.params, self.param_sql, server.params, server.param_sql)
             if statements:
@@ -308,11 +338,11 @@ cdef class ClientCore:
         # After an Execute, the connection is kept until Sync ends the implicit transaction it opened.
         self.mid_batch = executing
         if not out and span == 0 and pos == n:
-            server.transport.write(buf)
+            server._write(buf)
         else:
             out.append(buf[span:pos])
-            server.transport.write(b"".join(out))
-        server.last_used = monotonic()  # query_timeout counts the server's silence from here
+            server._write(b"".join(out))
+        server.last_used = _now()  # query_timeout counts the server's silence from here
         if pos < n:
             self.buf = bytearray(buf[pos:])
             if self.stopped and not pending and server.status == _IDLE:
@@ -321,13 +351,12 @@ cdef class ClientCore:
             server.on_ready(server)  # all answered by the proxy itself (DEALLOCATE ALL): no server reply will come
 
 
-cdef class ServerCore:
+cdef class ServerCore(Endpoint):
     """The data path's half of a server connection (ServerConnection adds login, statements and cancels)."""
 
-    cdef public object transport, peer, pool, pending, on_ready, settings_before, reported, param_sql, prepared
-    cdef public bytearray buf
+    cdef public object pool, pending, on_ready, settings_before, reported, param_sql, prepared
     cdef public ClientCore client
-    cdef public bint closed, ignoring, settings_undone
+    cdef public bint ignoring, settings_undone
     cdef public int status, cancels
     cdef public double last_used, linked_at, created
 
@@ -341,7 +370,7 @@ cdef class ServerCore:
         cdef long kind, action
         cdef bint done, hiding
         cdef tuple request
-        self.last_used = monotonic()
+        self.last_used = _now()
         cdef ClientCore client = self.client
         pending = self.pending
         out = []
@@ -420,10 +449,10 @@ cdef class ServerCore:
                 hiding = bool(pending) and _action(pending) == A_HIDE
         if client is not None:
             if not out and span == 0 and pos == n:
-                client.transport.write(buf)  # the common case: the whole read, uncopied
+                client._write(buf)  # the common case: the whole read, uncopied
             else:
                 out.append(buf[span:pos])
-                client.transport.write(b"".join(out))
+                client._write(b"".join(out))
         if pos < n:
             self.buf = bytearray(buf[pos:])  # an incomplete message, for the next read
         if not pending and self.on_ready is not None:
@@ -519,13 +548,15 @@ cdef class PoolCore:
     """The data path's half of a pool (Pool adds opening connections, timeouts, pause and drain)."""
 
     cdef public object proxy, node, node_label, idle, waiting, servers
+    cdef public int size  # pool settings, as the last (re)load said (see Pool.configure)
+    cdef public double server_lifetime, slow_queries
     cdef public PoolStats stats
     cdef public bint paused, draining
     cdef public int opening
 
-    def acquire(self, ClientCore client):
+    cpdef acquire(self, ClientCore client):
         """Link an idle connection to the client now, or queue the client until one is free."""
-        cdef double now = monotonic()
+        cdef double now = _now()
         cdef ServerCore server
         while self.idle:
             server = self.idle.pop()  # the most recently used: warm caches, and the rest can time out
@@ -541,12 +572,12 @@ cdef class PoolCore:
             return
         client.wait_started = now
         self.waiting.append(client)
-        if len(self.servers) + self.opening < self.proxy.config.pool.size:  # (a full pool: the usual case under load)
+        if len(self.servers) + self.opening < self.size:  # (a full pool: the usual case under load)
             self._grow()
 
-    def release(self, ServerCore server):
+    cpdef release(self, ServerCore server):
         """A connection is free: to the longest-waiting client, else back to the idle list."""
-        cdef double now = monotonic()
+        cdef double now = _now()
         cdef ClientCore client
         self.unlink(server, now)
         server.last_used = now
@@ -556,7 +587,7 @@ cdef class PoolCore:
             self.discard(server)
             return
         waiting = self.waiting
-        if now - server.created > self.proxy.config.pool.server_lifetime and not waiting:
+        if now - server.created > self.server_lifetime and not waiting:
             self.discard(server)
             return
         while waiting:
@@ -566,18 +597,17 @@ cdef class PoolCore:
                 return
         self.idle.append(server)
 
-    def unlink(self, ServerCore server, double now=0.0):
+    cpdef unlink(self, ServerCore server, double now=0.0):
         """The client's transaction (or session) on this connection is over."""
         cdef ClientCore client = server.client
         cdef double seconds
         if client is not None:
-            seconds = (now or monotonic()) - server.linked_at
+            seconds = (now or _now()) - server.linked_at
             self.stats.transaction(seconds, client.kind)
             self.node.outstanding -= 1
-            slow = self.proxy.config.log.slow_queries
             # Per transaction (per session in session pooling): the time from hand-out to give-back, so one
             # comparison per transaction, never per statement.
-            if slow and seconds > slow:
+            if self.slow_queries and seconds > self.slow_queries:
                 shard = self.node.shard
                 _pool_log.warning("client %d: slow transaction, %.3fs on shard %s node %s", client.id, seconds,
                                   shard, self.node_label, extra={"event": "slow", "client": client.id,

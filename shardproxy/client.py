@@ -381,6 +381,7 @@ class ClientConnection(ClientCore, Routing, Connection):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
+        self.on_server_ready = None  # the bound method would keep this object in a cycle
         self.proxy.forget(self)
         if self.user:  # a login was attempted: not a cancel request, nor a probe of the port
             reason = self.reason or (f"connection lost: {exc}" if exc else "client closed the connection")

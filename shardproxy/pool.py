@@ -47,10 +47,18 @@ class Pool(PoolCore):
         self.paused = proxy.admin.is_paused(node.address)  # PAUSE: hold new transactions (see admin.py)
         self.draining = False  # its node left the config: paused for good (see drain)
         self.stats = proxy.metrics.pool_stats(node)
+        self.configure()
 
     @property
     def settings(self) -> PoolSettings:
         return self.proxy.config.pool
+
+    def configure(self) -> None:
+        """Copy the settings that each transaction reads (the data path reads them typed, not through the config)."""
+        config = self.proxy.config
+        self.size = config.pool.size
+        self.server_lifetime = config.pool.server_lifetime
+        self.slow_queries = config.log.slow_queries
 
     # -- handing out and taking back: acquire, release, unlink are PoolCore's (_wire.pyx) ----------------
     def reset_and_release(self, server: ServerConnection) -> None:

@@ -140,6 +140,8 @@ class Proxy:
         # without its nodes; health checks of added nodes start in the task.
         self.topology.apply_config(config)
         self._drain_removed(config)
+        for pool in self.pools.values():
+            pool.configure()
         for client in self.clients.values():
             client.home %= len(config.shards)
         asyncio.get_running_loop().create_task(self.health.apply_config(config))
