@@ -13,7 +13,7 @@ Python subclasses.
 """
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_CheckExact
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize
 from libc.string cimport memchr
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
@@ -129,7 +129,9 @@ cdef class ClientCore(Endpoint):
     """The data path's half of a client connection (ClientConnection adds login, statements and routing)."""
 
     cdef public object proxy, params, param_sql, decided, kind
-    cdef public object on_server_ready  # _server_ready, bound once (unset when the connection is lost)
+    # What the linked server calls once every request is answered: _server_ready in transaction pooling, bound
+    # once (unset when the connection is lost), else None; a fanout leg's own.
+    cdef public object on_server_ready
     cdef public PoolCore pool
     cdef public ServerCore server
     cdef public bint routes, mid_batch, stopped, busy, transaction_pooling, wrote
@@ -183,7 +185,7 @@ cdef class ClientCore(Endpoint):
                 self.decided = found if standalone or self.buf[batch_end - 5] == c'S' else None
                 self._start(decision, batch_end)
 
-    cpdef _acquire(self, pool):
+    cpdef _acquire(self, PoolCore pool):
         self.pool = pool
         pool.acquire(self)  # links now, or when a connection is free
 
@@ -194,10 +196,7 @@ cdef class ClientCore(Endpoint):
         server.client = self
         server.peer = self
         self.peer = server
-        if self.transaction_pooling:
-            if self.on_server_ready is None:
-                self.on_server_ready = self._server_ready
-            server.on_ready = self.on_server_ready
+        server.on_ready = self.on_server_ready
         server._transport.resume_reading()
         if self.params != server.reported or self.param_sql != server.param_sql:  # compared in C: the rule is equal
             statements = sync_statements(self.params, self.param_sql, server.params, server.param_sql)
@@ -206,8 +205,9 @@ cdef class ClientCore(Endpoint):
                 server.write(pg.query("; ".join(statements)))
         if self.routes:
             self._linked_on_shard(server)
-        data = self.buf
-        self.buf = bytearray()
+        buf = self.buf  # forwarded as bytes: the transport would wrap a bytearray in a memoryview
+        data = PyBytes_FromStringAndSize(PyByteArray_AS_STRING(buf), len(buf))
+        del buf[:]
         self._forward(data)
         self.decided = None
 
@@ -547,7 +547,8 @@ cdef class PoolStats:
 cdef class PoolCore:
     """The data path's half of a pool (Pool adds opening connections, timeouts, pause and drain)."""
 
-    cdef public object proxy, node, node_label, idle, waiting, servers
+    cdef public object proxy, node, node_label, waiting, servers
+    cdef public list idle  # most recently used last
     cdef public int size  # pool settings, as the last (re)load said (see Pool.configure)
     cdef public double server_lifetime, slow_queries
     cdef public PoolStats stats

@@ -87,6 +87,7 @@ class Leg(ClientConnection):
         self.statements, self.params, self.param_sql = client.statements, client.params, client.param_sql
         self.error: pg.PostgresError | None = None
         self._answered: asyncio.Future | None = None
+        self.on_server_ready = self._ready  # what its server calls once the batch is answered
 
     @classmethod
     def for_proxy(cls, proxy: Proxy, pool: Pool) -> Leg:
@@ -108,15 +109,12 @@ class Leg(ClientConnection):
             raise self.error
         return self.transport.take()
 
-    def link(self, server: ServerConnection) -> None:
-        super().link(server)
-        server.on_ready = self._ready
-
     def _ready(self, server: ServerConnection) -> None:
         if self._answered is not None and not self._answered.done():
             self._answered.set_result(None)
 
     def release(self) -> None:
+        self.on_server_ready = None  # the bound method would keep this object in a cycle
         server, self.server = self.server, None
         if server is not None:
             self.pool.unlink(server)
