@@ -1,15 +1,17 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
-"""The data path, compiled: the hot halves of client and server connections as extension types.
+"""The data path, compiled: the hot halves of client connections, server connections and pools, as extension
+types that the Python classes (ClientConnection, ServerConnection, Pool) extend.
 
-ClientCore (the base of ClientConnection) takes what a client sends: between transactions it starts the next
-one on a server connection from a pool (`_dispatch`, `link`), during one it frames and forwards (`_forward`),
-and when the server is free again it gives it back (`_server_ready`). ServerCore (the base of ServerConnection)
-frames what a server answers and forwards it (`on_data`). Every request forwarded to a server is recorded in the
-server connection's `pending` queue as a (kind, action, arg) tuple, and every response that completes a request
-pops it (see server.py). The loops read message headers straight from the receive buffer and forward the bytes
-they arrived in; anything unusual (named statements, session statements, routing, errors, logins) is handed to
-the connections' Python methods. Fields the data path reads are typed attributes here; the rest live in the
-Python subclasses.
+ClientCore takes what a client sends: between transactions it starts the next one on a server connection from
+a pool (`_dispatch`, then PoolCore.acquire and `link`), during one it frames and forwards (`_forward`), and when
+the server is free again it gives it back (`_server_ready`, PoolCore.release, which hands it straight to the
+next waiting client). ServerCore frames what a server answers and forwards it (`on_data`). Every request
+forwarded to a server is recorded in the server connection's `pending` queue as a (kind, action, arg) tuple, and
+every response that completes a request pops it (see server.py). The loops read message headers straight from
+the receive buffer and forward the bytes they arrived in; anything unusual (named statements, session
+statements, routing, errors, logins, opening connections) is left to the Python methods. Fields the data path
+reads are typed attributes here, so that a transaction's hand-over runs without a Python call; the counters it
+bumps (PoolStats, read by metrics.py and SHOW STATS) are here for the same reason.
 """
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_CheckExact
@@ -92,16 +94,6 @@ cdef inline double _now() noexcept:
     return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
-cdef inline object _joined(object connection, object data):
-    """What arrived, after the bytes of an incomplete message left from the last read."""
-    cdef bytearray buf = connection.buf
-    if not buf:
-        return data
-    connection.buf = bytearray()
-    buf += data
-    return buf
-
-
 cdef class ServerCore
 cdef class PoolCore
 
@@ -123,6 +115,16 @@ cdef class Endpoint:
     def transport(self, transport):
         self._transport = transport
         self._write = None if transport is None else transport.write
+
+
+cdef inline object _joined(Endpoint connection, object data):
+    """What arrived, after the bytes of an incomplete message left from the last read."""
+    cdef bytearray buf = connection.buf
+    if not buf:
+        return data
+    connection.buf = bytearray()
+    buf += data
+    return buf
 
 
 cdef class ClientCore(Endpoint):

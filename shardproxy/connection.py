@@ -8,10 +8,12 @@ import asyncio
 from collections import deque
 
 from shardproxy import protocol as pg
+from shardproxy._wire import Endpoint
 
 
-class Connection(asyncio.Protocol):
-    """An asyncio Protocol with a receive buffer and back-pressure towards a peer connection."""
+class Connection(Endpoint, asyncio.Protocol):
+    """An asyncio Protocol with a receive buffer and back-pressure towards a peer connection (the fields are
+    Endpoint's, compiled, as the data path reads them)."""
 
     max_message_size = 64 * 1024 * 1024
 
@@ -55,14 +57,6 @@ class Connection(asyncio.Protocol):
     def on_data(self, data: bytes | bytearray) -> None:
         """Frame and handle what arrived; keep an incomplete message's bytes in self.buf."""
         raise NotImplementedError
-
-    def take_input(self, data: bytes | bytearray) -> bytes | bytearray:
-        """What arrived, joined to what was left over; the caller owns it and keeps only the rest."""
-        if not self.buf:
-            return data
-        buf, self.buf = self.buf, bytearray()
-        buf += data
-        return buf
 
     def end_login(self) -> None:
         """From now on data goes to on_data(); what arrived early is processed at once.
