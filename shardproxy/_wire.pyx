@@ -97,6 +97,9 @@ cdef inline double _now() noexcept:
 cdef class ServerCore
 cdef class PoolCore
 
+# Calls between the methods below name the class, as in ClientCore.link(client, server): a direct C call, where
+# client.link(server) would first look for an override in the Python subclass, on every call.
+
 
 cdef class Endpoint:
     """What client and server connections share: the socket, the receive buffer, and the connection whose
@@ -140,15 +143,15 @@ cdef class ClientCore(Endpoint):
     cdef public double wait_started  # when it queued for a server connection; 0 when not waiting
     cdef public Py_ssize_t max_message_size
 
-    def on_data(self, data):
+    cpdef on_data(self, data):
         if self.server is not None:
             if self.stopped:  # what follows a statement for another connection waits for this one to end
                 self.buf += data
                 return
-            self._forward(_joined(self, data))
+            ClientCore._forward(self, _joined(self, data))
             return
         self.buf += data
-        self._dispatch()
+        ClientCore._dispatch(self)
 
     cpdef _dispatch(self):
         """Between transactions: start the next one on the server connection its first statement needs."""
@@ -176,7 +179,7 @@ cdef class ClientCore(Endpoint):
                 pool = self.pool
                 if pool.draining:
                     pool = self.proxy.pool_for(self.database, self.user, self.proxy.login_node())
-                self._acquire(pool)
+                ClientCore._acquire(self, pool)
                 return
             found = self._batch_route(self.buf, 0)
             if found is None:  # the statement that decides has not fully arrived
@@ -189,7 +192,7 @@ cdef class ClientCore(Endpoint):
 
     cpdef _acquire(self, PoolCore pool):
         self.pool = pool
-        pool.acquire(self)  # links now, or when a connection is free
+        PoolCore.acquire(pool, self)  # links now, or when a connection is free
 
     cpdef link(self, ServerCore server):
         """Serve this client's messages on `server` until its transaction (or session) ends."""
@@ -210,7 +213,7 @@ cdef class ClientCore(Endpoint):
         buf = self.buf  # forwarded as bytes: the transport would wrap a bytearray in a memoryview
         data = PyBytes_FromStringAndSize(PyByteArray_AS_STRING(buf), len(buf))
         del buf[:]
-        self._forward(data)
+        ClientCore._forward(self, data)
         self.decided = None
 
     cpdef _server_ready(self, ServerCore server):
@@ -222,14 +225,14 @@ cdef class ClientCore(Endpoint):
             return
         self.server = None
         self.peer = None
-        self.pool.release(server)
+        PoolCore.release(self.pool, server)
         self.mid_batch = self.stopped = False
         if self.routes:
             self._routed_transaction_ended()
         if self.proxy.shutting_down:
             self._fatal(pg.PostgresError(pg.ADMIN_SHUTDOWN, "shardproxy is shutting down"))
         elif self.buf and not self.closed:
-            self.on_data(b"")
+            ClientCore.on_data(self, b"")
 
     cpdef _forward(self, buf):
         """Frame what the client sent, record each request in the linked server's `pending` queue, and write it
@@ -348,7 +351,7 @@ cdef class ClientCore(Endpoint):
         if pos < n:
             self.buf = bytearray(buf[pos:])
             if self.stopped and not pending and server.status == _IDLE:
-                self._server_ready(server)  # stopped with nothing in flight: move on now
+                ClientCore._server_ready(self, server)  # stopped with nothing in flight: move on now
         elif not pending and server.on_ready is not None and self.server is server:
             server.on_ready(server)  # all answered by the proxy itself (DEALLOCATE ALL): no server reply will come
 
@@ -582,7 +585,7 @@ cdef class PoolCore:
         """A connection is free: to the longest-waiting client, else back to the idle list."""
         cdef double now = _now()
         cdef ClientCore client
-        self.unlink(server, now)
+        PoolCore.unlink(self, server, now)
         server.last_used = now
         if server.closed:
             return
@@ -624,7 +627,7 @@ cdef class PoolCore:
         self.stats.assigned(now - client.wait_started if client.wait_started else 0.0)
         server.linked_at = now
         self.node.outstanding += 1  # reads go to the replica with the fewest (see Topology.read_candidates)
-        client.link(server)
+        ClientCore.link(client, server)
 
 
 cdef bint _hung_up(ServerCore server) except -1:
