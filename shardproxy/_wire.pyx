@@ -514,20 +514,25 @@ cdef class PoolStats:
     cdef public long long assignments, transactions  # hand-outs of a server connection; of those, given back
     cdef public double transaction_time, wait_time  # seconds from hand-out to give-back; queued for a hand-out
     cdef object _metrics, _shard, _node, _role
+    cdef object _kind  # what a transaction counts as unless it says: a read on a replica, else a write
     cdef Tally _tally
 
     def __init__(self, metrics, shard: str, node):
         self._metrics = metrics
         self._shard = shard
         self._node = node
-        self._role = node.role
         self._tally = metrics.tally(shard, node.role)  # the pool's series exist from its creation
+        self._set_role(node.role)
+
+    cdef _set_role(self, role):
+        self._role = role
+        self._kind = "read" if role == "replica" else "write"
 
     cdef Tally tally(self):
         """The tally of the node's role now: a failover changes it."""
         role = self._node.role
         if role is not self._role and role != self._role:
-            self._role = role
+            self._set_role(role)
             self._tally = self._metrics.tally(self._shard, role)
         return self._tally
 
@@ -543,9 +548,7 @@ cdef class PoolStats:
         cdef Tally tally = self.tally()
         self.transactions += 1
         self.transaction_time += seconds
-        if kind is None:
-            kind = "read" if self._role == "replica" else "write"
-        tally.queries[kind] += 1
+        tally.queries[self._kind if kind is None else kind] += 1
         tally.duration.observe(seconds)
 
 
