@@ -25,6 +25,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import suppress
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
@@ -119,6 +120,7 @@ class Supervisor:
         self.stopping = False
         self.exit_code = 0
         self._lifeline = os.pipe()  # the reading end is each worker's stdin; see Worker._lifeline
+        self.held = Held()  # what PAUSE and BAN hold now, told to each restarted worker
         self._admin = AdminSocket(config.admin.socket, self.execute)
         self._metrics: asyncio.AbstractServer | None = None
         self._stopped: asyncio.Event | None = None
@@ -187,6 +189,7 @@ class Supervisor:
                 process.send_signal(signal.SIGTERM)
             was_ready = self.ready[i] = await self._wait_ready(i, process)
             if was_ready:
+                await self._restore(i)
                 log.info("worker %d (pid %d) ready", i, process.pid)
             code = await process.wait()
             self.ready[i] = False
@@ -220,6 +223,16 @@ class Supervisor:
             await asyncio.sleep(READY_POLL)
         return False
 
+    async def _restore(self, i: int) -> None:
+        """Tell a (re)started worker what PAUSE and BAN hold: its predecessor's state died with it.
+        Not before it takes clients: a worker listens just before it is ready (it binds its cancel socket
+        last), so a transaction it starts in between is not held."""
+        for line in self.held.commands():
+            try:
+                await ask(admin_path(self.runtime_dir, i), line)
+            except (AdminError, OSError) as exc:  # e.g. a shard or node a reload removed; or the worker died
+                log.error("worker %d: %s failed: %s", i, line, exc)
+
     # -- the admin socket, for all workers ------------------------------------------------------------------
     async def execute(self, line: str) -> Table:
         words = line.strip().rstrip(";").split()
@@ -233,7 +246,15 @@ class Supervisor:
         if name == "KILL" and len(words) == 2 and words[1].isdigit():
             targets = range(int(words[1]) % self.count, int(words[1]) % self.count + 1)  # the owner of the id
         replies = await self._ask_all(line, targets)
+        if name in HELD_BY:
+            args = words[1:]
+            shards = await self._shard_names() if name == "PAUSE" and not args else []
+            self.held.record(name, args, shards)
         return MERGES.get(name, first)(replies)
+
+    async def _shard_names(self) -> list[str]:
+        """All shards, which PAUSE without one pauses: the workers' config, which a RELOAD may have changed."""
+        return [str(row[0]) for row in (await self._ask_one("SHOW SHARDS")).rows]
 
     async def _ask_one(self, line: str) -> Table:
         for i in range(self.count):
@@ -262,6 +283,29 @@ class Supervisor:
     async def exposition(self) -> bytes:
         table = await self.execute("METRICS")
         return table.rows[0][0].encode()  # type: ignore[union-attr]
+
+
+@dataclass
+class Held:
+    """What the operator's PAUSE and BAN hold now, as the commands that succeeded left it (see admin.py)."""
+
+    paused: set[str] = field(default_factory=set)  # shard names
+    banned: set[str] = field(default_factory=set)  # node addresses
+
+    def record(self, name: str, args: list[str], shards: list[str]) -> None:
+        """A command that succeeded; `shards` are all shards, what PAUSE without a shard pauses."""
+        if name == "PAUSE":
+            self.paused.update(args or shards)
+        elif name == "RESUME":
+            self.paused = self.paused - set(args) if args else set()
+        elif name == "BAN":
+            self.banned.add(args[0])
+        elif name == "UNBAN":
+            self.banned.discard(args[0])
+
+    def commands(self) -> list[str]:
+        """The commands that bring a worker that holds nothing to this state."""
+        return [f"PAUSE {shard}" for shard in sorted(self.paused)] + [f"BAN {node}" for node in sorted(self.banned)]
 
 
 # -- merging the workers' replies (pure) ----------------------------------------------------------------------
@@ -347,4 +391,5 @@ MERGES: dict[str, Callable[[list[tuple[int, Table]]], Table]] = {
     "METRICS": summed_metrics,
 }
 TO_ALL = {"RELOAD", "PAUSE", "RESUME", "BAN", "UNBAN", "KILL"}  # the first worker's reply stands for all
+HELD_BY = {"PAUSE", "RESUME", "BAN", "UNBAN"}  # what Held keeps
 FROM_ONE = {"SHOW NODES", "SHOW SHARDS", "SHOW CONFIG", "SHOW VERSION", "ROUTE", "HELP"}

@@ -6,6 +6,7 @@ database and /metrics must behave as one proxy's. The last tests kill a worker a
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -15,14 +16,15 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from shardproxy.admin import Table
+from shardproxy.admin import Table, request
 from shardproxy.sandbox import Cluster, ProxyProcess, Sandbox
-from shardproxy.workers import MERGES, sum_expositions
+from shardproxy.workers import MERGES, Held, admin_path, sum_expositions
 from tests.console import admin, table, wait_until
 
 DB = "workersdb"  # only this module's clients use it: pg_stat_activity tells their server connections apart
@@ -37,6 +39,26 @@ def local_address(conn: psycopg.Connection) -> str:
     with socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:
         host, port = sock.getsockname()
     return f"{host}:{port}"
+
+
+def worker_table(pid: int, command: str) -> list[dict[str, Any]]:
+    """An ok reply of one worker, from its internal admin socket: what it holds, not what the supervisor merges."""
+    argv = open(f"/proc/{pid}/cmdline").read().split("\0")
+    path = admin_path(argv[argv.index("--runtime-dir") + 1], int(argv[argv.index("--worker") + 1]))
+    reply = json.loads(request(path, command))
+    assert reply["ok"], reply
+    return [dict(zip(reply["columns"], row)) for row in reply["rows"]]
+
+
+def restart_a_worker(proxy: ProxyProcess) -> int:
+    """SIGKILL a worker and wait until its successor is ready; returns the successor's pid."""
+    victim, survivor = proxy.worker_pids()
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: len(proxy.worker_pids()) == 2 and victim not in proxy.worker_pids())
+    (successor,) = set(proxy.worker_pids()) - {survivor}
+    wait_until(lambda: f"(pid {successor}) ready" in proxy.log())
+    assert f"(pid {victim}) exited with code -9; restarting it" in proxy.log()
+    return successor
 
 
 def metrics(proxy: ProxyProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -147,12 +169,7 @@ def test_reload_reaches_every_worker(proxy: ProxyProcess) -> None:
 
 
 def test_a_killed_worker_is_restarted(proxy: ProxyProcess) -> None:
-    victim, survivor = proxy.worker_pids()
-    os.kill(victim, signal.SIGKILL)
-    wait_until(lambda: len(proxy.worker_pids()) == 2 and victim not in proxy.worker_pids())
-    (successor,) = set(proxy.worker_pids()) - {survivor}
-    wait_until(lambda: f"(pid {successor}) ready" in proxy.log())
-    assert f"(pid {victim}) exited with code -9; restarting it" in proxy.log()
+    restart_a_worker(proxy)
     conns = [connect(proxy) for _ in range(12)]
     try:
         assert all(conn.execute("SELECT 1").fetchone() == (1,) for conn in conns)
@@ -160,6 +177,44 @@ def test_a_killed_worker_is_restarted(proxy: ProxyProcess) -> None:
     finally:
         for conn in conns:
             conn.close()
+
+
+def test_a_restarted_worker_holds_a_paused_shard_until_resume(proxy: ProxyProcess, pg: Cluster) -> None:
+    assert admin(proxy, f"PAUSE {pg.name}")["ok"]
+    try:
+        restart_a_worker(proxy)
+        conns = [connect(proxy) for _ in range(12)]
+        answers: list[int] = []
+        queries = [threading.Thread(target=lambda c=conn: answers.append(c.execute("SELECT 42").fetchone()[0]))
+                   for conn in conns]
+        for query in queries:
+            query.start()
+        wait_until(lambda: sum(row["state"] == "waiting" for row in table(proxy, "SHOW CLIENTS")) == 12)
+        assert {row["worker"] for row in table(proxy, "SHOW CLIENTS")} == {0, 1}
+        time.sleep(0.3)
+        assert not answers
+    finally:
+        assert admin(proxy, "RESUME")["ok"]
+    for query in queries:
+        query.join(5)
+    assert answers == [42] * 12
+    for conn in conns:
+        conn.close()
+    wait_until(lambda: not table(proxy, "SHOW CLIENTS"))
+
+
+def test_a_restarted_worker_keeps_a_banned_node_banned(proxy: ProxyProcess, pg: Cluster) -> None:
+    node = f"{pg.primary.host}:{pg.primary.port}"
+    assert admin(proxy, f"BAN {node}")["ok"]
+    try:
+        successor = restart_a_worker(proxy)
+        for pid in proxy.worker_pids():
+            assert {row["state"] for row in worker_table(pid, "SHOW NODES")} == {"banned"}, pid
+        assert successor in proxy.worker_pids()
+    finally:
+        assert admin(proxy, f"UNBAN {node}")["ok"]
+    for pid in proxy.worker_pids():
+        assert {row["state"] for row in worker_table(pid, "SHOW NODES")} == {"up"}, pid
 
 
 def test_sigterm_stops_every_worker(proxy: ProxyProcess, pg: Cluster) -> None:
@@ -188,6 +243,18 @@ def test_workers_that_cannot_start_stop_the_supervisor(sandbox: Sandbox, pg: Clu
 
 
 # -- merging, without processes -------------------------------------------------------------------------------
+def test_held_state_is_what_the_commands_left() -> None:
+    held = Held()
+    held.record("PAUSE", [], ["s0", "s1", "s2"])
+    held.record("RESUME", ["s1"], [])
+    held.record("BAN", ["h:1"], [])
+    held.record("BAN", ["h:2"], [])
+    held.record("UNBAN", ["h:1"], [])
+    assert held.commands() == ["PAUSE s0", "PAUSE s2", "BAN h:2"]
+    held.record("RESUME", [], [])
+    assert held.commands() == ["BAN h:2"]
+
+
 def test_pools_are_summed_and_maxwait_is_the_longest() -> None:
     columns = ["database", "user", "shard", "node", "role", "region", "cl_active", "sv_idle", "maxwait"]
     first = Table(columns, [["db", "app", "s0", "h:1", "primary", None, 3, 1, 0.5],
