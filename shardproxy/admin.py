@@ -469,7 +469,7 @@ class AdminSocket:
         try:
             table = await self.execute(line)
         except AdminError as exc:
-            return {"ok": False, "error": str(exc)}
+            return {"ok": False, "error": str(exc), "code": exc.code}  # the SQLSTATE, so a relayed error keeps it
         return {"ok": True, "columns": table.columns, "rows": table.rows}
 
 
@@ -501,7 +501,7 @@ async def ask(path: str, command: str) -> Table:
         raise ConnectionResetError(f"{path} closed without answering")
     reply = json.loads(line)
     if not reply["ok"]:
-        raise AdminError(reply["error"])
+        raise AdminError(reply["error"], reply["code"])
     return Table(reply["columns"], reply["rows"])
 
 

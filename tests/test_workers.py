@@ -168,6 +168,15 @@ def test_reload_reaches_every_worker(proxy: ProxyProcess) -> None:
     wait_until(lambda: proxy.log().count("reloaded ") == done + 4)
 
 
+def test_a_worker_error_keeps_its_sqlstate_through_the_supervisor(proxy: ProxyProcess) -> None:
+    for command in ("FROBNICATE", "KILL"):  # one worker answers the first, every worker the second
+        assert admin(proxy, command)["code"] == "42601", command
+        with psycopg.connect(proxy.dsn("admin", "adminpw", "shardproxy"), autocommit=True) as console:
+            with pytest.raises(psycopg.errors.SyntaxError):
+                console.execute(command)
+    assert admin(proxy, "KILL 999999")["code"] == "55000"
+
+
 def test_a_killed_worker_is_restarted(proxy: ProxyProcess) -> None:
     restart_a_worker(proxy)
     conns = [connect(proxy) for _ in range(12)]
