@@ -354,8 +354,8 @@ class Admin:
         return Table(["text"], [[(await self.proxy.metrics.exposition()).decode()]])
 
     # -- the unix socket ------------------------------------------------------------------------------------
-    async def start(self, path: str) -> None:
-        self._socket = AdminSocket(path, self.execute)
+    async def start(self, path: str, internal: bool = False) -> None:
+        self._socket = AdminSocket(path, self.execute, internal)
         await self._socket.start()
 
     def close(self) -> None:
@@ -393,11 +393,12 @@ class Admin:
         client.close()
 
     async def _execute_everywhere(self, line: str) -> Table:
-        """The admin database answers for all workers: with several, the supervisor's socket merges their replies."""
-        if getattr(self.proxy, "worker", None) is None:
+        """The admin database answers for all workers: with several, the supervisor merges their replies."""
+        worker = getattr(self.proxy, "worker", None)
+        if worker is None:
             return await self.execute(line)
         try:
-            return await ask(self.proxy.config.admin.socket, line)
+            return await ask(worker.supervisor_socket, line)
         except OSError as exc:
             raise AdminError(f"cannot reach the supervisor's admin socket: {exc.strerror or exc}") from None
 
@@ -424,9 +425,10 @@ class Admin:
 class AdminSocket:
     """A unix socket, born 0600, that answers each command line with one line of JSON from `execute`."""
 
-    def __init__(self, path: str, execute: Callable[[str], Awaitable[Table]]):
+    def __init__(self, path: str, execute: Callable[[str], Awaitable[Table]], internal: bool = False):
         self.path = path
         self.execute = execute
+        self.internal = internal  # a worker's, asked by its supervisor: errors carry their SQLSTATE too
         self._server: asyncio.AbstractServer | None = None
         self._inode = 0  # of the socket we bound
 
@@ -469,7 +471,8 @@ class AdminSocket:
         try:
             table = await self.execute(line)
         except AdminError as exc:
-            return {"ok": False, "error": str(exc), "code": exc.code}  # the SQLSTATE, so a relayed error keeps it
+            reply = {"ok": False, "error": str(exc)}  # the shape the contract gives operators' tools
+            return {**reply, "code": exc.code} if self.internal else reply
         return {"ok": True, "columns": table.columns, "rows": table.rows}
 
 
@@ -501,7 +504,7 @@ async def ask(path: str, command: str) -> Table:
         raise ConnectionResetError(f"{path} closed without answering")
     reply = json.loads(line)
     if not reply["ok"]:
-        raise AdminError(reply["error"], reply["code"])
+        raise AdminError(reply["error"], reply.get("code", NOT_POSSIBLE_NOW))
     return Table(reply["columns"], reply["rows"])
 
 

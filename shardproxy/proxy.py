@@ -66,7 +66,10 @@ class Proxy:
         worker = self.worker
         # First: a proxy already running there keeps its socket and its port. A worker's socket is internal:
         # the supervisor answers the configured one for all workers, and serves their metrics.
-        await self.admin.start(self.config.admin.socket if worker is None else worker.admin_socket)
+        if worker is None:
+            await self.admin.start(self.config.admin.socket)
+        else:
+            await self.admin.start(worker.admin_socket, internal=True)
         await self.health.start()  # roles are discovered, never taken from the file
         listen = self.config.listen
         self._server = await loop.create_server(lambda: ClientConnection(self), listen.host, listen.port,

@@ -49,6 +49,11 @@ def admin_path(runtime_dir: str, worker: int) -> str:
     return os.path.join(runtime_dir, f"worker{worker}.admin")
 
 
+def supervisor_path(runtime_dir: str) -> str:
+    """The supervisor's internal admin socket, which the workers' admin databases ask: its errors carry SQLSTATEs."""
+    return os.path.join(runtime_dir, "supervisor.admin")
+
+
 def cancel_path(runtime_dir: str, worker: int) -> str:
     return os.path.join(runtime_dir, f"worker{worker}.cancel")
 
@@ -65,6 +70,10 @@ class Worker:
     @property
     def admin_socket(self) -> str:
         return admin_path(self.runtime_dir, self.id)
+
+    @property
+    def supervisor_socket(self) -> str:
+        return supervisor_path(self.runtime_dir)
 
     def tag(self, number: int) -> int:
         """A number unique across workers, whose owner is number % count."""
@@ -122,6 +131,7 @@ class Supervisor:
         self._lifeline = os.pipe()  # the reading end is each worker's stdin; see Worker._lifeline
         self.held = Held()  # what PAUSE and BAN hold now, told to each restarted worker
         self._admin = AdminSocket(config.admin.socket, self.execute)
+        self._internal_admin = AdminSocket(supervisor_path(self.runtime_dir), self.execute, internal=True)
         self._metrics: asyncio.AbstractServer | None = None
         self._stopped: asyncio.Event | None = None
 
@@ -148,6 +158,7 @@ class Supervisor:
             await asyncio.sleep(READY_POLL)
         if not self.stopping:  # the admin socket answers once every worker does
             await self._admin.start()
+            await self._internal_admin.start()
             settings = self.config.metrics
             if settings.port:
                 self._metrics = await serve_metrics(settings.host, settings.port, self.exposition)
@@ -162,6 +173,7 @@ class Supervisor:
         self.stopping, self.exit_code = True, code
         log.info("stopping %d workers", self.count)
         self._admin.close()
+        self._internal_admin.close()
         if self._metrics is not None:
             self._metrics.close()
         for process in self.processes:

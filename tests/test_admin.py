@@ -137,8 +137,8 @@ def test_socket_is_private_and_serves_many_commands_per_connection(proxy: ProxyP
     assert by_command["route 42"]["columns"] == ["key", "shard", "read_node", "write_node"]
     assert by_command["route 42"]["rows"] == [["42", pg.name, address(pg.primary), address(pg.primary)]]
     assert by_command["FROBNICATE"] == {"ok": False, "error": "unknown command 'FROBNICATE'; type HELP for the list "
-                                                              "of commands", "code": "42601"}
-    assert by_command["KILL"] == {"ok": False, "error": "usage: KILL <id>", "code": "42601"}
+                                                              "of commands"}
+    assert by_command["KILL"] == {"ok": False, "error": "usage: KILL <id>"}
 
 
 def test_clients_servers_pools_and_stats_follow_a_transaction(proxy: ProxyProcess, pg: Cluster) -> None:
@@ -198,8 +198,8 @@ def test_kill_closes_that_client_only(proxy: ProxyProcess) -> None:
             victim.execute("SELECT 1")
         assert bystander.execute("SELECT 2").fetchone() == (2,)
         assert victim_id not in client_ids(proxy)
-    assert admin(proxy, f"KILL {victim_id}") == {"ok": False, "code": "55000",
-                                                 "error": f"no client with id '{victim_id}'; see SHOW CLIENTS"}
+    assert admin(proxy, f"KILL {victim_id}") == {"ok": False, "error": f"no client with id '{victim_id}'; "
+                                                                       "see SHOW CLIENTS"}
 
 
 def test_nodes_shards_and_route_with_a_replica(replicated: ProxyProcess, replicas: Cluster) -> None:
