@@ -16,7 +16,7 @@ bumps (PoolStats, read by metrics.py and SHOW STATS) are here for the same reaso
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_CheckExact
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize
-from libc.string cimport memchr
+from libc.string cimport memchr, memcpy
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 import logging
@@ -62,6 +62,13 @@ cdef inline const unsigned char* _chars(object buf):
 cdef inline Py_ssize_t _length(const unsigned char* p):
     """A message's length field (big-endian, counting itself)."""
     return (<Py_ssize_t>p[0] << 24) | (p[1] << 16) | (p[2] << 8) | p[3]
+
+
+cdef inline void _put_length(unsigned char* p, Py_ssize_t length) noexcept:
+    p[0] = (length >> 24) & 0xFF
+    p[1] = (length >> 16) & 0xFF
+    p[2] = (length >> 8) & 0xFF
+    p[3] = length & 0xFF
 
 
 cdef inline bint _session_prefix(const unsigned char* s, Py_ssize_t size):
@@ -134,6 +141,7 @@ cdef class ClientCore(Endpoint):
     """The data path's half of a client connection (ClientConnection adds login, statements and routing)."""
 
     cdef public object proxy, params, param_sql, decided, kind
+    cdef public dict statements  # the client's statement names
     # What the linked server calls once every request is answered: _server_ready in transaction pooling, bound
     # once (unset when the connection is lost), else None; a fanout leg's own.
     cdef public object on_server_ready
@@ -234,6 +242,44 @@ cdef class ClientCore(Endpoint):
         elif self.buf and not self.closed:
             ClientCore.on_data(self, b"")
 
+    cdef bint _bind(self, buf, Py_ssize_t pos, Py_ssize_t portal_end, Py_ssize_t end, list out) except -1:
+        """A Bind of a named statement, to the server-side name (prepared there first if it lacks it). Returns
+        False if the message was malformed (the client is gone)."""
+        cdef const unsigned char* p = _chars(buf)
+        cdef const unsigned char* name = p + portal_end + 1
+        cdef const unsigned char* name_end = <const unsigned char*>memchr(name, 0, end - portal_end - 1)
+        if name_end == NULL:
+            self._fatal(pg.PostgresError(pg.PROTOCOL_VIOLATION, "invalid message format"))
+            return False
+        statement = self.statements.get(PyBytes_FromStringAndSize(<const char*>name, name_end - name))
+        if statement is None:  # unknown to us: let the server say so, in its own words
+            out.append(buf[pos:end])
+            return True
+        ClientCore._ensure_prepared(self, statement, out)
+        cdef bytes server_name = statement.bind_prefix  # the name and its NUL
+        cdef Py_ssize_t portal = portal_end + 1 - (pos + 5), rest = end - (name_end + 1 - p)
+        cdef Py_ssize_t size = 1 + 4 + portal + len(server_name) + rest
+        cdef bytes message = PyBytes_FromStringAndSize(NULL, size)
+        cdef unsigned char* m = <unsigned char*>PyBytes_AS_STRING(message)
+        m[0] = c'B'
+        _put_length(m + 1, size - 1)
+        memcpy(m + 5, p + pos + 5, portal)
+        memcpy(m + 5 + portal, PyBytes_AS_STRING(server_name), len(server_name))
+        memcpy(m + 5 + portal + len(server_name), name_end + 1, rest)
+        out.append(message)
+        return True
+
+    cpdef _ensure_prepared(self, statement, list out):
+        """Prepare the statement on the linked server first if it lacks it, hiding the ParseComplete."""
+        server = self.server
+        name = statement.name
+        if name in server.prepared:
+            server.prepared.move_to_end(name)
+        else:
+            out.append(statement.parse)
+            server.pending.append((PARSE, HIDE, statement))
+            server.remember_prepared(name, self.proxy.config.pool.prepared_statements_per_server, out)
+
     cpdef _forward(self, buf):
         """Frame what the client sent, record each request in the linked server's `pending` queue, and write it
         on unchanged, but for named statements, session statements and routing decisions (the Python methods)."""
@@ -288,7 +334,8 @@ cdef class ClientCore(Endpoint):
                 if portal_end + 1 < end and p[portal_end + 1]:  # a named statement: use its server-side name
                     out.append(buf[span:pos])
                     span = end
-                    self._bind(buf, pos, portal_end, end, out)
+                    if not ClientCore._bind(self, buf, pos, portal_end, end, out):
+                        return
                 append(BIND_REQ)
             elif t == c'E':
                 append(EXECUTE_REQ)

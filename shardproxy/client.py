@@ -23,7 +23,7 @@ from shardproxy.auth import (
     ProvenKey, ScramException, ScramServerExchange, is_scram_verifier, md5_answer, parse_sasl_initial,
 )
 from shardproxy._wire import (
-    CLOSE, DESCRIBE, FORWARD, HIDE, PARSE, QUERY, QUERY_REQ, SYNTH, ClientCore, is_session_statement,
+    CLOSE, DESCRIBE, FORWARD, PARSE, QUERY, QUERY_REQ, SYNTH, ClientCore, is_session_statement,
 )
 from shardproxy.connection import Connection
 from shardproxy.routing import Routing
@@ -268,26 +268,7 @@ class ClientConnection(ClientCore, Routing, Connection):
             server.pending.append((PARSE, FORWARD, statement))
             server.remember_prepared(statement.name, self.proxy.config.pool.prepared_statements_per_server, out)
 
-    def _ensure_prepared(self, statement: Statement, out: list) -> None:
-        """Prepare the statement on the linked server first if it lacks it, hiding the ParseComplete."""
-        server = self.server
-        if statement.name in server.prepared:
-            server.prepared.move_to_end(statement.name)
-        else:
-            out.append(statement.parse)
-            server.pending.append((PARSE, HIDE, statement))
-            server.remember_prepared(statement.name, self.proxy.config.pool.prepared_statements_per_server, out)
-
-    def _bind(self, buf, pos: int, portal_end: int, end: int, out: list) -> None:
-        name_end = buf.index(0, portal_end + 1)
-        statement = self.statements.get(bytes(buf[portal_end + 1:name_end]))
-        if statement is None:  # unknown to us: let the server say so, in its own words
-            out.append(buf[pos:end])
-            return
-        self._ensure_prepared(statement, out)
-        rest = buf[name_end + 1:end]
-        portal = buf[pos + 5:portal_end + 1]
-        out.append(pg.message(b"B", bytes(portal) + statement.bind_prefix + bytes(rest)))
+    # _bind and _ensure_prepared are ClientCore's (_wire.pyx): they run for each Bind of a named statement.
 
     def _statement_message(self, t: int, name: bytes, out: list) -> None:
         """Describe or Close of a named statement."""
