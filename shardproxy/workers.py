@@ -66,6 +66,7 @@ class Worker:
         self.runtime_dir = runtime_dir  # the supervisor's private directory of internal sockets
         self._cancels: asyncio.AbstractServer | None = None
         self._forwards: set[asyncio.Task] = set()
+        self.orphaned = False  # the supervisor died: nobody else will clean the runtime directory up
 
     @property
     def admin_socket(self) -> str:
@@ -97,11 +98,20 @@ class Worker:
         if not os.read(0, 1):
             asyncio.get_running_loop().remove_reader(0)
             log.error("the supervisor is gone: shutting down")
+            self.orphaned = True
             shutdown()
 
     def close(self) -> None:
+        """Stop serving forwarded cancels. Orphaned, remove this worker's sockets (its admin socket went with
+        the admin console) and the dead supervisor's, then the directory: the last worker out succeeds."""
         if self._cancels is not None:
             self._cancels.close()
+        if self.orphaned:
+            for path in (cancel_path(self.runtime_dir, self.id), supervisor_path(self.runtime_dir)):
+                with suppress(OSError):
+                    os.unlink(path)
+            with suppress(OSError):  # not empty while another worker is still shutting down
+                os.rmdir(self.runtime_dir)
 
     def forward_cancel(self, pid: int, secret: int) -> None:
         log.debug("cancel request for pid %d forwarded to worker %d", pid, pid % self.count)

@@ -252,6 +252,27 @@ def test_workers_that_cannot_start_stop_the_supervisor(sandbox: Sandbox, pg: Clu
     assert time.monotonic() - started < 20
 
 
+def test_workers_clean_up_after_a_killed_supervisor(sandbox: Sandbox, pg: Cluster) -> None:
+    orphaned = sandbox.proxy("workers-orphaned", [pg], workers=2, pool={"size": 1})
+    workers = orphaned.worker_pids()
+    argv = open(f"/proc/{workers[0]}/cmdline").read().split("\0")
+    runtime_dir = argv[argv.index("--runtime-dir") + 1]
+    wait_until(lambda: len(os.listdir(runtime_dir)) == 5)  # two workers' admin and cancel sockets, the supervisor's
+    orphaned.process.kill()
+    orphaned.process.wait()
+    wait_until(lambda: not any(_alive(pid) for pid in workers))
+    assert not os.path.exists(runtime_dir)
+
+
+def _alive(pid: int) -> bool:
+    """Running, not exited (an orphan's exit may leave a zombie that no init reaps)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 # -- merging, without processes -------------------------------------------------------------------------------
 def test_held_state_is_what_the_commands_left() -> None:
     held = Held()
