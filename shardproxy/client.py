@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("shardproxy.client")
 
-_S, _P, _C, _X, _p = b"SPCXp"
+_S, _P, _C, _p = b"SPCp"
 _UNPACK = pg.INT32.unpack_from
 _DEALLOCATE_DONE = (QUERY, SYNTH, pg.command_complete("DEALLOCATE"))
 _DEALLOCATE_ALL_DONE = (QUERY, SYNTH, pg.command_complete("DEALLOCATE ALL"))

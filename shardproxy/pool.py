@@ -104,7 +104,7 @@ class Pool(PoolCore):
     def _grow(self) -> None:
         """Open connections while clients wait and the pool has room."""
         while not self.paused and len(self.waiting) > self.opening and \
-                len(self.servers) + self.opening < self.settings.size:
+                len(self.servers) + self.opening < self.size:
             self.opening += 1
             asyncio.get_running_loop().create_task(self._open_for_waiters())
 
