@@ -221,9 +221,9 @@ class Proxy:
 
     # -- pools --------------------------------------------------------------------------------------------
     def pool_for(self, database: str, user: str, node: NodeState) -> Pool:
-        key = PoolKey(database, user, node.address)
-        pool = self.pools.get(key)
+        pool = self.pools.get((database, user, node.address))  # a plain tuple finds its PoolKey: none made per call
         if pool is None or pool.draining:  # a node back in the config after a reload: a fresh pool
+            key = PoolKey(database, user, node.address)
             pool = self.pools[key] = Pool(self, key, node)
         return pool
 
@@ -232,12 +232,12 @@ class Proxy:
         """The pool for a statement on a shard: its primary for writes, else the best node to read from;
         None while the shard has no primary to write to."""
         name = self.config.shards[shard].name
-        if write or force_primary or self.config.routing.consistency == "strong":
+        consistency = self.config.routing.consistency
+        if write or force_primary or consistency == "strong":
             node = self.topology.primary(name)
         else:
-            min_lsn = client.min_lsn.get(shard) if self.config.routing.consistency == "read_your_writes" else None
-            candidates = [n for n in self.topology.read_candidates(name, min_lsn) if n.address not in client.avoid]
-            node = candidates[0] if candidates else None
+            min_lsn = client.min_lsn.get(shard) if consistency == "read_your_writes" else None
+            node = self.topology.read_node(name, min_lsn, client.avoid)
         return None if node is None else self.pool_for(client.database, client.user, node)
 
     def tracks_writes(self, shard: int) -> bool:

@@ -116,6 +116,7 @@ class Topology:
         # (received, lsn) of the shard's elected primary, oldest first.
         self._samples: dict[str, deque[tuple[float, int]]] = {}
         self._listeners: list[Listener] = []
+        self._readable_cache: dict[str, list[tuple[tuple[int, float, str], NodeState]]] = {}  # see _readable
         self._load(config)
 
     def on_change(self, listener: Listener) -> None:
@@ -137,28 +138,42 @@ class Topology:
         leader = self._leaders.get(shard)
         return leader if leader is not None and not leader.banned else None
 
-    def read_candidates(
-        self, shard: str, min_lsn: int | None = None
-    ) -> list[NodeState]:
-        """Nodes for a read, best first: fresh enough replicas by region, then the primary.
-
-        ``min_lsn`` (read-your-writes) drops replicas that have not replayed it yet.
-        """
-        max_lag = self.config.routing.max_replica_lag
-        replicas = [
-            node
-            for node in self._shards.get(shard, ())
-            if node.role == "replica"
-            and node.state == "up"
-            and node.lag_seconds is not None
-            and node.lag_seconds <= max_lag
-            and (min_lsn is None or node.wal_lsn >= min_lsn)
-        ]
-        replicas.sort(
-            key=lambda node: (*self._region_rank(node.region), node.outstanding)
-        )
+    def read_candidates(self, shard: str, min_lsn: int | None = None) -> list[NodeState]:
+        """Nodes for a read, best first: fresh enough replicas by region and then by requests in flight,
+        then the primary. ``min_lsn`` (read-your-writes) drops replicas that have not replayed it yet."""
+        replicas = [node for _, node in sorted(
+            (((rank, node.outstanding), node) for rank, node in self._readable(shard)
+             if min_lsn is None or node.wal_lsn >= min_lsn), key=lambda ranked: ranked[0])]
         primary = self.primary(shard)
         return replicas if primary is None else [*replicas, primary]
+
+    def read_node(self, shard: str, min_lsn: int | None, avoid: set[str]) -> NodeState | None:
+        """The first of read_candidates() whose address is not in ``avoid``, found without building the list:
+        this runs for every routed read."""
+        best: NodeState | None = None
+        best_rank = None
+        for rank, node in self._readable(shard):
+            if best is not None and rank != best_rank:
+                break  # the rest are in worse regions
+            if (min_lsn is None or node.wal_lsn >= min_lsn) and node.address not in avoid and (
+                    best is None or node.outstanding < best.outstanding):
+                best, best_rank = node, rank
+        if best is not None:
+            return best
+        primary = self.primary(shard)
+        return None if primary is None or primary.address in avoid else primary
+
+    def _readable(self, shard: str) -> list[tuple[tuple[int, float, str], NodeState]]:
+        """The shard's replicas that may serve reads (up, lag known and within the limit) with their region
+        rank, best region first; kept until the next check, ban or reload changes them."""
+        readable = self._readable_cache.get(shard)
+        if readable is None:
+            max_lag = self.config.routing.max_replica_lag
+            readable = self._readable_cache[shard] = sorted((
+                (self._region_rank(node.region), node) for node in self._shards.get(shard, ())
+                if node.role == "replica" and node.state == "up" and node.lag_seconds is not None
+                and node.lag_seconds <= max_lag), key=lambda ranked: ranked[0])
+        return readable
 
     def ban(self, address: str) -> bool:
         return self._set_banned(address, True)
@@ -182,6 +197,7 @@ class Topology:
         node = self._nodes.get(address)
         if node is None:  # removed by a reload while it was being checked
             return
+        self._readable_cache.clear()
         old_role, old_state = node.role, node.state
         node.role = "replica" if probe.in_recovery else "primary"
         node.in_recovery = probe.in_recovery
@@ -207,6 +223,7 @@ class Topology:
         node = self._nodes.get(address)
         if node is None:
             return
+        self._readable_cache.clear()
         old_role, old_state = node.role, node.state
         node.last_check = at
         node.failures += 1
@@ -216,6 +233,7 @@ class Topology:
         self._announce(node, old_role, old_state)
 
     def _load(self, config: Config) -> None:
+        self._readable_cache.clear()
         previous = self._nodes
         self._shards, self._nodes = {}, {}
         for shard in config.shards:
@@ -239,6 +257,7 @@ class Topology:
         if node is None:
             return False
         if node.banned != banned:
+            self._readable_cache.clear()
             old = node.state
             node.banned = banned
             self._emit(Change("state", node.shard, address, old, node.state))

@@ -120,6 +120,11 @@ def test_read_candidates_rank_regions_then_outstanding() -> None:
     known(topology.node("127.0.0.1:2")).outstanding = 5
     assert [n.port for n in topology.read_candidates(SHARD)] == [3, 2, 4, 1]
     assert [n.port for n in topology.read_candidates(SHARD, min_lsn=101)] == [1]
+    # A read goes to the first candidate that did not just refuse a connection.
+    for avoid, port in (set(), 3), ({"127.0.0.1:3"}, 2), ({"127.0.0.1:3", "127.0.0.1:2"}, 4):
+        assert known(topology.read_node(SHARD, None, avoid)).port == port
+    assert known(topology.read_node(SHARD, 101, set())).port == 1
+    assert topology.read_node(SHARD, None, {f"127.0.0.1:{port}" for port in (1, 2, 3, 4)}) is None
     # Behind a primary sample taken before the check: lagging by its replay age.
     seen(topology, 4, True, 90, replay_age=9.0, at=3.0)
     assert known(topology.node("127.0.0.1:4")).lag_bytes == 10
