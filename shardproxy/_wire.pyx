@@ -24,6 +24,7 @@ import select
 
 from shardproxy import protocol as pg
 from shardproxy.params import REPORTED, sync_statements
+from shardproxy.router import ShardKeyError
 from shardproxy.statements import parameter_types
 
 # Request kinds, and what to do with their responses.
@@ -88,6 +89,50 @@ cdef inline bint _session_prefix(const unsigned char* s, Py_ssize_t size):
 def is_session_statement(buf, Py_ssize_t start, Py_ssize_t end) -> bool:
     """_session_prefix for Python callers: the statement text at buf[start:end] (a bytes or bytearray)."""
     return _session_prefix(_chars(buf) + start, end - start)
+
+
+cdef inline Py_ssize_t _uint16(const unsigned char* p) noexcept:
+    return (p[0] << 8) | p[1]
+
+
+cdef object _MALFORMED_BIND = "shardproxy: malformed Bind message"
+
+
+def bind_parameter(buf, Py_ssize_t start, Py_ssize_t end, Py_ssize_t index) -> tuple:
+    """The raw value (None for NULL) and format code of 1-based parameter `index` of the Bind whose body is
+    buf[start:end] (portal\\0 statement\\0 int16 nfmt, int16 fmt[nfmt], int16 nparams, (int32 len, bytes)[nparams]),
+    read in place: routing reads the key of every Bind. Raises ShardKeyError for a parameter it lacks."""
+    cdef const unsigned char* p = _chars(buf)
+    cdef const unsigned char* q = <const unsigned char*>memchr(p + start, 0, end - start)
+    cdef Py_ssize_t pos, formats, count, fmt = 0, length, i
+    if q != NULL:
+        q = <const unsigned char*>memchr(q + 1, 0, end - (q + 1 - p))
+    if q == NULL or end - (q + 1 - p) < 2:
+        raise ShardKeyError(_MALFORMED_BIND)
+    pos = q + 1 - p
+    formats = _uint16(p + pos)
+    if end - pos < 4 + 2 * formats:
+        raise ShardKeyError(_MALFORMED_BIND)
+    count = _uint16(p + pos + 2 + 2 * formats)
+    if not 1 <= index <= count:
+        raise ShardKeyError(f"shardproxy: Bind has {count} parameters, not ${index}")
+    if formats > 1 and index > formats:
+        raise ShardKeyError(_MALFORMED_BIND)
+    if formats:
+        fmt = _uint16(p + pos + 2 + 2 * (index - 1 if formats > 1 else 0))
+    pos += 4 + 2 * formats
+    for i in range(index):
+        if end - pos < 4:
+            raise ShardKeyError(_MALFORMED_BIND)
+        length = <int>_length(p + pos)  # signed: -1 is NULL
+        pos += 4
+        if length > end - pos:
+            raise ShardKeyError(_MALFORMED_BIND)
+        if i < index - 1:
+            pos += max(length, 0)
+    if length < 0:
+        return None, fmt
+    return PyBytes_FromStringAndSize(<const char*>p + pos, length), fmt
 
 
 cdef inline long _action(object pending):

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from shardproxy import params as session_params
 from shardproxy import protocol as pg
-from shardproxy._wire import BIND_REQ, HIDDEN_QUERY, HIDE, PARSE, QUERY, QUERY_REQ, SYNTH
-from shardproxy.router import Plan, Route, bind_parameter, decode_key
+from shardproxy._wire import BIND_REQ, HIDDEN_QUERY, HIDE, PARSE, QUERY, QUERY_REQ, SYNTH, bind_parameter
+from shardproxy.router import Plan, Route, decode_key
 from shardproxy.topology import parse_lsn
 
 if TYPE_CHECKING:
@@ -135,17 +135,17 @@ class Routing:
         if statement is None:  # the server will say it does not exist
             return self.proxy.any_decision
         router = self.proxy.router
-        if statement.plan is None:
-            statement.plan = router.plan(statement.sql)
-        body = bytes(buf[pos + 5:end])
+        plan = statement.plan
+        if plan is None:
+            plan = statement.plan = router.plan(statement.sql)
         types = statement.param_types
 
-        def parameter(number: int) -> object:
-            value, fmt = bind_parameter(body, number)
+        def parameter(number: int) -> object:  # read from the Bind in place, before buf changes
+            value, fmt = bind_parameter(buf, pos + 5, end, number)
             oid = types[number - 1] if number <= len(types) else 0
             return None if value is None else decode_key(value, fmt, oid)
 
-        return Decision(router.route(statement.plan, (), parameter, self.session_key), statement.plan, statement.sql)
+        return Decision(router.route(plan, (), parameter, self.session_key), plan, statement.sql)
 
     def _answer_locally(self, decision: Decision, end: int) -> bool:
         """Simple queries the proxy answers itself between transactions: a BEGIN it holds until the
