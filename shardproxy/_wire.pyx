@@ -153,6 +153,13 @@ cdef class PoolCore
 # client.link(server) would first look for an override in the Python subclass, on every call.
 
 
+cdef class ProxyCore:
+    """The proxy-wide flags the data path reads per transaction (Proxy adds everything else)."""
+
+    cdef public bint sharded  # statements are routed one by one (several shards, or replicas to read from)
+    cdef public bint shutting_down
+
+
 cdef class Endpoint:
     """What client and server connections share: the socket, the receive buffer, and the connection whose
     reading pauses while this one's socket cannot take more (see connection.py)."""
@@ -160,6 +167,7 @@ cdef class Endpoint:
     cdef object _transport, _write  # the transport, and its write method looked up once
     cdef public bytearray buf
     cdef public bint closed
+    cdef public bint reading_paused  # by the peer's back-pressure (see connection.py)
     cdef public object peer
 
     @property
@@ -185,7 +193,8 @@ cdef inline object _joined(Endpoint connection, object data):
 cdef class ClientCore(Endpoint):
     """The data path's half of a client connection (ClientConnection adds login, statements and routing)."""
 
-    cdef public object proxy, params, param_sql, decided, kind
+    cdef public ProxyCore proxy
+    cdef public object params, param_sql, decided, kind
     cdef public dict statements  # the client's statement names
     # What the linked server calls once every request is answered: _server_ready in transaction pooling, bound
     # once (unset when the connection is lost), else None; a fanout leg's own.
@@ -255,7 +264,6 @@ cdef class ClientCore(Endpoint):
         server.peer = self
         self.peer = server
         server.on_ready = self.on_server_ready
-        server._transport.resume_reading()
         if self.params != server.reported or self.param_sql != server.param_sql:  # compared in C: the rule is equal
             statements = sync_statements(self.params, self.param_sql, server.params, server.param_sql)
             if statements:
@@ -716,6 +724,9 @@ cdef class PoolCore:
         server.client = None
         server.peer = None
         server.on_ready = None
+        if server.reading_paused and server._transport is not None:  # the client's back-pressure ends with it
+            server.reading_paused = False
+            server._transport.resume_reading()
 
     cdef _hand_over(self, ClientCore client, ServerCore server, double now):
         """Link them, counting the hand-out and how long the client waited for it."""

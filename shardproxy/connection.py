@@ -46,12 +46,16 @@ class Connection(Endpoint, asyncio.Protocol):
             self.on_data(data)
 
     def pause_writing(self) -> None:
-        if self.peer is not None and self.peer.transport is not None:
-            self.peer.transport.pause_reading()
+        peer = self.peer
+        if peer is not None and peer.transport is not None:
+            peer.transport.pause_reading()
+            peer.reading_paused = True
 
     def resume_writing(self) -> None:
-        if self.peer is not None and self.peer.transport is not None and not self.peer.closed:
-            self.peer.transport.resume_reading()
+        peer = self.peer
+        if peer is not None and peer.transport is not None and not peer.closed:
+            peer.transport.resume_reading()
+            peer.reading_paused = False
 
     # -- the hot path is the subclass's -------------------------------------------------------------
     def on_data(self, data: bytes | bytearray) -> None:

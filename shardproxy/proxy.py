@@ -10,6 +10,7 @@ import time
 from contextlib import suppress
 
 from shardproxy import protocol as pg
+from shardproxy._wire import ProxyCore
 from shardproxy.admin import Admin
 from shardproxy.auth import ProvenKey, ScramSecret, is_md5_hash, is_scram_verifier
 from shardproxy.client import ClientConnection
@@ -31,7 +32,7 @@ log = logging.getLogger("shardproxy")
 JANITOR_INTERVAL = 0.5
 
 
-class Proxy:
+class Proxy(ProxyCore):
     def __init__(self, config: Config, worker: Worker | None = None):
         self.config = config
         self.worker = worker  # None when this process is the only one (workers: 1)
