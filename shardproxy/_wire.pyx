@@ -91,6 +91,22 @@ def is_session_statement(buf, Py_ssize_t start, Py_ssize_t end) -> bool:
     return _session_prefix(_chars(buf) + start, end - start)
 
 
+def batch_end(buf, Py_ssize_t pos) -> int:
+    """Just past the Sync that ends the batch going on at pos in buf, or the end of what has arrived."""
+    cdef const unsigned char* p = _chars(buf)
+    cdef Py_ssize_t n = len(buf), end
+    cdef unsigned char t
+    while n - pos >= 5:
+        end = pos + 1 + _length(p + pos + 1)
+        if end > n:
+            break
+        t = p[pos]
+        pos = end
+        if t == c'S':
+            break
+    return pos
+
+
 cdef inline Py_ssize_t _uint16(const unsigned char* p) noexcept:
     return (p[0] << 8) | p[1]
 
