@@ -8,7 +8,8 @@ setup(
     packages=find_packages(include=["shardproxy", "shardproxy.*"]),
     ext_modules=cythonize(
         [Extension("shardproxy._hash", ["shardproxy/_hash.pyx"]),
-         Extension("shardproxy._wire", ["shardproxy/_wire.pyx"])],
+         Extension("shardproxy._wire", ["shardproxy/_wire.pyx"]),
+         Extension("shardproxy._literals", ["shardproxy/_literals.pyx"])],
         compiler_directives={"language_level": "3"},
     ),
     python_requires=">=3.11",
