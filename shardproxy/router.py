@@ -34,6 +34,7 @@ from typing import Any, Literal, NamedTuple
 from pglast import parser as pg_parser
 from pglast.ast import Node
 
+from shardproxy._literals import normalise
 from shardproxy.ring import Ring
 
 __all__ = [
@@ -98,19 +99,6 @@ _CASTS = {"int2": "int", "int4": "int", "int8": "int", "numeric": "int", "oid": 
 # Multi-statement queries take the kind of their strongest statement.
 _RANK = {"ddl": 4, "write": 3, "utility": 2, "read": 1}
 
-# Simple-protocol normalisation: quoted identifiers, comments and strings glued to a prefix (E'', B'',
-# X'', U&'', type'...') are kept as they are; other strings and numbers become placeholders.
-_LITERALS = re.compile(
-    r"""(?=["'\-/\d.])  # every token of interest starts so: a cheap test at each position
-      (?:(?P<keep>"(?:[^"]|"")*"|--[^\n]*|/\*.*?\*/|(?<=[\w$&])'(?:[^']|'')*')
-        |'(?P<str>(?:[^']|'')*)'
-        |(?<![\w$.])(?P<num>(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)(?![\w$.]))""",
-    re.DOTALL | re.VERBOSE,
-)
-# Backslash escapes (E'' strings, standard_conforming_strings=off) and dollar quotes are beyond the
-# regex above: such texts are planned as written.
-_DOLLAR_QUOTE = re.compile(r"\$(?!\d)")
-_PARAM_NUMBER = re.compile(r"\$(\d+)")
 _COMMENT = re.compile(r"/\*(.*?)\*/", re.DOTALL)
 _COMMENT_KEY = re.compile(
     r"\bshard_key\s*[:=]\s*(?:'((?:[^']|'')*)'|\"([^\"]*)\"|([^\s,;'\"*]+))", re.IGNORECASE
@@ -273,21 +261,10 @@ class Router:
         differ only in literal values share one plan. Texts the normalisation cannot handle safely,
         or whose template does not parse, are planned as written (with no literals).
         """
-        if "\\" in sql or ("$" in sql and _DOLLAR_QUOTE.search(sql)):
+        normalised = normalise(sql, _number)  # the rules: _literals.pyx
+        if normalised is None:
             return self._plans(sql), []
-        base = max(map(int, _PARAM_NUMBER.findall(sql)), default=0) if "$" in sql else 0
-        literals: list[Key] = []
-
-        def placeholder(match: re.Match[str]) -> str:
-            if match.lastgroup == "keep":
-                return match[0]
-            if match.lastgroup == "str":
-                literals.append(match["str"].replace("''", "'"))
-            else:
-                literals.append(_number(match["num"]))
-            return f"${base + len(literals)}"
-
-        template = _LITERALS.sub(placeholder, sql)
+        template, base, literals = normalised
         plan = self._templates(template, base) if literals else None
         if plan is None:
             return self._plans(sql), []
