@@ -232,7 +232,7 @@ cdef object _normalise(const uchar* s, str sql, object number):
     cdef Py_ssize_t* grown
     cdef Py_ssize_t room = _SPANS, count = 0, i = 0, end
     cdef uint32_t c
-    cdef bint doubled
+    cdef bint doubled, unclosed = False
     try:
         while i < n:
             c = s[i]
@@ -262,12 +262,13 @@ cdef object _normalise(const uchar* s, str sql, object number):
                 continue
             elif c == 47:  # /
                 end = -1
-                if i + 1 < n and s[i + 1] == 42:
+                if i + 1 < n and s[i + 1] == 42 and not unclosed:
                     for end in range(i + 3, n):
                         if s[end] == 47 and s[end - 1] == 42:
                             break
                     else:
                         end = -1
+                        unclosed = True  # nor will any later /* be: no rescanning to the end
                 i = end + 1 if end >= 0 else i + 1
                 continue
             elif c == 46 or _digit(c):

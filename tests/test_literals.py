@@ -189,6 +189,14 @@ def test_many_literals() -> None:
         check("SELECT $5, " + ", ".join(f"'é{i}'" for i in range(count)))
 
 
+def test_unclosed_comments() -> None:
+    """Text after an unclosed /* is scanned as if the comment were not there, in linear time."""
+    check("/* 'x' 5 " * 1000)
+    sql = "/* 'x' 5 " * 100_000
+    template, base, literals = normalise(sql, number)
+    assert literals == ["x", 5] * 100_000 and template.endswith("/* $199999 $200000 ")
+
+
 def test_texts_without_literals_are_their_own_template() -> None:
     sql = "SELECT a FROM t WHERE b = $1"
     template, base, literals = normalise(sql, _number)
