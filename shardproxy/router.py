@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -923,16 +924,21 @@ def _scalar(field: str, value: Any) -> Key | bool:
 
 
 def _number(text: str) -> int | str:
-    """A numeric literal as a key: an int when integral (5000000000, 4.0, 1e3), else its text."""
+    """A numeric literal as a key: an int when integral (5000000000, 4.0, 1e3), else its text. One of more
+    digits than Python reads into an int stays text (no column holds it as an integer key): 1e999999999 as an
+    int would take the proxy minutes to build."""
     if text.isdigit():
-        return int(text)
+        return int(text) if len(text) <= _MAX_DIGITS else text
     try:
         number = Decimal(text)
     except InvalidOperation:
         return text
-    if number.is_finite() and number == number.to_integral_value():
+    if number.is_finite() and number.adjusted() < _MAX_DIGITS and number == number.to_integral_value():
         return int(number)
     return text
+
+
+_MAX_DIGITS = sys.int_info.default_max_str_digits
 
 
 # ---------------------------------------------------------------------------------------------

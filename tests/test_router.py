@@ -660,6 +660,17 @@ def test_multi_statement_template(router: Router) -> None:
     assert plan_other is plan and error_of(router.route(plan, literals)).startswith("shardproxy: UPDATE")
 
 
+@pytest.mark.timeout(10)
+def test_huge_number_literals_stay_text(router: Router) -> None:
+    """A literal no integer column can hold is routed by its text, at once: as an int, 1e999999999 would
+    stall the proxy for minutes, and 5000 digits are more than Python reads into an int."""
+    for literal in ("1e999999999", "9" * 5000, "1" + "0" * 4999 + ".0"):
+        plan, literals = router.plan_simple(f"SELECT * FROM orders WHERE user_id = {literal}")
+        assert literals == [literal]
+        assert router.route(plan, literals).shard == shard_of(router, literal)
+    assert router.plan_simple("SELECT * FROM orders WHERE user_id = 1e3")[1] == [1000]
+
+
 def test_set_shard_key_is_planned_as_written(router: Router) -> None:
     for value in ("42", "43"):
         plan, literals = router.plan_simple(f"SET shardproxy.shard_key = '{value}'")
