@@ -44,7 +44,6 @@ __all__ = [
     "Route",
     "Router",
     "ShardKeyError",
-    "bind_parameter",
     "decode_key",
 ]
 
@@ -1065,31 +1064,3 @@ def _expect_length(value: bytes, length: int, type_oid: int) -> None:
         raise ShardKeyError(
             f"shardproxy: binary parameter of type {type_oid} must be {length} bytes, not {len(value)}"
         )
-
-
-def bind_parameter(bind_body: bytes, index: int) -> tuple[bytes | None, int]:
-    """The raw value (None for NULL) and format code of 1-based parameter index of a Bind body:
-    portal\\0 statement\\0 int16 nfmt, int16 fmt[nfmt], int16 nparams, (int32 len, bytes)[nparams]."""
-    try:
-        offset = bind_body.index(b"\0", bind_body.index(b"\0") + 1) + 1
-        formats = int.from_bytes(bind_body[offset : offset + 2], "big")
-        fmt_offset = offset + 2
-        offset = fmt_offset + 2 * formats
-        count = int.from_bytes(bind_body[offset : offset + 2], "big")
-    except ValueError:
-        raise ShardKeyError("shardproxy: malformed Bind message") from None
-    if not 1 <= index <= count:
-        raise ShardKeyError(f"shardproxy: Bind has {count} parameters, not ${index}")
-    at = fmt_offset + 2 * (index - 1 if formats > 1 else 0)
-    fmt = int.from_bytes(bind_body[at : at + 2], "big") if formats else 0
-    offset += 2
-    for _ in range(index - 1):  # skip the earlier values without copying them
-        length = int.from_bytes(bind_body[offset : offset + 4], "big", signed=True)
-        offset += 4 + max(length, 0)
-    length = int.from_bytes(bind_body[offset : offset + 4], "big", signed=True)
-    offset += 4
-    if length < 0:
-        return None, fmt
-    if offset + length > len(bind_body):
-        raise ShardKeyError("shardproxy: malformed Bind message")
-    return bind_body[offset : offset + length], fmt

@@ -10,7 +10,8 @@ import pytest
 from pglast import ast
 
 from shardproxy.config import Config, parse_config
-from shardproxy.router import KeyRef, Plan, Route, Router, ShardKeyError, bind_parameter, decode_key
+from shardproxy._wire import bind_parameter as read_bind_parameter
+from shardproxy.router import KeyRef, Plan, Route, Router, ShardKeyError, decode_key
 
 CONFIG = """\
 sharding:
@@ -800,6 +801,12 @@ def bind_body(values: list[bytes | None], formats: list[int]) -> bytes:
     return body + struct.pack(">hh", 1, 1)  # result formats follow the parameters
 
 
+def bind_parameter(body: bytes, index: int) -> tuple[bytes | None, int]:
+    """The compiled reader on a Bind body in the middle of a buffer, as the client's receive buffer holds it."""
+    buf = bytearray(b"Q-before" + body + b"S-after")
+    return read_bind_parameter(buf, 8, 8 + len(body), index)
+
+
 def test_bind_parameter() -> None:
     values: list[bytes | None] = [b"a", None, b"", struct.pack(">q", 42)]
     assert [bind_parameter(bind_body(values, []), i) for i in (1, 2, 3, 4)] == [
@@ -819,8 +826,13 @@ def test_bind_parameter() -> None:
             bind_parameter(bind_body(values, []), index)
     with pytest.raises(ShardKeyError, match="malformed"):
         bind_parameter(b"portal", 1)
-    with pytest.raises(ShardKeyError, match="malformed"):
-        bind_parameter(bind_body([b"abcdef"], [])[:-8], 1)
+    for malformed, index in (
+        (bind_body([b"abcdef"], [])[:-8], 1),  # the value runs past the message
+        (b"portal\0stmt\0" + struct.pack(">hh", 3, 0), 1),  # format codes run past it
+        (bind_body(values, [0, 1]), 4),  # two format codes for four parameters
+    ):
+        with pytest.raises(ShardKeyError, match="malformed"):
+            bind_parameter(malformed, index)
 
 
 def test_plan_and_route_are_immutable(router: Router) -> None:
