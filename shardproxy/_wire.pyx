@@ -86,6 +86,38 @@ cdef inline bint _session_prefix(const unsigned char* s, Py_ssize_t size):
     return False
 
 
+cdef inline Py_ssize_t _uint16(const unsigned char* p) noexcept:
+    return (p[0] << 8) | p[1]
+
+
+cdef bint _well_formed(const unsigned char* p, Py_ssize_t pos, Py_ssize_t end) noexcept:
+    """Whether the message at p[pos:end] holds what the proxy reads of it: the names of a Bind, Parse, Describe
+    or Close end, and a Parse's text and parameter types are all there."""
+    cdef unsigned char t = p[pos]
+    cdef const unsigned char* name_end
+    cdef const unsigned char* text_end
+    if not (t == c'B' or t == c'P' or t == c'D' or t == c'C'):
+        return True
+    if end - pos < 7:
+        return False
+    if t == c'D' or t == c'C':
+        return True
+    name_end = <const unsigned char*>memchr(p + pos + 5, 0, end - pos - 5)
+    if name_end == NULL:
+        return False
+    if t == c'B':
+        return True
+    text_end = <const unsigned char*>memchr(name_end + 1, 0, p + end - name_end - 1)
+    if text_end == NULL or p + end - text_end < 3:
+        return False
+    return p + end - text_end - 3 >= 4 * _uint16(text_end + 1)  # the types, after their count
+
+
+def well_formed(buf, Py_ssize_t pos, Py_ssize_t end) -> bool:
+    """_well_formed for Python callers: routing reads messages before the framing loop has checked them."""
+    return _well_formed(_chars(buf), pos, end)
+
+
 def is_session_statement(buf, Py_ssize_t start, Py_ssize_t end) -> bool:
     """_session_prefix for Python callers: the statement text at buf[start:end] (a bytes or bytearray)."""
     return _session_prefix(_chars(buf) + start, end - start)
@@ -107,8 +139,16 @@ def batch_end(buf, Py_ssize_t pos) -> int:
     return pos
 
 
-cdef inline Py_ssize_t _uint16(const unsigned char* p) noexcept:
-    return (p[0] << 8) | p[1]
+def bind_statement(buf, Py_ssize_t pos, Py_ssize_t end):
+    """The statement name of the Bind at buf[pos:end] (b"" for the unnamed one); None if malformed."""
+    cdef const unsigned char* p = _chars(buf)
+    cdef const unsigned char* portal_end = <const unsigned char*>memchr(p + pos + 5, 0, end - pos - 5)
+    if portal_end == NULL:
+        return None
+    cdef const unsigned char* name_end = <const unsigned char*>memchr(portal_end + 1, 0, end - (portal_end + 1 - p))
+    if name_end == NULL:
+        return None
+    return PyBytes_FromStringAndSize(<const char*>portal_end + 1, name_end - portal_end - 1)
 
 
 cdef object _MALFORMED_BIND = "shardproxy: malformed Bind message"
@@ -383,8 +423,7 @@ cdef class ClientCore(Endpoint):
                     self.stopped = True
                     self._stopped(server, out)
                     break
-            if (t == c'B' or t == c'P' or t == c'D' or t == c'C') and length < 6 or (t == c'B' or t == c'P') and \
-                    memchr(p + pos + 5, 0, length - 4) == NULL:  # a name or statement without its end
+            if not _well_formed(p, pos, end):
                 self._fatal(pg.PostgresError(pg.PROTOCOL_VIOLATION, "invalid message format"))
                 return
             if pos == refuse:

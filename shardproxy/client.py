@@ -113,11 +113,9 @@ class ClientConnection(ClientCore, Routing, Connection):
                 if self.buf or self._inbox:  # as PostgreSQL: nothing may come between the request and TLS
                     raise pg.ProtocolError("received unencrypted data after SSL request")
                 self.transport.write(_SSL_YES)
-                self.expect_startup_packet()
                 await self._start_tls(self.proxy.client_ssl)
             elif code in (pg.SSL_REQUEST, pg.GSSENC_REQUEST) and not self.encrypted:
                 self.transport.write(pg.SSL_NO)
-                self.expect_startup_packet()
             elif code == pg.CANCEL_REQUEST and len(body) == 12:
                 self.proxy.cancel(*pg.INT32_PAIR.unpack_from(body, 4))
                 self.close()

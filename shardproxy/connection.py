@@ -11,6 +11,9 @@ from shardproxy import protocol as pg
 from shardproxy._wire import Endpoint
 
 
+_ENCRYPTION_REQUESTS = (pg.SSL_REQUEST, pg.GSSENC_REQUEST)
+
+
 class Connection(Endpoint, asyncio.Protocol):
     """An asyncio Protocol with a receive buffer and back-pressure towards a peer connection (the fields are
     Endpoint's, compiled, as the data path reads them)."""
@@ -107,8 +110,10 @@ class Connection(Endpoint, asyncio.Protocol):
                 if len(buf) < length:
                     break
                 self._inbox.append((0, bytes(buf[4:length])))
+                # After an SSL or GSS encryption request, whatever its answer, a startup packet comes next: a
+                # client may send it before reading the answer.
+                self._startup_phase = length == 8 and pg.INT32.unpack_from(buf, 4)[0] in _ENCRYPTION_REQUESTS
                 del buf[:length]
-                self._startup_phase = False
             else:
                 if len(buf) < 5:
                     break

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from shardproxy import params as session_params
 from shardproxy import protocol as pg
-from shardproxy._wire import BIND_REQ, HIDDEN_QUERY, HIDE, PARSE, QUERY, QUERY_REQ, SYNTH, batch_end, bind_parameter
+from shardproxy._wire import (BIND_REQ, HIDDEN_QUERY, HIDE, PARSE, QUERY, QUERY_REQ, SYNTH, batch_end, bind_parameter,
+                              bind_statement, well_formed)
 from shardproxy.router import Plan, Route, decode_key
 from shardproxy.topology import parse_lsn
 
@@ -96,6 +97,8 @@ class Routing:
                 if pos > start:  # extended messages before a Query go first, on their own
                     return (first[0], pos, first[2], False) if first else (self.proxy.any_decision, pos, pos, False)
                 return self._query_decision(buf, pos, end), end, pos, True
+            if not well_formed(buf, pos, end):  # the framing refuses it (08P01) once the batch is linked
+                return first or (self.proxy.any_decision, end, pos, False)
             if t == _P:
                 name, body_start = pg.read_cstring(buf, pos + 5)
                 statement = self.proxy.statements.get(bytes(buf[body_start:end]))
@@ -120,10 +123,9 @@ class Routing:
         return _decision((router.route(plan, literals, None, self.session_key), plan, sql))
 
     def _bind_decision(self, buf, pos: int, end: int, unnamed: Statement | None) -> Decision:
-        portal_end = buf.index(0, pos + 5)
-        name_end = buf.index(0, portal_end + 1)
-        statement = self.statements.get(bytes(buf[portal_end + 1:name_end])) if name_end > portal_end + 1 else unnamed
-        if statement is None:  # the server will say it does not exist
+        name = bind_statement(buf, pos, end)
+        statement = None if name is None else self.statements.get(name) if name else unnamed
+        if statement is None:  # the server will say it does not exist (a malformed Bind: the framing, 08P01)
             return self.proxy.any_decision
         router = self.proxy.router
         plan = statement.plan

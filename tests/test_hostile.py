@@ -32,10 +32,12 @@ CLOSE_WITHIN = 3.0  # seconds from the abuser's last byte (and half-close) to th
 RSS_SLACK_KB = 40 * 1024
 
 
-def hostile_proxy(sandbox: Sandbox, pg: Cluster, name: str, **pool: object) -> ProxyProcess:
-    """A proxy with trust logins for raw sockets, a 1MB message limit and a 2s login timeout."""
+def hostile_proxy(sandbox: Sandbox, pg: Cluster | list[Cluster], name: str, **pool: object) -> ProxyProcess:
+    """A proxy with trust logins for raw sockets, a 1MB message limit and a 2s login timeout; over several
+    clusters, each a shard."""
     settings_ = {"size": 4, "max_message_size": "1MB", "client_login_timeout": "2s", "query_wait_timeout": "5s"}
-    proxy = sandbox.proxy(name, [pg], start=False, admin_users=[], pool={**settings_, **pool})
+    clusters = pg if isinstance(pg, list) else [pg]
+    proxy = sandbox.proxy(name, clusters, start=False, admin_users=[], pool={**settings_, **pool})
     proxy.write_config({**proxy.config, "users": TRUST_USERS})
     proxy.start()
     return proxy
@@ -157,8 +159,17 @@ def fuzz_proxy(sandbox: Sandbox, pg: Cluster) -> ProxyProcess:
     return hostile_proxy(sandbox, pg, "hostile-fuzz")
 
 
-def test_fuzzed_streams_never_hang_or_hurt_the_proxy(fuzz_proxy: ProxyProcess) -> None:
-    proxy = fuzz_proxy
+@pytest.fixture(scope="module")
+def sharded_fuzz_proxy(sandbox: Sandbox, pg: Cluster) -> ProxyProcess:
+    """The same over two shards: every statement goes through the router, which reads Queries and Binds."""
+    other = sandbox.cluster("hostile-shard")
+    other.primary.sql(f"CREATE DATABASE {APP_DB} OWNER app")
+    return hostile_proxy(sandbox, [pg, other], "hostile-fuzz-sharded")
+
+
+@pytest.mark.parametrize("proxy_fixture", ["fuzz_proxy", "sharded_fuzz_proxy"])
+def test_fuzzed_streams_never_hang_or_hurt_the_proxy(proxy_fixture: str, request: pytest.FixtureRequest) -> None:
+    proxy: ProxyProcess = request.getfixturevalue(proxy_fixture)
     pid = proxy.process.pid
     bystander = psycopg.connect(proxy.dsn(dbname=APP_DB), autocommit=True)
     cases = {"run": 0, "errors": 0, "closed_by_proxy": 0}
@@ -198,6 +209,8 @@ def test_fuzzed_streams_never_hang_or_hurt_the_proxy(fuzz_proxy: ProxyProcess) -
     assert after - before < RSS_SLACK_KB
     assert bystander.execute("SELECT 'still serving'").fetchone() == ("still serving",)
     bystander.close()
+    log = proxy.log()  # every stream was refused or served, none crashed
+    assert "Traceback" not in log, log[log.index("Traceback") - 600:log.index("Traceback") + 2500]
 
 
 def test_fatal_frame_after_valid_ones_is_refused_without_waiting_for_the_end(fuzz_proxy: ProxyProcess) -> None:
@@ -219,6 +232,44 @@ def test_fatal_frame_after_valid_ones_is_refused_without_waiting_for_the_end(fuz
         assert fuzz_proxy.process.poll() is None
 
     one_stream()
+
+
+def exchange(proxy: ProxyProcess, data: bytes, until: bytes = b"") -> list[tuple[bytes, bytes]]:
+    """What the proxy answers to data sent at once, up to a message of type `until`, else to its hang-up."""
+    sock = socket.create_connection((proxy.host, proxy.port), timeout=CLOSE_WITHIN)
+    received = b""
+    try:
+        sock.sendall(data)
+        while chunk := sock.recv(65536):
+            received += chunk
+            if until and until in [kind for kind, _ in split_messages(received)]:
+                break
+        return split_messages(received)
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("proxy_fixture", ["fuzz_proxy", "sharded_fuzz_proxy"])
+def test_startup_packet_sent_with_the_ssl_request_is_read_as_one(proxy_fixture: str,
+                                                                 request: pytest.FixtureRequest) -> None:
+    """A client may send its startup packet before reading the answer to SSLRequest (N, without TLS)."""
+    proxy: ProxyProcess = request.getfixturevalue(proxy_fixture)
+    for encryption_request in (SSL_REQUEST, GSS_REQUEST):
+        replies = exchange(proxy, encryption_request + GOOD_STARTUP + VALID[0], until=b"C")
+        assert error_codes(replies) == []
+        assert (b"D", struct.pack("!HI", 1, 1) + b"1") in replies  # SELECT 1 answered
+
+
+@pytest.mark.parametrize("proxy_fixture", ["fuzz_proxy", "sharded_fuzz_proxy"])
+def test_parse_without_its_text_or_types_is_refused(proxy_fixture: str, request: pytest.FixtureRequest) -> None:
+    """A Parse cut short in its text or its parameter types: 08P01, not an internal error, routed or not."""
+    proxy: ProxyProcess = request.getfixturevalue(proxy_fixture)
+    whole = _parse(b"cut", b"SELECT $1::int", [23])[5:]
+    for body in (whole[:8], whole[:-5], whole[:-1], b"\0SELECT 1"):
+        for then in (message(b"S", b""), _bind(b"", b"cut", [b"1"]) + message(b"S", b"")):
+            replies = exchange(proxy, GOOD_STARTUP + message(b"P", body) + then)
+            assert error_codes(replies) == ["08P01"], (body, replies)
+    assert "Traceback" not in proxy.log()
 
 
 # -- the SCRAM exchange -----------------------------------------------------------------------------------------
