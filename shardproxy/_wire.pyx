@@ -16,6 +16,7 @@ bumps (PoolStats, read by metrics.py and SHOW STATS) are here for the same reaso
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_CheckExact
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize
+from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.string cimport memchr, memcpy
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
@@ -91,11 +92,13 @@ cdef inline Py_ssize_t _uint16(const unsigned char* p) noexcept:
 
 
 cdef bint _well_formed(const unsigned char* p, Py_ssize_t pos, Py_ssize_t end) noexcept:
-    """Whether the message at p[pos:end] holds what the proxy reads of it: the names of a Bind, Parse, Describe
-    or Close end, and a Parse's text and parameter types are all there."""
+    """Whether the message at p[pos:end] holds what the proxy reads of it: a Query its text, the names of a Bind,
+    Parse, Describe or Close their ends, and a Parse its text and parameter types."""
     cdef unsigned char t = p[pos]
     cdef const unsigned char* name_end
     cdef const unsigned char* text_end
+    if t == c'Q':
+        return end - pos > 5
     if not (t == c'B' or t == c'P' or t == c'D' or t == c'C'):
         return True
     if end - pos < 7:
@@ -116,6 +119,11 @@ cdef bint _well_formed(const unsigned char* p, Py_ssize_t pos, Py_ssize_t end) n
 def well_formed(buf, Py_ssize_t pos, Py_ssize_t end) -> bool:
     """_well_formed for Python callers: routing reads messages before the framing loop has checked them."""
     return _well_formed(_chars(buf), pos, end)
+
+
+def text(buf, Py_ssize_t start, Py_ssize_t end) -> str:
+    """buf[start:end] as UTF-8 (bad bytes replaced), decoded in place: the text of each routed Query."""
+    return PyUnicode_DecodeUTF8(<const char*>_chars(buf) + start, end - start, "replace")
 
 
 def is_session_statement(buf, Py_ssize_t start, Py_ssize_t end) -> bool:

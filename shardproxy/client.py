@@ -23,7 +23,7 @@ from shardproxy.auth import (
     ProvenKey, ScramException, ScramServerExchange, is_scram_verifier, md5_answer, parse_sasl_initial,
 )
 from shardproxy._wire import (
-    CLOSE, DESCRIBE, FORWARD, PARSE, QUERY, QUERY_REQ, SYNTH, ClientCore, is_session_statement,
+    CLOSE, DESCRIBE, FORWARD, PARSE, QUERY, QUERY_REQ, SYNTH, ClientCore, is_session_statement, well_formed,
 )
 from shardproxy.connection import Connection
 from shardproxy.routing import Routing
@@ -227,7 +227,7 @@ class ClientConnection(ClientCore, Routing, Connection):
         while n - pos >= 5:
             t = buf[pos]
             end = pos + 1 + _UNPACK(buf, pos + 1)[0]
-            if end > n or end <= pos + 4:
+            if end > n or end <= pos + 4 or not well_formed(buf, pos, end):  # malformed: the framing refuses it
                 break
             if t == _P and buf[pos + 5]:
                 name, body_start = pg.read_cstring(buf, pos + 5)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from shardproxy import params as session_params
 from shardproxy import protocol as pg
 from shardproxy._wire import (BIND_REQ, HIDDEN_QUERY, HIDE, PARSE, QUERY, QUERY_REQ, SYNTH, batch_end, bind_parameter,
-                              bind_statement, well_formed)
+                              bind_statement, text, well_formed)
 from shardproxy.router import Plan, Route, decode_key
 from shardproxy.topology import parse_lsn
 
@@ -93,12 +93,12 @@ class Routing:
             end = pos + 1 + _UNPACK(buf, pos + 1)[0]
             if end > n:
                 return None
+            if not well_formed(buf, pos, end):  # the framing refuses it (08P01) once the batch is linked
+                return first or (self.proxy.any_decision, end, pos, False)
             if t == _Q:
                 if pos > start:  # extended messages before a Query go first, on their own
                     return (first[0], pos, first[2], False) if first else (self.proxy.any_decision, pos, pos, False)
                 return self._query_decision(buf, pos, end), end, pos, True
-            if not well_formed(buf, pos, end):  # the framing refuses it (08P01) once the batch is linked
-                return first or (self.proxy.any_decision, end, pos, False)
             if t == _P:
                 name, body_start = pg.read_cstring(buf, pos + 5)
                 statement = self.proxy.statements.get(bytes(buf[body_start:end]))
@@ -118,7 +118,7 @@ class Routing:
 
     def _query_decision(self, buf, pos: int, end: int) -> Decision:
         router = self.proxy.router
-        sql = bytes(buf[pos + 5:end - 1]).decode(errors="replace")
+        sql = text(buf, pos + 5, end - 1)
         plan, literals = router.plan_simple(sql)
         return _decision((router.route(plan, literals, None, self.session_key), plan, sql))
 

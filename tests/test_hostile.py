@@ -261,14 +261,17 @@ def test_startup_packet_sent_with_the_ssl_request_is_read_as_one(proxy_fixture: 
 
 
 @pytest.mark.parametrize("proxy_fixture", ["fuzz_proxy", "sharded_fuzz_proxy"])
-def test_parse_without_its_text_or_types_is_refused(proxy_fixture: str, request: pytest.FixtureRequest) -> None:
-    """A Parse cut short in its text or its parameter types: 08P01, not an internal error, routed or not."""
+def test_messages_cut_short_are_refused(proxy_fixture: str, request: pytest.FixtureRequest) -> None:
+    """A Parse cut short in its text or its parameter types, a Query without text: 08P01, not an internal
+    error, routed or not, first in a batch or after another message."""
     proxy: ProxyProcess = request.getfixturevalue(proxy_fixture)
     whole = _parse(b"cut", b"SELECT $1::int", [23])[5:]
-    for body in (whole[:8], whole[:-5], whole[:-1], b"\0SELECT 1"):
-        for then in (message(b"S", b""), _bind(b"", b"cut", [b"1"]) + message(b"S", b"")):
-            replies = exchange(proxy, GOOD_STARTUP + message(b"P", body) + then)
-            assert error_codes(replies) == ["08P01"], (body, replies)
+    cut = [message(b"P", body) for body in (b"", whole[:8], whole[:-5], whole[:-1], b"\0SELECT 1")]
+    for frame in [*cut, message(b"Q", b"")]:
+        for before in (b"", VALID[9]):  # alone, or after an unnamed Parse
+            for then in (message(b"S", b""), _bind(b"", b"cut", [b"1"]) + message(b"S", b"")):
+                replies = exchange(proxy, GOOD_STARTUP + before + frame + then)
+                assert error_codes(replies) == ["08P01"], (frame, replies)
     assert "Traceback" not in proxy.log()
 
 
