@@ -112,7 +112,7 @@ class Connection(Endpoint, asyncio.Protocol):
                 self._inbox.append((0, bytes(buf[4:length])))
                 # After an SSL or GSS encryption request, whatever its answer, a startup packet comes next: a
                 # client may send it before reading the answer.
-                self._startup_phase = length == 8 and pg.INT32.unpack_from(buf, 4)[0] in _ENCRYPTION_REQUESTS
+                self._startup_phase = pg.INT32.unpack_from(buf, 4)[0] in _ENCRYPTION_REQUESTS
                 del buf[:length]
             else:
                 if len(buf) < 5:
