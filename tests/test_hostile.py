@@ -115,6 +115,10 @@ VALID = [
     message(b"f", b"copy failed\0"),
     message(b"F", struct.pack("!IHHIH", 1, 0, 0, 0, 0)),
     message(b"p", b"password\0"),
+    # Statements with a shard key, which a sharded proxy reads from the text or from the Bind.
+    message(b"Q", b"SELECT * FROM fuzz_keys WHERE user_id = 7\0"),
+    _parse(b"key", b"SELECT * FROM fuzz_keys WHERE user_id = $1", [20]),
+    _bind(b"", b"key", [b"42"]),
 ]
 GOOD_STARTUP = startup_packet(user="app", database=APP_DB, application_name="fuzz")
 SSL_REQUEST = struct.pack("!II", 8, 80877103)
@@ -135,6 +139,12 @@ mutated = st.one_of(
     st.binary(min_size=1, max_size=200),
     st.just(GOOD_STARTUP),
     st.builds(lambda tail: message(b"X", b"") + tail, st.binary(min_size=1, max_size=40)),
+    st.builds(lambda value: _bind(b"", b"key", [value]), st.binary(max_size=12)),  # any key bytes, text format
+    st.builds(lambda value, fmt: message(b"B", b"\0key\0" + struct.pack("!HHH", 1, fmt, 1)
+                                         + struct.pack("!i", len(value)) + value + struct.pack("!H", 0)),
+              st.binary(max_size=12), st.integers(0, 3)),  # any key bytes, in any format code
+    st.builds(lambda text: message(b"Q", b"SELECT * FROM fuzz_keys WHERE user_id = " + text + b"\0"),
+              st.binary(max_size=24).filter(lambda text: b"\0" not in text)),
 )
 startups = st.one_of(
     st.just(GOOD_STARTUP),
@@ -154,9 +164,16 @@ startups = st.one_of(
 streams = st.tuples(startups, st.lists(st.one_of(valid, valid, mutated), max_size=8))
 
 
+def with_keyed_table(cluster: Cluster) -> Cluster:
+    """The table the fuzzer's keyed statements read."""
+    cluster.primary.sql("CREATE TABLE IF NOT EXISTS fuzz_keys (user_id bigint)", dbname=APP_DB)
+    cluster.primary.sql("GRANT ALL ON fuzz_keys TO app", dbname=APP_DB)
+    return cluster
+
+
 @pytest.fixture(scope="module")
 def fuzz_proxy(sandbox: Sandbox, pg: Cluster) -> ProxyProcess:
-    return hostile_proxy(sandbox, pg, "hostile-fuzz")
+    return hostile_proxy(sandbox, with_keyed_table(pg), "hostile-fuzz")
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +181,7 @@ def sharded_fuzz_proxy(sandbox: Sandbox, pg: Cluster) -> ProxyProcess:
     """The same over two shards: every statement goes through the router, which reads Queries and Binds."""
     other = sandbox.cluster("hostile-shard")
     other.primary.sql(f"CREATE DATABASE {APP_DB} OWNER app")
-    return hostile_proxy(sandbox, [pg, other], "hostile-fuzz-sharded")
+    return hostile_proxy(sandbox, [with_keyed_table(pg), with_keyed_table(other)], "hostile-fuzz-sharded")
 
 
 @pytest.mark.parametrize("proxy_fixture", ["fuzz_proxy", "sharded_fuzz_proxy"])
