@@ -52,6 +52,7 @@ class Decision(NamedTuple):
 # A Decision made without the Python-level __new__ of a NamedTuple (a third of the cost): one per routed statement.
 _decision = partial(tuple.__new__, Decision)
 
+
 class Routing:
     """Mixed into ClientConnection, whose buffer, server link, pool and proxy it uses."""
 
