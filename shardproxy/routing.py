@@ -125,8 +125,10 @@ class Routing:
 
     def _bind_decision(self, buf, pos: int, end: int, unnamed: Statement | None) -> Decision:
         name = bind_statement(buf, pos, end)
-        statement = None if name is None else self.statements.get(name) if name else unnamed
-        if statement is None:  # the server will say it does not exist (a malformed Bind: the framing, 08P01)
+        if name is None:  # malformed: the framing refuses it (08P01)
+            return self.proxy.any_decision
+        statement = self.statements.get(name) if name else unnamed
+        if statement is None:  # the server will say it does not exist
             return self.proxy.any_decision
         router = self.proxy.router
         plan = statement.plan
