@@ -14,11 +14,14 @@ reads are typed attributes here, so that a transaction's hand-over runs without 
 bumps (PoolStats, read by metrics.py and SHOW STATS) are here for the same reason.
 """
 
-from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_CheckExact
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_CheckExact, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.string cimport memchr, memcpy
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+
+cdef extern from "<time.h>":
+    enum: CLOCK_MONOTONIC_COARSE
 
 import logging
 import select
@@ -210,6 +213,14 @@ cdef inline double _now() noexcept:
     return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
+cdef inline double _about_now() noexcept:
+    """_now() to the last clock tick (a few ms), at a third of the cost: for a server's last activity, which
+    only timeouts and the idle check of milliseconds read."""
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
 cdef class ServerCore
 cdef class PoolCore
 
@@ -283,6 +294,8 @@ cdef class ClientCore(Endpoint):
         """Between transactions: start the next one on the server connection its first statement needs."""
         cdef Py_ssize_t length
         cdef const unsigned char* p
+        cdef bint sharded
+        cdef PoolCore pool
         while self.server is None and not (self.busy or self.wait_started or self.closed):
             if len(self.buf) < 5:
                 return
@@ -335,9 +348,9 @@ cdef class ClientCore(Endpoint):
                 server.write(pg.query("; ".join(statements)))
         if self.routes:
             self._linked_on_shard(server)
-        buf = self.buf  # forwarded as bytes: the transport would wrap a bytearray in a memoryview
+        cdef bytearray buf = self.buf  # forwarded as bytes: the transport would wrap a bytearray in a memoryview
         data = PyBytes_FromStringAndSize(PyByteArray_AS_STRING(buf), len(buf))
-        del buf[:]
+        PyByteArray_Resize(buf, 0)
         ClientCore._forward(self, data)
         self.decided = None
 
@@ -408,8 +421,8 @@ cdef class ClientCore(Endpoint):
         cdef unsigned char t
         cdef bint routes = self.routes, executing = self.mid_batch, go
         cdef ServerCore server = self.server
-        pending = server.pending
-        append = pending.append
+        pending = server._pending
+        append = server._append
         out = []
         check = 0 if routes and not executing else -1  # where the next batch starts
         while n - pos >= 5:
@@ -510,7 +523,7 @@ cdef class ClientCore(Endpoint):
         else:
             out.append(buf[span:pos])
             server._write(b"".join(out))
-        server.last_used = _now()  # query_timeout counts the server's silence from here
+        server.last_used = _about_now()  # query_timeout counts the server's silence from here
         if pos < n:
             self.buf = bytearray(buf[pos:])
             if self.stopped and not pending and server.status == _IDLE:
@@ -522,11 +535,22 @@ cdef class ClientCore(Endpoint):
 cdef class ServerCore(Endpoint):
     """The data path's half of a server connection (ServerConnection adds login, statements and cancels)."""
 
-    cdef public object pool, pending, on_ready, settings_before, reported, param_sql, prepared
+    cdef public object pool, on_ready, settings_before, reported, param_sql, prepared
+    cdef object _pending, _append, _popleft  # the deque of requests in flight, and its methods looked up once
     cdef public ClientCore client
     cdef public bint ignoring, settings_undone
     cdef public int status, cancels
     cdef public double last_used, linked_at, created
+
+    @property
+    def pending(self):
+        """The requests forwarded and not yet answered, oldest first (see server.py)."""
+        return self._pending
+
+    @pending.setter
+    def pending(self, pending):
+        self._pending = pending
+        self._append, self._popleft = pending.append, pending.popleft
 
     def on_data(self, data):
         """Frame what the server sent, pop the requests it completes, hide the answers to requests the proxy
@@ -538,9 +562,9 @@ cdef class ServerCore(Endpoint):
         cdef long kind, action
         cdef bint done, hiding
         cdef tuple request
-        self.last_used = _now()
+        self.last_used = _about_now()
         cdef ClientCore client = self.client
-        pending = self.pending
+        pending = self._pending
         out = []
         hiding = bool(pending) and _action(pending) == A_HIDE
         while n - pos >= 5:
@@ -608,7 +632,7 @@ cdef class ServerCore(Endpoint):
                 span = end
             pos = end
             if done:
-                pending.popleft()
+                self._popleft()
             if (done or t == c'E') and pending:
                 if _action(pending) == A_SYNTH:
                     out.append(buf[span:pos])
@@ -715,16 +739,35 @@ cdef class PoolStats:
         tally.duration.observe(seconds)
 
 
+cdef class Load:
+    """A node's requests in flight, over all its pools: kept by hand-outs and give-backs, read to choose
+    among replicas (see Topology.read_node)."""
+
+    cdef public long outstanding
+
+
 cdef class PoolCore:
     """The data path's half of a pool (Pool adds opening connections, timeouts, pause and drain)."""
 
-    cdef public object proxy, node, node_label, waiting, servers
+    cdef public object proxy, node, node_label, servers
+    cdef object _waiting, _enqueue, _dequeue  # the deque of clients queued, and its methods looked up once
     cdef public list idle  # most recently used last
     cdef public int size  # pool settings, as the last (re)load said (see Pool.configure)
     cdef public double server_lifetime, slow_queries
     cdef public PoolStats stats
+    cdef public Load load  # its node's
     cdef public bint paused, draining
     cdef public int opening
+
+    @property
+    def waiting(self):
+        """The clients queued for a connection, longest waiting first."""
+        return self._waiting
+
+    @waiting.setter
+    def waiting(self, waiting):
+        self._waiting = waiting
+        self._enqueue, self._dequeue = waiting.append, waiting.popleft
 
     cpdef acquire(self, ClientCore client):
         """Link an idle connection to the client now, or queue the client until one is free."""
@@ -743,7 +786,7 @@ cdef class PoolCore:
             self._hand_over(client, server, now)
             return
         client.wait_started = now
-        self.waiting.append(client)
+        self._enqueue(client)
         if len(self.servers) + self.opening < self.size:  # (a full pool: the usual case under load)
             self._grow()
 
@@ -758,12 +801,12 @@ cdef class PoolCore:
         if self.paused:  # PAUSE: connections close as their transactions end
             self.discard(server)
             return
-        waiting = self.waiting
+        waiting = self._waiting
         if now - server.created > self.server_lifetime and not waiting:
             self.discard(server)
             return
         while waiting:
-            client = waiting.popleft()
+            client = self._dequeue()
             if not client.closed:
                 self._hand_over(client, server, now)
                 return
@@ -776,7 +819,7 @@ cdef class PoolCore:
         if client is not None:
             seconds = (now or _now()) - server.linked_at
             self.stats.transaction(seconds, client.kind)
-            self.node.outstanding -= 1
+            self.load.outstanding -= 1
             # Per transaction (per session in session pooling): the time from hand-out to give-back, so one
             # comparison per transaction, never per statement.
             if self.slow_queries and seconds > self.slow_queries:
@@ -795,7 +838,7 @@ cdef class PoolCore:
         """Link them, counting the hand-out and how long the client waited for it."""
         self.stats.assigned(now - client.wait_started if client.wait_started else 0.0)
         server.linked_at = now
-        self.node.outstanding += 1  # reads go to the replica with the fewest (see Topology.read_candidates)
+        self.load.outstanding += 1
         ClientCore.link(client, server)
 
 

@@ -38,6 +38,7 @@ class Pool(PoolCore):
         self.key = key
         self.node = node
         self.node_label = node.address
+        self.load = node.load
         self.idle: list[ServerConnection] = []
         self.servers: set[ServerConnection] = set()
         self.waiting: deque[ClientConnection] = deque()

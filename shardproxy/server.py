@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import select
+import sys
 import time
 from collections import OrderedDict, deque
 from typing import TYPE_CHECKING, Any, Callable
@@ -85,7 +86,9 @@ class ServerConnection(ServerCore, Connection):
     def _record_parameter(self, body: bytes) -> tuple[str, str]:
         name, offset = pg.read_cstring(body, 0)
         value, _ = pg.read_cstring(body, offset)
-        pair = name.decode(), value.decode()
+        # Interned: the same value is then the same string on every connection, so comparing a client's
+        # parameters with a server's (at each hand-out) is mostly identity checks.
+        pair = sys.intern(name.decode()), sys.intern(value.decode())
         self.params[pair[0]] = pair[1]
         if pair[0] in REPORTED:
             self.reported[pair[0]] = pair[1]

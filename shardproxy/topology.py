@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from shardproxy._wire import Load
 from shardproxy.config import Config
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ class NodeState:
     probed_at: float | None = None  # monotonic time the last successful check was sent
     failures: int = 0  # consecutive
     successes: int = 0  # consecutive
-    outstanding: int = 0  # requests in flight, kept by the data path
+    load: Load = field(default_factory=Load, init=False, repr=False)  # requests in flight, kept by the pools
     # Claims to be primary but another one leads the shard (a newer timeline,
     # or the same one and it led first): it gets no traffic.
     fenced: bool = False
@@ -142,7 +143,7 @@ class Topology:
         """Nodes for a read, best first: fresh enough replicas by region and then by requests in flight,
         then the primary. ``min_lsn`` (read-your-writes) drops replicas that have not replayed it yet."""
         replicas = [node for _, node in sorted(
-            (((rank, node.outstanding), node) for rank, node in self._readable(shard)
+            (((rank, node.load.outstanding), node) for rank, node in self._readable(shard)
              if min_lsn is None or node.wal_lsn >= min_lsn), key=lambda ranked: ranked[0])]
         primary = self.primary(shard)
         return replicas if primary is None else [*replicas, primary]
@@ -156,7 +157,7 @@ class Topology:
             if best is not None and rank != best_rank:
                 break  # the rest are in worse regions
             if (min_lsn is None or node.wal_lsn >= min_lsn) and node.address not in avoid and (
-                    best is None or node.outstanding < best.outstanding):
+                    best is None or node.load.outstanding < best.load.outstanding):
                 best, best_rank = node, rank
         if best is not None:
             return best

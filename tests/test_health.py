@@ -117,7 +117,7 @@ def test_read_candidates_rank_regions_then_outstanding() -> None:
     seen(topology, 1, False, 100)
     for port in (2, 3, 4):
         seen(topology, port, True, 100, at=2.0)
-    known(topology.node("127.0.0.1:2")).outstanding = 5
+    known(topology.node("127.0.0.1:2")).load.outstanding = 5
     assert [n.port for n in topology.read_candidates(SHARD)] == [3, 2, 4, 1]
     assert [n.port for n in topology.read_candidates(SHARD, min_lsn=101)] == [1]
     # A read goes to the first candidate that did not just refuse a connection.
