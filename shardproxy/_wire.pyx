@@ -440,7 +440,9 @@ cdef class ClientCore(Endpoint):
                 continue
             if pos == check:
                 check, decider, refuse, go = self._route_batch_here(buf, pos)
-                if not go:
+                if not go:  # what came before it goes first: _stopped may add a ROLLBACK after it
+                    out.append(buf[span:pos])
+                    span = pos
                     self.stopped = True
                     self._stopped(server, out)
                     break

@@ -212,22 +212,35 @@ def _read_until_ready(sock: socket.socket, count: int) -> list[tuple[bytes, byte
     return messages
 
 
+def _logged_in(sharded) -> socket.socket:
+    """A raw socket logged in to the proxy as md5user (granted its rights on orders)."""
+    sock = socket.create_connection((sharded.host, sharded.port), timeout=10)
+    startup = b"user\0md5user\0database\0" + APP_DB.encode() + b"\0\0"
+    sock.sendall(struct.pack("!ii", len(startup) + 8, 196608) + startup)
+    request = b""
+    while len(request) < 13:  # AuthenticationMD5Password: answer it
+        request += sock.recv(13 - len(request))
+    assert request[:1] == b"R" and struct.unpack_from("!i", request, 5)[0] == 5, request
+    inner = hashlib.md5(b"md5secret" + b"md5user").hexdigest().encode()
+    sock.sendall(_message(b"p", b"md5" + hashlib.md5(inner + request[9:13]).hexdigest().encode() + b"\0"))
+    assert _read_until_ready(sock, 1)[-1] == (b"Z", b"I")
+    return sock
+
+
+def _extended(sql: str, *values: str) -> bytes:
+    """Parse, Bind (text parameters), Execute and Sync of the unnamed statement."""
+    bind = b"\0\0\0\0" + struct.pack("!h", len(values))
+    bind += b"".join(struct.pack("!i", len(v.encode())) + v.encode() for v in values) + b"\0\0"
+    return (_message(b"P", b"\0" + sql.encode() + b"\0\0\0") + _message(b"B", bind) + _message(b"E", b"\0\0\0\0\0") + _message(b"S", b""))
+
+
 def test_batches_for_different_shards_in_one_read(sharded, shards, names):
     """Sync-ended batches arriving together, also right after the end of a batch begun in an earlier read:
     each is routed on its own."""
     for cluster in shards:
         direct(cluster, "GRANT SELECT, INSERT ON orders TO md5user; GRANT USAGE ON SEQUENCE orders_id_seq TO md5user")
     users = list(users_on_each_shard(names, 4500).values())
-    with socket.create_connection((sharded.host, sharded.port), timeout=10) as sock:
-        startup = b"user\0md5user\0database\0" + APP_DB.encode() + b"\0\0"
-        sock.sendall(struct.pack("!ii", len(startup) + 8, 196608) + startup)
-        request = b""
-        while len(request) < 13:  # AuthenticationMD5Password: answer it
-            request += sock.recv(13 - len(request))
-        assert request[:1] == b"R" and struct.unpack_from("!i", request, 5)[0] == 5, request
-        inner = hashlib.md5(b"md5secret" + b"md5user").hexdigest().encode()
-        sock.sendall(_message(b"p", b"md5" + hashlib.md5(inner + request[9:13]).hexdigest().encode() + b"\0"))
-        assert _read_until_ready(sock, 1)[-1] == (b"Z", b"I")
+    with _logged_in(sharded) as sock:
         batches = b""
         for user in users:  # Parse, Bind (a text parameter), Execute, Sync: one batch per shard, all in one write
             batches += _message(b"P", b"\0INSERT INTO orders (user_id, item) VALUES ($1, 'one-read')\0\0\0")
@@ -241,6 +254,24 @@ def test_batches_for_different_shards_in_one_read(sharded, shards, names):
         assert [kind for kind, _ in replies] == [b"1", b"2", b"C", b"Z"] * len(users), replies
         sock.sendall(_message(b"X", b""))
     assert_placed(shards, names, "orders", "item = 'one-read'", len(users))
+
+
+def test_extended_begin_and_a_statement_elsewhere_in_one_read(sharded, shards, names):
+    """An extended-protocol BEGIN runs tentatively on the home shard; a statement for another shard arriving
+    in the same read moves the transaction there, the BEGIN answered and replayed, in the client's order."""
+    for cluster in shards:
+        direct(cluster, "GRANT SELECT, INSERT ON orders TO md5user; GRANT USAGE ON SEQUENCE orders_id_seq TO md5user")
+    users = users_on_each_shard(names, 4600)
+    with _logged_in(sharded) as sock:  # one connection, one home shard: most of these users live elsewhere
+        for user in users.values():
+            sock.sendall(_extended("BEGIN") + _extended("INSERT INTO orders (user_id, item) VALUES ($1, 'begin-read')",
+                                                        str(user)) + _extended("COMMIT"))
+            replies = _read_until_ready(sock, 3)
+            assert [kind for kind, _ in replies] == [b"1", b"2", b"C", b"Z"] * 3, replies
+            assert [body for kind, body in replies if kind in b"CZ"] == [
+                b"BEGIN\0", b"T", b"INSERT 0 1\0", b"T", b"COMMIT\0", b"I"], replies
+        sock.sendall(_message(b"X", b""))
+    assert_placed(shards, names, "orders", "item = 'begin-read'", len(users))
 
 
 def test_psycopg_pipeline_batch_across_shards_is_refused(sharded, shards, names):
