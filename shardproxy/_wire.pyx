@@ -202,6 +202,14 @@ def bind_parameter(buf, Py_ssize_t start, Py_ssize_t end, Py_ssize_t index) -> t
     return PyBytes_FromStringAndSize(<const char*>p + pos, length), fmt
 
 
+cdef inline list _add(list out, object part):
+    """out with part appended, made on the first part: most reads are written on as they came, without a list."""
+    if out is None:
+        return [part]
+    out.append(part)
+    return out
+
+
 cdef inline long _action(object pending):
     return (<tuple>pending[0])[1]
 
@@ -423,7 +431,7 @@ cdef class ClientCore(Endpoint):
         cdef ServerCore server = self.server
         pending = server._pending
         append = server._append
-        out = []
+        cdef list out = None  # made when what is written differs from what was read
         check = 0 if routes and not executing else -1  # where the next batch starts
         while n - pos >= 5:
             t = p[pos]
@@ -435,13 +443,13 @@ cdef class ClientCore(Endpoint):
             if end > n:
                 break
             if server.ignoring and t != c'S' and t != c'X':  # after an error the server skips all up to Sync
-                out.append(buf[span:pos])
+                out = _add(out, buf[span:pos])
                 span = pos = end
                 continue
             if pos == check:
                 check, decider, refuse, go = self._route_batch_here(buf, pos)
                 if not go:  # what came before it goes first: _stopped may add a ROLLBACK after it
-                    out.append(buf[span:pos])
+                    out = _add(out, buf[span:pos])
                     span = pos
                     self.stopped = True
                     self._stopped(server, out)
@@ -450,20 +458,20 @@ cdef class ClientCore(Endpoint):
                 self._fatal(pg.PostgresError(pg.PROTOCOL_VIOLATION, "invalid message format"))
                 return
             if pos == refuse:
-                out.append(buf[span:pos])
+                out = _add(out, buf[span:pos])
                 span = end
                 if self._refusal:
                     self._refuse(self._refusal, buf, pos, end, out)
                 else:  # SET/RESET shardproxy.shard_key: the proxy's own setting, never sent
                     server.enqueue_synthetic(self._local_reply)
             elif t == c'B' and routes and pos != decider and (refusal := self._batch_member(buf, pos, end)):
-                out.append(buf[span:pos])
+                out = _add(out, buf[span:pos])
                 span = end
                 self._refuse(refusal, buf, pos, end, out)
             elif t == c'B':
                 portal_end = <const unsigned char*>memchr(p + pos + 5, 0, length - 4) - p
                 if portal_end + 1 < end and p[portal_end + 1]:  # a named statement: use its server-side name
-                    out.append(buf[span:pos])
+                    out = _add(out, buf[span:pos])
                     span = end
                     if not ClientCore._bind(self, buf, pos, portal_end, end, out):
                         return
@@ -476,7 +484,7 @@ cdef class ClientCore(Endpoint):
                     check = end  # the next batch, if in this read, is routed too
             elif t == c'Q':
                 if _session_prefix(p + pos + 5, length - 4):
-                    out.append(buf[span:pos])
+                    out = _add(out, buf[span:pos])
                     span = end
                     self._session_statement(bytes(buf[pos:end]), out)
                 else:
@@ -486,7 +494,7 @@ cdef class ClientCore(Endpoint):
                 if _session_prefix(p + name_end + 1, end - name_end - 1):  # a SET, extended
                     self._track_set(pg.read_cstring(buf, name_end + 1)[0].decode(errors="replace"), server)
                 if p[pos + 5]:
-                    out.append(buf[span:pos])
+                    out = _add(out, buf[span:pos])
                     span = end
                     self._parse(buf, pos, end, out)
                 else:
@@ -495,7 +503,7 @@ cdef class ClientCore(Endpoint):
                         self.unnamed = self.proxy.statements.get(bytes(buf[pos + 6:end]))
             elif t == c'D' or t == c'C':
                 if p[pos + 5] == c'S' and p[pos + 6]:
-                    out.append(buf[span:pos])
+                    out = _add(out, buf[span:pos])
                     span = end
                     self._statement_message(t, bytes(buf[pos + 6:end - 1]), out)
                 elif t == c'D' and p[pos + 5] == c'S' and routes:  # the unnamed statement: learn its types
@@ -505,7 +513,7 @@ cdef class ClientCore(Endpoint):
             elif t == c'F':
                 append(FUNCTION_REQ)
             elif t == c'X':
-                out.append(buf[span:pos])
+                out = _add(out, buf[span:pos])
                 server.write(b"".join(out))
                 self.reason = "client sent Terminate"
                 self.close()
@@ -523,7 +531,7 @@ cdef class ClientCore(Endpoint):
         if not out and span == 0 and pos == n:
             server._write(buf)
         else:
-            out.append(buf[span:pos])
+            out = _add(out, buf[span:pos])
             server._write(b"".join(out))
         server.last_used = _about_now()  # query_timeout counts the server's silence from here
         if pos < n:
@@ -567,7 +575,7 @@ cdef class ServerCore(Endpoint):
         self.last_used = _about_now()
         cdef ClientCore client = self.client
         pending = self._pending
-        out = []
+        cdef list out = None
         hiding = bool(pending) and _action(pending) == A_HIDE
         while n - pos >= 5:
             t = p[pos]
@@ -582,7 +590,7 @@ cdef class ServerCore(Endpoint):
                     (<tuple>pending[0])[2](self, t, buf[pos + 5:end])
             if not pending:
                 if not self._unsolicited(t, buf, pos, end):
-                    out.append(buf[span:pos])
+                    out = _add(out, buf[span:pos])
                     span = end
                 pos = end
                 continue
@@ -630,14 +638,14 @@ cdef class ServerCore(Endpoint):
             if t == c'E':
                 self.settings_undone = True
             if hiding:
-                out.append(buf[span:pos])
+                out = _add(out, buf[span:pos])
                 span = end
             pos = end
             if done:
                 self._popleft()
             if (done or t == c'E') and pending:
                 if _action(pending) == A_SYNTH:
-                    out.append(buf[span:pos])
+                    out = _add(out, buf[span:pos])
                     span = pos
                     self._synthesize(out)
                 hiding = bool(pending) and _action(pending) == A_HIDE
@@ -645,7 +653,7 @@ cdef class ServerCore(Endpoint):
             if not out and span == 0 and pos == n:
                 client._write(buf)  # the common case: the whole read, uncopied
             else:
-                out.append(buf[span:pos])
+                out = _add(out, buf[span:pos])
                 client._write(b"".join(out))
         if pos < n:
             self.buf = bytearray(buf[pos:])  # an incomplete message, for the next read
