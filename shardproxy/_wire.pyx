@@ -18,6 +18,8 @@ from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_CheckExact, Py
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.string cimport memchr, memcpy
+
+cimport cython
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 cdef extern from "<time.h>":
@@ -210,8 +212,8 @@ cdef inline list _add(list out, object part):
     return out
 
 
-cdef inline long _action(object pending):
-    return (<tuple>pending[0])[1]
+cdef inline long _action(Requests pending):
+    return (<tuple>pending.first())[1]
 
 
 cdef inline double _now() noexcept:
@@ -231,6 +233,65 @@ cdef inline double _about_now() noexcept:
 
 cdef class ServerCore
 cdef class PoolCore
+
+
+@cython.final
+cdef class Requests:
+    """A server connection's requests in flight, oldest first: the deque operations the proxy uses (append,
+    popleft, [0], len), with C calls for the data path. A list used as a queue from _head to _tail: the slots
+    are reused once it empties (at the end of every transaction), so a transaction allocates nothing here."""
+
+    cdef list _items
+    cdef Py_ssize_t _head, _tail
+
+    def __cinit__(self):
+        self._items = []
+
+    cdef inline int push(self, request) except -1:
+        if self._tail < len(self._items):
+            self._items[self._tail] = request
+        else:
+            self._items.append(request)
+        self._tail += 1
+        return 0
+
+    cdef inline object first(self):
+        """The oldest request; the caller knows there is one."""
+        return self._items[self._head]
+
+    cdef inline bint empty(self) noexcept:
+        return self._head == self._tail
+
+    def append(self, request) -> None:
+        self.push(request)
+
+    cpdef popleft(self):
+        if self._head == self._tail:
+            raise IndexError("pop from an empty queue")
+        request = self._items[self._head]
+        self._items[self._head] = None
+        self._head += 1
+        if self._head == self._tail:
+            self._head = self._tail = 0
+        elif self._head >= 64 and self._head * 2 >= self._tail:  # a pipeline that never lets it empty
+            del self._items[:self._head]
+            self._tail -= self._head
+            self._head = 0
+        return request
+
+    def __len__(self) -> int:
+        return self._tail - self._head
+
+    def __bool__(self) -> bool:
+        return self._tail > self._head
+
+    def __getitem__(self, Py_ssize_t index):
+        if not 0 <= index < self._tail - self._head:
+            raise IndexError("queue index out of range")
+        return self._items[self._head + index]
+
+    def __iter__(self):
+        return iter(self._items[self._head:self._tail])
 
 # Calls between the methods below name the class, as in ClientCore.link(client, server): a direct C call, where
 # client.link(server) would first look for an override in the Python subclass, on every call.
@@ -352,7 +413,7 @@ cdef class ClientCore(Endpoint):
         if self.params != server.reported or self.param_sql != server.param_sql:  # compared in C: the rule is equal
             statements = sync_statements(self.params, self.param_sql, server.params, server.param_sql)
             if statements:
-                server.pending.append(HIDDEN_QUERY)
+                server.pending.push(HIDDEN_QUERY)
                 server.write(pg.query("; ".join(statements)))
         if self.routes:
             self._linked_on_shard(server)
@@ -409,13 +470,13 @@ cdef class ClientCore(Endpoint):
 
     cpdef _ensure_prepared(self, statement, list out):
         """Prepare the statement on the linked server first if it lacks it, hiding the ParseComplete."""
-        server = self.server
+        cdef ServerCore server = self.server
         name = statement.name
         if name in server.prepared:
             server.prepared.move_to_end(name)
         else:
             out.append(statement.parse)
-            server.pending.append((PARSE, HIDE, statement))
+            server.pending.push((PARSE, HIDE, statement))
             server.remember_prepared(name, self.proxy.config.pool.prepared_statements_per_server, out)
 
     cpdef _forward(self, buf):
@@ -429,8 +490,7 @@ cdef class ClientCore(Endpoint):
         cdef unsigned char t
         cdef bint routes = self.routes, executing = self.mid_batch, go
         cdef ServerCore server = self.server
-        pending = server._pending
-        append = server._append
+        cdef Requests pending = server.pending
         cdef list out = None  # made when what is written differs from what was read
         check = 0 if routes and not executing else -1  # where the next batch starts
         while n - pos >= 5:
@@ -475,11 +535,11 @@ cdef class ClientCore(Endpoint):
                     span = end
                     if not ClientCore._bind(self, buf, pos, portal_end, end, out):
                         return
-                append(BIND_REQ)
+                pending.push(BIND_REQ)
             elif t == c'E':
-                append(EXECUTE_REQ)
+                pending.push(EXECUTE_REQ)
             elif t == c'S':
-                append(SYNC_REQ)
+                pending.push(SYNC_REQ)
                 if routes:
                     check = end  # the next batch, if in this read, is routed too
             elif t == c'Q':
@@ -488,7 +548,7 @@ cdef class ClientCore(Endpoint):
                     span = end
                     self._session_statement(bytes(buf[pos:end]), out)
                 else:
-                    append(QUERY_REQ)
+                    pending.push(QUERY_REQ)
             elif t == c'P':
                 name_end = <const unsigned char*>memchr(p + pos + 5, 0, length - 4) - p
                 if _session_prefix(p + name_end + 1, end - name_end - 1):  # a SET, extended
@@ -498,7 +558,7 @@ cdef class ClientCore(Endpoint):
                     span = end
                     self._parse(buf, pos, end, out)
                 else:
-                    append(PARSE_REQ)
+                    pending.push(PARSE_REQ)
                     if routes:  # for the Binds that follow it in this batch
                         self.unnamed = self.proxy.statements.get(bytes(buf[pos + 6:end]))
             elif t == c'D' or t == c'C':
@@ -507,11 +567,11 @@ cdef class ClientCore(Endpoint):
                     span = end
                     self._statement_message(t, bytes(buf[pos + 6:end - 1]), out)
                 elif t == c'D' and p[pos + 5] == c'S' and routes:  # the unnamed statement: learn its types
-                    append((DESCRIBE, FORWARD, self.unnamed))
+                    pending.push((DESCRIBE, FORWARD, self.unnamed))
                 else:
-                    append(DESCRIBE_REQ if t == c'D' else CLOSE_REQ)
+                    pending.push(DESCRIBE_REQ if t == c'D' else CLOSE_REQ)
             elif t == c'F':
-                append(FUNCTION_REQ)
+                pending.push(FUNCTION_REQ)
             elif t == c'X':
                 out = _add(out, buf[span:pos])
                 server.write(b"".join(out))
@@ -536,9 +596,9 @@ cdef class ClientCore(Endpoint):
         server.last_used = _about_now()  # query_timeout counts the server's silence from here
         if pos < n:
             self.buf = bytearray(buf[pos:])
-            if self.stopped and not pending and server.status == _IDLE:
+            if self.stopped and pending.empty() and server.status == _IDLE:
                 ClientCore._server_ready(self, server)  # stopped with nothing in flight: move on now
-        elif not pending and server.on_ready is not None and self.server is server:
+        elif pending.empty() and server.on_ready is not None and self.server is server:
             server.on_ready(server)  # all answered by the proxy itself (DEALLOCATE ALL): no server reply will come
 
 
@@ -546,21 +606,14 @@ cdef class ServerCore(Endpoint):
     """The data path's half of a server connection (ServerConnection adds login, statements and cancels)."""
 
     cdef public object pool, on_ready, settings_before, reported, param_sql, prepared
-    cdef object _pending, _append, _popleft  # the deque of requests in flight, and its methods looked up once
+    cdef public Requests pending  # requests forwarded and not yet answered (see server.py)
     cdef public ClientCore client
     cdef public bint ignoring, settings_undone
     cdef public int status, cancels
     cdef public double last_used, linked_at, created
 
-    @property
-    def pending(self):
-        """The requests forwarded and not yet answered, oldest first (see server.py)."""
-        return self._pending
-
-    @pending.setter
-    def pending(self, pending):
-        self._pending = pending
-        self._append, self._popleft = pending.append, pending.popleft
+    def __cinit__(self):
+        self.pending = Requests()
 
     def on_data(self, data):
         """Frame what the server sent, pop the requests it completes, hide the answers to requests the proxy
@@ -574,9 +627,9 @@ cdef class ServerCore(Endpoint):
         cdef tuple request
         self.last_used = _about_now()
         cdef ClientCore client = self.client
-        pending = self._pending
+        cdef Requests pending = self.pending
         cdef list out = None
-        hiding = bool(pending) and _action(pending) == A_HIDE
+        hiding = not pending.empty() and _action(pending) == A_HIDE
         while n - pos >= 5:
             t = p[pos]
             end = pos + 1 + _length(p + pos + 1)
@@ -586,15 +639,15 @@ cdef class ServerCore(Endpoint):
                 if not hiding:
                     pos = end
                     continue
-                if pending and (<tuple>pending[0])[2] is not None:  # a hidden query whose answer the proxy reads
-                    (<tuple>pending[0])[2](self, t, buf[pos + 5:end])
-            if not pending:
+                if not pending.empty() and (<tuple>pending.first())[2] is not None:  # a hidden query whose answer it reads
+                    (<tuple>pending.first())[2](self, t, buf[pos + 5:end])
+            if pending.empty():
                 if not self._unsolicited(t, buf, pos, end):
                     out = _add(out, buf[span:pos])
                     span = end
                 pos = end
                 continue
-            request = pending[0]
+            request = pending.first()
             kind = request[0]
             action = request[1]
             arg = request[2]
@@ -632,7 +685,7 @@ cdef class ServerCore(Endpoint):
                 arg.param_types = parameter_types(buf[pos + 5:end])
             elif t == c'E' and kind != K_SYNC and kind != K_QUERY and kind != K_FUNCTION:
                 self._skip_to_sync()
-                self.ignoring = not pending  # no Sync sent yet (after a Flush): the server waits for the client's
+                self.ignoring = pending.empty()  # no Sync sent yet (after a Flush): the server waits for the client's
                 if hiding and kind == K_PARSE:  # the client must learn that its statement does not exist
                     hiding = False
             if t == c'E':
@@ -642,13 +695,13 @@ cdef class ServerCore(Endpoint):
                 span = end
             pos = end
             if done:
-                self._popleft()
-            if (done or t == c'E') and pending:
+                pending.popleft()
+            if (done or t == c'E') and not pending.empty():
                 if _action(pending) == A_SYNTH:
                     out = _add(out, buf[span:pos])
                     span = pos
                     self._synthesize(out)
-                hiding = bool(pending) and _action(pending) == A_HIDE
+                hiding = not pending.empty() and _action(pending) == A_HIDE
         if client is not None:
             if not out and span == 0 and pos == n:
                 client._write(buf)  # the common case: the whole read, uncopied
@@ -657,7 +710,7 @@ cdef class ServerCore(Endpoint):
                 client._write(b"".join(out))
         if pos < n:
             self.buf = bytearray(buf[pos:])  # an incomplete message, for the next read
-        if not pending and self.on_ready is not None:
+        if pending.empty() and self.on_ready is not None:
             self.on_ready(self)
 
 

@@ -14,7 +14,7 @@ import logging
 import select
 import sys
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Callable
 
 from shardproxy import protocol as pg
@@ -48,7 +48,6 @@ class ServerConnection(ServerCore, Connection):
         self.pid = 0
         self.secret = 0
         self.status = pg.IDLE
-        self.pending: deque[Request] = deque()
         self.prepared: OrderedDict[bytes, None] = OrderedDict()  # server-side statement names, LRU first
         self.client: ClientConnection | None = None
         self.created = self.last_used = time.monotonic()
