@@ -346,6 +346,7 @@ cdef class ClientCore(Endpoint):
     cdef public PoolCore pool
     cdef public ServerCore server
     cdef public bint routes, mid_batch, stopped, busy, transaction_pooling, wrote
+    cdef public bint gives_back  # on_server_ready is its _server_ready (not a fanout leg's, nor None)
     cdef public double wait_started  # when it queued for a server connection; 0 when not waiting
     cdef public Py_ssize_t max_message_size
 
@@ -711,7 +712,10 @@ cdef class ServerCore(Endpoint):
         if pos < n:
             self.buf = bytearray(buf[pos:])  # an incomplete message, for the next read
         if pending.empty() and self.on_ready is not None:
-            self.on_ready(self)
+            if client is not None and client.gives_back:  # the usual, called in C: after every statement
+                ClientCore._server_ready(client, self)
+            else:
+                self.on_ready(self)
 
 
 # -- the data path's counters: plain numbers that metrics.py turns into Prometheus series at scrape time ------

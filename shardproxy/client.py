@@ -68,6 +68,7 @@ class ClientConnection(ClientCore, Routing, Connection):
         self.admitted = False  # counted against max_client_conn
         self.transaction_pooling = proxy.config.pool.mode == "transaction"  # as when the client connected
         self.on_server_ready = self._server_ready if self.transaction_pooling else None  # see ClientCore
+        self.gives_back = self.transaction_pooling
         self.init_routing(proxy)
         self.mid_batch = False  # an Execute was forwarded and no Sync yet
         self.max_message_size = proxy.config.pool.max_message_size

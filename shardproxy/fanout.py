@@ -88,6 +88,7 @@ class Leg(ClientConnection):
         self.error: pg.PostgresError | None = None
         self._answered: asyncio.Future | None = None
         self.on_server_ready = self._ready  # what its server calls once the batch is answered
+        self.gives_back = False
 
     @classmethod
     def for_proxy(cls, proxy: Proxy, pool: Pool) -> Leg:
