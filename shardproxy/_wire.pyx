@@ -14,12 +14,11 @@ reads are typed attributes here, so that a transaction's hand-over runs without 
 bumps (PoolStats, read by metrics.py and SHOW STATS) are here for the same reason.
 """
 
+cimport cython
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_CheckExact, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.string cimport memchr, memcpy
-
-cimport cython
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 cdef extern from "<time.h>":
@@ -224,8 +223,8 @@ cdef inline double _now() noexcept:
 
 
 cdef inline double _about_now() noexcept:
-    """_now() to the last clock tick (a few ms), at a third of the cost: for a server's last activity, which
-    only timeouts and the idle check of milliseconds read."""
+    """_now() as of the last clock tick (a few ms behind), kept by the kernel and read without the time
+    counter: for a server's last activity, which only timeouts and the hand-out's idle check read."""
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC_COARSE, &ts)
     return ts.tv_sec + ts.tv_nsec * 1e-9
@@ -640,7 +639,7 @@ cdef class ServerCore(Endpoint):
                 if not hiding:
                     pos = end
                     continue
-                if not pending.empty() and (<tuple>pending.first())[2] is not None:  # a hidden query whose answer it reads
+                if not pending.empty() and (<tuple>pending.first())[2] is not None:  # the proxy reads the answer
                     (<tuple>pending.first())[2](self, t, buf[pos + 5:end])
             if pending.empty():
                 if not self._unsolicited(t, buf, pos, end):

@@ -231,7 +231,8 @@ def _extended(sql: str, *values: str) -> bytes:
     """Parse, Bind (text parameters), Execute and Sync of the unnamed statement."""
     bind = b"\0\0\0\0" + struct.pack("!h", len(values))
     bind += b"".join(struct.pack("!i", len(v.encode())) + v.encode() for v in values) + b"\0\0"
-    return (_message(b"P", b"\0" + sql.encode() + b"\0\0\0") + _message(b"B", bind) + _message(b"E", b"\0\0\0\0\0") + _message(b"S", b""))
+    return (_message(b"P", b"\0" + sql.encode() + b"\0\0\0") + _message(b"B", bind)
+            + _message(b"E", b"\0\0\0\0\0") + _message(b"S", b""))
 
 
 def test_batches_for_different_shards_in_one_read(sharded, shards, names):
