@@ -267,12 +267,17 @@ class Supervisor:
         targets = range(self.count)
         if name == "KILL" and len(words) == 2 and words[1].isdigit():
             targets = range(int(words[1]) % self.count, int(words[1]) % self.count + 1)  # the owner of the id
-        replies = await self._ask_all(line, targets)
-        if name in HELD_BY:
-            args = words[1:]
-            shards = await self._shard_names() if name == "PAUSE" and not args else []
-            self.held.record(name, args, shards)
-        return MERGES.get(name, first)(replies)
+        if name not in HELD_BY:
+            return MERGES.get(name, first)(await self._ask_all(line, targets))
+        # Recorded before it is sent: a worker that restarts while it runs (PAUSE waits for transactions) and
+        # misses it is told it by _restore.
+        args, before = words[1:], self.held.copy()
+        self.held.record(name, args, await self._shard_names() if name == "PAUSE" and not args else [])
+        try:
+            return MERGES.get(name, first)(await self._ask_all(line, targets))
+        except AdminError:  # refused (an unknown shard or node): it holds nothing
+            self.held = before
+            raise
 
     async def _shard_names(self) -> list[str]:
         """All shards, which PAUSE without one pauses: the workers' config, which a RELOAD may have changed."""
@@ -324,6 +329,9 @@ class Held:
             self.banned.add(args[0])
         elif name == "UNBAN":
             self.banned.discard(args[0])
+
+    def copy(self) -> Held:
+        return Held(set(self.paused), set(self.banned))
 
     def commands(self) -> list[str]:
         """The commands that bring a worker that holds nothing to this state."""

@@ -41,18 +41,26 @@ def local_address(conn: psycopg.Connection) -> str:
     return f"{host}:{port}"
 
 
+def worker_argument(pid: int, option: str) -> str:
+    argv = open(f"/proc/{pid}/cmdline").read().split("\0")
+    return argv[argv.index(option) + 1]
+
+
+def worker_of(pid: int) -> int:
+    return int(worker_argument(pid, "--worker"))
+
+
 def worker_table(pid: int, command: str) -> list[dict[str, Any]]:
     """An ok reply of one worker, from its internal admin socket: what it holds, not what the supervisor merges."""
-    argv = open(f"/proc/{pid}/cmdline").read().split("\0")
-    path = admin_path(argv[argv.index("--runtime-dir") + 1], int(argv[argv.index("--worker") + 1]))
-    reply = json.loads(request(path, command))
+    reply = json.loads(request(admin_path(worker_argument(pid, "--runtime-dir"), worker_of(pid)), command))
     assert reply["ok"], reply
     return [dict(zip(reply["columns"], row)) for row in reply["rows"]]
 
 
-def restart_a_worker(proxy: ProxyProcess) -> int:
-    """SIGKILL a worker and wait until its successor is ready; returns the successor's pid."""
-    victim, survivor = proxy.worker_pids()
+def restart_a_worker(proxy: ProxyProcess, worker: int | None = None) -> int:
+    """SIGKILL a worker (the given one, else either) and wait until its successor is ready; returns the
+    successor's pid."""
+    victim, survivor = sorted(proxy.worker_pids(), key=lambda pid: worker_of(pid) != worker)
     os.kill(victim, signal.SIGKILL)
     wait_until(lambda: len(proxy.worker_pids()) == 2 and victim not in proxy.worker_pids())
     (successor,) = set(proxy.worker_pids()) - {survivor}
@@ -189,14 +197,13 @@ def test_a_killed_worker_is_restarted(proxy: ProxyProcess) -> None:
             conn.close()
 
 
-def test_a_restarted_worker_holds_a_paused_shard_until_resume(proxy: ProxyProcess, pg: Cluster) -> None:
-    assert admin(proxy, f"PAUSE {pg.name}")["ok"]
+def assert_held_by_both_workers_until_resume(proxy: ProxyProcess) -> None:
+    """Queries of clients of both workers wait (the shard is paused on each) until RESUME, which ends with it."""
+    conns = [connect(proxy) for _ in range(12)]
+    answers: list[int] = []
+    queries = [threading.Thread(target=lambda c=conn: answers.append(c.execute("SELECT 42").fetchone()[0]))
+               for conn in conns]
     try:
-        restart_a_worker(proxy)
-        conns = [connect(proxy) for _ in range(12)]
-        answers: list[int] = []
-        queries = [threading.Thread(target=lambda c=conn: answers.append(c.execute("SELECT 42").fetchone()[0]))
-                   for conn in conns]
         for query in queries:
             query.start()
         wait_until(lambda: sum(row["state"] == "waiting" for row in table(proxy, "SHOW CLIENTS")) == 12)
@@ -211,6 +218,34 @@ def test_a_restarted_worker_holds_a_paused_shard_until_resume(proxy: ProxyProces
     for conn in conns:
         conn.close()
     wait_until(lambda: not table(proxy, "SHOW CLIENTS"))
+
+
+def test_a_restarted_worker_holds_a_paused_shard_until_resume(proxy: ProxyProcess, pg: Cluster) -> None:
+    assert admin(proxy, f"PAUSE {pg.name}")["ok"]
+    try:
+        restart_a_worker(proxy)
+    finally:
+        assert_held_by_both_workers_until_resume(proxy)
+
+
+def test_a_worker_restarted_while_pause_waits_is_paused_too(proxy: ProxyProcess, pg: Cluster) -> None:
+    """PAUSE answers once running transactions end; a worker that dies after the PAUSE reached it and restarts
+    before that answer is paused by the supervisor all the same."""
+    with connect(proxy) as holder:
+        holder.execute("BEGIN")
+        holder.execute("SELECT 1")  # a transaction running: PAUSE waits for it
+        owner = next(row["worker"] for row in table(proxy, "SHOW CLIENTS") if row["address"] == local_address(holder))
+        replies: list[dict[str, Any]] = []
+        pause = threading.Thread(target=lambda: replies.append(admin(proxy, f"PAUSE {pg.name}")))
+        pause.start()
+        time.sleep(0.5)  # the PAUSE has reached both workers, one of which waits for the transaction
+        assert not replies
+        successor = restart_a_worker(proxy, 1 - owner)
+        holder.execute("COMMIT")
+        pause.join(10)
+    assert replies and replies[0]["ok"], replies
+    assert successor in proxy.worker_pids()
+    assert_held_by_both_workers_until_resume(proxy)
 
 
 def test_a_restarted_worker_keeps_a_banned_node_banned(proxy: ProxyProcess, pg: Cluster) -> None:
