@@ -346,6 +346,7 @@ cdef class ClientCore(Endpoint):
     cdef public ServerCore server
     cdef public bint routes, mid_batch, stopped, busy, transaction_pooling, wrote
     cdef public bint gives_back  # on_server_ready is its _server_ready (not a fanout leg's, nor None)
+    cdef public bint terminating  # sent Terminate: it closes once the server has answered what came before
     cdef public double wait_started  # when it queued for a server connection; 0 when not waiting
     cdef public Py_ssize_t max_message_size
 
@@ -572,12 +573,12 @@ cdef class ClientCore(Endpoint):
                     pending.push(DESCRIBE_REQ if t == c'D' else CLOSE_REQ)
             elif t == c'F':
                 pending.push(FUNCTION_REQ)
-            elif t == c'X':
+            elif t == c'X':  # it goes once what it sent before is answered, as with PostgreSQL (ServerCore.on_data)
                 out = _add(out, buf[span:pos])
-                server.write(b"".join(out))
+                span = pos = n  # nothing after it is read
                 self.reason = "client sent Terminate"
-                self.close()
-                return
+                self.terminating = True
+                break
             elif t not in b"dHcf":
                 self._fatal(pg.PostgresError(pg.PROTOCOL_VIOLATION, f"invalid frontend message type {t}"))
                 return
@@ -600,6 +601,11 @@ cdef class ClientCore(Endpoint):
                 ClientCore._server_ready(self, server)  # stopped with nothing in flight: move on now
         elif pending.empty() and server.on_ready is not None and self.server is server:
             server.on_ready(server)  # all answered by the proxy itself (DEALLOCATE ALL): no server reply will come
+        if self.terminating:
+            if pending.empty():
+                self.close()
+            elif self._transport is not None:
+                self._transport.pause_reading()
 
 
 cdef class ServerCore(Endpoint):
@@ -710,11 +716,13 @@ cdef class ServerCore(Endpoint):
                 client._write(b"".join(out))
         if pos < n:
             self.buf = bytearray(buf[pos:])  # an incomplete message, for the next read
-        if pending.empty() and self.on_ready is not None:
-            if client is not None and client.gives_back:  # the usual, called in C: after every statement
+        if pending.empty():
+            if self.on_ready is not None and client is not None and client.gives_back:  # the usual: in C
                 ClientCore._server_ready(client, self)
-            else:
+            elif self.on_ready is not None:
                 self.on_ready(self)
+            if client is not None and client.terminating:  # all it asked before its Terminate is answered
+                client.close()
 
 
 # -- the data path's counters: plain numbers that metrics.py turns into Prometheus series at scrape time ------

@@ -292,6 +292,22 @@ def test_messages_cut_short_are_refused(proxy_fixture: str, request: pytest.Fixt
     assert "Traceback" not in proxy.log()
 
 
+@pytest.mark.parametrize("proxy_fixture", ["fuzz_proxy", "sharded_fuzz_proxy"])
+def test_terminate_after_pipelined_statements_comes_after_their_answers(proxy_fixture: str,
+                                                                       request: pytest.FixtureRequest) -> None:
+    """As with PostgreSQL, statements sent together with a Terminate are answered before the connection
+    closes: a slow Query, then an extended batch."""
+    proxy: ProxyProcess = request.getfixturevalue(proxy_fixture)
+    statements = (message(b"Q", b"SELECT 5 FROM pg_sleep(0.2)\0") + _parse(b"", b"SELECT $1::int", [23])
+                  + _bind(b"", b"", [b"7"]) + message(b"E", b"\0\0\0\0\0") + message(b"S", b""))
+    replies = exchange(proxy, GOOD_STARTUP + statements + message(b"X", b""))  # read to the hang-up
+    after_login = replies[[kind for kind, _ in replies].index(b"Z") + 1:]
+    assert [kind for kind, _ in after_login] == [b"T", b"D", b"C", b"Z", b"1", b"2", b"D", b"C", b"Z"], replies
+    assert [body for kind, body in after_login if kind == b"D"] == [struct.pack("!HI", 1, 1) + b"5",
+                                                                    struct.pack("!HI", 1, 1) + b"7"]
+    assert "Traceback" not in proxy.log()
+
+
 # -- the SCRAM exchange -----------------------------------------------------------------------------------------
 SCRAM_EXAMPLES = 300
 SCRAM_USERS = {"app": "secret", "admin": "adminpw"}  # admin is configured by its verifier only
