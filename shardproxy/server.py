@@ -102,8 +102,8 @@ class ServerConnection(ServerCore, Connection):
         """After an error the server skips every extended-protocol message up to the next Sync."""
         pending = self.pending
         while pending and pending[0][0] != SYNC:
-            kind, _, arg = pending.popleft()
-            if kind == PARSE and arg is not None:
+            kind, action, arg = pending.popleft()  # a request the proxy answers itself goes unanswered too
+            if kind == PARSE and action != SYNTH and arg is not None:
                 self.prepared.pop(arg.name, None)  # the statement did not get prepared after all
 
     def _synthesize(self, out: list) -> None:

@@ -308,6 +308,21 @@ def test_terminate_after_pipelined_statements_comes_after_their_answers(proxy_fi
     assert "Traceback" not in proxy.log()
 
 
+@pytest.mark.parametrize("proxy_fixture", ["fuzz_proxy", "sharded_fuzz_proxy"])
+def test_an_error_skips_the_answers_the_proxy_would_give_itself(proxy_fixture: str,
+                                                                request: pytest.FixtureRequest) -> None:
+    """After an error PostgreSQL ignores the rest of the batch: a Parse the proxy would answer itself (its
+    statement is prepared on the server already) gets no answer either, and costs no internal error."""
+    proxy: ProxyProcess = request.getfixturevalue(proxy_fixture)
+    prepare = _parse(b"skip1", b"SELECT 11", []) + message(b"S", b"")
+    failing = _bind(b"", b"", []) + _parse(b"skip2", b"SELECT 11", []) + message(b"S", b"")  # no unnamed statement
+    replies = exchange(proxy, GOOD_STARTUP + prepare + failing + message(b"X", b""))
+    after_login = replies[[kind for kind, _ in replies].index(b"Z") + 1:]
+    assert [kind for kind, _ in after_login] == [b"1", b"Z", b"E", b"Z"], replies
+    assert error_codes(after_login) == ["26000"]
+    assert "Traceback" not in proxy.log()
+
+
 # -- the SCRAM exchange -----------------------------------------------------------------------------------------
 SCRAM_EXAMPLES = 300
 SCRAM_USERS = {"app": "secret", "admin": "adminpw"}  # admin is configured by its verifier only
