@@ -315,7 +315,7 @@ def test_an_error_skips_the_answers_the_proxy_would_give_itself(proxy_fixture: s
     statement is prepared on the server already) gets no answer either, and costs no internal error."""
     proxy: ProxyProcess = request.getfixturevalue(proxy_fixture)
     prepare = _parse(b"skip1", b"SELECT 11", []) + message(b"S", b"")
-    failing = _bind(b"", b"", []) + _parse(b"skip2", b"SELECT 11", []) + message(b"S", b"")  # no unnamed statement
+    failing = _bind(b"", b"skip0", []) + _parse(b"skip2", b"SELECT 11", []) + message(b"S", b"")  # no skip0
     replies = exchange(proxy, GOOD_STARTUP + prepare + failing + message(b"X", b""))
     after_login = replies[[kind for kind, _ in replies].index(b"Z") + 1:]
     assert [kind for kind, _ in after_login] == [b"1", b"Z", b"E", b"Z"], replies
