@@ -730,6 +730,8 @@ cdef class ServerCore(Endpoint):
 DURATION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                     5.0, 10.0)
 QUERY_KINDS = ("read", "write", "ddl", "scatter")
+_KIND_INDEX = {kind: i for i, kind in enumerate(QUERY_KINDS)}
+DEF _KINDS = 4
 DEF _BUCKETS = 16
 
 
@@ -760,13 +762,20 @@ cdef class Spread:
 cdef class Tally:
     """The events of one (shard, role): plain numbers that the data path bumps and a scrape reads."""
 
-    cdef public dict queries
+    cdef long long _queries[_KINDS]  # by QUERY_KINDS
     cdef public Spread duration, wait
 
-    def __init__(self):
-        self.queries = dict.fromkeys(QUERY_KINDS, 0)
+    def __init__(self, **queries: int):
+        """queries: counts to start from, by kind (a test's)."""
+        for kind, count in queries.items():
+            self._queries[_KIND_INDEX[kind]] = count
         self.duration = Spread()  # how long a client held a server connection
         self.wait = Spread()  # how long a client queued for one
+
+    @property
+    def queries(self) -> dict:
+        """Transactions by kind (QUERY_KINDS)."""
+        return {kind: self._queries[i] for i, kind in enumerate(QUERY_KINDS)}
 
 
 cdef class PoolStats:
@@ -775,7 +784,7 @@ cdef class PoolStats:
     cdef public long long assignments, transactions  # hand-outs of a server connection; of those, given back
     cdef public double transaction_time, wait_time  # seconds from hand-out to give-back; queued for a hand-out
     cdef object _metrics, _shard, _node, _role
-    cdef object _kind  # what a transaction counts as unless it says: a read on a replica, else a write
+    cdef int _kind  # what a transaction counts as unless it says (QUERY_KINDS): a read on a replica, else a write
     cdef Tally _tally
 
     def __init__(self, metrics, shard: str, node):
@@ -787,7 +796,7 @@ cdef class PoolStats:
 
     cdef _set_role(self, role):
         self._role = role
-        self._kind = "read" if role == "replica" else "write"
+        self._kind = _KIND_INDEX["read" if role == "replica" else "write"]
 
     cdef Tally tally(self):
         """The tally of the node's role now: a failover changes it."""
@@ -809,7 +818,7 @@ cdef class PoolStats:
         cdef Tally tally = self.tally()
         self.transactions += 1
         self.transaction_time += seconds
-        tally.queries[self._kind if kind is None else kind] += 1
+        tally._queries[self._kind if kind is None else <int>_KIND_INDEX[kind]] += 1
         tally.duration.observe(seconds)
 
 

@@ -33,9 +33,7 @@ def test_histogram_buckets_are_cumulative_and_inclusive() -> None:
 
 
 def test_queries_by_kind_per_shard_and_role() -> None:
-    primary, replica = Tally(), Tally()
-    primary.queries["write"] = 5
-    replica.queries["read"] = 7
+    primary, replica = Tally(write=5), Tally(read=7)
     samples = _samples({("s1", "primary"): primary, ("s1", "replica"): replica})
     assert samples["shardproxy_queries_total", (("kind", "write"), ("role", "primary"), ("shard", "s1"))] == 5
     assert samples["shardproxy_queries_total", (("kind", "read"), ("role", "replica"), ("shard", "s1"))] == 7
