@@ -717,10 +717,11 @@ cdef class ServerCore(Endpoint):
         if pos < n:
             self.buf = bytearray(buf[pos:])  # an incomplete message, for the next read
         if pending.empty():
-            if self.on_ready is not None and client is not None and client.gives_back:  # the usual: in C
-                ClientCore._server_ready(client, self)
-            elif self.on_ready is not None:
-                self.on_ready(self)
+            if self.on_ready is not None:
+                if client is not None and client.gives_back:  # the usual, called in C: after every statement
+                    ClientCore._server_ready(client, self)
+                else:
+                    self.on_ready(self)
             if client is not None and client.terminating:  # all it asked before its Terminate is answered
                 client.close()
 
