@@ -26,6 +26,7 @@ from shardproxy import protocol as pg
 from shardproxy._wire import BIND, EXECUTE, PARSE, QUERY, SYNC
 from shardproxy.client import ClientConnection
 from shardproxy.config import parse_config
+from shardproxy.params import REPORTED, shared
 from shardproxy.proxy import Proxy
 from shardproxy.server import ServerConnection
 from shardproxy.topology import Probe
@@ -45,6 +46,14 @@ shards:
 """ + "".join(f"  - {{name: s{i}, nodes: [{{host: 127.0.0.1, port: {50001 + 2 * i}}}, "
               f"{{host: 127.0.0.1, port: {50002 + 2 * i}}}]}}\n" for i in range(4))
 COMMON = f"pool: {{size: {POOL}}}\nusers: [{{name: app, password: secret}}]\nlog: {{level: warning}}\n"
+
+# What PostgreSQL 15 reports at login: a client's and a server's parameters are compared at each hand-out.
+LOGIN_PARAMETERS = {
+    "application_name": "pgbench", "client_encoding": "UTF8", "DateStyle": "ISO, MDY",
+    "default_transaction_read_only": "off", "in_hot_standby": "off", "integer_datetimes": "on",
+    "IntervalStyle": "postgres", "is_superuser": "off", "server_encoding": "UTF8", "server_version": "15.18",
+    "session_authorization": "app", "standard_conforming_strings": "on", "TimeZone": "Etc/UTC",
+}
 
 SELECT = b"SELECT balance FROM accounts WHERE user_id = "
 UPDATE = b"UPDATE accounts SET balance = balance + 1 WHERE user_id = "
@@ -85,7 +94,8 @@ def proxy_with_servers(config: str) -> tuple[Proxy, list[ClientConnection]]:
             server = ServerConnection(pool)
             server.transport = Sink()
             server.end_login()
-            server.params = {"client_encoding": "UTF8"}
+            for name, value in LOGIN_PARAMETERS.items():
+                server._record_parameter(f"{name}\0{value}\0".encode())
             pool.servers.add(server)
             pool.idle.append(server)
     clients = []
@@ -94,6 +104,7 @@ def proxy_with_servers(config: str) -> tuple[Proxy, list[ClientConnection]]:
         client.transport = Sink()
         client.user, client.database = "app", "bench"
         client.pool = proxy.pool_for("bench", "app", proxy.login_node())
+        client.params = shared({k: v for k, v in LOGIN_PARAMETERS.items() if k in REPORTED})  # as login sets them
         client.end_login()
         clients.append(client)
     return proxy, clients

@@ -28,7 +28,7 @@ import logging
 import select
 
 from shardproxy import protocol as pg
-from shardproxy.params import REPORTED, sync_statements
+from shardproxy.params import sync_statements
 from shardproxy.router import ShardKeyError
 from shardproxy.statements import parameter_types
 
@@ -337,7 +337,8 @@ cdef class ClientCore(Endpoint):
     """The data path's half of a client connection (ClientConnection adds login, statements and routing)."""
 
     cdef public ProxyCore proxy
-    cdef public object params, param_sql, decided, kind
+    cdef public dict params, param_sql
+    cdef public object decided, kind
     cdef public dict statements  # the client's statement names
     # What the linked server calls once every request is answered: _server_ready in transaction pooling, bound
     # once (unset when the connection is lost), else None; a fanout leg's own.
@@ -411,7 +412,9 @@ cdef class ClientCore(Endpoint):
         server.peer = self
         self.peer = server
         server.on_ready = self.on_server_ready
-        if self.params != server.reported or self.param_sql != server.param_sql:  # compared in C: the rule is equal
+        # Equal reported values are mostly one shared dict (params.shared): compared only when not.
+        if (self.params is not server.reported and self.params != server.reported
+                or (self.param_sql or server.param_sql) and self.param_sql != server.param_sql):
             statements = sync_statements(self.params, self.param_sql, server.params, server.param_sql)
             if statements:
                 server.pending.push(HIDDEN_QUERY)
@@ -611,7 +614,8 @@ cdef class ClientCore(Endpoint):
 cdef class ServerCore(Endpoint):
     """The data path's half of a server connection (ServerConnection adds login, statements and cancels)."""
 
-    cdef public object pool, on_ready, settings_before, reported, param_sql, prepared
+    cdef public object pool, on_ready, settings_before, prepared
+    cdef public dict reported, param_sql
     cdef public Requests pending  # requests forwarded and not yet answered (see server.py)
     cdef public ClientCore client
     cdef public bint ignoring, settings_undone
@@ -684,9 +688,7 @@ cdef class ServerCore(Endpoint):
             elif t == c'3':
                 done = kind == K_CLOSE
             elif t == c'S':
-                name, value = self._record_parameter(buf[pos + 5:end])
-                if client is not None and name in REPORTED:  # hidden SETs too: the server's spelling is kept
-                    client.params[name] = value
+                self._record_parameter(buf[pos + 5:end])
             elif t == c't' and arg is not None:  # a named statement's parameter types, for routing by key
                 arg.param_types = parameter_types(buf[pos + 5:end])
             elif t == c'E' and kind != K_SYNC and kind != K_QUERY and kind != K_FUNCTION:

@@ -59,7 +59,7 @@ class ClientConnection(ClientCore, Routing, Connection):
         self.pool: Pool | None = None
         self.server: ServerConnection | None = None
         self.statements: dict[bytes, Statement] = {}  # the client's statement names
-        self.params: dict[str, str] = {}  # reported parameters as the client set them
+        self.params = session_params.shared({})  # reported parameters as the client set them, a shared dict
         self.param_sql: dict[str, str] = {}  # unreported parameters: the client's last SET of each
         self.pid = 0
         self.secret = 0
@@ -203,7 +203,7 @@ class ClientConnection(ClientCore, Routing, Connection):
             return
         self.pool, defaults = await self.proxy.login(self.database, self.user)
         values, self.param_sql = session_params.startup_values(startup)
-        self.params = {k: v for k, v in defaults.items() if k in session_params.REPORTED} | values
+        self.params = session_params.shared({k: v for k, v in defaults.items() if k in session_params.REPORTED} | values)
         self.pid, self.secret = self.proxy.register(self)
         self.home = self.id % len(self.proxy.config.shards)
         shown = defaults | values
@@ -323,6 +323,10 @@ class ClientConnection(ClientCore, Routing, Connection):
                 owner.pop(tracked[0], None)
             else:
                 owner[tracked[0]] = tracked[1]
+
+    def parameter_changed(self, name: str, value: str) -> None:
+        """The linked server reported a new value of a parameter that follows the client."""
+        self.params = session_params.with_value(self.params, name, value)
 
     def _discarded(self, server: ServerConnection, _: int, tag: bytes) -> None:
         if tag == b"DISCARD ALL":

@@ -84,11 +84,16 @@ class Leg(ClientConnection):
         self.transport = Collector()  # type: ignore[assignment]
         self.routes = False  # the batch was routed already: it runs on this leg's shard as it is
         self.user, self.database, self.pool = client.user, client.database, pool
+        self.client = client
         self.statements, self.params, self.param_sql = client.statements, client.params, client.param_sql
         self.error: pg.PostgresError | None = None
         self._answered: asyncio.Future | None = None
         self.on_server_ready = self._ready  # what its server calls once the batch is answered
         self.gives_back = False
+
+    def parameter_changed(self, name: str, value: str) -> None:
+        super().parameter_changed(name, value)
+        self.client.parameter_changed(name, value)  # the session is the client's
 
     @classmethod
     def for_proxy(cls, proxy: Proxy, pool: Pool) -> Leg:

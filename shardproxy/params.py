@@ -3,7 +3,8 @@
 Reported parameters (the server announces their values in ParameterStatus) are compared by value. The
 others (search_path, extra_float_digits: not reported by PostgreSQL 15) are tracked by the SET statement that
 changed them last, and so are the other settings a client gave at startup. When a client is linked to a connection whose values differ, one hidden query brings the
-connection in line before the client's own messages.
+connection in line before the client's own messages. Reported values are kept in shared dicts (`shared`), never
+changed in place, so that at each hand-out equal values are mostly the same object and the check is an identity test.
 """
 
 from __future__ import annotations
@@ -20,6 +21,28 @@ _SET = re.compile(r"""\s*(?:set\s+(?:session\s+)?(\w+)\s*(?:to|=)\s*((?:'(?:[^']
                   r"|reset\s+(\w+))\s*(?:;|\Z)", re.I | re.S)
 _RESET_ALL = re.compile(r"\s*reset\s+all\s*(?:;|\Z)", re.I)
 _UTF8_NAMES = {"utf8", "utf-8", "unicode"}
+
+
+# Reported values -> their one shared dict. Bounded: values unique to each client (application_name) would grow it
+# without end; once cleared, equal values may be two dicts again, which costs a comparison, not correctness.
+_SHARED: dict[frozenset[tuple[str, str]], dict[str, str]] = {}
+_SHARED_MAX = 1024
+
+
+def shared(values: dict[str, str]) -> dict[str, str]:
+    """The one dict holding these values; it must not be changed in place (`with_value` makes the next)."""
+    key = frozenset(values.items())
+    found = _SHARED.get(key)
+    if found is None:
+        if len(_SHARED) >= _SHARED_MAX:
+            _SHARED.clear()
+        found = _SHARED[key] = dict(values)
+    return found
+
+
+def with_value(values: dict[str, str], name: str, value: str) -> dict[str, str]:
+    """The shared dict of `values` with `name` set to `value`."""
+    return values if values.get(name) == value else shared({**values, name: value})
 
 
 def canonical_name(name: str) -> str | None:

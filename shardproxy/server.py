@@ -21,7 +21,7 @@ from shardproxy import protocol as pg
 from shardproxy._wire import HIDDEN_CLOSE, PARSE, QUERY, SYNC, SYNTH, ServerCore
 from shardproxy.auth import ProvenKey, ServerLogin
 from shardproxy.connection import Connection
-from shardproxy.params import REPORTED
+from shardproxy.params import REPORTED, shared, with_value
 from shardproxy.tls import send_cancel
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ class ServerConnection(ServerCore, Connection):
         super().__init__()
         self.pool = pool
         self.params: dict[str, str] = {}  # reported parameters, as ParameterStatus last said
-        self.reported: dict[str, str] = {}  # those of them that follow clients (params.REPORTED)
+        self.reported = shared({})  # those of them that follow clients (params.REPORTED), a shared dict
         self.poller: select.poll | None = None  # for the check that an idle connection is still alive (pool.py)
         self.param_sql: dict[str, str] = {}  # unreported parameters: the statement that last set each
         self.pid = 0
@@ -82,16 +82,18 @@ class ServerConnection(ServerCore, Connection):
                 self.end_login()
                 return
 
-    def _record_parameter(self, body: bytes) -> tuple[str, str]:
+    def _record_parameter(self, body: bytes) -> None:
+        """A ParameterStatus: the server's value, and its linked client's too if the parameter follows clients
+        (even for a hidden SET: the server's spelling is kept)."""
         name, offset = pg.read_cstring(body, 0)
         value, _ = pg.read_cstring(body, offset)
-        # Interned: the same value is then the same string on every connection, so comparing a client's
-        # parameters with a server's (at each hand-out) is mostly identity checks.
-        pair = sys.intern(name.decode()), sys.intern(value.decode())
-        self.params[pair[0]] = pair[1]
-        if pair[0] in REPORTED:
-            self.reported[pair[0]] = pair[1]
-        return pair
+        # Interned: when two dicts of equal values are not the one shared dict, comparing them is identity checks.
+        name, value = sys.intern(name.decode()), sys.intern(value.decode())
+        self.params[name] = value
+        if name in REPORTED:
+            self.reported = with_value(self.reported, name, value)
+            if self.client is not None:
+                self.client.parameter_changed(name, value)
 
     # -- the response half of the data path ----------------------------------------------------------
     # on_data is ServerCore's (_wire.pyx): it frames what the server sent, pops the requests each response
@@ -117,9 +119,7 @@ class ServerConnection(ServerCore, Connection):
         """A message outside any request: notices, notifications, parameter changes, a FATAL error.
         Returns whether to forward it to the client."""
         if t == _S:
-            name, value = self._record_parameter(buf[pos + 5 : end])
-            if self.client is not None and name in REPORTED:
-                self.client.params[name] = value
+            self._record_parameter(buf[pos + 5 : end])
         elif t == _E:
             log.warning("server %s: %s", self.pool.node_label, pg.parse_fields(buf[pos + 5 : end]).get("M", ""))
             self.pool.discard(self)
