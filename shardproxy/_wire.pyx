@@ -395,7 +395,8 @@ cdef class ClientCore(Endpoint):
             if found is None:  # the statement that decides has not fully arrived
                 return
             decision, batch_end, _, standalone = found
-            if not (standalone and self._answer_locally(decision, batch_end)):
+            if not (standalone and (decision.route.local or self.held_failed)
+                    and self._answer_locally(decision, batch_end)):
                 # A whole batch is not routed twice: its decision serves the link's first check too.
                 self.decided = found if standalone or self.buf[batch_end - 5] == c'S' else None
                 self._start(decision, batch_end)

@@ -22,6 +22,7 @@ shard.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
@@ -206,6 +207,15 @@ class Route:
     write: bool = False
     force_primary: bool = False
     message: str | None = None
+    # Whether a simple Query of it may be answered by the proxy between transactions (a BEGIN held, its end, the
+    # session's shard key, a refusal): only then is routing._answer_locally asked (and inside a failed held one).
+    local: bool = dataclasses.field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "local", self.target == "error" or self.kind in _LOCAL_KINDS)
+
+
+_LOCAL_KINDS = frozenset({"begin", "commit", "rollback", "set_shard_key", "reset_shard_key"})
 
 
 class _Cover(NamedTuple):
