@@ -840,8 +840,11 @@ def test_pgbench_point_reads_and_updates(sharded, shards, names, users_table, tm
     script.write_text(PGBENCH_SCRIPT.format(users=USERS))
     before = sum(rows[0][0] or 0 for rows in everywhere(shards, "SELECT sum(balance) FROM users").values())
     env = {**os.environ, "PGPASSWORD": "secret", "PGCONNECT_TIMEOUT": "10"}
+    # A thread per client: pgbench prepares each statement synchronously when a client first runs it, which
+    # would freeze the other clients of its thread in their transactions while it waits for a connection of a
+    # pool (4) smaller than the clients (README, Pooling).
     done = subprocess.run(["pgbench", "-h", sharded.host, "-p", str(sharded.port), "-U", "app", "-n", "-f", str(script),
-                           "-M", mode, "-c", "8", "-j", "2", "-T", "3", APP_DB],
+                           "-M", mode, "-c", "8", "-j", "8", "-T", "3", APP_DB],
                           capture_output=True, text=True, env=env, timeout=60, check=False)
     report = done.stdout + done.stderr
     assert done.returncode == 0, report
