@@ -48,7 +48,6 @@ class Proxy(ProxyCore):
         self.sharded = _needs_routing(config)
         self.clients: dict[int, ClientConnection] = {}  # by the BackendKeyData pid the proxy issued
         self.connected = 0
-        self.auth_failures = 0
         self.ring_moved = 0.0  # the share of the key space the last reload gave to another shard
         self.shutting_down = False
         self._client_ids = 0
@@ -207,8 +206,7 @@ class Proxy(ProxyCore):
         if server is not None and (server.pending or server.status != pg.IDLE):
             server.cancel_running()
 
-    def auth_failed(self, client: ClientConnection) -> None:
-        self.auth_failures += 1
+    def auth_failed(self, client: ClientConnection) -> None:  # counted in errors_total{kind="auth"} (metrics.py)
         log.warning("client %d %s: authentication failed for user %s", client.id, client.address, client.user,
                     extra={"event": "auth_failure", "client": client.id, "user": client.user})
 
