@@ -979,6 +979,8 @@ def _param(params: Params | None, number: int) -> object:
 
 def _canonical(raw: object, cast: str | None, negate: bool) -> Key:
     """The ring key of a value: cast as the SQL says, then negated if written -value."""
+    if type(raw) is int and not negate and (cast is None or cast == "int"):
+        return raw  # the usual key, already canonical
     if raw is None:
         raise ShardKeyError("shardproxy: the shard key is NULL")
     try:
