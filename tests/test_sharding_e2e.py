@@ -426,6 +426,24 @@ def test_utility_statements_go_to_one_shard(sharded, shards):
     assert done.stdout.strip().isdigit()
 
 
+def test_session_settings_follow_the_client_onto_every_shard(sharded, shards, names):
+    """A statement on every shard runs with the client's settings on each, and they stay the client's after it."""
+    users = users_on_each_shard(names, 5100)
+    with connect(sharded, autocommit=True) as conn:
+        for user in users.values():
+            conn.execute("INSERT INTO orders (user_id, item, amount) VALUES (%s, 'settings', 0)", (user,))
+        conn.execute("SET TimeZone TO 'Asia/Kathmandu'")
+        conn.execute("SET DateStyle TO 'SQL, DMY'")
+        rows = conn.execute("SELECT user_id, current_setting('TimeZone'), current_setting('DateStyle'), "
+                            "date '2024-03-05'::text FROM orders WHERE item = 'settings'").fetchall()
+        assert sorted(rows) == sorted((user, "Asia/Kathmandu", "SQL, DMY", "05/03/2024") for user in users.values())
+        assert conn.info.parameter_status("TimeZone") == "Asia/Kathmandu"
+        for user in users.values():  # and on each shard's own connections afterwards
+            assert conn.execute("SELECT current_setting('TimeZone'), current_setting('DateStyle') FROM orders "
+                                "WHERE user_id = %s AND item = 'settings'", (user,)).fetchone() == \
+                ("Asia/Kathmandu", "SQL, DMY")
+
+
 def test_comment_and_session_keys_route(sharded, shards, names):
     a, b = two_users_apart(names, 4300)
     with connect(sharded, autocommit=True) as conn:
