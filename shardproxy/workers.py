@@ -271,12 +271,12 @@ class Supervisor:
             return MERGES.get(name, first)(await self._ask_all(line, targets))
         # Recorded before it is sent: a worker that restarts while it runs (PAUSE waits for transactions) and
         # misses it is told it by _restore.
-        args, before = words[1:], self.held.copy()
-        self.held.record(name, args, await self._shard_names() if name == "PAUSE" and not args else [])
+        shards = await self._shard_names() if name == "PAUSE" and len(words) == 1 else []
+        undo = self.held.record(name, words[1:], shards)
         try:
             return MERGES.get(name, first)(await self._ask_all(line, targets))
         except AdminError:  # refused (an unknown shard or node): it holds nothing
-            self.held = before
+            undo()
             raise
 
     async def _shard_names(self) -> list[str]:
@@ -319,8 +319,10 @@ class Held:
     paused: set[str] = field(default_factory=set)  # shard names
     banned: set[str] = field(default_factory=set)  # node addresses
 
-    def record(self, name: str, args: list[str], shards: list[str]) -> None:
-        """A command that succeeded; `shards` are all shards, what PAUSE without a shard pauses."""
+    def record(self, name: str, args: list[str], shards: list[str]) -> Callable[[], None]:
+        """A command on its way to the workers; `shards` are all shards, what PAUSE without a shard pauses.
+        Returns what takes back its own change alone (not other commands' recorded meanwhile), if they refuse it."""
+        paused, banned = set(self.paused), set(self.banned)
         if name == "PAUSE":
             self.paused.update(args or shards)
         elif name == "RESUME":
@@ -329,9 +331,14 @@ class Held:
             self.banned.add(args[0])
         elif name == "UNBAN":
             self.banned.discard(args[0])
+        added = (self.paused - paused, self.banned - banned)
+        removed = (paused - self.paused, banned - self.banned)
 
-    def copy(self) -> Held:
-        return Held(set(self.paused), set(self.banned))
+        def undo() -> None:
+            self.paused = self.paused - added[0] | removed[0]
+            self.banned = self.banned - added[1] | removed[1]
+
+        return undo
 
     def commands(self) -> list[str]:
         """The commands that bring a worker that holds nothing to this state."""

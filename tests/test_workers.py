@@ -321,6 +321,20 @@ def test_held_state_is_what_the_commands_left() -> None:
     assert held.commands() == ["BAN h:2"]
 
 
+def test_a_refused_command_takes_back_its_own_change_only() -> None:
+    held = Held()
+    held.record("PAUSE", ["s0"], [])
+    refused = held.record("PAUSE", ["nosuch"], [])  # while the workers are asked, another operator's commands land
+    held.record("PAUSE", ["s1"], [])
+    held.record("BAN", ["h:1"], [])
+    refused()
+    assert held.commands() == ["PAUSE s0", "PAUSE s1", "BAN h:1"]
+    refused = held.record("UNBAN", ["h:1"], [])
+    held.record("RESUME", ["s0"], [])
+    refused()
+    assert held.commands() == ["PAUSE s1", "BAN h:1"]
+
+
 def test_pools_are_summed_and_maxwait_is_the_longest() -> None:
     columns = ["database", "user", "shard", "node", "role", "region", "cl_active", "sv_idle", "maxwait"]
     first = Table(columns, [["db", "app", "s0", "h:1", "primary", None, 3, 1, 0.5],
