@@ -203,11 +203,13 @@ def bind_parameter(buf, Py_ssize_t start, Py_ssize_t end, Py_ssize_t index) -> t
     return PyBytes_FromStringAndSize(<const char*>p + pos, length), fmt
 
 
-cdef inline list _add(list out, object part):
-    """out with part appended, made on the first part: most reads are written on as they came, without a list."""
+cdef inline list _add_span(list out, const unsigned char* p, Py_ssize_t start, Py_ssize_t end):
+    """out with the bytes p[start:end] appended (copied from the buffer: no slice object, no index objects), made
+    on the first call: most reads are written on as they came, without a list. An empty span adds nothing."""
     if out is None:
-        return [part]
-    out.append(part)
+        out = []
+    if end > start:
+        out.append(PyBytes_FromStringAndSize(<const char*>p + start, end - start))
     return out
 
 
@@ -508,13 +510,13 @@ cdef class ClientCore(Endpoint):
             if end > n:
                 break
             if server.ignoring and t != c'S' and t != c'X':  # after an error the server skips all up to Sync
-                out = _add(out, buf[span:pos])
+                out = _add_span(out, p, span, pos)
                 span = pos = end
                 continue
             if pos == check:
                 check, decider, refuse, go = self._route_batch_here(buf, pos)
                 if not go:  # what came before it goes first: _stopped may add a ROLLBACK after it
-                    out = _add(out, buf[span:pos])
+                    out = _add_span(out, p, span, pos)
                     span = pos
                     self.stopped = True
                     self._stopped(server, out)
@@ -523,20 +525,20 @@ cdef class ClientCore(Endpoint):
                 self._fatal(pg.PostgresError(pg.PROTOCOL_VIOLATION, "invalid message format"))
                 return
             if pos == refuse:
-                out = _add(out, buf[span:pos])
+                out = _add_span(out, p, span, pos)
                 span = end
                 if self._refusal:
                     self._refuse(self._refusal, buf, pos, end, out)
                 else:  # SET/RESET shardproxy.shard_key: the proxy's own setting, never sent
                     server.enqueue_synthetic(self._local_reply)
             elif t == c'B' and routes and pos != decider and (refusal := self._batch_member(buf, pos, end)):
-                out = _add(out, buf[span:pos])
+                out = _add_span(out, p, span, pos)
                 span = end
                 self._refuse(refusal, buf, pos, end, out)
             elif t == c'B':
                 portal_end = <const unsigned char*>memchr(p + pos + 5, 0, length - 4) - p
                 if portal_end + 1 < end and p[portal_end + 1]:  # a named statement: use its server-side name
-                    out = _add(out, buf[span:pos])
+                    out = _add_span(out, p, span, pos)
                     span = end
                     if not ClientCore._bind(self, buf, pos, portal_end, end, out):
                         return
@@ -549,7 +551,7 @@ cdef class ClientCore(Endpoint):
                     check = end  # the next batch, if in this read, is routed too
             elif t == c'Q':
                 if _session_prefix(p + pos + 5, length - 4):
-                    out = _add(out, buf[span:pos])
+                    out = _add_span(out, p, span, pos)
                     span = end
                     self._session_statement(bytes(buf[pos:end]), out)
                 else:
@@ -559,7 +561,7 @@ cdef class ClientCore(Endpoint):
                 if _session_prefix(p + name_end + 1, end - name_end - 1):  # a SET, extended
                     self._track_set(pg.read_cstring(buf, name_end + 1)[0].decode(errors="replace"), server)
                 if p[pos + 5]:
-                    out = _add(out, buf[span:pos])
+                    out = _add_span(out, p, span, pos)
                     span = end
                     self._parse(buf, pos, end, out)
                 else:
@@ -568,7 +570,7 @@ cdef class ClientCore(Endpoint):
                         self.unnamed = self.proxy.statements.get(bytes(buf[pos + 6:end]))
             elif t == c'D' or t == c'C':
                 if p[pos + 5] == c'S' and p[pos + 6]:
-                    out = _add(out, buf[span:pos])
+                    out = _add_span(out, p, span, pos)
                     span = end
                     self._statement_message(t, bytes(buf[pos + 6:end - 1]), out)
                 elif t == c'D' and p[pos + 5] == c'S' and routes:  # the unnamed statement: learn its types
@@ -578,7 +580,7 @@ cdef class ClientCore(Endpoint):
             elif t == c'F':
                 pending.push(FUNCTION_REQ)
             elif t == c'X':  # it goes once what it sent before is answered, as with PostgreSQL (ServerCore.on_data)
-                out = _add(out, buf[span:pos])
+                out = _add_span(out, p, span, pos)
                 span = pos = n  # nothing after it is read
                 self.reason = "client sent Terminate"
                 self.terminating = True
@@ -596,7 +598,7 @@ cdef class ClientCore(Endpoint):
         if not out and span == 0 and pos == n:
             server._write(buf)
         else:
-            out = _add(out, buf[span:pos])
+            out = _add_span(out, p, span, pos)
             server._write(b"".join(out))
         server.last_used = _about_now()  # query_timeout counts the server's silence from here
         if pos < n:
@@ -654,7 +656,7 @@ cdef class ServerCore(Endpoint):
                     (<tuple>pending.first())[2](self, t, buf[pos + 5:end])
             if pending.empty():
                 if not self._unsolicited(t, buf, pos, end):
-                    out = _add(out, buf[span:pos])
+                    out = _add_span(out, p, span, pos)
                     span = end
                 pos = end
                 continue
@@ -700,14 +702,14 @@ cdef class ServerCore(Endpoint):
             if t == c'E':
                 self.settings_undone = True
             if hiding:
-                out = _add(out, buf[span:pos])
+                out = _add_span(out, p, span, pos)
                 span = end
             pos = end
             if done:
                 pending.popleft()
             if (done or t == c'E') and not pending.empty():
                 if _action(pending) == A_SYNTH:
-                    out = _add(out, buf[span:pos])
+                    out = _add_span(out, p, span, pos)
                     span = pos
                     self._synthesize(out)
                 hiding = not pending.empty() and _action(pending) == A_HIDE
@@ -715,7 +717,7 @@ cdef class ServerCore(Endpoint):
             if not out and span == 0 and pos == n:
                 client._write(buf)  # the common case: the whole read, uncopied
             else:
-                out = _add(out, buf[span:pos])
+                out = _add_span(out, p, span, pos)
                 client._write(b"".join(out))
         if pos < n:
             self.buf = bytearray(buf[pos:])  # an incomplete message, for the next read
