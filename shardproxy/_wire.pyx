@@ -480,7 +480,7 @@ cdef class ClientCore(Endpoint):
         cdef ServerCore server = self.server
         name = statement.name
         if name in server.prepared:
-            server.prepared.move_to_end(name)
+            ServerCore.touch_prepared(server, name)
         else:
             out.append(statement.parse)
             server.pending.push((PARSE, HIDE, statement))
@@ -618,6 +618,7 @@ cdef class ServerCore(Endpoint):
     """The data path's half of a server connection (ServerConnection adds login, statements and cancels)."""
 
     cdef public object pool, on_ready, settings_before, prepared
+    cdef public object newest  # the statement name last put at the end of `prepared` (the LRU's), if still in it
     cdef public dict reported, param_sql
     cdef public Requests pending  # requests forwarded and not yet answered (see server.py)
     cdef public ClientCore client
@@ -627,6 +628,13 @@ cdef class ServerCore(Endpoint):
 
     def __cinit__(self):
         self.pending = Requests()
+
+    cpdef touch_prepared(self, name):
+        """A statement prepared here is used again: it goes to the LRU's end, but for the one used last (a client
+        repeating one statement), which is there already."""
+        if name is not self.newest:
+            self.prepared.move_to_end(name)
+            self.newest = name
 
     def on_data(self, data):
         """Frame what the server sent, pop the requests it completes, hide the answers to requests the proxy

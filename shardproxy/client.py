@@ -260,7 +260,7 @@ class ClientConnection(ClientCore, Routing, Connection):
         self.statements[name] = statement
         server = self.server
         if statement.name in server.prepared:
-            server.prepared.move_to_end(statement.name)
+            server.touch_prepared(statement.name)
             server.enqueue_synthetic(_PARSE_DONE)
         else:
             out.append(statement.parse)

@@ -137,6 +137,7 @@ class ServerConnection(ServerCore, Connection):
     def remember_prepared(self, name: bytes, limit: int, out: list) -> None:
         """Note a statement as prepared here; past the limit, close the least recently used one."""
         self.prepared[name] = None
+        self.newest = name
         if len(self.prepared) > limit:
             old, _ = self.prepared.popitem(last=False)
             out.append(pg.message(b"C", b"S" + old + b"\0"))

@@ -147,6 +147,29 @@ def test_psycopg_prepared_statements_from_many_threads(proxy, pg):
     assert on_server(pg, f"SELECT count(*), count(DISTINCT client) FROM {table}") == [(clients * rounds, clients)]
 
 
+def test_a_server_connection_keeps_its_most_recently_used_statements(sandbox, pg):
+    """With room for 2 statements per server connection, preparing a third closes the least recently used one
+    on the server; the client can still run it (prepared there again)."""
+    proxy = sandbox.proxy("lru", [pg], pool={"size": 1, "prepared_statements_per_server": 2})
+    try:
+        with connect(proxy, autocommit=True, prepare_threshold=0) as conn:
+            run = {text: (lambda text=text: conn.execute(text, (1,)).fetchone()) for text in
+                   ("SELECT %s::int + 1 AS a", "SELECT %s::int + 2 AS b", "SELECT %s::int + 3 AS c")}
+            a, b, c = run.values()
+
+            def on_server_connection() -> list[str]:  # the pool's one server connection
+                rows = conn.execute("SELECT statement FROM pg_prepared_statements ORDER BY 1", prepare=False)
+                return [row[0].split(" AS ")[1] for row in rows]
+
+            assert (a(), b(), a()) == ((2,), (3,), (2,))  # b is now the least recently used
+            assert c() == (4,)
+            assert on_server_connection() == ["a", "c"]
+            assert b() == (3,)  # prepared again, in place of a
+            assert on_server_connection() == ["b", "c"]
+    finally:
+        proxy.stop()
+
+
 def test_psycopg_pipeline(proxy, pg):
     """Pipelines from more connections than the pool has: batches of statements sent before any result is read,
     and an error that aborts the rest of its batch, not the batches synced before it."""
