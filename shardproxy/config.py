@@ -135,7 +135,7 @@ class Pool(_Model):
     query_timeout: Duration = 0.0  # 0 = off
     client_login_timeout: Duration = 60.0
     max_message_size: Size = Field(default=64 * 1024**2, ge=1)
-    prepared_statements_per_server: int = Field(default=1000, ge=0)
+    prepared_statements_per_server: int = Field(default=1000, ge=1)  # a Bind needs its statement prepared
     statement_cache_size: int = Field(default=100_000, ge=1)
 
 

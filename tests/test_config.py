@@ -273,6 +273,13 @@ def test_valid_users(user: str) -> None:
     assert parse_config(BASE + f"  - {user}\n").user("u") is not None
 
 
+def test_a_server_connection_has_room_for_a_prepared_statement() -> None:
+    """0 would close each statement as soon as it is prepared, before its Bind."""
+    text = BASE + "pool: {prepared_statements_per_server: 0}\n"
+    assert problems_of(text) == [f"x.yaml:{line_of(text, 'pool:')}: pool.prepared_statements_per_server: "
+                                 "Input should be greater than or equal to 1"]
+
+
 def test_several_problems_all_reported() -> None:
     text = BASE.replace("  - name: s1\n", "  - weight: 0\n").replace(
         "port: 5432, region: east", "port: x, region: east"
