@@ -479,9 +479,7 @@ cdef class ClientCore(Endpoint):
         """Prepare the statement on the linked server first if it lacks it, hiding the ParseComplete."""
         cdef ServerCore server = self.server
         name = statement.name
-        if name in server.prepared:
-            ServerCore.touch_prepared(server, name)
-        else:
+        if not ServerCore.reuse_prepared(server, name):
             out.append(statement.parse)
             server.pending.push((PARSE, HIDE, statement))
             server.remember_prepared(name, self.proxy.config.pool.prepared_statements_per_server, out)
@@ -629,12 +627,15 @@ cdef class ServerCore(Endpoint):
     def __cinit__(self):
         self.pending = Requests()
 
-    cpdef touch_prepared(self, name):
-        """A statement prepared here is used again: it goes to the LRU's end, but for the one used last (a client
-        repeating one statement), which is there already."""
+    cpdef bint reuse_prepared(self, name) except -1:
+        """Whether the statement is prepared here; if so it goes to the LRU's end, but for the one used last (a
+        client repeating one statement), which is there already."""
+        if name not in self.prepared:
+            return False
         if name is not self.newest:
             self.prepared.move_to_end(name)
             self.newest = name
+        return True
 
     def on_data(self, data):
         """Frame what the server sent, pop the requests it completes, hide the answers to requests the proxy

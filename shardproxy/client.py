@@ -259,8 +259,7 @@ class ClientConnection(ClientCore, Routing, Connection):
         statement = self.proxy.statements.get(bytes(buf[body_start:end]))
         self.statements[name] = statement
         server = self.server
-        if statement.name in server.prepared:
-            server.touch_prepared(statement.name)
+        if server.reuse_prepared(statement.name):
             server.enqueue_synthetic(_PARSE_DONE)
         else:
             out.append(statement.parse)

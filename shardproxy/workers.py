@@ -314,7 +314,7 @@ class Supervisor:
 
 @dataclass
 class Held:
-    """What the operator's PAUSE and BAN hold now, as the commands that succeeded left it (see admin.py)."""
+    """What the operator's PAUSE and BAN hold now: recorded as each command goes out, taken back if refused."""
 
     paused: set[str] = field(default_factory=set)  # shard names
     banned: set[str] = field(default_factory=set)  # node addresses
