@@ -23,8 +23,12 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 cdef extern from "<time.h>":
     enum: CLOCK_MONOTONIC_COARSE
+cdef extern from "<sys/socket.h>":
+    ssize_t send(int fd, const void *buf, size_t n, int flags) nogil
+    enum: MSG_NOSIGNAL, MSG_DONTWAIT
 
 import logging
+import os
 import select
 
 from shardproxy import protocol as pg
@@ -310,10 +314,15 @@ cdef class Endpoint:
     reading pauses while this one's socket cannot take more (see connection.py)."""
 
     cdef object _transport, _write  # the transport, and its write method looked up once
+    cdef int _fd  # a duplicate of a plain socket's descriptor, to send on without the transport; -1: none
+    cdef bint _queued  # the transport may still hold bytes to send: later ones go after them, through it
     cdef public bytearray buf
     cdef public bint closed
     cdef public bint reading_paused  # by the peer's back-pressure (see connection.py)
     cdef public object peer
+
+    def __cinit__(self):
+        self._fd = -1
 
     @property
     def transport(self):
@@ -323,6 +332,46 @@ cdef class Endpoint:
     def transport(self, transport):
         self._transport = transport
         self._write = None if transport is None else transport.write
+
+    def send_directly(self) -> None:
+        """From now on (after login) send on the socket at once rather than through the transport, which
+        queues every write until the end of the event loop's turn. Only plain sockets: TLS stays in the
+        transport. On a duplicate descriptor, so that sending can never reach another connection's socket
+        after the transport has closed its own and the number is given out again."""
+        transport = self._transport
+        if self._fd >= 0 or transport is None or transport.get_extra_info("sslcontext") is not None:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.fileno() >= 0:
+            self._fd = os.dup(sock.fileno())
+            self._queued = True  # the login's last answer may still wait in the transport
+
+    def release_socket(self) -> None:
+        """Close the duplicate descriptor (the connection is closing, or closed)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def write(self, data) -> None:
+        Endpoint._send(self, data)
+
+    cdef _send(self, object data):
+        """Send what the socket takes now; the rest goes through the transport, which buffers it and tells
+        a slow peer's reader to pause (pause_writing). A failed send leaves the error to the transport."""
+        cdef Py_ssize_t sent, n
+        if self.closed or self._write is None:
+            return
+        if self._fd >= 0 and PyBytes_CheckExact(data):
+            if not self._queued or not self._transport.get_write_buffer_size():
+                n = len(<bytes>data)
+                sent = send(self._fd, PyBytes_AS_STRING(data), n, MSG_NOSIGNAL | MSG_DONTWAIT)
+                if sent == n:
+                    self._queued = False
+                    return
+                if sent > 0:
+                    data = data[sent:]
+            self._queued = True
+        self._write(data)
 
 
 cdef inline object _joined(Endpoint connection, object data):
@@ -594,10 +643,10 @@ cdef class ClientCore(Endpoint):
         # After an Execute, the connection is kept until Sync ends the implicit transaction it opened.
         self.mid_batch = executing
         if not out and span == 0 and pos == n:
-            server._write(buf)
+            Endpoint._send(server, buf)
         else:
             out = _add_span(out, p, span, pos)
-            server._write(b"".join(out))
+            Endpoint._send(server, b"".join(out))
         server.last_used = _about_now()  # query_timeout counts the server's silence from here
         if pos < n:
             self.buf = bytearray(buf[pos:])
@@ -724,10 +773,10 @@ cdef class ServerCore(Endpoint):
                 hiding = not pending.empty() and _action(pending) == A_HIDE
         if client is not None:
             if not out and span == 0 and pos == n:
-                client._write(buf)  # the common case: the whole read, uncopied
+                Endpoint._send(client, buf)  # the common case: the whole read, uncopied
             else:
                 out = _add_span(out, p, span, pos)
-                client._write(b"".join(out))
+                Endpoint._send(client, b"".join(out))
         if pos < n:
             self.buf = bytearray(buf[pos:])  # an incomplete message, for the next read
         if pending.empty():

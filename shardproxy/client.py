@@ -113,10 +113,10 @@ class ClientConnection(ClientCore, Routing, Connection):
             if code == pg.SSL_REQUEST and self.proxy.client_ssl is not None and not self.encrypted:
                 if self.buf or self._inbox:  # as PostgreSQL: nothing may come between the request and TLS
                     raise pg.ProtocolError("received unencrypted data after SSL request")
-                self.transport.write(_SSL_YES)
+                self.write(_SSL_YES)
                 await self._start_tls(self.proxy.client_ssl)
             elif code in (pg.SSL_REQUEST, pg.GSSENC_REQUEST) and not self.encrypted:
-                self.transport.write(pg.SSL_NO)
+                self.write(pg.SSL_NO)
             elif code == pg.CANCEL_REQUEST and len(body) == 12:
                 self.proxy.cancel(*pg.INT32_PAIR.unpack_from(body, 4))
                 self.close()
@@ -156,7 +156,7 @@ class ClientConnection(ClientCore, Routing, Connection):
             raise failed
         if user.auth == "md5":
             salt = os.urandom(4)
-            self.transport.write(pg.auth_request(5, salt))
+            self.write(pg.auth_request(5, salt))
             answer = await self._password_message()
             ok = answer.rstrip(b"\0") == md5_answer(self.user, user.password or "", salt)
         elif user.auth == "scram-sha-256":
@@ -169,23 +169,23 @@ class ClientConnection(ClientCore, Routing, Connection):
         if not ok:
             self.proxy.auth_failed(self)
             raise failed
-        self.transport.write(pg.AUTH_OK)
+        self.write(pg.AUTH_OK)
 
     async def _scram(self, exchange: ScramServerExchange) -> bool:
         """Whether the client proved its password; a malformed exchange raises (08P01), counted as a failure."""
-        self.transport.write(pg.auth_request(10, b"SCRAM-SHA-256\0\0"))
+        self.write(pg.auth_request(10, b"SCRAM-SHA-256\0\0"))
         try:
             mechanism, client_first = parse_sasl_initial(await self._password_message())
             if mechanism != "SCRAM-SHA-256":
                 raise pg.PostgresError(pg.PROTOCOL_VIOLATION, f"unsupported SASL mechanism {mechanism}")
-            self.transport.write(pg.auth_request(11, exchange.first(client_first)))
+            self.write(pg.auth_request(11, exchange.first(client_first)))
             final = exchange.final(await self._password_message())
         except ScramException:
             return False
         except (pg.PostgresError, pg.ProtocolError):
             self.proxy.auth_failed(self)
             raise
-        self.transport.write(pg.auth_request(12, final))
+        self.write(pg.auth_request(12, final))
         return True
 
     async def _password_message(self) -> bytes:
@@ -207,7 +207,7 @@ class ClientConnection(ClientCore, Routing, Connection):
         self.pid, self.secret = self.proxy.register(self)
         self.home = self.id % len(self.proxy.config.shards)
         shown = defaults | values
-        self.transport.write(b"".join(pg.parameter_status(k, v) for k, v in shown.items())
+        self.write(b"".join(pg.parameter_status(k, v) for k, v in shown.items())
                              + pg.backend_key_data(self.pid, self.secret) + pg.READY[pg.IDLE])
         log.info("client %d %s connected: user=%s database=%s", self.id, self.address, self.user, self.database,
                  extra={"event": "connect", "client": self.id, "user": self.user})
@@ -249,7 +249,7 @@ class ClientConnection(ClientCore, Routing, Connection):
                 break
             pos = end
         if answered:
-            self.transport.write(b"".join(replies[:replied]))
+            self.write(b"".join(replies[:replied]))
             del buf[:answered]
         return n - answered >= 5
 
@@ -359,7 +359,7 @@ class ClientConnection(ClientCore, Routing, Connection):
     def _fatal(self, error: pg.PostgresError) -> None:
         if not self.closed and self.transport is not None:
             self.proxy.metrics.client_error(error)
-            self.transport.write(error.to_message("FATAL"))
+            self.write(error.to_message("FATAL"))
             self.reason = self.reason or error.message
         self.close()
 

@@ -38,6 +38,7 @@ class Connection(Endpoint, asyncio.Protocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         self.__dict__.pop("data_received", None)  # the bound method would keep this object in a cycle
         self.closed = True
+        self.release_socket()
         self._lost = exc or ConnectionResetError("connection closed")
         self._wake()
 
@@ -76,6 +77,7 @@ class Connection(Endpoint, asyncio.Protocol):
         self.data_received = self.on_data  # type: ignore[method-assign]
         if self.transport is not None:
             self.transport.set_protocol(self)
+            self.send_directly()
         early = b"".join(bytes([t]) + pg.INT32.pack(len(b) + 4) + b for t, b in self._inbox)
         self._inbox.clear()
         rest, self.buf = early + bytes(self.buf), bytearray()
@@ -137,12 +139,9 @@ class Connection(Endpoint, asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def write(self, data: bytes) -> None:
-        if not self.closed and self.transport is not None:
-            self.transport.write(data)
-
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            self.release_socket()
             if self.transport is not None:
                 self.transport.close()

@@ -171,7 +171,7 @@ class Routing:
         else:
             return False
         del self.buf[:end]
-        self.transport.write(reply)
+        self.write(reply)
         return True
 
     def _start(self, decision: Decision, batch_end: int) -> None:
@@ -240,7 +240,7 @@ class Routing:
             reply = _COMMITTED_ALREADY + reply
         self.busy = False
         if not self.closed:
-            self.transport.write(reply)
+            self.write(reply)
             self._dispatch()
 
     # -- on a linked connection: may the next batch run here? -----------------------------------------

@@ -132,7 +132,7 @@ class ServerConnection(ServerCore, Connection):
         if len(self.pending) == 1 and self.client is not None:
             out: list = []
             self._synthesize(out)
-            self.client.transport.write(b"".join(out))
+            self.client.write(b"".join(out))
 
     def remember_prepared(self, name: bytes, limit: int, out: list) -> None:
         """Note a statement as prepared here; past the limit, close the least recently used one."""

@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
@@ -229,6 +230,25 @@ def test_psycopg_large_copy(proxy, pg):
         assert out == "".join(f"{i}\n" for i in range(total)).encode()
         conn.commit()
     assert on_server(pg, f"SELECT count(*), count(DISTINCT id), max(id) FROM {table}") == [(total, total, total - 1)]
+
+
+def test_a_client_reading_slowly_gets_a_large_result_whole_and_in_order(proxy):
+    """psql copies a large result into a pipe that nobody reads for a while: the client's socket fills, what
+    it does not take waits in the proxy, and the result still arrives whole and in order; other clients are
+    served meanwhile."""
+    rows = 400_000
+    query = f"COPY (SELECT i, md5(i::text) FROM generate_series(1, {rows}) i) TO STDOUT"
+    reader = subprocess.Popen(["psql", "-X", "-d", proxy.dsn(dbname=APP_DB), "-c", query], stdout=subprocess.PIPE)
+    try:
+        time.sleep(2)  # psql blocks writing to the full pipe and stops reading its socket
+        assert reader.poll() is None
+        with connect(proxy, autocommit=True) as conn:
+            assert conn.execute("SELECT count(*) FROM generate_series(1, 10)").fetchone() == (10,)
+        out, _ = reader.communicate(timeout=120)
+    finally:
+        reader.kill()
+    assert reader.returncode == 0
+    assert out == "".join(f"{i}\t{md5(str(i).encode()).hexdigest()}\n" for i in range(1, rows + 1)).encode()
 
 
 def test_statements_larger_than_a_read(proxy, pg):
