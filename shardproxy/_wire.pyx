@@ -28,7 +28,6 @@ cdef extern from "<sys/socket.h>":
     enum: MSG_NOSIGNAL, MSG_DONTWAIT
 
 import logging
-import os
 import select
 
 from shardproxy import protocol as pg
@@ -314,7 +313,7 @@ cdef class Endpoint:
     reading pauses while this one's socket cannot take more (see connection.py)."""
 
     cdef object _transport, _write  # the transport, and its write method looked up once
-    cdef int _fd  # a duplicate of a plain socket's descriptor, to send on without the transport; -1: none
+    cdef int _fd  # a plain socket's descriptor, to send on without the transport; -1: none
     cdef bint _queued  # the transport may still hold bytes to send: later ones go after them, through it
     cdef public bytearray buf
     cdef public bint closed
@@ -336,21 +335,16 @@ cdef class Endpoint:
     def send_directly(self) -> None:
         """From now on (after login) send on the socket at once rather than through the transport, which
         queues every write until the end of the event loop's turn. Only plain sockets: TLS stays in the
-        transport. On a duplicate descriptor, so that sending can never reach another connection's socket
-        after the transport has closed its own and the number is given out again."""
+        transport. The descriptor is the transport's: asyncio and uvloop transports close their socket only
+        after calling connection_lost, which marks this connection closed, and nothing is sent once it is;
+        so a send never reaches a descriptor number given out again to another connection."""
         transport = self._transport
-        if self._fd >= 0 or transport is None or transport.get_extra_info("sslcontext") is not None:
+        if transport is None or transport.get_extra_info("sslcontext") is not None:
             return
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.fileno() >= 0:
-            self._fd = os.dup(sock.fileno())
+            self._fd = sock.fileno()
             self._queued = True  # the login's last answer may still wait in the transport
-
-    def release_socket(self) -> None:
-        """Close the duplicate descriptor (the connection is closing, or closed)."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
 
     def write(self, data) -> None:
         Endpoint._send(self, data)

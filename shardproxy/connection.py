@@ -38,7 +38,6 @@ class Connection(Endpoint, asyncio.Protocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         self.__dict__.pop("data_received", None)  # the bound method would keep this object in a cycle
         self.closed = True
-        self.release_socket()
         self._lost = exc or ConnectionResetError("connection closed")
         self._wake()
 
@@ -142,6 +141,5 @@ class Connection(Endpoint, asyncio.Protocol):
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self.release_socket()
             if self.transport is not None:
                 self.transport.close()
