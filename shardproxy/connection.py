@@ -1,5 +1,6 @@
 """The socket layer shared by client and server connections: a receive buffer, and during login an
-awaitable `read_message()`; after login each side frames messages itself on its hot path.
+awaitable `read_message()`; after login each side frames messages itself on its hot path, and writes on a plain
+socket go straight to it (Endpoint.write, in _wire.pyx), the transport taking only what the socket cannot.
 """
 
 from __future__ import annotations
