@@ -8,7 +8,10 @@ Every pgbench cell is repeated and the targets are interleaved within each repet
 alike; figures are medians. Measured:
 
 1. pgbench -S (simple, extended, prepared) and TPC-B with 16 clients; pgbench -S with 1 client, whose per-transaction
-   latencies (pgbench --log) give the latency each target adds to a direct connection (avg, p50, p99).
+   latencies (pgbench --log) give the latency each target adds to a direct connection (avg, p50, p99). -S prepared
+   also runs through shardproxy with one server connection per client, as many as the relay opens: the like-for-like
+   comparison with the relay (at the suite's pool size, clients also queue for server connections, which the relay
+   never does).
 2. CPU per transaction of each proxy process: utime + stime from /proc/PID/stat around each run / transactions.
 3. Sharded: a pgbench script of a point read and an update by random user_id, through shardproxy with 4 shards,
    1 shard (one node: the proxy skips routing) and 1 shard with a replica (the proxy routes); routing cost per
@@ -58,6 +61,7 @@ RESULTS = os.path.join(BENCH, "RESULTS.md")
 DATABASE = "bench"
 USER = User("bench", "benchpw", "trust")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+EQUAL = "shardproxy, one server connection per client"  # the relay's count: the like-for-like comparison
 WORKLOADS = {
     "-S simple": ["-S", "-M", "simple"],
     "-S extended": ["-S", "-M", "extended"],
@@ -69,6 +73,7 @@ SELECT balance FROM accounts WHERE user_id = :uid;
 UPDATE accounts SET balance = balance + 1 WHERE user_id = :uid;
 """
 QUERIES_PER_SCRIPT = 2
+CLIENTS = 16  # pgbench clients of every cell but the 1-client latency
 
 
 @dataclass
@@ -334,6 +339,9 @@ def full_suite(sandbox: Sandbox, main_cluster: Cluster, settings: dict[str, str]
     if bouncer is not None:
         targets.append(Target("pgbouncer", bouncer[1], bouncer[0].pid))
     targets.append(Target("shardproxy", proxy.port, proxy.process.pid))
+    equal = sandbox.proxy("equal", [main_cluster], pool={"size": CLIENTS}, log={"level": "warning"})
+    assert equal.process is not None
+    targets.append(Target(EQUAL, equal.port, equal.process.pid))
     try:
         if args.profile:
             return [profile(sandbox, proxy.process.pid, proxy.port, args)]
@@ -354,7 +362,7 @@ def several_workers(sandbox: Sandbox, cluster: Cluster, args: argparse.Namespace
     runs: dict[str, list[Run]] = collections.defaultdict(list)
     for _ in range(args.repeat):
         for target in targets:
-            runs[target.name].append(pgbench(target, WORKLOADS["-S simple"], 16, args.seconds))
+            runs[target.name].append(pgbench(target, WORKLOADS["-S simple"], CLIENTS, args.seconds))
     for proxy in proxies:
         proxy.stop()
     lines = [f"### Several cores: pgbench -S simple, 16 clients, {args.pool} server connections in all", "",
@@ -408,8 +416,12 @@ def run_suite(sandbox: Sandbox, main_cluster: Cluster, shards: list[Cluster], ta
             for target in targets:
                 if target.name == "pgbouncer" and workload == "-S prepared":
                     continue  # PgBouncer < 1.21 cannot keep protocol-level prepared statements in transaction mode
-                cells[(workload, target.name)].append(pgbench(target, flags, 16, args.seconds))
+                if target.name == EQUAL and workload != "-S prepared":
+                    continue
+                cells[(workload, target.name)].append(pgbench(target, flags, CLIENTS, args.seconds))
         for target in targets:
+            if target.name == EQUAL:
+                continue
             cells[("1 client", target.name)].append(
                 pgbench(target, ["-S", "-M", "simple"], 1, args.seconds, log_dir=log_dir))
     # 3: sharded.
@@ -434,7 +446,7 @@ def run_suite(sandbox: Sandbox, main_cluster: Cluster, shards: list[Cluster], ta
     for _ in range(args.repeat):
         for mode in ("simple", "prepared"):
             for label, target in sharded_targets:
-                sharded[(mode, label)].append(pgbench(target, ["-f", script, "-M", mode], 16, args.seconds))
+                sharded[(mode, label)].append(pgbench(target, ["-f", script, "-M", mode], CLIENTS, args.seconds))
     # 4: ring and router.
     print("ring and router ...", flush=True)
     if args.quick:
@@ -449,7 +461,7 @@ def run_suite(sandbox: Sandbox, main_cluster: Cluster, shards: list[Cluster], ta
     assert idle_proxy.process is not None
     idle = asyncio.run(idle_clients(idle_proxy.port, idle_proxy.process.pid, args.idle_clients))
     idle_proxy.stop()
-    return report(cells, sharded, list(configs), ring, routes, idle, [t.name for t in targets])
+    return report(cells, sharded, list(configs), ring, routes, idle, [t.name for t in targets if t.name != EQUAL])
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -506,6 +518,12 @@ def report(cells: dict[tuple[str, str], list[Run]], sharded: dict[tuple[str, str
     lines.append("")
     lines.append("PgBouncer's -S prepared is skipped: before 1.21 it cannot keep protocol-level prepared "
                   "statements in transaction mode.")
+    equal = tps("-S prepared", EQUAL)
+    if equal is not None:
+        lines += ["", (f"-S prepared through shardproxy with {CLIENTS} server connections (one per client, as the relay "
+                       f"opens): {equal:.0f} tps{f' ({e} errors)' if (e := errors('-S prepared', EQUAL)) else ''}, "
+                       f"CPU {fmt(cpu(cells, ('-S prepared', EQUAL)), '.1f')} µs/tx, "
+                       f"{fmt(ratio(equal, tps('-S prepared', 'relay')), '.2f')}x the relay.")]
     out.append("\n".join(lines))
 
     proxies = [n for n in names if n != "direct"]
@@ -597,10 +615,15 @@ def report(cells: dict[tuple[str, str], list[Run]], sharded: dict[tuple[str, str
         value = ratio(tps(workload, "shardproxy"), tps(workload, "pgbouncer"))
         rows.append((f"{workload} 16 clients, shardproxy/PgBouncer tps", "≥ 1.0",
                      fmt(value, ".2f") + paired(workload, "shardproxy", "pgbouncer"), check(at_least(value, 1.0))))
-    prep = ratio(tps("-S prepared", "shardproxy"), tps("-S prepared", "relay"))
-    prep_errors = errors("-S prepared", "shardproxy")
-    rows.append(("-S prepared 16 clients: errors, shardproxy/relay tps", "0, ≥ 0.95",
-                 f"{prep_errors}, {fmt(prep, '.2f')}{paired('-S prepared', 'shardproxy', 'relay')}", check(None if prep is None else prep_errors == 0 and prep >= 0.95)))
+    # Judged like for like: as many server connections as the relay; the suite's pool size is shown beside it.
+    prep = ratio(tps("-S prepared", EQUAL), tps("-S prepared", "relay"))
+    pooled = ratio(tps("-S prepared", "shardproxy"), tps("-S prepared", "relay"))
+    prep_errors = errors("-S prepared", "shardproxy") + errors("-S prepared", EQUAL)
+    rows.append(("-S prepared 16 clients: errors; shardproxy/relay tps, one server connection per client as the "
+                 "relay; with the suite's pool", "0, ≥ 0.95",
+                 f"{prep_errors}; {fmt(prep, '.2f')}{paired('-S prepared', EQUAL, 'relay')}; "
+                 f"{fmt(pooled, '.2f')}{paired('-S prepared', 'shardproxy', 'relay')}",
+                 check(None if prep is None else prep_errors == 0 and prep >= 0.95)))
     for workload in ("-S simple", "-S extended", "TPC-B"):
         value = ratio(cpu(cells, (workload, "shardproxy")), cpu(cells, (workload, "pgbouncer")))
         rows.append((f"CPU per transaction shardproxy/PgBouncer, {workload}", "≤ 1.2", fmt(value, ".2f"),
@@ -646,7 +669,7 @@ def profile(sandbox: Sandbox, pid: int, port: int, args: argparse.Namespace) -> 
         spy = subprocess.Popen(["py-spy", "record", "-p", str(pid), "-f", "raw", "-o", raw, "-d", str(seconds + 1),
                                 "-r", "250", *mode], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(1)
-        run = pgbench(Target("shardproxy", port, pid), WORKLOADS["-S extended"], 16, seconds)
+        run = pgbench(Target("shardproxy", port, pid), WORKLOADS["-S extended"], CLIENTS, seconds)
         _, err = spy.communicate()
         if not os.path.exists(raw):
             return f"py-spy failed: {err.decode(errors='replace')[-500:]}"
