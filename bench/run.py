@@ -12,7 +12,9 @@ alike; figures are medians. Measured:
    also runs through shardproxy with one server connection per client, as many as the relay opens: the like-for-like
    comparison with the relay (at the suite's pool size, clients also queue for server connections, which the relay
    never does).
-2. CPU per transaction of each proxy process: utime + stime from /proc/PID/stat around each run / transactions.
+2. CPU per transaction of each proxy process: utime + stime from /proc/PID/stat around each run / transactions;
+   and the time the machine's cores stood idle per transaction (/proc/stat), which with PostgreSQL, pgbench and
+   the proxy sharing the cores is the part of the throughput that CPU time does not explain.
 3. Sharded: a pgbench script of a point read and an update by random user_id, through shardproxy with 4 shards,
    1 shard (one node: the proxy skips routing) and 1 shard with a replica (the proxy routes); routing cost per
    query = (CPU/transaction with 4 shards - with 1 shard) / 2 queries.
@@ -92,6 +94,7 @@ class Run:
     sys_share: float | None = None  # of that CPU, the part spent in the kernel
     writes: float | None = None  # proxy write and read syscalls per transaction (/proc/PID/io)
     reads: float | None = None
+    idle_us: float | None = None  # CPU time the whole machine spent idle, per transaction (summed over cores)
     latencies: list[float] = field(default_factory=list)  # µs, with --log
 
 
@@ -142,6 +145,13 @@ def syscalls(pid: int) -> tuple[int, int] | None:
             continue
         writes, reads = writes + int(counts["syscw"]), reads + int(counts["syscr"])
     return writes, reads
+
+
+def idle_seconds() -> float:
+    """Idle and I/O-wait time of all cores so far (/proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    return (int(fields[4]) + int(fields[5])) / CLK_TCK
 
 
 def rss_bytes(pid: int) -> int:
@@ -201,7 +211,9 @@ def pgbench(target: Target, args: list[str], clients: int, seconds: float, log_d
         cmd += ["--log", f"--log-prefix={log_dir}/lat"]
     pid = target.pid
     before, split0, io0 = (cpu_seconds(pid), cpu_split(pid), syscalls(pid)) if pid else (0.0, (0, 0), (0, 0))
+    idle0 = idle_seconds()
     done = subprocess.run([*cmd, DATABASE], capture_output=True, text=True, cwd=log_dir, check=False)
+    idle1 = idle_seconds()
     after, split1, io1 = (cpu_seconds(pid), cpu_split(pid), syscalls(pid)) if pid else (0.0, (0, 0), (0, 0))
     run = Run()
     tps = re.search(r"tps = ([\d.]+)", done.stdout)
@@ -211,6 +223,8 @@ def pgbench(target: Target, args: list[str], clients: int, seconds: float, log_d
     run.transactions = int(processed.group(1)) if processed else 0
     run.errors = (int(failed.group(1)) if failed else 0) + (done.returncode != 0) + len(
         re.findall(r"error|aborted", done.stderr, re.IGNORECASE))
+    if run.transactions:
+        run.idle_us = (idle1 - idle0) / run.transactions * 1e6
     if target.pid and run.transactions:
         run.cpu_us = (after - before) / run.transactions * 1e6
         user, system = split1[0] - split0[0], split1[1] - split0[1]
@@ -526,20 +540,22 @@ def report(cells: dict[tuple[str, str], list[Run]], sharded: dict[tuple[str, str
                        f"{fmt(ratio(equal, tps('-S prepared', 'relay')), '.2f')}x the relay.")]
     out.append("\n".join(lines))
 
-    proxies = [n for n in names if n != "direct"]
-    lines = [("### Proxy system calls per transaction (write / read, /proc/PID/io) and its CPU µs per transaction "
-             "split into user + kernel (/proc/PID/stat)"), "",
-             "| workload | " + " | ".join(proxies) + " |", "|---" * (len(proxies) + 1) + "|"]
+    lines = [("### Per transaction: proxy system calls (write / read, /proc/PID/io), proxy CPU µs split into user + "
+              "kernel (/proc/PID/stat), and the µs the machine's cores stood idle (/proc/stat: the throughput "
+              "that CPU time does not explain)"), "",
+             "| workload | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for workload in WORKLOADS:
         shown = []
-        for n in proxies:
+        for n in names:
             runs = cells.get((workload, n))
             if not runs:
                 shown.append("skipped")
                 continue
-            w, r, k, c = (median([getattr(run, a) for run in runs]) for a in ("writes", "reads", "sys_share", "cpu_us"))
+            w, r, k, c, idle_us = (median([getattr(run, a) for run in runs])
+                                   for a in ("writes", "reads", "sys_share", "cpu_us", "idle_us"))
             split = f"{c * (1 - k):.1f} + {c * k:.1f}" if c is not None and k is not None else "n/a"
-            shown.append(f"{fmt(w, '.2f')} / {fmt(r, '.2f')}; {split} µs")
+            proxy = "" if n == "direct" else f"{fmt(w, '.2f')} / {fmt(r, '.2f')}; {split} µs; "
+            shown.append(f"{proxy}idle {fmt(idle_us, '.1f')} µs")
         lines.append(f"| {workload} | " + " | ".join(shown) + " |")
     out.append("\n".join(lines))
 
