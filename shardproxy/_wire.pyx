@@ -54,7 +54,6 @@ SYNC_REQ = (SYNC, FORWARD, None)
 QUERY_REQ = (QUERY, FORWARD, None)
 FUNCTION_REQ = (FUNCTION, FORWARD, None)
 HIDDEN_QUERY = (QUERY, HIDE, None)
-HIDDEN_CLOSE = (CLOSE, HIDE, None)
 
 cdef object _INVALID_LENGTH = "invalid message length"
 cdef int _IDLE = pg.IDLE

@@ -40,8 +40,6 @@ _S, _P, _C, _p = b"SPCp"
 _UNPACK = pg.INT32.unpack_from
 _DEALLOCATE_DONE = (QUERY, SYNTH, pg.command_complete("DEALLOCATE"))
 _DEALLOCATE_ALL_DONE = (QUERY, SYNTH, pg.command_complete("DEALLOCATE ALL"))
-_CLOSE_DONE = (CLOSE, SYNTH, pg.CLOSE_COMPLETE)
-_PARSE_DONE = (PARSE, SYNTH, pg.PARSE_COMPLETE)
 _SSL_YES = b"S"
 
 
@@ -257,23 +255,32 @@ class ClientConnection(ClientCore, Routing, Connection):
     def _parse(self, buf, pos: int, end: int, out: list) -> None:
         name, body_start = pg.read_cstring(buf, pos + 5)
         statement = self.proxy.statements.get(bytes(buf[body_start:end]))
-        self.statements[name] = statement
+        undo = self._name(name, statement)
         server = self.server
         if server.reuse_prepared(statement.name):
-            server.enqueue_synthetic(_PARSE_DONE)
+            server.enqueue_synthetic((PARSE, SYNTH, pg.PARSE_COMPLETE, undo))
         else:
             out.append(statement.parse)
-            server.pending.append((PARSE, FORWARD, statement))
+            server.pending.append((PARSE, FORWARD, statement, undo))
             server.remember_prepared(statement.name, self.proxy.config.pool.prepared_statements_per_server, out)
+
+    def _name(self, name: bytes, statement: Statement | None) -> tuple:
+        """Give one of the client's statement names to a statement (None: the name goes). Returns the call that
+        takes it back, for the server to make should it skip the message that did it (see _skip_to_sync)."""
+        undo = (self._name, name, self.statements.get(name))
+        if statement is None:
+            self.statements.pop(name, None)
+        else:
+            self.statements[name] = statement
+        return undo
 
     # _bind and _ensure_prepared are ClientCore's (_wire.pyx): they run for each Bind of a named statement.
 
     def _statement_message(self, t: int, name: bytes, out: list) -> None:
         """Describe or Close of a named statement."""
         server = self.server
-        if t == _C:
-            self.statements.pop(name, None)  # the server keeps it for whoever prepares it next
-            server.enqueue_synthetic(_CLOSE_DONE)
+        if t == _C:  # the server keeps it for whoever prepares it next
+            server.enqueue_synthetic((CLOSE, SYNTH, pg.CLOSE_COMPLETE, self._name(name, None)))
             return
         statement = self.statements.get(name)
         if statement is None:

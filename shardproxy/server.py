@@ -1,7 +1,9 @@
 """A pooled connection to one PostgreSQL server: login, and the response half of the data path.
 
 While a client is linked, every request forwarded to the server is recorded in `pending` as a
-(kind, action, arg) tuple, and every response that completes a request pops it. That queue is what lets the
+(kind, action, arg) tuple, and every response that completes a request pops it. A request that changed the
+proxy's books on statements (named, closed, prepared here) carries a fourth item: the call that takes the change
+back, made if the server skips the request after an error. That queue is what lets the
 proxy hide the replies to requests it injected (a Parse for a statement this server lacks, a SET that brings
 the session in line with the client's), answer requests it handled itself in their proper place (SYNTH), and
 know when the server is free again: nothing pending and ReadyForQuery said idle.
@@ -18,7 +20,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Callable
 
 from shardproxy import protocol as pg
-from shardproxy._wire import HIDDEN_CLOSE, PARSE, QUERY, SYNC, SYNTH, ServerCore
+from shardproxy._wire import CLOSE, HIDE, PARSE, QUERY, SYNC, SYNTH, ServerCore
 from shardproxy.auth import ProvenKey, ServerLogin
 from shardproxy.connection import Connection
 from shardproxy.params import REPORTED, shared, with_value
@@ -31,7 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("shardproxy.server")
 
 # The request kinds and actions of `pending`, and the loop that handles responses, are compiled (_wire.pyx).
-Request = tuple[int, int, Any]
+Request = tuple[Any, ...]  # (kind, action, arg), and for a change to the books the call that undoes it
 
 
 _S, _E, _Z = b"SEZ"
@@ -103,16 +105,23 @@ class ServerConnection(ServerCore, Connection):
     def _skip_to_sync(self) -> None:
         """After an error the server skips every extended-protocol message up to the next Sync."""
         pending = self.pending
+        undo = []
         while pending and pending[0][0] != SYNC:
-            kind, action, arg = pending.popleft()  # a request the proxy answers itself goes unanswered too
+            request = pending.popleft()  # a request the proxy answers itself goes unanswered too
+            kind, action, arg = request[0], request[1], request[2]
             if kind == PARSE and action != SYNTH and arg is not None:
                 self.prepared.pop(arg.name, None)  # the statement did not get prepared after all
+            if len(request) > 3:
+                undo.append(request[3])
+        for call, *args in reversed(undo):  # the books as they were before the skipped requests
+            call(*args)
 
     def _synthesize(self, out: list) -> None:
         """Answer, in their place in the stream, the requests the proxy handled itself."""
         pending = self.pending
         while pending and pending[0][1] == SYNTH:
-            kind, _, reply = pending.popleft()
+            request = pending.popleft()
+            kind, reply = request[0], request[2]
             out.append(reply + pg.READY[self.status] if kind == QUERY else reply)
 
     def _unsolicited(self, t: int, buf, pos: int, end: int) -> bool:
@@ -141,7 +150,7 @@ class ServerConnection(ServerCore, Connection):
         if len(self.prepared) > limit:
             old, _ = self.prepared.popitem(last=False)
             out.append(pg.message(b"C", b"S" + old + b"\0"))
-            self.pending.append(HIDDEN_CLOSE)
+            self.pending.append((CLOSE, HIDE, None, (self.prepared.__setitem__, old, None)))
 
     # -- life cycle -----------------------------------------------------------------------------------
     def connection_lost(self, exc: BaseException | None) -> None:

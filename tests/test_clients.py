@@ -23,6 +23,7 @@ from hashlib import md5
 import asyncpg
 import psycopg
 import pytest
+from psycopg import pq
 import sqlalchemy as sa
 from sqlalchemy import orm
 
@@ -169,6 +170,58 @@ def test_a_server_connection_keeps_its_most_recently_used_statements(sandbox, pg
             assert on_server_connection() == ["b", "c"]
     finally:
         proxy.stop()
+
+
+def test_a_statement_that_fails_to_prepare_leaves_the_server_connection_s_statements_as_they_were(sandbox, pg):
+    """With room for one statement per server connection, preparing a second closes the first one there, in
+    the same batch after its Parse. When that Parse fails, the server skips the Close: the first statement is
+    still prepared there, and still runs (the proxy does not prepare it again, which the server would refuse)."""
+    proxy = sandbox.proxy("lru_error", [pg], pool={"size": 1, "prepared_statements_per_server": 1})
+    try:
+        with connect(proxy, autocommit=True) as conn:
+            libpq = conn.pgconn
+            assert libpq.prepare(b"good", b"SELECT 41 + 1").status == pq.ExecStatus.COMMAND_OK
+            failed = libpq.prepare(b"bad", b"SELEC 1")
+            assert failed.error_field(pq.DiagnosticField.SQLSTATE) == b"42601"
+            ran = libpq.exec_prepared(b"good", None)
+            assert (ran.status, ran.get_value(0, 0)) == (pq.ExecStatus.TUPLES_OK, b"42"), ran.error_message
+            assert conn.execute("SELECT statement FROM pg_prepared_statements", prepare=False).fetchall() == [
+                ("SELECT 41 + 1",)]
+            missing = libpq.exec_prepared(b"bad", None)  # as PostgreSQL: a statement that failed does not exist
+            assert missing.error_field(pq.DiagnosticField.SQLSTATE) == b"26000"
+    finally:
+        proxy.stop()
+
+
+def test_statements_named_or_closed_after_an_error_in_a_batch_are_as_postgresql_leaves_them(proxy, pg):
+    """After an error the server skips the rest of the batch up to Sync: a Parse there names nothing, a Close
+    there closes nothing. The proxy answers some of those messages itself; what a client sees afterwards is
+    compared with what PostgreSQL itself does (the same libpq calls on a direct connection)."""
+    def attempt(dsn: str) -> list:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            libpq = conn.pgconn
+            seen = [libpq.prepare(b"kept", b"SELECT 1").status]
+            libpq.enter_pipeline_mode()
+            libpq.send_query_params(b"SELECT 1/0", None)
+            libpq.send_prepare(b"skipped", b"SELECT 2")
+            libpq.send_prepare(b"repeated", b"SELECT 1")  # the body of `kept`: the proxy knows it, answers itself
+            libpq.send_close_prepared(b"kept")
+            libpq.pipeline_sync()
+            while (result := libpq.get_result()) is None or result.status != pq.ExecStatus.PIPELINE_SYNC:
+                if result is not None:
+                    seen.append((result.status, result.error_field(pq.DiagnosticField.SQLSTATE)))
+            libpq.exit_pipeline_mode()
+            for name in (b"kept", b"skipped", b"repeated"):
+                ran = libpq.exec_prepared(name, None)
+                seen.append((name, ran.status, ran.error_field(pq.DiagnosticField.SQLSTATE),
+                             ran.get_value(0, 0) if ran.ntuples else None))
+            return seen
+
+    through_proxy = attempt(proxy.dsn(dbname=APP_DB))
+    assert through_proxy == attempt(pg.primary.dsn(user="app", password="secret", dbname=APP_DB))
+    assert through_proxy[-3:] == [(b"kept", pq.ExecStatus.TUPLES_OK, None, b"1"),
+                                  (b"skipped", pq.ExecStatus.FATAL_ERROR, b"26000", None),
+                                  (b"repeated", pq.ExecStatus.FATAL_ERROR, b"26000", None)]
 
 
 def test_psycopg_pipeline(proxy, pg):
