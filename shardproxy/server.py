@@ -1,12 +1,12 @@
 """A pooled connection to one PostgreSQL server: login, and the response half of the data path.
 
 While a client is linked, every request forwarded to the server is recorded in `pending` as a
-(kind, action, arg) tuple, and every response that completes a request pops it. A request that changed the
-proxy's books on statements (named, closed, prepared here) carries a fourth item: the call that takes the change
-back, made if the server skips the request after an error. That queue is what lets the
+(kind, action, arg) tuple, and every response that completes a request pops it. That queue is what lets the
 proxy hide the replies to requests it injected (a Parse for a statement this server lacks, a SET that brings
 the session in line with the client's), answer requests it handled itself in their proper place (SYNTH), and
-know when the server is free again: nothing pending and ReadyForQuery said idle.
+know when the server is free again: nothing pending and ReadyForQuery said idle. A request that changed the
+proxy's books on statements (a client's name given or closed, a statement closed here to make room) carries a
+fourth item: the call that takes the change back, made if the server skips the request after an error.
 """
 
 from __future__ import annotations

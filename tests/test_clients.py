@@ -23,8 +23,8 @@ from hashlib import md5
 import asyncpg
 import psycopg
 import pytest
-from psycopg import pq
 import sqlalchemy as sa
+from psycopg import pq
 from sqlalchemy import orm
 
 from tests.conftest import APP_DB
