@@ -6,18 +6,14 @@ Run: python bench/bench_ring.py
 from __future__ import annotations
 
 import random
-import sys
 import time
 import uuid
 from bisect import bisect_left
 from collections.abc import Callable
-from pathlib import Path
 
 import mmh3
 
-# Let the script run from a checkout without installing the package.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from shardproxy.ring import Ring
+from shardproxy.routing.ring import Ring
 
 SHARDS = [(f"shard-{i}", 1) for i in range(1, 9)]
 VIRTUAL_NODES = 256

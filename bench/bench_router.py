@@ -10,16 +10,13 @@ alone, on texts made beforehand; the other simple lines include formatting the t
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-# Let the script run from a checkout without installing the package.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from shardproxy.config import parse_config
-from shardproxy._literals import normalise
-from shardproxy.router import Router, _number
+from shardproxy.routing._literals import normalise
+from shardproxy.routing.keys import number
+from shardproxy.routing.router import Router
 
 CONFIG = """\
 sharding: {key: user_id, reference_tables: [countries]}
@@ -74,7 +71,7 @@ def measure(router: Router, query: str) -> dict[str, float]:
         "extended cached plan": micros(lambda i: router.plan(cached)),
         "extended route": micros(lambda i: router.route(plan, params=[i])),
         "simple uncached plan": micros(lambda i: router.plan_simple(query.format(c=f"s{i}", k=i))),
-        "simple normalise": micros(lambda i: normalise(texts[i], _number)),
+        "simple normalise": micros(lambda i: normalise(texts[i], number)),
         "simple cached plan": micros(simple_cached),
         "simple plan + route": micros(plan_and_route),
     }

@@ -1,6 +1,6 @@
 """A bare TCP byte relay, the floor any Python proxy is measured against.
 
-    python bench/relay.py --port 7000 --target 127.0.0.1:5432
+    python bench/byte_relay.py --port 7000 --target 127.0.0.1:5432
 
 asyncio Protocols on uvloop; no parsing, no pooling: each client connection gets its own server connection and
 bytes are copied both ways as they arrive. Reading from one side pauses while the other side's write buffer is full.

@@ -3,7 +3,7 @@
     python bench/run.py [--quick] [--profile | --workers-only]
 
 Starts its own PostgreSQL servers (sandbox), PgBouncer (Debian's `pgbouncer`, transaction mode, the same pool
-size as shardproxy) and bench/relay.py (asyncio + uvloop, one server connection per client, no parsing: the floor).
+size as shardproxy) and bench/byte_relay.py (asyncio + uvloop, one server connection per client, no parsing: the floor).
 Every pgbench cell is repeated and the targets are interleaved within each repetition so machine noise hits them
 alike; figures are medians. Measured:
 
@@ -25,7 +25,7 @@ alike; figures are medians. Measured:
    number of server connections in all: pool size / workers each), interleaved: what a second worker gives where
    the proxy is the bottleneck; CPU counts every process of the proxy (supervisor and workers).
 
-The tables are printed and appended to bench/RESULTS.md with the date and the machine. pgbench logs in as a
+The tables are printed and appended to docs/bench-results.md with the date and the machine. pgbench logs in as a
 `trust` user so that per-transaction CPU is not skewed by SCRAM hashing at connect time. --profile samples
 shardproxy with py-spy under pgbench -S -M extended and prints where its time goes.
 """
@@ -50,16 +50,14 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-BENCH = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(BENCH))
-sys.path.insert(0, BENCH)
-
-import bench_ring
+import bench_ring  # beside this script, which Python puts first on the path
 import bench_router
 
-from shardproxy.sandbox import DEFAULT_USERS, Cluster, Sandbox, User
+from shardproxy.devtools.sandbox import DEFAULT_USERS, Cluster, Sandbox, User
 
-RESULTS = os.path.join(BENCH, "RESULTS.md")
+BENCH = os.path.dirname(os.path.abspath(__file__))
+
+RESULTS = os.path.join(os.path.dirname(BENCH), "docs", "bench-results.md")
 DATABASE = "bench"
 USER = User("bench", "benchpw", "trust")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -190,7 +188,7 @@ def start_pgbouncer(sandbox: Sandbox, cluster: Cluster, pool: int) -> tuple[subp
 
 def start_relay(sandbox: Sandbox, cluster: Cluster) -> tuple[subprocess.Popen[bytes], int]:
     port = sandbox.free_port()
-    process = subprocess.Popen([sys.executable, os.path.join(BENCH, "relay.py"), "--port", str(port),
+    process = subprocess.Popen([sys.executable, os.path.join(BENCH, "byte_relay.py"), "--port", str(port),
                                 "--target", f"{cluster.primary.host}:{cluster.primary.port}"])
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -309,7 +307,7 @@ def main() -> int:
     parser.add_argument("--idle-clients", type=int, default=10_000)
     parser.add_argument("--profile", action="store_true", help="also sample shardproxy with py-spy")
     parser.add_argument("--workers-only", action="store_true", help="run only section 6 (workers 1 vs 2)")
-    parser.add_argument("--no-append", action="store_true", help="print only; leave RESULTS.md alone")
+    parser.add_argument("--no-append", action="store_true", help="print only; leave docs/bench-results.md alone")
     args = parser.parse_args()
     args.seconds = args.seconds or (2 if args.quick else 10)
     args.repeat = args.repeat or (3 if args.quick else 5)
@@ -330,7 +328,8 @@ def main() -> int:
     options = "".join(f" --{name.replace('_', '-')}" for name in ("quick", "profile", "workers_only")
                       if getattr(args, name))
     header = (f"## {datetime.datetime.now():%Y-%m-%d %H:%M} bench/run.py{options}: {machine()}; "
-              f"{args.seconds:g}s x {args.repeat} per cell, pool {args.pool}, {time.monotonic() - started:.0f}s in all\n")
+              f"{args.seconds:g}s x {args.repeat} per cell, pool {args.pool}, "
+              f"{time.monotonic() - started:.0f}s in all\n")
     text = header + "\n" + "\n\n".join(sections) + "\n"
     print("\n" + text)
     if not args.no_append:
@@ -339,7 +338,8 @@ def main() -> int:
     return 0
 
 
-def full_suite(sandbox: Sandbox, main_cluster: Cluster, settings: dict[str, str], args: argparse.Namespace) -> list[str]:
+def full_suite(sandbox: Sandbox, main_cluster: Cluster, settings: dict[str, str],
+               args: argparse.Namespace) -> list[str]:
     """Sections 1-6, or with --profile the profile alone."""
     shards = [sandbox.cluster("s0", replicas=1, settings=settings)]
     shards += [sandbox.cluster(f"s{i}", settings=settings) for i in range(1, 4)]
@@ -397,7 +397,8 @@ def machine() -> str:
     with open("/proc/cpuinfo") as f:
         model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
     pg = subprocess.run(["pgbench", "--version"], capture_output=True, text=True, check=False).stdout.split()[-3:-2]
-    bouncer = subprocess.run(["pgbouncer", "--version"], capture_output=True, text=True, check=False).stdout.split("\n")[0]
+    bouncer = subprocess.run(["pgbouncer", "--version"], capture_output=True, text=True,
+                             check=False).stdout.split("\n")[0]
     return (f"{platform.machine()} {model}, {os.cpu_count()} cores, Linux {platform.release()}, "
             f"Python {platform.python_version()}, PostgreSQL {''.join(pg)}, {bouncer}")
 
@@ -534,8 +535,9 @@ def report(cells: dict[tuple[str, str], list[Run]], sharded: dict[tuple[str, str
                   "statements in transaction mode.")
     equal = tps("-S prepared", EQUAL)
     if equal is not None:
-        lines += ["", (f"-S prepared through shardproxy with {CLIENTS} server connections (one per client, as the relay "
-                       f"opens): {equal:.0f} tps{f' ({e} errors)' if (e := errors('-S prepared', EQUAL)) else ''}, "
+        failed = errors("-S prepared", EQUAL)
+        lines += ["", (f"-S prepared through shardproxy with {CLIENTS} server connections (one per client, "
+                       f"as the relay opens): {equal:.0f} tps{f' ({failed} errors)' if failed else ''}, "
                        f"CPU {fmt(cpu(cells, ('-S prepared', EQUAL)), '.1f')} µs/tx, "
                        f"{fmt(ratio(equal, tps('-S prepared', 'relay')), '.2f')}x the relay.")]
     out.append("\n".join(lines))
@@ -578,7 +580,8 @@ def report(cells: dict[tuple[str, str], list[Run]], sharded: dict[tuple[str, str
     out.append("\n".join(lines))
 
     lines = ["### Sharded: point read + update by random user_id (2 queries per transaction), 16 clients", "",
-             "| shardproxy config | simple tps | simple CPU µs/tx (min–max) | prepared tps | prepared CPU µs/tx (min–max) |",
+             "| shardproxy config | simple tps | simple CPU µs/tx (min–max) | prepared tps "
+             "| prepared CPU µs/tx (min–max) |",
              "|---" * 5 + "|"]
     for label in configs:
         lines.append(f"| {label} | " + " | ".join(

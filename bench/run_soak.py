@@ -1,6 +1,6 @@
 """The soak, on demand: mixed traffic over two shards for minutes while random faults strike.
 
-    python bench/soak.py [--minutes 10] [--seed N] [--clients-per-shard 3] [--fault-every 5]
+    python bench/run_soak.py [--minutes 10] [--seed N] [--clients-per-shard 3] [--fault-every 5]
 
 Starts its own PostgreSQL servers (sandbox), a fault relay in front of the first shard and a proxy. Traffic:
 writers (transactions with inserts, reads of their own rows, prepared after five runs) on both shards and a
@@ -14,16 +14,13 @@ The short form runs in the test suite (tests/test_faults.py::test_soak_short).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from shardproxy.sandbox import Sandbox
-from tests.relay import Relay
-from tests.soak import rss_growth_kb, run_soak
-from tests.workload import create_table
+from shardproxy.devtools.faults import Relay
+from shardproxy.devtools.sandbox import Sandbox
+from shardproxy.devtools.soak import rss_growth_kb, run_soak
+from shardproxy.devtools.workload import create_table
 
 DB = "soakdb"
 RSS_GROWTH_LIMIT_KB = 20 * 1024

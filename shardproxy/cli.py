@@ -4,47 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
-import time
-import uuid
 
 from shardproxy import __version__
-from shardproxy.config import ConfigError, load_config
-
-
-# Fields an event's log call may pass with extra={...}: JSON lines carry them as keys of their own.
-LOG_FIELDS = ("event", "client", "user", "shard", "node", "seconds", "reason", "worker")
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)),
-                 "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
-        entry.update((key, getattr(record, key)) for key in LOG_FIELDS if hasattr(record, key))
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
-
-
-def setup_logging(level: str, fmt: str, worker: int | None = None) -> None:
-    """A worker's lines carry its id (a `worker` key in JSON), as they share the supervisor's stderr."""
-    handler = logging.StreamHandler(sys.stderr)
-    if worker is not None:
-
-        def tag(record: logging.LogRecord) -> bool:
-            record.worker = worker
-            return True
-
-        handler.addFilter(tag)
-    if fmt == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        name = "%(name)s" if worker is None else "%(name)s[%(worker)s]"
-        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {name}: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+from shardproxy.config import AdminSettings, ConfigError, load_config
+from shardproxy.ops.logs import setup_logging
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -92,7 +56,8 @@ def _run(args: argparse.Namespace) -> int:
     import uvloop
 
     from shardproxy.proxy import Proxy
-    from shardproxy.workers import Supervisor, Worker
+    from shardproxy.supervisor import Supervisor
+    from shardproxy.worker import Worker
 
     config = load_config(args.config, region=args.region, workers=args.workers)
     log_format = args.log_format or config.log.format
@@ -111,7 +76,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from shardproxy.tls import client_context, server_context
+    from shardproxy.wire.tls import client_context, server_context
 
     config = load_config(args.config)
     client_context(config)  # certificate, key and CA files load (ConfigError if not)
@@ -120,18 +85,9 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_key(text: str) -> int | uuid.UUID | str:
-    """A key typed by an operator: an integer, a UUID, or else text."""
-    if text.lstrip("-").isdigit():
-        return int(text)
-    try:
-        return uuid.UUID(text)
-    except ValueError:
-        return text
-
-
 def _route(args: argparse.Namespace) -> int:
-    from shardproxy.ring import Ring
+    from shardproxy.routing.keys import parse_key
+    from shardproxy.routing.ring import Ring
 
     config = load_config(args.config)
     print(Ring.from_config(config).owner(parse_key(args.key)))
@@ -139,10 +95,10 @@ def _route(args: argparse.Namespace) -> int:
 
 
 def _admin(args: argparse.Namespace) -> int:
-    from shardproxy.admin import format_table, request
-    from shardproxy.config import Admin
+    from shardproxy.ops.admin.replies import format_table
+    from shardproxy.ops.admin.socket import request
 
-    path = args.socket or (load_config(args.config).admin.socket if args.config else Admin().socket)
+    path = args.socket or (load_config(args.config).admin.socket if args.config else AdminSettings().socket)
     try:
         line = request(path, " ".join(args.words))
     except OSError as exc:
@@ -160,7 +116,7 @@ def _admin(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from shardproxy.demo import run_demo
+    from shardproxy.devtools.demo import run_demo
 
     return run_demo()
 

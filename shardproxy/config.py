@@ -80,33 +80,34 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
 
 
-class Listen(_Model):
+class ListenSettings(_Model):
     host: str = "127.0.0.1"
     port: int = Field(default=6432, ge=0, le=65535)
 
 
-class Admin(_Model):
+class AdminSettings(_Model):
     socket: str = "/tmp/shardproxy.sock"
+    database: str = "shardproxy"  # the admin console's database name, for users in admin_users
 
 
-class Metrics(_Model):
+class MetricsSettings(_Model):
     host: str = "127.0.0.1"
     port: int = Field(default=9930, ge=0, le=65535)  # 0 disables metrics
 
 
-class Region(_Model):
+class RegionSettings(_Model):
     primary: bool = False
     priority: int = 1
     health_check_interval: Duration = 30.0
 
 
-class Sharding(_Model):
+class ShardingSettings(_Model):
     key: str = "user_id"
     virtual_nodes: int = Field(default=256, ge=1)
     reference_tables: list[str] = Field(default_factory=list)
 
 
-class Node(_Model):
+class NodeSettings(_Model):
     host: str
     port: int = Field(ge=1, le=65535)
     region: str | None = None
@@ -116,13 +117,13 @@ class Node(_Model):
         return f"{self.host}:{self.port}"
 
 
-class Shard(_Model):
+class ShardSettings(_Model):
     name: str
     weight: int = Field(default=1, ge=1)
-    nodes: list[Node] = Field(min_length=1)
+    nodes: list[NodeSettings] = Field(min_length=1)
 
 
-class Pool(_Model):
+class PoolSettings(_Model):
     mode: Literal["transaction", "session"] = "transaction"
     size: int = Field(default=20, ge=1)
     min_size: int = Field(default=0, ge=0)
@@ -139,7 +140,7 @@ class Pool(_Model):
     statement_cache_size: int = Field(default=100_000, ge=1)
 
 
-class Routing(_Model):
+class RoutingSettings(_Model):
     consistency: Literal["eventual", "read_your_writes", "strong"] = "read_your_writes"
     max_replica_lag: Duration = 5.0
     strong_tables: list[str] = Field(default_factory=list)
@@ -147,47 +148,47 @@ class Routing(_Model):
     in_doubt_after: Duration = Field(default=60.0, gt=0)  # a prepared two-phase commit older than this is in doubt
 
 
-class Tls(_Model):
+class TlsSettings(_Model):
     mode: Literal["disable", "allow", "require"] = "disable"
     cert: str | None = None
     key: str | None = None
     ca: str | None = None
 
 
-class ServerTls(_Model):
+class ServerTlsSettings(_Model):
     mode: Literal["disable", "prefer", "require", "verify-ca", "verify-full"] = "disable"
     ca: str | None = None
 
 
-class User(_Model):
+class UserSettings(_Model):
     name: str
     # Plaintext, "md5"+hex hash or SCRAM verifier; kept out of repr and logs.
     password: str | None = Field(default=None, repr=False)
     auth: Literal["scram-sha-256", "md5", "trust"] = "scram-sha-256"
 
 
-class Log(_Model):
+class LogSettings(_Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
     slow_queries: Duration = 0.0  # log transactions that held a server connection longer; 0 = off
 
 
 class Config(_Model):
-    listen: Listen = Field(default_factory=Listen)
-    admin: Admin = Field(default_factory=Admin)
-    metrics: Metrics = Field(default_factory=Metrics)
+    listen: ListenSettings = Field(default_factory=ListenSettings)
+    admin: AdminSettings = Field(default_factory=AdminSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     region: str | None = None
-    regions: dict[str, Region] = Field(default_factory=dict)
-    sharding: Sharding = Field(default_factory=Sharding)
-    shards: list[Shard] = Field(min_length=1)
-    pool: Pool = Field(default_factory=Pool)
-    routing: Routing = Field(default_factory=Routing)
+    regions: dict[str, RegionSettings] = Field(default_factory=dict)
+    sharding: ShardingSettings = Field(default_factory=ShardingSettings)
+    shards: list[ShardSettings] = Field(min_length=1)
+    pool: PoolSettings = Field(default_factory=PoolSettings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
     workers: int = Field(default=1, ge=1)
-    tls: Tls = Field(default_factory=Tls)
-    server_tls: ServerTls = Field(default_factory=ServerTls)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+    server_tls: ServerTlsSettings = Field(default_factory=ServerTlsSettings)
     admin_users: list[str] = Field(default_factory=list)
-    users: list[User] = Field(min_length=1)
-    log: Log = Field(default_factory=Log)
+    users: list[UserSettings] = Field(min_length=1)
+    log: LogSettings = Field(default_factory=LogSettings)
     shutdown_timeout: Duration = 30.0
     # Private so a "path:" key in the YAML is rejected as unknown.
     _path: str | None = PrivateAttr(default=None)
@@ -197,10 +198,10 @@ class Config(_Model):
         """The file this config was loaded from."""
         return self._path
 
-    def user(self, name: str) -> User | None:
+    def user(self, name: str) -> UserSettings | None:
         return next((u for u in self.users if u.name == name), None)
 
-    def shard(self, name: str) -> Shard | None:
+    def shard(self, name: str) -> ShardSettings | None:
         return next((s for s in self.shards if s.name == name), None)
 
     def redacted(self) -> dict[str, Any]:
@@ -390,7 +391,7 @@ def _user_problems(config: Config) -> Iterator[tuple[Loc, str]]:
             yield ("admin_users", i), f"{name!r} is not one of users"
 
 
-def _password_problems(loc: Loc, user: User) -> Iterator[tuple[Loc, str]]:
+def _password_problems(loc: Loc, user: UserSettings) -> Iterator[tuple[Loc, str]]:
     if user.auth == "trust":
         return
     password = user.password

@@ -1,12 +1,23 @@
-"""Shared fixtures: one Sandbox per test session, its clusters and proxies shared by every test."""
+"""Shared fixtures: one Sandbox per test session, its clusters and proxies shared by every test.
+
+Tests that use the sandbox (real servers, a proxy process) are marked `e2e`, the others `unit`: `pytest -m unit`
+runs the pure ones in seconds.
+"""
 
 from collections.abc import Iterator
 
 import pytest
 
-from shardproxy.sandbox import Cluster, ProxyProcess, Sandbox
+from shardproxy.devtools.sandbox import Cluster, ProxyProcess, Sandbox
+from tests.support import APP_DB
 
-APP_DB = "appdb"  # owned by the `app` user, so tests can create tables in it
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "sandbox" in getattr(item, "fixturenames", ()) or item.get_closest_marker("e2e"):
+            item.add_marker(pytest.mark.e2e)
+        else:
+            item.add_marker(pytest.mark.unit)
 
 
 @pytest.fixture(scope="session")

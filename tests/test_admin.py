@@ -26,8 +26,8 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from shardproxy.sandbox import LOOPBACK, Cluster, Node, ProxyProcess, Sandbox, SandboxError
-from tests.console import admin, table, wait_until
+from shardproxy.devtools.sandbox import LOOPBACK, Cluster, Node, ProxyProcess, Sandbox, SandboxError, wait_until
+from tests.support.admin import admin, table
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "conf" / "grafana" / "shardproxy.json"
@@ -155,7 +155,7 @@ def test_clients_servers_pools_and_stats_follow_a_transaction(proxy: ProxyProces
         assert pool["sv_active"] == 1 and pool["cl_active"] >= 1 and pool["shard"] == pg.name
         stats = {row["node"]: row for row in table(proxy, "SHOW STATS") if row["database"] == "postgres"}
         conn.commit()
-        wait_until(lambda: {row["id"]: row for row in table(proxy, "SHOW CLIENTS")}[me]["state"] == "idle")
+        assert wait_until(lambda: {row["id"]: row for row in table(proxy, "SHOW CLIENTS")}[me]["state"] == "idle")
     after = {row["node"]: row for row in table(proxy, "SHOW STATS") if row["database"] == "postgres"}
     node = server["node"]
     assert after[node]["total_xact_count"] == stats[node]["total_xact_count"] + 1
@@ -179,7 +179,7 @@ def test_pause_waits_for_running_transactions_and_holds_new_ones_until_resume(pr
         answers: list[int] = []
         query = threading.Thread(target=lambda: answers.append(held.execute("SELECT 42").fetchone()[0]))
         query.start()
-        wait_until(lambda: sum(row["cl_waiting"] for row in table(proxy, "SHOW POOLS")) == 1)
+        assert wait_until(lambda: sum(row["cl_waiting"] for row in table(proxy, "SHOW POOLS")) == 1)
         assert not answers
         assert admin(proxy, "RESUME")["ok"]
         query.join(5)

@@ -4,9 +4,9 @@ the client proved (the proxy never needs the plaintext password)."""
 import psycopg
 import pytest
 
-from shardproxy.auth import ProvenKey, ScramClientExchange, ScramException, ScramSecret, ScramServerExchange
-from shardproxy.protocol import ProtocolError
-from tests.conftest import APP_DB
+from shardproxy.wire.auth import ProvenKey, ScramClientExchange, ScramException, ScramSecret, ScramServerExchange
+from shardproxy.wire.protocol import PostgresError, ProtocolError
+from tests.support import APP_DB
 
 
 def exchange(secret: ScramSecret, client: ScramClientExchange) -> ScramServerExchange:
@@ -23,7 +23,7 @@ def test_scram_both_sides_agree_and_a_wrong_password_fails():
         exchange(secret, ScramClientExchange("wrong", None))
     # The key the first client proved logs in without the password, where the verifier is the same.
     exchange(secret, ScramClientExchange(None, ProvenKey(server.client_key, secret)))
-    with pytest.raises(Exception):
+    with pytest.raises(PostgresError):  # another salt: the proven key does not fit
         exchange(ScramSecret.from_password("s3cret"), ScramClientExchange(None, ProvenKey(server.client_key, secret)))
 
 

@@ -27,7 +27,7 @@ import sqlalchemy as sa
 from psycopg import pq
 from sqlalchemy import orm
 
-from tests.conftest import APP_DB
+from tests.support import APP_DB
 
 POOL_SIZE = 4  # the `proxy` fixture's pool
 
@@ -90,7 +90,8 @@ def test_psql_copy_in_and_out(proxy, pg, tmp_path):
         ("from stdin",), ("quoted, comma",)]
 
     target = tmp_path / "out.csv"
-    psql(proxy, "-c", f"\\copy (SELECT id, name FROM {table} WHERE id <= 3 ORDER BY id) TO '{target}' WITH (FORMAT csv)")
+    query = f"SELECT id, name FROM {table} WHERE id <= 3 ORDER BY id"
+    psql(proxy, "-c", f"\\copy ({query}) TO '{target}' WITH (FORMAT csv)")
     assert target.read_text() == "1,name 1\n2,name 2\n3,name 3\n"
 
 
@@ -331,7 +332,7 @@ def test_psycopg_notices(proxy):
 
 def test_psycopg_binary_parameters_and_results(proxy, pg):
     table = create_table(pg, "clients_pg_binary", "id int8, f float8, b bool, ts timestamptz, t text[], j jsonb")
-    when = dt.datetime(2024, 2, 29, 23, 59, 58, 123456, tzinfo=dt.timezone.utc)
+    when = dt.datetime(2024, 2, 29, 23, 59, 58, 123456, tzinfo=dt.UTC)
     row = (2**40, 1.25, True, when, ["a", "b c", None], {"k": [1, 2]})
     with connect(proxy, autocommit=True) as conn:
         with conn.cursor(binary=True) as cur:
@@ -349,10 +350,10 @@ def test_psycopg_type_round_trips(proxy, pg):
                          "id int PRIMARY KEY, n text, blob bytea, amount numeric, at timestamptz, missing int")
     values = [
         (1, "ascii", b"\x00\x01\xff" * 100, Decimal("12345678901234567890.000000000001"),
-         dt.datetime(1999, 12, 31, 23, 59, 59, tzinfo=dt.timezone.utc), None),
+         dt.datetime(1999, 12, 31, 23, 59, 59, tzinfo=dt.UTC), None),
         (2, "ünïcödé ✓ 日本語 🐘", bytes(range(256)), Decimal("-0.000001"),
          dt.datetime(2030, 6, 1, 12, 0, tzinfo=dt.timezone(dt.timedelta(hours=5, minutes=30))), None),
-        (3, "", b"", Decimal("NaN"), dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc), None),
+        (3, "", b"", Decimal("NaN"), dt.datetime(1970, 1, 1, tzinfo=dt.UTC), None),
     ]
     with connect(proxy, autocommit=True) as conn:
         conn.cursor().executemany(f"INSERT INTO {table} VALUES (%s, %s, %s, %s, %s, %s)", values)
@@ -558,10 +559,10 @@ async def test_asyncpg_binary_types(proxy, pg):
     table = create_table(pg, "clients_apg_types",
                          "a int2, b int4, c int8, u uuid, t text, j jsonb, at timestamptz")
     rows = [
-        (-32768, -2**31, -2**63, uuid.UUID(int=0), "", json.dumps({}), dt.datetime(1900, 1, 1, 0, 0, 1, tzinfo=dt.timezone.utc)),
+        (-32768, -2**31, -2**63, uuid.UUID(int=0), "", json.dumps({}), dt.datetime(1900, 1, 1, 0, 0, 1, tzinfo=dt.UTC)),
         (32767, 2**31 - 1, 2**63 - 1, uuid.UUID("12345678-1234-5678-1234-567812345678"), "ŝtrîng ✓ 🐘",
          json.dumps({"list": [1, 2.5, None], "nested": {"ok": True}}),
-         dt.datetime(2024, 2, 29, 12, 30, 45, 999999, tzinfo=dt.timezone.utc)),
+         dt.datetime(2024, 2, 29, 12, 30, 45, 999999, tzinfo=dt.UTC)),
         (None, None, None, None, None, None, None),
     ]
     conn = await aconnect(proxy)
@@ -645,7 +646,7 @@ async def test_asyncpg_transactions(proxy, pg):
 
 async def test_asyncpg_copy_records(proxy, pg):
     table = create_table(pg, "clients_apg_copy", "id int PRIMARY KEY, name text, at timestamptz")
-    start = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
+    start = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
     records = [(i, f"rec {i}", start + dt.timedelta(minutes=i)) for i in range(5000)]
     conn = await aconnect(proxy)
     try:

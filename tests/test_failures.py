@@ -16,7 +16,6 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -25,36 +24,12 @@ import psycopg
 import pytest
 from psycopg import errors
 
-from shardproxy.sandbox import Cluster, ProxyProcess, Sandbox
-from tests.conftest import APP_DB
-
-PROTOCOL_3_0 = 196608
-# Raw-socket tests log in as a trust user; the proxy still logs in to the server with the real password.
-TRUST_USERS = [{"name": "app", "password": "secret", "auth": "trust"}]
+from shardproxy.devtools.sandbox import Cluster, ProxyProcess, Sandbox, wait_until
+from tests.support import APP_DB
+from tests.support.wire import PROTOCOL_3_0, TRUST_USERS, connect_soon, error_codes, message, startup_packet
 
 
 # -- helpers ------------------------------------------------------------------------------------------------
-def wait_until(condition: Callable[[], object], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-def connect_soon(dsn: str, timeout: float = 2.0) -> psycopg.Connection:
-    """Connect, retrying refusals for a little while."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return psycopg.connect(dsn, autocommit=True)
-        except psycopg.OperationalError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
 def create_table(pg: Cluster, name: str) -> None:
     """A table `app` may write, with one committed row (1, 'committed')."""
     pg.primary.sql(
@@ -76,25 +51,6 @@ def idle_in_transaction(pg: Cluster, application_name: str) -> int:
 def readable(conn: psycopg.Connection, timeout: float) -> bool:
     """Whether the proxy sent this idle client something (an error, or the end) within the timeout."""
     return bool(select.select([conn.fileno()], [], [], timeout)[0])
-
-
-def startup_packet(**params: str) -> bytes:
-    body = struct.pack("!I", PROTOCOL_3_0) + b"".join(f"{k}\0{v}\0".encode() for k, v in params.items()) + b"\0"
-    return struct.pack("!I", len(body) + 4) + body
-
-
-def message(kind: bytes, body: bytes) -> bytes:
-    return kind + struct.pack("!I", len(body) + 4) + body
-
-
-def error_codes(replies: list[tuple[bytes, bytes]]) -> list[str]:
-    """The SQLSTATE of every ErrorResponse among the replies."""
-    codes = []
-    for kind, body in replies:
-        if kind == b"E":
-            fields = {part[:1]: part[1:] for part in body.split(b"\0") if part}
-            codes.append(fields[b"C"].decode())
-    return codes
 
 
 class RawClient:

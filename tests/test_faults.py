@@ -9,20 +9,20 @@ from __future__ import annotations
 
 import signal
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
 
-from shardproxy import protocol as pg
-from shardproxy.sandbox import Cluster, ProxyProcess, Sandbox
-from tests.conftest import APP_DB
-from tests.relay import Relay
-from tests.soak import rss_growth_kb, run_soak
-from tests.test_failures import wait_until
-from tests.test_regions import REGIONS, Loop, nodes_seen, regions
-from tests.workload import TABLE, Workload, create_table, keys_by_shard, server_sessions
+from shardproxy.devtools.faults import Relay
+from shardproxy.devtools.sandbox import Cluster, ProxyProcess, Sandbox, wait_until
+from shardproxy.devtools.soak import rss_growth_kb, run_soak
+from shardproxy.devtools.workload import TABLE, Workload, create_table, keys_by_shard, server_sessions
+from shardproxy.wire import protocol as pg
+from tests.support import APP_DB
+from tests.support.admin import nodes_seen
+from tests.support.regions import REGIONS, Loop, regions
 
 DB = "faultdb"
 CONNECT_TIMEOUT = 1.0

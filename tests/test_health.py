@@ -10,10 +10,8 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from shardproxy.config import Config
-from shardproxy.health import HealthChecker
-from shardproxy.sandbox import Cluster, Node, Sandbox
-from shardproxy.topology import (
+from shardproxy.cluster.health import HealthChecker
+from shardproxy.cluster.topology import (
     Change,
     NodeState,
     Probe,
@@ -21,6 +19,8 @@ from shardproxy.topology import (
     format_lsn,
     parse_lsn,
 )
+from shardproxy.config import Config
+from shardproxy.devtools.sandbox import Cluster, Node, Sandbox
 
 REGIONS = ("us-east-1", "eu-central-1", "ap-southeast-1")
 SHARD = "s0"

@@ -21,11 +21,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shardproxy.auth import ScramClientExchange
-from shardproxy.sandbox import Cluster, ProxyProcess, Sandbox
-from tests.conftest import APP_DB
-from tests.workload import rss_kb
-from tests.test_failures import TRUST_USERS, connect_soon, error_codes, message, startup_packet, wait_until
+from shardproxy.devtools.sandbox import Cluster, ProxyProcess, Sandbox, wait_until
+from shardproxy.devtools.workload import rss_kb
+from shardproxy.wire.auth import ScramClientExchange
+from tests.support import APP_DB
+from tests.support.wire import TRUST_USERS, connect_soon, error_codes, message, startup_packet
+
+pytestmark = pytest.mark.e2e  # against servers and proxies the test starts itself
 
 FUZZ_EXAMPLES = 1000
 CLOSE_WITHIN = 3.0  # seconds from the abuser's last byte (and half-close) to the proxy hanging up

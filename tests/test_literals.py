@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from shardproxy._literals import normalise
-from shardproxy.router import _number
+from shardproxy.routing._literals import normalise
+from shardproxy.routing.keys import number as _number
 
 _LITERALS = re.compile(
     r"""(?=["'\-/\d.])

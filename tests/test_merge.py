@@ -14,9 +14,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from shardproxy.merge import Merger, ScatterPlan, Unmergeable, plan_scatter
-from shardproxy.protocol import HEADER, SYNC, PostgresError, cstring, message, startup_message
-from shardproxy.sandbox import Node, Sandbox
+from shardproxy.devtools.sandbox import Node, Sandbox
+from shardproxy.routing.merge import Merger, ScatterPlan, Unmergeable, plan_scatter
+from shardproxy.wire.protocol import HEADER, SYNC, PostgresError, cstring, message, startup_message
 
 SHARDS = 3
 TEXT, BINARY = 0, 1

@@ -3,7 +3,8 @@
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from shardproxy.metrics import DURATION_BUCKETS, Tally, _EventCollector
+from shardproxy.counters import DURATION_BUCKETS, Tally
+from shardproxy.ops.metrics import _EventCollector
 
 
 def _samples(tallies: dict) -> dict:

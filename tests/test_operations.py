@@ -15,9 +15,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from shardproxy.ring import Ring
-from shardproxy.sandbox import Cluster, ProxyProcess, Sandbox
-from tests.console import admin, table, wait_until
+from shardproxy.devtools.sandbox import Cluster, ProxyProcess, Sandbox, wait_until
+from shardproxy.routing.ring import Ring
+from tests.support.admin import admin, table
 
 TABLE = "ops_items"
 REGION = "r1"
@@ -79,11 +79,11 @@ def test_pause_restart_resume_loses_no_client(sandbox: Sandbox, clusters: list[C
     try:
         for worker in workers:
             worker.start()
-        wait_until(lambda: all(worker.done >= 5 for worker in workers) or any(w.errors for w in workers))
+        assert wait_until(lambda: all(worker.done >= 5 for worker in workers) or any(w.errors for w in workers))
         assert admin(proxy, f"PAUSE {paused.name}")["ok"]
         assert not [row for row in table(proxy, "SHOW SERVERS") if row["node"].endswith(f":{paused.primary.port}")]
         paused.primary.stop()  # a restart, with a pause in the middle long enough for health checks to notice
-        wait_until(lambda: [row["state"] for row in table(proxy, "SHOW NODES")
+        assert wait_until(lambda: [row["state"] for row in table(proxy, "SHOW NODES")
                             if row["port"] == paused.primary.port] == ["down"])
         late = Worker(proxy, 5, False, stop)  # logs in, and finds no primary for the paused shard
         workers.append(late)
@@ -93,7 +93,8 @@ def test_pause_restart_resume_loses_no_client(sandbox: Sandbox, clusters: list[C
         held = [worker.done for worker in workers]
         time.sleep(0.3)
         assert admin(proxy, f"RESUME {paused.name}")["ok"]
-        wait_until(lambda: all(w.done >= done + 5 for w, done in zip(workers, held)) or any(w.errors for w in workers))
+        assert wait_until(lambda: all(w.done >= done + 5 for w, done in zip(workers, held))
+                          or any(w.errors for w in workers))
     finally:
         stop.set()
         for worker in workers:
@@ -126,7 +127,7 @@ def test_log_lines_are_json_events_naming_the_client(sandbox: Sandbox, clusters:
     def events() -> list[dict[str, Any]]:
         return [json.loads(line) for line in proxy.log().splitlines() if line.strip()]  # each line is JSON
 
-    wait_until(lambda: sum(event.get("event") == "disconnect" for event in events()) == 3)
+    assert wait_until(lambda: sum(event.get("event") == "disconnect" for event in events()) == 3)
     found = events()
     assert all({"time", "level", "logger", "message"} <= event.keys() for event in found)
     by_client: dict[int, dict[str, dict[str, Any]]] = {}
@@ -207,9 +208,9 @@ def test_reload_adds_a_shard_under_connected_clients_and_drains_it_when_removed(
         proxy.write_config(two)  # the shard leaves again: its pool drains
         assert table(proxy, "RELOAD")[0]["fraction_moved"] == reply["fraction_moved"]
         gone = f":{third.primary.port}"
-        wait_until(lambda: not [row for row in table(proxy, "SHOW POOLS") if row["node"].endswith(gone)])
+        assert wait_until(lambda: not [row for row in table(proxy, "SHOW POOLS") if row["node"].endswith(gone)])
         assert not [row for row in table(proxy, "SHOW SERVERS") if row["node"].endswith(gone)]
-        wait_until(lambda: third.primary.sql("SELECT count(*) FROM pg_stat_activity WHERE usename = 'app'")
+        assert wait_until(lambda: third.primary.sql("SELECT count(*) FROM pg_stat_activity WHERE usename = 'app'")
                    == [(0,)])
         assert conn.execute(f"SELECT n FROM {TABLE} WHERE user_id = %s", (stays,)).fetchone() == (1,)
         open_tx.execute(f"SELECT n FROM {TABLE} WHERE user_id = %s", (stays,))

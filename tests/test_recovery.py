@@ -9,8 +9,8 @@ import uuid
 import psycopg
 import pytest
 
-from shardproxy.fanout import new_gid
-from tests.conftest import APP_DB
+from shardproxy.datapath.fanout.twophase import new_gid
+from tests.support import APP_DB
 
 REGION = "recov"
 SHORT = {"in_doubt_after": "1s"}

@@ -10,45 +10,24 @@ their own and run last.
 
 from __future__ import annotations
 
-import bisect
-import functools
-import json
 import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import mmh3
 import psycopg
 import pytest
 
-from shardproxy.admin import request
-from shardproxy.sandbox import Cluster, Node, ProxyProcess, Sandbox
-from tests.conftest import APP_DB
+from shardproxy.devtools.sandbox import Cluster, Node, ProxyProcess, Sandbox, wait_until
+from tests.support import APP_DB
+from tests.support.admin import nodes_seen
+from tests.support.regions import REGIONS, Loop, regions
+from tests.support.ring import owner
 
-REGIONS = ("us-east-1", "eu-central-1", "ap-southeast-1")
 US, EU, AP = 0, 1, 2  # a cluster's nodes: the primary, then one replica per other region
 POOL = {"size": 4, "query_wait_timeout": "10s"}
 READ = "SELECT pg_is_in_recovery(), inet_server_port(), count(*) FROM t WHERE user_id = {key}"
-
-
-def regions(interval: str) -> dict[str, dict[str, Any]]:
-    """The roadmap's regions, polled every `interval`."""
-    return {name: {"primary": rank == 0, "priority": rank + 1, "health_check_interval": interval}
-            for rank, name in enumerate(REGIONS)}
-
-
-# -- the contract's ring, to pick one key per shard --------------------------------------------------------
-@functools.cache
-def _points(names: tuple[str, ...]) -> list[tuple[int, str]]:
-    return sorted((mmh3.hash(f"{name}#{i}".encode(), signed=False), name) for name in names for i in range(256))
-
-
-def owner(key: int, names: Sequence[str]) -> str:
-    points = _points(tuple(names))
-    i = bisect.bisect_left(points, (mmh3.hash(str(key).encode(), signed=False), ""))
-    return points[i % len(points)][1]
 
 
 def key_on(cluster: Cluster, clusters: Sequence[Cluster], start: int = 1) -> int:
@@ -81,21 +60,6 @@ def read_node(proxy: ProxyProcess, key: int, names: dict[int, str]) -> str:
         return served(conn, READ.format(key=key), names)
 
 
-def wait_until(condition: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting until {what}"
-        time.sleep(0.05)
-
-
-def nodes_seen(proxy: ProxyProcess) -> dict[int, dict[str, Any]]:
-    """SHOW NODES by port."""
-    reply = json.loads(request(proxy.admin_socket, "SHOW NODES"))
-    assert reply["ok"], reply
-    rows = [dict(zip(reply["columns"], row)) for row in reply["rows"]]
-    return {int(row["port"]): row for row in rows}
-
-
 def outcome(function: Callable[..., Any], *args: Any) -> Any:
     """What the call returns, or the error it raises, as text: for calls made on another thread."""
     try:
@@ -106,53 +70,6 @@ def outcome(function: Callable[..., Any], *args: Any) -> Any:
 
 def direct(node: Node, sql: str) -> list[tuple]:
     return node.sql(sql, dbname=APP_DB)
-
-
-class Loop(threading.Thread):
-    """Runs `work(conn, i)` again and again on a proxy connection, reconnecting after errors; records every outcome.
-
-    ok: (i, sent, done, row); errors: (i, sent, done, sqlstate, message), with monotonic times.
-    """
-
-    def __init__(self, proxy: ProxyProcess, work: Callable[[psycopg.Connection, int], tuple],
-                 pause: float = 0.005) -> None:
-        super().__init__(daemon=True)
-        self.dsn = proxy.dsn(dbname=APP_DB)
-        self.work = work
-        self.pause = pause
-        self.ok: list[tuple[int, float, float, tuple]] = []
-        self.errors: list[tuple[int, float, float, str | None, str]] = []
-        self.halt = threading.Event()
-
-    def run(self) -> None:
-        conn: psycopg.Connection | None = None
-        i = 0
-        while not self.halt.is_set():
-            i += 1
-            sent = time.monotonic()
-            try:
-                if conn is None:
-                    conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=10)
-                row = self.work(conn, i)
-            except psycopg.Error as exc:
-                self.errors.append((i, sent, time.monotonic(), exc.sqlstate, str(exc).strip()))
-                if conn is not None:
-                    conn.close()
-                    conn = None
-                time.sleep(0.02)
-                continue
-            self.ok.append((i, sent, time.monotonic(), row))
-            time.sleep(self.pause)
-        if conn is not None:
-            conn.close()
-
-    def finish(self, timeout: float = 15) -> None:
-        self.halt.set()
-        self.join(timeout)
-        assert not self.is_alive(), "the loop is stuck"
-
-    def successes_after(self, moment: float) -> list[tuple[int, float, float, tuple]]:
-        return [entry for entry in self.ok if entry[2] > moment]
 
 
 def statement(sql: Callable[[int], str]) -> Callable[[psycopg.Connection, int], tuple]:
@@ -278,8 +195,8 @@ def test_lagging_replica_stops_getting_reads_and_the_next_region_serves(proxies,
     try:
         direct(lagging.primary, f"INSERT INTO t (user_id, v) VALUES ({keys[0]}, 'while paused')")
         started = time.monotonic()
-        wait_until(lambda: read_node(eu, keys[0], names) == lagging.nodes[AP].name, 5,
-                   "reads of the lagging shard move to ap-southeast-1")
+        assert wait_until(lambda: read_node(eu, keys[0], names) == lagging.nodes[AP].name, 5), (
+            "reads of the lagging shard move to ap-southeast-1")
         seen = nodes_seen(eu)[paused.port]
         print(f"\nlagging replica excluded after {time.monotonic() - started:.2f}s: "
               f"lag {seen['lag_seconds']}s, {seen['lag_bytes']} bytes")
@@ -290,7 +207,7 @@ def test_lagging_replica_stops_getting_reads_and_the_next_region_serves(proxies,
         assert read_node(eu, keys[1], names) == other.nodes[EU].name  # the other shard is not affected
     finally:
         paused.sql("SELECT pg_wal_replay_resume()")
-    wait_until(lambda: read_node(eu, keys[0], names) == paused.name, 5, "the caught-up replica serves again")
+    assert wait_until(lambda: read_node(eu, keys[0], names) == paused.name, 5), "the caught-up replica serves again"
 
 
 def test_read_your_writes_holds_with_a_paused_replica(proxies, shards, keys, names) -> None:
@@ -316,8 +233,8 @@ def test_read_your_writes_holds_with_a_paused_replica(proxies, shards, keys, nam
                 assert rows == 1 and names[port] != paused.name
         finally:
             paused.sql("SELECT pg_wal_replay_resume()")
-        wait_until(lambda: served(writer, count.format(v="ryw9"), names) == paused.name, 5,
-                   "the writer reads its own region's replica again once it has replayed the writes")
+        assert wait_until(lambda: served(writer, count.format(v="ryw9"), names) == paused.name, 5), (
+            "the writer reads its own region's replica again once it has replayed the writes")
         assert writer.execute(count.format(v="ryw9")).fetchone()[2] == 1
 
 
@@ -333,7 +250,8 @@ def test_killed_replica_reads_move_to_the_next_candidate(proxies, shards, keys, 
         eu.signal(signal.SIGSTOP)
         try:
             victim.kill()
-            reading = threading.Thread(target=lambda: answers.append(outcome(served, conn, READ.format(key=key), names)))
+            read = READ.format(key=key)
+            reading = threading.Thread(target=lambda: answers.append(outcome(served, conn, read, names)))
             reading.start()
             time.sleep(0.2)
         finally:
@@ -347,7 +265,7 @@ def test_killed_replica_reads_move_to_the_next_candidate(proxies, shards, keys, 
             assert f"cannot connect to server 127.0.0.1:{victim.port}" in eu.log()
         finally:
             victim.start()
-    wait_until(lambda: read_node(eu, key, names) == victim.name, 10, "the restarted replica serves again")
+    assert wait_until(lambda: read_node(eu, key, names) == victim.name, 10), "the restarted replica serves again"
 
 
 # -- failover: a shard that loses its primary, next to one that does not ------------------------------------------
@@ -361,7 +279,7 @@ def failover(sandbox: Sandbox) -> dict[str, Any]:
     for cluster in (main, other):
         cluster.primary.sql(f"CREATE DATABASE {APP_DB} OWNER app")
     sync = "SELECT sync_state FROM pg_stat_replication WHERE application_name = 'rgfo-replica1'"
-    wait_until(lambda: main.primary.sql(sync) == [("sync",)], 10, "rgfo-replica1 is a synchronous standby")
+    assert wait_until(lambda: main.primary.sql(sync) == [("sync",)], 10), "rgfo-replica1 is a synchronous standby"
     clusters = [main, other]
     settings = {"regions": regions("500ms"), "pool": {"size": 8, "query_wait_timeout": "15s"}}
     proxy = sandbox.proxy("rgfo", clusters, region="us-east-1", routing={"failover_timeout": "10s"}, **settings)
@@ -392,7 +310,7 @@ def test_failover_holds_writes_then_moves_them_to_the_promoted_replica(failover)
     for loop in loops:
         loop.start()
     try:
-        wait_until(lambda: all(len(loop.ok) >= 20 for loop in loops), 10, "traffic flows")
+        assert wait_until(lambda: all(len(loop.ok) >= 20 for loop in loops), 10), "traffic flows"
         killing = time.monotonic()
         old.kill()
         killed = time.monotonic()  # every server process is gone
@@ -414,15 +332,15 @@ def test_failover_holds_writes_then_moves_them_to_the_promoted_replica(failover)
         promoting = time.monotonic()
         promoted.promote()
         promoted_at = time.monotonic()
-        wait_until(lambda: all(w.successes_after(promoting) for w in writers), 10,
-                   "writes succeed after the promotion")
+        assert wait_until(lambda: all(w.successes_after(promoting) for w in writers), 10), (
+            "writes succeed after the promotion")
         firsts = [w.successes_after(promoting)[0] for w in writers]
         rto = min(done for _, _, done, _ in firsts) - promoting
         print(f"RTO {rto * 1000:.0f} ms from `pg_ctl promote` to the first write through the proxy "
               f"({(rto + promoting - promoted_at) * 1000:.0f} ms after the promoted node took writes; "
               f"promotion itself {(promoted_at - promoting) * 1000:.0f} ms; health_check_interval 500ms)")
-        wait_until(lambda: all(len(w.successes_after(promoted_at)) >= 30 for w in writers), 10,
-                   "writes flow on the new primary")
+        assert wait_until(lambda: all(len(w.successes_after(promoted_at)) >= 30 for w in writers), 10), (
+            "writes flow on the new primary")
     finally:
         for loop in loops:
             loop.finish()
@@ -466,12 +384,13 @@ def test_old_primary_that_comes_back_is_fenced(failover) -> None:
     old.start()  # a primary again, on the timeline the promotion left behind
     old.sql("ALTER SYSTEM RESET synchronous_standby_names")  # so a misrouted write shows, not hangs
     old.sql("SELECT pg_reload_conf()")
-    wait_until(lambda: nodes_seen(proxy)[old.port]["state"] == "up", 10, "the proxy sees the old primary again")
+    assert wait_until(lambda: nodes_seen(proxy)[old.port]["state"] == "up", 10), "the proxy sees the old primary again"
     assert nodes_seen(proxy)[old.port]["role"] == "primary"
     before = direct(old, "SELECT count(*) FROM w")[0][0]
     with connect(proxy) as conn:
         for n in range(10_000, 10_020):
-            port = conn.execute(f"INSERT INTO w (user_id, n) VALUES ({key}, {n}) RETURNING inet_server_port()").fetchone()[0]
+            insert = f"INSERT INTO w (user_id, n) VALUES ({key}, {n}) RETURNING inet_server_port()"
+            port = conn.execute(insert).fetchone()[0]
             assert names[port] == promoted.name
         for _ in range(10):
             assert served(conn, f"/* shard_key: {key} */ SELECT pg_is_in_recovery(), inet_server_port()",
@@ -492,16 +411,16 @@ def test_split_brain_the_newest_timeline_wins(sandbox: Sandbox) -> None:
     writer.start()
     straddling = connect(proxy)  # a transaction open on the old primary when the other one takes over
     try:
-        wait_until(lambda: len(writer.ok) >= 10, 10, "writes flow")
+        assert wait_until(lambda: len(writer.ok) >= 10, 10), "writes flow"
         straddling.execute("BEGIN")
         assert names[straddling.execute(insert.format(n=-1)).fetchone()[0]] == old.name
         promoting = time.monotonic()
         promoted.promote()  # while the old primary keeps running and accepting writes
-        wait_until(lambda: any(names[row[0]] == promoted.name for *_, row in writer.ok), 5,
-                   "writes move to the promoted node")
+        assert wait_until(lambda: any(names[row[0]] == promoted.name for *_, row in writer.ok), 5), (
+            "writes move to the promoted node")
         switched = next(done for _, _, done, row in writer.ok if names[row[0]] == promoted.name)
         print(f"\nsplit brain: writes moved {(switched - promoting) * 1000:.0f} ms after `pg_ctl promote`")
-        wait_until(lambda: len(writer.successes_after(switched)) >= 30, 10, "writes flow on the new primary")
+        assert wait_until(lambda: len(writer.successes_after(switched)) >= 30, 10), "writes flow on the new primary"
         # Its COMMIT must not be acknowledged on the fenced node: the fence ended the transaction there.
         with pytest.raises(psycopg.OperationalError) as ended:
             straddling.execute("COMMIT")
@@ -519,8 +438,8 @@ def test_split_brain_the_newest_timeline_wins(sandbox: Sandbox) -> None:
     assert len(writer.errors) <= 1 and all(promoting < done <= switched for _, _, done, *_ in writer.errors) \
         and all(state == "08006" or (state is None and "closed the connection" in message)
                 for *_, state, message in writer.errors), writer.errors
-    assert direct(old, "SELECT count(*) FROM w WHERE n = -1") == direct(promoted, "SELECT count(*) FROM w WHERE n = -1") \
-        == [(0,)]
+    lost = "SELECT count(*) FROM w WHERE n = -1"
+    assert direct(old, lost) == direct(promoted, lost) == [(0,)]
     assert {names[row[0]] for _, _, done, row in writer.ok if done > switched} == {promoted.name}
     assert direct(old, "SELECT count(*) FROM w")[0][0] == stale  # the fenced node got nothing more
     seen = nodes_seen(proxy)

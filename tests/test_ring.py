@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import mmh3
 import pytest
 
-from shardproxy.ring import HASH_SPACE, Ring, canonical_key, fraction_moved, murmur3_32
+from shardproxy.routing.ring import HASH_SPACE, Ring, canonical_key, fraction_moved, murmur3_32
 
 Shards = list[tuple[str, int]]
 

@@ -11,7 +11,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from shardproxy.sandbox import Cluster, Sandbox, SandboxError, demo_topology
+from shardproxy.devtools.sandbox import Cluster, Sandbox, SandboxError, demo_topology
+
+pytestmark = pytest.mark.e2e  # against servers and proxies the test starts itself
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,7 +117,7 @@ def test_close_stops_servers_and_removes_dir() -> None:
 
 CHILD = """
 import time
-from shardproxy.sandbox import Sandbox
+from shardproxy.devtools.sandbox import Sandbox
 
 sandbox = Sandbox()
 sandbox.cluster("orphaned", replicas=1)

@@ -6,8 +6,8 @@ import asyncpg
 import psycopg
 import pytest
 
-from tests.conftest import APP_DB
-from tests.test_sharding_e2e import owner  # the contract's ring, written out plainly
+from tests.support import APP_DB
+from tests.support.ring import owner
 
 SHARDS = 3
 
@@ -22,7 +22,8 @@ def shards(sandbox):
 
 @pytest.fixture(scope="module")
 def sharded(sandbox, shards):
-    proxy = sandbox.proxy("sharded", shards, pool={"size": 4}, sharding={"key": "user_id", "reference_tables": ["countries"]})
+    proxy = sandbox.proxy("sharded", shards, pool={"size": 4},
+                          sharding={"key": "user_id", "reference_tables": ["countries"]})
     with psycopg.connect(proxy.dsn(dbname=APP_DB), autocommit=True) as conn:
         conn.execute("CREATE TABLE orders (id bigserial, user_id bigint NOT NULL, item text, amount int)")
         conn.execute("CREATE TABLE countries (code text PRIMARY KEY, name text)")

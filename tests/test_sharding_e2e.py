@@ -8,8 +8,6 @@ rows (the differential test). Whatever the proxy refuses must leave every shard 
 from __future__ import annotations
 
 import asyncio
-import bisect
-import functools
 import hashlib
 import os
 import re
@@ -22,30 +20,16 @@ from collections import Counter
 from decimal import Decimal
 
 import asyncpg
-import mmh3
 import psycopg
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import orm
 
-from tests.conftest import APP_DB
+from tests.support import APP_DB
+from tests.support.ring import owner
 
 SHARDS = 3
 USERS = 10_000  # the `users` table of the pgbench test
-
-
-# -- the contract's ring, written out plainly -----------------------------------------------------------------
-@functools.cache
-def ring_points(names: tuple[str, ...]) -> list[tuple[int, str]]:
-    return sorted((mmh3.hash(f"{name}#{i}".encode(), signed=False), name) for name in names for i in range(256))
-
-
-def owner(key, names) -> str:
-    """The shard that owns key: the first point >= the key's hash (lower name first on ties), wrapping."""
-    points = ring_points(tuple(names))
-    h = mmh3.hash(str(key).encode(), signed=False)  # ints as decimal text, UUIDs lowercase hyphenated
-    i = bisect.bisect_left(points, (h, ""))
-    return points[i % len(points)][1]
 
 
 # -- fixtures --------------------------------------------------------------------------------------------------
@@ -245,7 +229,8 @@ def test_batches_for_different_shards_in_one_read(sharded, shards, names):
         batches = b""
         for user in users:  # Parse, Bind (a text parameter), Execute, Sync: one batch per shard, all in one write
             batches += _message(b"P", b"\0INSERT INTO orders (user_id, item) VALUES ($1, 'one-read')\0\0\0")
-            batches += _message(b"B", b"\0\0\0\0\0\1" + struct.pack("!i", len(str(user))) + str(user).encode() + b"\0\0")
+            key = str(user).encode()
+            batches += _message(b"B", b"\0\0\0\0\0\1" + struct.pack("!i", len(key)) + key + b"\0\0")
             batches += _message(b"E", b"\0\0\0\0\0") + _message(b"S", b"")
         first_sync = batches.index(_message(b"S", b""))
         sock.sendall(batches[:first_sync])  # the first batch but its Sync, read on its own
@@ -411,7 +396,7 @@ def test_sqlalchemy_create_all_and_orm(sharded, shards, names):
     assert_placed(shards, names, "e2e_purchases", "true", 40)
 
 
-# -- statements that name no table, and keys given outside the statement --------------------------------------------------
+# -- statements that name no table, and keys given outside the statement ------------------------------------------
 def test_utility_statements_go_to_one_shard(sharded, shards):
     ports = {c.primary.port for c in shards}
     with connect(sharded, autocommit=True) as conn:

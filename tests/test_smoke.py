@@ -1,6 +1,6 @@
 import psycopg
 
-from tests.conftest import APP_DB
+from tests.support import APP_DB
 
 
 def test_query_through_proxy(proxy):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncpg
 
-from shardproxy.sandbox import Cluster, Sandbox
-from shardproxy.statements import Registry
-from tests.conftest import APP_DB
+from shardproxy.datapath.statements import Registry
+from shardproxy.devtools.sandbox import Cluster, Sandbox
+from tests.support import APP_DB
 
 
 def body(sql: str) -> bytes:

@@ -25,10 +25,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from shardproxy import protocol as pg
-from shardproxy.sandbox import Cluster, ProxyProcess, Sandbox
-from shardproxy.tls import SSL_REQUEST_PACKET
-from tests.relay import Relay
+from shardproxy.devtools.faults import Relay
+from shardproxy.devtools.sandbox import Cluster, ProxyProcess, Sandbox
+from shardproxy.wire import protocol as pg
+from shardproxy.wire.dial import SSL_REQUEST_PACKET
 
 SSL_QUERY = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
 GSSENC_REQUEST_PACKET = pg.INT32.pack(8) + pg.INT32.pack(pg.GSSENC_REQUEST)

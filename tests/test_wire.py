@@ -5,7 +5,7 @@ from collections import deque
 
 import pytest
 
-from shardproxy._wire import Requests
+from shardproxy.datapath._core import Requests
 
 
 def test_requests_behave_as_a_deque() -> None:

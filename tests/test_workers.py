@@ -22,10 +22,12 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from shardproxy.admin import Table, request
-from shardproxy.sandbox import Cluster, ProxyProcess, Sandbox
-from shardproxy.workers import MERGES, Held, admin_path, sum_expositions
-from tests.console import admin, table, wait_until
+from shardproxy.devtools.sandbox import Cluster, ProxyProcess, Sandbox, wait_until
+from shardproxy.ops.admin.replies import Table
+from shardproxy.ops.admin.socket import request
+from shardproxy.supervisor import MERGES, Held, sum_expositions
+from shardproxy.worker import admin_path
+from tests.support.admin import admin, table
 
 DB = "workersdb"  # only this module's clients use it: pg_stat_activity tells their server connections apart
 
@@ -62,9 +64,9 @@ def restart_a_worker(proxy: ProxyProcess, worker: int | None = None) -> int:
     successor's pid."""
     victim, survivor = sorted(proxy.worker_pids(), key=lambda pid: worker_of(pid) != worker)
     os.kill(victim, signal.SIGKILL)
-    wait_until(lambda: len(proxy.worker_pids()) == 2 and victim not in proxy.worker_pids())
+    assert wait_until(lambda: len(proxy.worker_pids()) == 2 and victim not in proxy.worker_pids())
     (successor,) = set(proxy.worker_pids()) - {survivor}
-    wait_until(lambda: f"(pid {successor}) ready" in proxy.log())
+    assert wait_until(lambda: f"(pid {successor}) ready" in proxy.log())
     assert f"(pid {victim}) exited with code -9; restarting it" in proxy.log()
     return successor
 
@@ -97,7 +99,7 @@ def clients(proxy: ProxyProcess) -> Iterator[list[psycopg.Connection]]:
     yield conns
     for conn in conns:
         conn.close()
-    wait_until(lambda: not table(proxy, "SHOW CLIENTS"))
+    assert wait_until(lambda: not table(proxy, "SHOW CLIENTS"))
 
 
 def test_clients_are_served_by_both_workers(proxy: ProxyProcess, clients: list[psycopg.Connection]) -> None:
@@ -135,7 +137,7 @@ def test_cancel_reaches_the_owner_from_either_worker(proxy: ProxyProcess) -> Non
             assert elapsed < 2, f"attempt {attempt}: canceled after {elapsed:.1f}s"
             assert conn.execute("SELECT 1").fetchone() == (1,)
     assert proxy.log().count("forwarded to worker") > forwarded  # fails once in 2**10 runs by chance alone
-    wait_until(lambda: not table(proxy, "SHOW CLIENTS"))
+    assert wait_until(lambda: not table(proxy, "SHOW CLIENTS"))
 
 
 def test_metrics_are_summed_over_workers(proxy: ProxyProcess, clients: list[psycopg.Connection]) -> None:
@@ -156,7 +158,7 @@ def test_kill_a_client_of_each_worker(proxy: ProxyProcess, clients: list[psycopg
     rows = [by_address[local_address(conn)] for conn in clients]
     victims = {row["worker"]: conn for conn, row in zip(clients, rows)}
     assert set(victims) == {0, 1}
-    for worker, conn in victims.items():
+    for conn in victims.values():
         client_id = by_address[local_address(conn)]["id"]
         assert admin(proxy, f"KILL {client_id}") == {"ok": True, "columns": [], "rows": []}
         with pytest.raises(psycopg.OperationalError):
@@ -173,7 +175,7 @@ def test_reload_reaches_every_worker(proxy: ProxyProcess) -> None:
     assert reply == [{"config": proxy.config_path, "fraction_moved": 0.0}]
     assert proxy.log().count("reloaded ") == done + 2
     proxy.signal(signal.SIGHUP)
-    wait_until(lambda: proxy.log().count("reloaded ") == done + 4)
+    assert wait_until(lambda: proxy.log().count("reloaded ") == done + 4)
 
 
 def test_a_worker_error_keeps_its_sqlstate_through_the_supervisor(proxy: ProxyProcess) -> None:
@@ -206,7 +208,7 @@ def assert_held_by_both_workers_until_resume(proxy: ProxyProcess) -> None:
     try:
         for query in queries:
             query.start()
-        wait_until(lambda: sum(row["state"] == "waiting" for row in table(proxy, "SHOW CLIENTS")) == 12)
+        assert wait_until(lambda: sum(row["state"] == "waiting" for row in table(proxy, "SHOW CLIENTS")) == 12)
         assert {row["worker"] for row in table(proxy, "SHOW CLIENTS")} == {0, 1}
         time.sleep(0.3)
         assert not answers
@@ -217,7 +219,7 @@ def assert_held_by_both_workers_until_resume(proxy: ProxyProcess) -> None:
     assert answers == [42] * 12
     for conn in conns:
         conn.close()
-    wait_until(lambda: not table(proxy, "SHOW CLIENTS"))
+    assert wait_until(lambda: not table(proxy, "SHOW CLIENTS"))
 
 
 def test_a_restarted_worker_holds_a_paused_shard_until_resume(proxy: ProxyProcess, pg: Cluster) -> None:
@@ -270,7 +272,7 @@ def test_sigterm_stops_every_worker(proxy: ProxyProcess, pg: Cluster) -> None:
     assert not any(os.path.exists(f"/proc/{pid}") for pid in pids)
     assert not os.path.exists(proxy.admin_socket)
     left = "SELECT count(*) FROM pg_stat_activity WHERE datname = '" + DB + "'"
-    wait_until(lambda: pg.primary.sql(left) == [(0,)], 5)
+    assert wait_until(lambda: pg.primary.sql(left) == [(0,)], 5)
 
 
 def test_workers_that_cannot_start_stop_the_supervisor(sandbox: Sandbox, pg: Cluster) -> None:
@@ -292,10 +294,11 @@ def test_workers_clean_up_after_a_killed_supervisor(sandbox: Sandbox, pg: Cluste
     workers = orphaned.worker_pids()
     argv = open(f"/proc/{workers[0]}/cmdline").read().split("\0")
     runtime_dir = argv[argv.index("--runtime-dir") + 1]
-    wait_until(lambda: len(os.listdir(runtime_dir)) == 5)  # two workers' admin and cancel sockets, the supervisor's
+    # Two workers' admin and cancel sockets, and the supervisor's.
+    assert wait_until(lambda: len(os.listdir(runtime_dir)) == 5)
     orphaned.process.kill()
     orphaned.process.wait()
-    wait_until(lambda: not any(_alive(pid) for pid in workers))
+    assert wait_until(lambda: not any(_alive(pid) for pid in workers))
     assert not os.path.exists(runtime_dir)
 
 

@@ -16,9 +16,9 @@ from collections.abc import Callable
 
 import asyncpg
 
-from shardproxy.config import Config, Region
-from shardproxy.tls import server_context
-from shardproxy.topology import NodeState, Probe, Topology, parse_lsn
+from shardproxy.cluster.topology import NodeState, Probe, Topology, parse_lsn
+from shardproxy.config import Config, RegionSettings
+from shardproxy.wire.tls import server_context
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ class HealthChecker:
     def _region_interval(self, address: str) -> float:
         node = self.topology.node(address)
         region = self.config.regions.get(node.region) if node and node.region else None
-        return (region or Region()).health_check_interval
+        return (region or RegionSettings()).health_check_interval
 
     async def _check(self, address: str) -> None:
         node = self.topology.node(address)

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from shardproxy._wire import Load
 from shardproxy.config import Config
+from shardproxy.counters import Load
 
 log = logging.getLogger(__name__)
 

@@ -1,17 +1,18 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
 """The data path, compiled: the hot halves of client connections, server connections and pools, as extension
-types that the Python classes (ClientConnection, ServerConnection, Pool) extend.
+types that the Python classes (ClientSession and ClientConnection, ServerConnection, Pool) extend. Their
+fields, and every method the loops call (the hooks the Python classes fill in), are declared in _core.pxd.
 
 ClientCore takes what a client sends: between transactions it starts the next one on a server connection from
 a pool (`_dispatch`, then PoolCore.acquire and `link`), during one it frames and forwards (`_forward`), and when
 the server is free again it gives it back (`_server_ready`, PoolCore.release, which hands it straight to the
 next waiting client). ServerCore frames what a server answers and forwards it (`on_data`). Every request
-forwarded to a server is recorded in the server connection's `pending` queue as a (kind, action, arg) tuple, and
-every response that completes a request pops it (see server.py). The loops read message headers straight from
+forwarded to a server is recorded in the server connection's `pending` queue as a Request tuple, and every
+response that completes a request pops it (see pending.py). The loops read message headers straight from
 the receive buffer and forward the bytes they arrived in; anything unusual (named statements, session
 statements, routing, errors, logins, opening connections) is left to the Python methods. Fields the data path
 reads are typed attributes here, so that a transaction's hand-over runs without a Python call; the counters it
-bumps (PoolStats, read by metrics.py and SHOW STATS) are here for the same reason.
+bumps (PoolStats, Load) are compiled too (shardproxy/counters.pyx).
 """
 
 cimport cython
@@ -29,31 +30,22 @@ cdef extern from "<sys/socket.h>":
 
 import logging
 import select
+from sys import intern
 
-from shardproxy import protocol as pg
-from shardproxy.params import sync_statements
-from shardproxy.router import ShardKeyError
-from shardproxy.statements import parameter_types
+from shardproxy.datapath.params import REPORTED, sync_statements, with_value
+from shardproxy.datapath.pending import (BIND_REQ, CLOSE_REQ, DESCRIBE_REQ, EXECUTE_REQ, FUNCTION_REQ, HIDDEN_QUERY,
+                                         PARSE_REQ, QUERY_REQ, SYNC_REQ, Action, Kind, Request)
+from shardproxy.datapath.statements import parameter_types
+from shardproxy.routing.keys import ShardKeyError
+from shardproxy.wire import protocol as pg
 
-# Request kinds, and what to do with their responses.
+# pending.Kind and pending.Action, as C constants.
 cdef enum:
     K_PARSE, K_BIND, K_DESCRIBE, K_EXECUTE, K_CLOSE, K_SYNC, K_QUERY, K_FUNCTION
 cdef enum:
     A_FORWARD, A_HIDE, A_SYNTH
 
-PARSE, BIND, DESCRIBE, EXECUTE, CLOSE, SYNC, QUERY, FUNCTION = range(8)
-FORWARD, HIDE, SYNTH = range(3)
-
-# The common requests, prebuilt so that recording one costs no allocation.
-PARSE_REQ = (PARSE, FORWARD, None)
-BIND_REQ = (BIND, FORWARD, None)
-DESCRIBE_REQ = (DESCRIBE, FORWARD, None)
-EXECUTE_REQ = (EXECUTE, FORWARD, None)
-CLOSE_REQ = (CLOSE, FORWARD, None)
-SYNC_REQ = (SYNC, FORWARD, None)
-QUERY_REQ = (QUERY, FORWARD, None)
-FUNCTION_REQ = (FUNCTION, FORWARD, None)
-HIDDEN_QUERY = (QUERY, HIDE, None)
+_new_request = tuple.__new__  # Request(...) without the Python-level __new__ of a NamedTuple
 
 cdef object _INVALID_LENGTH = "invalid message length"
 cdef int _IDLE = pg.IDLE
@@ -234,23 +226,15 @@ cdef inline double _about_now() noexcept:
     return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
-cdef class ServerCore
-cdef class PoolCore
-
-
-@cython.final
 cdef class Requests:
     """A server connection's requests in flight, oldest first: the deque operations the proxy uses (append,
     popleft, [0], len), with C calls for the data path. A list used as a queue from _head to _tail: the slots
     are reused once it empties (at the end of every transaction), so a transaction allocates nothing here."""
 
-    cdef list _items
-    cdef Py_ssize_t _head, _tail
-
     def __cinit__(self):
         self._items = []
 
-    cdef inline int push(self, request) except -1:
+    cdef int push(self, request) except -1:
         if self._tail < len(self._items):
             self._items[self._tail] = request
         else:
@@ -258,11 +242,11 @@ cdef class Requests:
         self._tail += 1
         return 0
 
-    cdef inline object first(self):
+    cdef object first(self):
         """The oldest request; the caller knows there is one."""
         return self._items[self._head]
 
-    cdef inline bint empty(self) noexcept:
+    cdef bint empty(self) noexcept:
         return self._head == self._tail
 
     def append(self, request) -> None:
@@ -301,26 +285,16 @@ cdef class Requests:
 
 
 cdef class ProxyCore:
-    """The proxy-wide flags the data path reads per transaction (Proxy adds everything else)."""
-
-    cdef public bint sharded  # statements are routed one by one (several shards, or replicas to read from)
-    cdef public bint shutting_down
+    """The proxy-wide state the data path reads per transaction (Proxy adds everything else)."""
 
 
 cdef class Endpoint:
     """What client and server connections share: the socket, the receive buffer, and the connection whose
     reading pauses while this one's socket cannot take more (see connection.py)."""
 
-    cdef object _transport, _write  # the transport, and its write method looked up once
-    cdef int _fd  # a plain socket's descriptor, to send on without the transport; -1: none
-    cdef bint _queued  # the transport may still hold bytes to send: later ones go after them, through it
-    cdef public bytearray buf
-    cdef public bint closed
-    cdef public bint reading_paused  # by the peer's back-pressure (see connection.py)
-    cdef public object peer
-
     def __cinit__(self):
         self._fd = -1
+        self.buf = bytearray()
 
     @property
     def transport(self):
@@ -366,6 +340,12 @@ cdef class Endpoint:
             self._queued = True
         self._write(data)
 
+    cpdef close(self):
+        if not self.closed:
+            self.closed = True
+            if self._transport is not None:
+                self._transport.close()
+
 
 cdef inline object _joined(Endpoint connection, object data):
     """What arrived, after the bytes of an incomplete message left from the last read."""
@@ -378,22 +358,13 @@ cdef inline object _joined(Endpoint connection, object data):
 
 
 cdef class ClientCore(Endpoint):
-    """The data path's half of a client connection (ClientConnection adds login, statements and routing)."""
+    """The data path's half of a client session (ClientSession adds its statement books and parameters,
+    ClientConnection login, Placement routing)."""
 
-    cdef public ProxyCore proxy
-    cdef public dict params, param_sql
-    cdef public object decided, kind
-    cdef public dict statements  # the client's statement names
-    # What the linked server calls once every request is answered: _server_ready in transaction pooling, bound
-    # once (unset when the connection is lost), else None; a fanout leg's own.
-    cdef public object on_server_ready
-    cdef public PoolCore pool
-    cdef public ServerCore server
-    cdef public bint routes, mid_batch, stopped, busy, transaction_pooling, wrote
-    cdef public bint gives_back  # on_server_ready is its _server_ready (not a fanout leg's, nor None)
-    cdef public bint terminating  # sent Terminate: it closes once the server has answered what came before
-    cdef public double wait_started  # when it queued for a server connection; 0 when not waiting
-    cdef public Py_ssize_t max_message_size
+    def __cinit__(self):
+        self.held = []
+        self.reason = ""
+        self._refusal = ""
 
     cpdef on_data(self, data):
         if self.server is not None:
@@ -426,13 +397,13 @@ cdef class ClientCore(Endpoint):
                 self.reason = "client sent Terminate"
                 self.close()
                 return
-            sharded = self.proxy.sharded
+            sharded = self.core.sharded
             if self.routes != sharded and not self.held:  # a reload added or removed shards
                 self.routes = sharded
             if not self.routes:  # one server: the pool found at login, unless a reload drained it
                 pool = self.pool
                 if pool.draining:
-                    pool = self.proxy.pool_for(self.database, self.user, self.proxy.login_node())
+                    pool = self._unrouted_pool()
                 ClientCore._acquire(self, pool)
                 return
             found = self._batch_route(self.buf, 0)
@@ -485,7 +456,7 @@ cdef class ClientCore(Endpoint):
         self.mid_batch = self.stopped = False
         if self.routes:
             self._routed_transaction_ended()
-        if self.proxy.shutting_down:
+        if self.core.shutting_down:
             self._fatal(pg.PostgresError(pg.ADMIN_SHUTDOWN, "shardproxy is shutting down"))
         elif self.buf and not self.closed:
             ClientCore.on_data(self, b"")
@@ -523,8 +494,8 @@ cdef class ClientCore(Endpoint):
         name = statement.name
         if not ServerCore.reuse_prepared(server, name):
             out.append(statement.parse)
-            server.pending.push((PARSE, HIDE, statement))
-            server.remember_prepared(name, self.proxy.config.pool.prepared_statements_per_server, out)
+            server.pending.push(_new_request(Request, (Kind.PARSE, Action.HIDE, statement, None)))
+            ServerCore.remember_prepared(server, name, self.core.prepared_per_server, out)
 
     cpdef _forward(self, buf):
         """Frame what the client sent, record each request in the linked server's `pending` queue, and write it
@@ -570,7 +541,7 @@ cdef class ClientCore(Endpoint):
                 if self._refusal:
                     self._refuse(self._refusal, buf, pos, end, out)
                 else:  # SET/RESET shardproxy.shard_key: the proxy's own setting, never sent
-                    server.enqueue_synthetic(self._local_reply)
+                    ServerCore.enqueue_synthetic(server, self._local_reply)
             elif t == c'B' and routes and pos != decider and (refusal := self._batch_member(buf, pos, end)):
                 out = _add_span(out, p, span, pos)
                 span = end
@@ -607,14 +578,14 @@ cdef class ClientCore(Endpoint):
                 else:
                     pending.push(PARSE_REQ)
                     if routes:  # for the Binds that follow it in this batch
-                        self.unnamed = self.proxy.statements.get(bytes(buf[pos + 6:end]))
+                        self.unnamed = self.core.statements.get(bytes(buf[pos + 6:end]))
             elif t == c'D' or t == c'C':
                 if p[pos + 5] == c'S' and p[pos + 6]:
                     out = _add_span(out, p, span, pos)
                     span = end
                     self._statement_message(t, bytes(buf[pos + 6:end - 1]), out)
                 elif t == c'D' and p[pos + 5] == c'S' and routes:  # the unnamed statement: learn its types
-                    pending.push((DESCRIBE, FORWARD, self.unnamed))
+                    pending.push(_new_request(Request, (Kind.DESCRIBE, Action.FORWARD, self.unnamed, None)))
                 else:
                     pending.push(DESCRIBE_REQ if t == c'D' else CLOSE_REQ)
             elif t == c'F':
@@ -653,21 +624,83 @@ cdef class ClientCore(Endpoint):
             elif self._transport is not None:
                 self._transport.pause_reading()
 
+    # -- hooks: the defaults of a bare session; the Python classes fill them in (declared in _core.pxd) ----------
+    cpdef _fatal(self, error):
+        """End the connection over an error (a client is told it as FATAL; a fanout leg keeps it)."""
+        self.close()
+
+    cpdef PoolCore _unrouted_pool(self):
+        """The pool of an unrouted connection whose pool a reload drained."""
+        return self.pool
+
+    cpdef bint _answer_without_server(self) except -1:
+        """Answer what needs no server between transactions; whether messages that need one remain."""
+        return True
+
+    cpdef parameter_changed(self, name, value):
+        """The linked server reported a new value of a parameter that follows the client."""
+        self.params = with_value(self.params, name, value)
+
+    cpdef _parse(self, buf, Py_ssize_t pos, Py_ssize_t end, list out):
+        """A Parse of a named statement."""
+        out.append(buf[pos:end])
+        self.server.pending.push(PARSE_REQ)
+
+    cpdef _statement_message(self, int t, bytes name, list out):
+        """A Describe (t 'D') or Close (t 'C') of a named statement."""
+        out.append(pg.message(bytes((t,)), b"S" + name + b"\0"))
+        self.server.pending.push(DESCRIBE_REQ if t == c'D' else CLOSE_REQ)
+
+    cpdef _session_statement(self, bytes message, list out):
+        """A simple query that starts like SET, RESET, DEALLOCATE or DISCARD."""
+        out.append(message)
+        self.server.pending.push(QUERY_REQ)
+
+    cpdef _track_set(self, sql, server):
+        """A SET or RESET sent in a Parse (server: None when no server is linked yet)."""
+
+    cpdef _batch_route(self, buf, Py_ssize_t start):
+        """(decision, batch end, deciding message, standalone) of the batch at start; None: not all there."""
+        return None
+
+    cpdef bint _answer_locally(self, decision, Py_ssize_t end) except -1:
+        """Whether the proxy answered the batch itself (a held BEGIN, a refusal, ...)."""
+        return False
+
+    cpdef _start(self, decision, Py_ssize_t batch_end):
+        """Open the transaction where the decision says."""
+
+    cpdef _route_batch_here(self, buf, Py_ssize_t pos):
+        """At a batch on a linked connection: (next batch, deciding message, message to refuse, may run here)."""
+        return -1, -1, -1, True
+
+    cpdef _batch_member(self, buf, Py_ssize_t pos, Py_ssize_t end):
+        """Why a Bind of a batch decided by another message cannot run here; "" if it can."""
+        return ""
+
+    cpdef _refuse(self, message, buf, Py_ssize_t pos, Py_ssize_t end, list out):
+        """Make the linked server raise the refusal in place of the message at buf[pos:end]."""
+
+    cpdef _stopped(self, ServerCore server, list out):
+        """Forwarding stopped at a statement for another connection."""
+
+    cpdef _linked_on_shard(self, ServerCore server):
+        """A routed transaction got its server connection."""
+
+    cpdef _follow_commit(self, ServerCore server):
+        """Learn where this client's commit ends in the WAL before the connection goes (read-your-writes)."""
+        self.wrote = False
+
+    cpdef _routed_transaction_ended(self):
+        """A routed transaction gave its server connection back."""
+
 
 cdef class ServerCore(Endpoint):
-    """The data path's half of a server connection (ServerConnection adds login, statements and cancels)."""
-
-    cdef public object pool, on_ready, settings_before, prepared
-    cdef public object newest  # the statement name last put at the end of `prepared` (the LRU's), if still in it
-    cdef public dict reported, param_sql
-    cdef public Requests pending  # requests forwarded and not yet answered (see server.py)
-    cdef public ClientCore client
-    cdef public bint ignoring, settings_undone
-    cdef public int status, cancels
-    cdef public double last_used, linked_at, created
+    """The data path's half of a server connection (ServerConnection adds login and cancels)."""
 
     def __cinit__(self):
         self.pending = Requests()
+        self.status = _IDLE
 
     cpdef bint reuse_prepared(self, name) except -1:
         """Whether the statement is prepared here; if so it goes to the LRU's end, but for the one used last (a
@@ -678,6 +711,67 @@ cdef class ServerCore(Endpoint):
             self.prepared.move_to_end(name)
             self.newest = name
         return True
+
+    cpdef remember_prepared(self, bytes name, int limit, list out):
+        """Note a statement as prepared here; past the limit, close the least recently used one."""
+        self.prepared[name] = None
+        self.newest = name
+        if len(self.prepared) > limit:
+            old, _ = self.prepared.popitem(last=False)
+            out.append(pg.message(b"C", b"S" + old + b"\0"))
+            self.pending.push(_new_request(Request, (Kind.CLOSE, Action.HIDE, None,
+                                                     (self.prepared.__setitem__, old, None))))
+
+    cpdef enqueue_synthetic(self, request):
+        """Record a request the proxy answers itself; with nothing ahead of it, answer at once."""
+        cdef list out
+        self.pending.push(request)
+        if len(self.pending) == 1 and self.client is not None:
+            out = []
+            ServerCore._synthesize(self, out)
+            self.client.write(b"".join(out))
+
+    cpdef _synthesize(self, list out):
+        """Answer, in their place in the stream, the requests the proxy handled itself."""
+        cdef tuple request
+        pending = self.pending
+        while not pending.empty() and _action(pending) == A_SYNTH:
+            request = <tuple>pending.popleft()
+            out.append(request[2] + pg.READY[self.status] if request[0] == K_QUERY else request[2])
+
+    cpdef _skip_to_sync(self):
+        """After an error the server skips every extended-protocol message up to the next Sync: so do the
+        proxy's books (a statement not prepared after all, a client's name given or closed taken back)."""
+        cdef tuple request
+        cdef list undo = []
+        pending = self.pending
+        while not pending.empty() and (<tuple>pending.first())[0] != K_SYNC:
+            request = <tuple>pending.popleft()  # a request the proxy answers itself goes unanswered too
+            if request[0] == K_PARSE and request[1] != A_SYNTH and request[2] is not None:
+                self.prepared.pop(request[2].name, None)
+            if request[3] is not None:
+                undo.append(request[3])
+        for call in reversed(undo):  # the books as they were before the skipped requests
+            call[0](*call[1:])
+
+    cpdef _record_parameter(self, body):
+        """A ParameterStatus: the server's value, and its linked client's too if the parameter follows clients
+        (even for a hidden SET: the server's spelling is kept)."""
+        name, offset = pg.read_cstring(body, 0)
+        value, _ = pg.read_cstring(body, offset)
+        # Interned: when two dicts of equal values are not the one shared dict, comparing them is identity checks.
+        name, value = intern(name.decode()), intern(value.decode())
+        self.params[name] = value
+        if name in REPORTED:
+            self.reported = with_value(self.reported, name, value)
+            if self.client is not None:
+                self.client.parameter_changed(name, value)
+
+    # -- hooks (server.py) ---------------------------------------------------------------------------------
+    cpdef bint _unsolicited(self, int t, buf, Py_ssize_t pos, Py_ssize_t end) except -1:
+        """A message outside any request (a notice, a notification, a parameter change, a FATAL error):
+        whether to forward it to the client."""
+        return self.client is not None
 
     def on_data(self, data):
         """Frame what the server sent, pop the requests it completes, hide the answers to requests the proxy
@@ -711,7 +805,7 @@ cdef class ServerCore(Endpoint):
                     span = end
                 pos = end
                 continue
-            request = pending.first()
+            request = <tuple>pending.first()
             kind = request[0]
             action = request[1]
             arg = request[2]
@@ -746,7 +840,7 @@ cdef class ServerCore(Endpoint):
             elif t == c't' and arg is not None:  # a named statement's parameter types, for routing by key
                 arg.param_types = parameter_types(buf[pos + 5:end])
             elif t == c'E' and kind != K_SYNC and kind != K_QUERY and kind != K_FUNCTION:
-                self._skip_to_sync()
+                ServerCore._skip_to_sync(self)
                 self.ignoring = pending.empty()  # no Sync sent yet (after a Flush): the server waits for the client's
                 if hiding and kind == K_PARSE:  # the client must learn that its statement does not exist
                     hiding = False
@@ -762,7 +856,7 @@ cdef class ServerCore(Endpoint):
                 if _action(pending) == A_SYNTH:
                     out = _add_span(out, p, span, pos)
                     span = pos
-                    self._synthesize(out)
+                    ServerCore._synthesize(self, out)
                 hiding = not pending.empty() and _action(pending) == A_HIDE
         if client is not None:
             if not out and span == 0 and pos == n:
@@ -782,122 +876,8 @@ cdef class ServerCore(Endpoint):
                 client.close()
 
 
-# -- the data path's counters: plain numbers that metrics.py turns into Prometheus series at scrape time ------
-
-DURATION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-                    5.0, 10.0)
-QUERY_KINDS = ("read", "write", "ddl", "scatter")
-_KIND_INDEX = {kind: i for i, kind in enumerate(QUERY_KINDS)}
-DEF _KINDS = 4
-DEF _BUCKETS = 16
-
-
-cdef class Spread:
-    """A histogram of DURATION_BUCKETS as plain numbers: observations per bucket (the last one past every
-    bound) and their sum."""
-
-    cdef double _bounds[_BUCKETS]
-    cdef long long _counts[_BUCKETS + 1]
-    cdef public double sum
-
-    def __cinit__(self):
-        for i, bound in enumerate(DURATION_BUCKETS):
-            self._bounds[i] = bound
-
-    @property
-    def counts(self) -> list:
-        return [self._counts[i] for i in range(_BUCKETS + 1)]
-
-    cpdef observe(self, double value):
-        cdef int i = 0
-        while i < _BUCKETS and self._bounds[i] < value:  # the first bound >= value: Prometheus' "le"
-            i += 1
-        self._counts[i] += 1
-        self.sum += value
-
-
-cdef class Tally:
-    """The events of one (shard, role): plain numbers that the data path bumps and a scrape reads."""
-
-    cdef long long _queries[_KINDS]  # by QUERY_KINDS
-    cdef public Spread duration, wait
-
-    def __init__(self, **queries: int):
-        """queries: counts to start from, by kind (a test's)."""
-        for kind, count in queries.items():
-            self._queries[_KIND_INDEX[kind]] = count
-        self.duration = Spread()  # how long a client held a server connection
-        self.wait = Spread()  # how long a client queued for one
-
-    @property
-    def queries(self) -> dict:
-        """Transactions by kind (QUERY_KINDS)."""
-        return {kind: self._queries[i] for i, kind in enumerate(QUERY_KINDS)}
-
-
-cdef class PoolStats:
-    """One pool's counters for SHOW STATS, and the tally of its node's current role for Prometheus."""
-
-    cdef public long long assignments, transactions  # hand-outs of a server connection; of those, given back
-    cdef public double transaction_time, wait_time  # seconds from hand-out to give-back; queued for a hand-out
-    cdef object _metrics, _shard, _node, _role
-    cdef int _kind  # what a transaction counts as unless it says (QUERY_KINDS): a read on a replica, else a write
-    cdef Tally _tally
-
-    def __init__(self, metrics, shard: str, node):
-        self._metrics = metrics
-        self._shard = shard
-        self._node = node
-        self._tally = metrics.tally(shard, node.role)  # the pool's series exist from its creation
-        self._set_role(node.role)
-
-    cdef _set_role(self, role):
-        self._role = role
-        self._kind = _KIND_INDEX["read" if role == "replica" else "write"]
-
-    cdef Tally tally(self):
-        """The tally of the node's role now: a failover changes it."""
-        role = self._node.role
-        if role is not self._role and role != self._role:
-            self._set_role(role)
-            self._tally = self._metrics.tally(self._shard, role)
-        return self._tally
-
-    cdef assigned(self, double waited):
-        self.assignments += 1
-        if waited:  # only clients that queued are observed: compare the count with hand-outs for the share
-            self.wait_time += waited
-            self.tally().wait.observe(waited)
-
-    cdef transaction(self, double seconds, object kind):
-        """A transaction ended. It counts as one query of its kind: a shard's part of a statement on every shard
-        (scatter, ddl, write) says so; any other is a read on a replica, else a write."""
-        cdef Tally tally = self.tally()
-        self.transactions += 1
-        self.transaction_time += seconds
-        tally._queries[self._kind if kind is None else <int>_KIND_INDEX[kind]] += 1
-        tally.duration.observe(seconds)
-
-
-cdef class Load:
-    """A node's requests in flight, over all its pools: kept by hand-outs and give-backs, read to choose
-    among replicas (see Topology.read_node)."""
-
-    cdef public long outstanding
-
-
 cdef class PoolCore:
     """The data path's half of a pool (Pool adds opening connections, timeouts, pause and drain)."""
-
-    cdef public object proxy, node, node_label, servers
-    cdef object _waiting, _enqueue, _dequeue  # the deque of clients queued, and its methods looked up once
-    cdef public list idle  # most recently used last
-    cdef public int size  # pool settings, as the last (re)load said (see Pool.configure)
-    cdef public double server_lifetime, slow_queries
-    cdef public PoolStats stats
-    cdef public Load load  # its node's
-    cdef public bint paused, draining
-    cdef public int opening
 
     @property
     def waiting(self):
@@ -980,6 +960,14 @@ cdef class PoolCore:
         server.linked_at = now
         self.load.outstanding += 1
         ClientCore.link(client, server)
+
+    # -- hooks (pool.py) ------------------------------------------------------------------------------------
+    cpdef discard(self, ServerCore server):
+        """Close a connection that cannot be reused."""
+        server.close()
+
+    cpdef _grow(self):
+        """Open connections while clients wait and the pool has room."""
 
 
 cdef bint _hung_up(ServerCore server) except -1:

@@ -1,10 +1,10 @@
-"""A client connection: startup and authentication, then the request half of the data path.
+"""A client connection: startup, TLS and authentication, then its session on the data path.
 
-After login every message the client sends is framed (the loop is compiled: _wire.pyx), recorded in the linked
-server connection's `pending` queue (see server.py) and forwarded as the bytes it arrived in. Only named
-prepared statements (Parse/Bind/Describe/Close), and a few session-level statements in simple queries, are
-rewritten or answered by the proxy. Between transactions the client takes a server connection from a pool and
-gives it back after; in sharded configurations its routing half (routing.py) says which shard and node.
+After login every message the client sends is framed (the loop is compiled: _core.pyx), recorded in the linked
+server connection's `pending` queue (see pending.py) and forwarded as the bytes it arrived in; its session's books
+(named statements, parameters) are ClientSession's (session.py). Between transactions the client takes a server
+connection from a pool and gives it back after; in sharded configurations Placement (placement.py) says which
+shard and node. Clients of the admin database are handed to the admin console after login.
 """
 
 from __future__ import annotations
@@ -14,63 +14,77 @@ import logging
 import os
 import ssl
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from shardproxy import params as session_params
-from shardproxy import protocol as pg
-from shardproxy.admin import ADMIN_DATABASE
-from shardproxy.auth import (
-    ProvenKey, ScramException, ScramServerExchange, is_scram_verifier, md5_answer, parse_sasl_initial,
+from shardproxy.config import Config, UserSettings
+from shardproxy.datapath import params as session_params
+from shardproxy.datapath._core import ProxyCore
+from shardproxy.datapath.connection import Connection
+from shardproxy.datapath.placement import Placement, PlacementHost
+from shardproxy.datapath.session import ClientSession
+from shardproxy.wire import protocol as pg
+from shardproxy.wire.auth import (
+    ProvenKey,
+    ScramException,
+    ScramSecret,
+    ScramServerExchange,
+    is_scram_verifier,
+    md5_answer,
+    parse_sasl_initial,
 )
-from shardproxy._wire import (
-    CLOSE, DESCRIBE, FORWARD, PARSE, QUERY, QUERY_REQ, SYNTH, ClientCore, is_session_statement, well_formed,
-)
-from shardproxy.connection import Connection
-from shardproxy.routing import Routing
-from shardproxy.server import ServerConnection
-from shardproxy.statements import Statement, deallocate_target, is_discard_all
+from shardproxy.wire.protocol import Frontend
 
 if TYPE_CHECKING:
-    from shardproxy.pool import Pool
-    from shardproxy.proxy import Proxy
+    from shardproxy.datapath.pool import Pool
+    from shardproxy.datapath.server import ServerConnection
 
 log = logging.getLogger("shardproxy.client")
 
-_S, _P, _C, _p = b"SPCp"
-_UNPACK = pg.INT32.unpack_from
-_DEALLOCATE_DONE = (QUERY, SYNTH, pg.command_complete("DEALLOCATE"))
-_DEALLOCATE_ALL_DONE = (QUERY, SYNTH, pg.command_complete("DEALLOCATE ALL"))
 _SSL_YES = b"S"
 
 
-class ClientConnection(ClientCore, Routing, Connection):
-    # ClientCore's `kind`: what its transactions count as in queries_total (fanout legs); None: by node role.
+class ClientHost(PlacementHost, Protocol):
+    """What a client connection needs of the proxy that accepted it."""
 
-    def __init__(self, proxy: Proxy):
-        super().__init__()
+    config: Config
+    core: ProxyCore
+    client_ssl: ssl.SSLContext | None
+    proven_keys: dict[str, ProvenKey]
+
+    def next_client_id(self) -> int: ...
+    def admit(self, client: ClientConnection) -> bool: ...
+    def register(self, client: ClientConnection) -> tuple[int, int]: ...
+    def forget(self, client: ClientConnection) -> None: ...
+    def cancel(self, pid: int, secret: int) -> None: ...
+    def auth_failed(self, client: ClientConnection) -> None: ...
+    def scram_secret(self, user: UserSettings) -> ScramSecret: ...
+    def client_error(self, error: pg.PostgresError) -> None: ...
+    def open_admin_session(self, client: ClientConnection) -> None: ...
+    async def login(self, database: str, user: str) -> tuple[Pool, dict[str, str]]: ...
+
+
+class ClientConnection(Placement, ClientSession, Connection):
+    proxy: ClientHost
+
+    def __init__(self, proxy: ClientHost):
+        ClientSession.__init__(self, proxy.core, proxy.next_client_id(), "", "")
+        Connection.__init__(self)
         self.proxy = proxy
-        self.id = proxy.next_client_id()
         self.address = ""
         self.encrypted = False  # TLS since the SSLRequest
-        self.user = ""
-        self.database = ""
-        self.pool: Pool | None = None
-        self.server: ServerConnection | None = None
-        self.statements: dict[bytes, Statement] = {}  # the client's statement names
-        self.params = session_params.shared({})  # reported parameters as the client set them, a shared dict
-        self.param_sql: dict[str, str] = {}  # unreported parameters: the client's last SET of each
         self.pid = 0
         self.secret = 0
         self.connected_at = time.time()
-        self.wait_started = 0.0
         self.admitted = False  # counted against max_client_conn
         self.transaction_pooling = proxy.config.pool.mode == "transaction"  # as when the client connected
         self.on_server_ready = self._server_ready if self.transaction_pooling else None  # see ClientCore
         self.gives_back = self.transaction_pooling
-        self.init_routing(proxy)
-        self.mid_batch = False  # an Execute was forwarded and no Sync yet
+        self.init_placement(proxy.core.sharded)
         self.max_message_size = proxy.config.pool.max_message_size
-        self.reason = ""  # why the connection ended, for the log; "" until the proxy ends it
+        # CPython 3.11 keeps few instance attributes in a dict whose keys the class shares, and for a subclass of a
+        # compiled type its attribute caches then miss on every read: a dict of its own makes them hit (the routing
+        # state is read and written per statement).
+        self.__dict__ = dict(self.__dict__)
 
     # -- connection set-up ------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -94,7 +108,7 @@ class ClientConnection(ClientCore, Routing, Connection):
             self._fatal(exc)
         except pg.ProtocolError as exc:
             self._fatal(pg.PostgresError(pg.PROTOCOL_VIOLATION, str(exc)))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._fatal(pg.PostgresError(pg.PROTOCOL_VIOLATION, "client_login_timeout"))
         except ConnectionError:
             self.close()
@@ -124,13 +138,15 @@ class ClientConnection(ClientCore, Routing, Connection):
                 self.user = startup.get("user", "")
                 self.database = startup.get("database") or self.user
                 if not self.user:
-                    raise pg.PostgresError(pg.INVALID_AUTHORIZATION, "no PostgreSQL user name specified in startup packet")
+                    raise pg.PostgresError(pg.INVALID_AUTHORIZATION,
+                                           "no PostgreSQL user name specified in startup packet")
                 if not self.encrypted and self.proxy.config.tls.mode == "require":
                     raise pg.PostgresError(pg.INVALID_AUTHORIZATION,
                                            "shardproxy: SSL required: connections without encryption are refused")
                 return startup
             else:
-                raise pg.PostgresError(pg.PROTOCOL_VIOLATION, f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}")
+                raise pg.PostgresError(pg.PROTOCOL_VIOLATION,
+                                       f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}")
 
     async def _start_tls(self, context: ssl.SSLContext) -> None:
         """Switch to TLS right after the S: the client sends nothing more before its ClientHello."""
@@ -188,20 +204,21 @@ class ClientConnection(ClientCore, Routing, Connection):
 
     async def _password_message(self) -> bytes:
         kind, body = await self.read_message()
-        if kind != _p:
+        if kind != Frontend.PASSWORD:
             raise pg.PostgresError(pg.PROTOCOL_VIOLATION, f"expected password response, got message type {chr(kind)!r}")
         return body
 
     async def _welcome(self, startup: dict[str, str]) -> None:
         """Tell the client the server's parameters and its cancel key, then open the data path."""
-        if self.database == ADMIN_DATABASE:  # the admin console: commands, not a server session
-            self.proxy.admin.open_session(self)
+        if self.database == self.proxy.config.admin.database:  # the admin console: commands, not a server session
+            self.proxy.open_admin_session(self)
             log.info("client %d %s connected to the admin console: user=%s", self.id, self.address, self.user,
                      extra={"event": "connect", "client": self.id, "user": self.user})
             return
         self.pool, defaults = await self.proxy.login(self.database, self.user)
         values, self.param_sql = session_params.startup_values(startup)
-        self.params = session_params.shared({k: v for k, v in defaults.items() if k in session_params.REPORTED} | values)
+        reported = {k: v for k, v in defaults.items() if k in session_params.REPORTED}
+        self.params = session_params.shared(reported | values)
         self.pid, self.secret = self.proxy.register(self)
         self.home = self.id % len(self.proxy.config.shards)
         shown = defaults | values
@@ -210,136 +227,6 @@ class ClientConnection(ClientCore, Routing, Connection):
         log.info("client %d %s connected: user=%s database=%s", self.id, self.address, self.user, self.database,
                  extra={"event": "connect", "client": self.id, "user": self.user})
         self.end_login()
-
-    # -- the request half of the data path ------------------------------------------------------------
-    # on_data, _dispatch (between transactions), link, _forward and _server_ready are ClientCore's (_wire.pyx).
-
-    def _answer_without_server(self) -> bool:
-        """Outside a transaction, Parse (of a statement some server accepted already), Close of a statement
-        and Sync need no server: answer them here. Clients that prepare synchronously (pgbench -M prepared)
-        would otherwise wait for a connection that another of their own sessions holds.
-        Returns whether messages that need a server remain."""
-        buf = self.buf
-        n = len(buf)
-        pos = answered = replied = 0
-        replies: list[bytes] = []
-        while n - pos >= 5:
-            t = buf[pos]
-            end = pos + 1 + _UNPACK(buf, pos + 1)[0]
-            if end > n or end <= pos + 4 or not well_formed(buf, pos, end):  # malformed: the framing refuses it
-                break
-            if t == _P and buf[pos + 5]:
-                name, body_start = pg.read_cstring(buf, pos + 5)
-                statement = self.proxy.statements.known(bytes(buf[body_start:end]))
-                if statement is None:
-                    break
-                self.statements[name] = statement
-                replies.append(pg.PARSE_COMPLETE)
-                if is_session_statement(buf, body_start, end):
-                    self._track_set(pg.read_cstring(buf, body_start)[0].decode(errors="replace"), None)
-            elif t == _C and buf[pos + 5] == _S and buf[pos + 6]:
-                self.statements.pop(bytes(buf[pos + 6:end - 1]), None)
-                replies.append(pg.CLOSE_COMPLETE)
-            elif t == _S:
-                replies.append(pg.READY[pg.IDLE])
-                answered, replied = end, len(replies)
-            else:
-                break
-            pos = end
-        if answered:
-            self.write(b"".join(replies[:replied]))
-            del buf[:answered]
-        return n - answered >= 5
-
-    # -- named prepared statements --------------------------------------------------------------------
-    def _parse(self, buf, pos: int, end: int, out: list) -> None:
-        name, body_start = pg.read_cstring(buf, pos + 5)
-        statement = self.proxy.statements.get(bytes(buf[body_start:end]))
-        undo = self._name(name, statement)
-        server = self.server
-        if server.reuse_prepared(statement.name):
-            server.enqueue_synthetic((PARSE, SYNTH, pg.PARSE_COMPLETE, undo))
-        else:
-            out.append(statement.parse)
-            server.pending.append((PARSE, FORWARD, statement, undo))
-            server.remember_prepared(statement.name, self.proxy.config.pool.prepared_statements_per_server, out)
-
-    def _name(self, name: bytes, statement: Statement | None) -> tuple:
-        """Give one of the client's statement names to a statement (None: the name goes). Returns the call that
-        takes it back, for the server to make should it skip the message that did it (see _skip_to_sync)."""
-        undo = (self._name, name, self.statements.get(name))
-        if statement is None:
-            self.statements.pop(name, None)
-        else:
-            self.statements[name] = statement
-        return undo
-
-    # _bind and _ensure_prepared are ClientCore's (_wire.pyx): they run for each Bind of a named statement.
-
-    def _statement_message(self, t: int, name: bytes, out: list) -> None:
-        """Describe or Close of a named statement."""
-        server = self.server
-        if t == _C:  # the server keeps it for whoever prepares it next
-            server.enqueue_synthetic((CLOSE, SYNTH, pg.CLOSE_COMPLETE, self._name(name, None)))
-            return
-        statement = self.statements.get(name)
-        if statement is None:
-            out.append(pg.message(b"D", b"S" + name + b"\0"))
-        else:
-            self._ensure_prepared(statement, out)
-            out.append(pg.message(b"D", b"S" + statement.bind_prefix))
-        server.pending.append((DESCRIBE, FORWARD, statement))
-
-    # -- session statements in simple queries ---------------------------------------------------------
-    def _session_statement(self, message: bytes, out: list) -> None:
-        """SET/RESET of tracked parameters, DEALLOCATE and DISCARD ALL: the proxy keeps its books straight."""
-        server = self.server
-        sql = message[5:-1].decode(errors="replace")
-        target = deallocate_target(sql)
-        if target == "" or (target is not None and target.encode() in self.statements):
-            if target:
-                self.statements.pop(target.encode())
-            else:
-                self.statements.clear()
-            server.enqueue_synthetic(_DEALLOCATE_DONE if target else _DEALLOCATE_ALL_DONE)
-            return
-        out.append(message)
-        if is_discard_all(sql):
-            server.pending.append((QUERY, FORWARD, self._discarded))
-            return
-        server.pending.append(QUERY_REQ)
-        self._track_set(sql, server)
-
-    def _track_set(self, sql: str, server: ServerConnection | None) -> None:
-        """Note a SET/RESET of an unreported parameter (or RESET ALL) as the client's and the server's.
-        The server undoes it if the transaction rolls back: so does the proxy (see ServerConnection)."""
-        tracked = session_params.tracked_set(sql)
-        reset_all = tracked is None and session_params.is_reset_all(sql)
-        if tracked is None and not reset_all:
-            return
-        owners = [self.param_sql]
-        if server is not None:
-            if server.settings_before is None:
-                server.settings_before = (dict(self.param_sql), dict(server.param_sql))
-            owners.append(server.param_sql)
-        for owner in owners:
-            if reset_all:
-                owner.clear()
-            elif tracked[1] is None:
-                owner.pop(tracked[0], None)
-            else:
-                owner[tracked[0]] = tracked[1]
-
-    def parameter_changed(self, name: str, value: str) -> None:
-        """The linked server reported a new value of a parameter that follows the client."""
-        self.params = session_params.with_value(self.params, name, value)
-
-    def _discarded(self, server: ServerConnection, _: int, tag: bytes) -> None:
-        if tag == b"DISCARD ALL":
-            server.prepared.clear()
-            server.param_sql.clear()
-            self.statements.clear()
-            self.param_sql.clear()
 
     # -- endings ----------------------------------------------------------------------------------------
     def server_lost(self, server: ServerConnection) -> None:
@@ -355,7 +242,7 @@ class ClientConnection(ClientCore, Routing, Connection):
         pool, shard = self.pool, self.shard
         if error.code != pg.CONNECTION_FAILURE or not self.routes or shard < 0 or self.closed:
             self._fatal(error)
-        elif self.proxy.is_primary(pool.node) or self.held:
+        elif self.proxy.pools.is_primary(pool.node) or self.held:
             self.shard = -1
             self._await_primary(shard)
         else:
@@ -363,9 +250,13 @@ class ClientConnection(ClientCore, Routing, Connection):
             self.shard = -1
             self._dispatch()
 
+    def _unrouted_pool(self) -> Pool:
+        """One server and no routing, and a reload drained the pool the client used last: the one server's."""
+        return self.proxy.pools.pool_for(self.database, self.user, self.proxy.pools.first_node())
+
     def _fatal(self, error: pg.PostgresError) -> None:
         if not self.closed and self.transport is not None:
-            self.proxy.metrics.client_error(error)
+            self.proxy.client_error(error)
             self.write(error.to_message("FATAL"))
             self.reason = self.reason or error.message
         self.close()

@@ -1,6 +1,6 @@
 """The socket layer shared by client and server connections: a receive buffer, and during login an
 awaitable `read_message()`; after login each side frames messages itself on its hot path, and writes on a plain
-socket go straight to it (Endpoint.write, in _wire.pyx), the transport taking only what the socket cannot.
+socket go straight to it (Endpoint.write, in _core.pyx), the transport taking only what the socket cannot.
 """
 
 from __future__ import annotations
@@ -8,9 +8,8 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
-from shardproxy import protocol as pg
-from shardproxy._wire import Endpoint
-
+from shardproxy.datapath._core import Endpoint
+from shardproxy.wire import protocol as pg
 
 _ENCRYPTION_REQUESTS = (pg.SSL_REQUEST, pg.GSSENC_REQUEST)
 
@@ -23,8 +22,6 @@ class Connection(Endpoint, asyncio.Protocol):
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self.buf = bytearray()
-        self.closed = False
         self.peer: Connection | None = None  # whose reading pauses while our socket cannot take more
         self._inbox: deque[tuple[int, bytes]] = deque()
         self._waiter: asyncio.Future | None = None
@@ -61,11 +58,7 @@ class Connection(Endpoint, asyncio.Protocol):
             peer.transport.resume_reading()
             peer.reading_paused = False
 
-    # -- the hot path is the subclass's -------------------------------------------------------------
-    def on_data(self, data: bytes | bytearray) -> None:
-        """Frame and handle what arrived; keep an incomplete message's bytes in self.buf."""
-        raise NotImplementedError
-
+    # -- the hot path is the compiled subclass's: on_data frames and handles what arrived --------------------
     def end_login(self) -> None:
         """From now on data goes to on_data(); what arrived early is processed at once.
         Raises the ProtocolError of a bad message that came with the login and was never read."""
@@ -138,9 +131,3 @@ class Connection(Endpoint, asyncio.Protocol):
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            if self.transport is not None:
-                self.transport.close()

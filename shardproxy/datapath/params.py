@@ -2,9 +2,10 @@
 
 Reported parameters (the server announces their values in ParameterStatus) are compared by value. The
 others (search_path, extra_float_digits: not reported by PostgreSQL 15) are tracked by the SET statement that
-changed them last, and so are the other settings a client gave at startup. When a client is linked to a connection whose values differ, one hidden query brings the
-connection in line before the client's own messages. Reported values are kept in shared dicts (`shared`), never
-changed in place, so that at each hand-out equal values are mostly the same object and the check is an identity test.
+changed them last, and so are the other settings a client gave at startup. When a client is linked to a connection
+whose values differ, one hidden query brings the connection in line before the client's own messages. Reported
+values are kept in shared dicts (`shared`), never changed in place, so that at each hand-out equal values are mostly
+the same object and the check is an identity test.
 """
 
 from __future__ import annotations

@@ -1,63 +1,102 @@
-"""The routing half of a client connection, in sharded configurations: which shard and node each of its
-transactions runs on.
+"""Where a client's transactions run, in sharded configurations: the routing half of a client connection.
 
-A batch (a simple Query, or extended-protocol messages up to Sync) is routed by router.py's pure decision
+A batch (a simple Query, or extended-protocol messages up to Sync) is routed by the router's pure decision
 for its deciding statement. Between transactions (`_batch_route`, `_answer_locally`, `_start`) the decision
 picks the pool; a BEGIN is held until a statement names its shard, and a transaction whose statements name
 none runs tentatively on the client's home shard, to move once one does. On a linked connection each new
 batch is checked (`_route_batch_here`, `_check_route`): it runs there, waits for the next transaction, or is
 refused by making the server raise the error, so that the transaction aborts there as PostgreSQL's would.
-Statements on several shards run through fanout.py.
+Statements on several shards run through the fanout package.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from enum import Enum
 from functools import partial
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
-from shardproxy import params as session_params
-from shardproxy import protocol as pg
-from shardproxy._wire import (BIND_REQ, HIDDEN_QUERY, HIDE, PARSE, QUERY, QUERY_REQ, SYNTH, batch_end, bind_parameter,
-                              bind_statement, text, well_formed)
-from shardproxy.router import Plan, Route, decode_key
-from shardproxy.topology import parse_lsn
+from shardproxy.cluster.topology import NodeState, parse_lsn
+from shardproxy.config import Config
+from shardproxy.datapath import fanout
+from shardproxy.datapath import params as session_params
+from shardproxy.datapath._core import batch_end, bind_parameter, bind_statement, text, well_formed
+from shardproxy.datapath.pending import BIND_REQ, HIDDEN_QUERY, QUERY_REQ, Action, Kind, Request
+from shardproxy.routing.keys import decode_key
+from shardproxy.routing.router import Decision, Route, Router
+from shardproxy.wire import protocol as pg
+from shardproxy.wire.protocol import Backend, Frontend
 
 if TYPE_CHECKING:
-    from shardproxy.proxy import Proxy
-    from shardproxy.server import ServerConnection
-    from shardproxy.statements import Statement
+    from shardproxy.datapath.pool import Pool, Pools
+    from shardproxy.datapath.server import ServerConnection
+    from shardproxy.datapath.statements import Statement
 
 log = logging.getLogger("shardproxy.client")  # the client connection's half: it logs as the client
 
-_S, _Q, _P, _B, _H, _F, _D = b"SQPBHFD"
 _UNPACK = pg.INT32.unpack_from
-_GO, _STOP, _REFUSE = range(3)
 _COMMIT_LSN = pg.query("SELECT pg_current_wal_insert_lsn()")
-_SET_DONE = (QUERY, SYNTH, pg.command_complete("SET"))
-_RESET_DONE = (QUERY, SYNTH, pg.command_complete("RESET"))
+_SET_DONE = Request(Kind.QUERY, Action.SYNTH, pg.command_complete("SET"))
+_RESET_DONE = Request(Kind.QUERY, Action.SYNTH, pg.command_complete("RESET"))
 _COMMITTED_ALREADY = pg.notice(pg.WARNING, "shardproxy: this statement ran on every shard and is committed there "
                                "already; a ROLLBACK of the transaction will not undo it")
 
 
-class Decision(NamedTuple):
-    """Where a statement goes, with the plan and text it was routed from."""
+class PlacementHost(Protocol):
+    """What routing needs of the proxy."""
 
-    route: Route
-    plan: Plan | None
-    sql: str
+    config: Config
+    router: Router
+    any_decision: Decision  # for batches that name no statement
+    pools: Pools
+
+    async def wait_for_primary(self, shard: str, timeout: float) -> NodeState | None: ...
 
 
-# A Decision made without the Python-level __new__ of a NamedTuple (a third of the cost): one per routed statement.
-_decision = partial(tuple.__new__, Decision)
+class BatchRoute(NamedTuple):
+    """The routing of one batch: a Query, or extended-protocol messages up to Sync."""
+
+    decision: Decision
+    end: int  # where the batch ends
+    decider: int  # where its deciding message is
+    standalone: bool  # it is one simple Query
 
 
-class Routing:
-    """Mixed into ClientConnection, whose buffer, server link, pool and proxy it uses."""
+class HereVerdict(NamedTuple):
+    """What a linked connection does with the batch at hand (read by the compiled loop, ClientCore._forward)."""
 
-    def init_routing(self, proxy: Proxy) -> None:
-        self.routes = proxy.sharded  # whether this connection's statements are routed one by one
+    next_batch: int  # where the next batch starts, or -1: not known yet
+    decider: int  # the position of its deciding message, or -1
+    refuse: int  # the position of a statement to refuse (or answer locally), or -1
+    go: bool  # the batch may run here at all
+
+
+class Verdict(Enum):
+    """Whether a statement met on a linked connection may run there."""
+
+    GO = "go"  # it runs there
+    STOP = "stop"  # it waits for the next transaction
+    REFUSE = "refuse"  # the server raises the refusal, which aborts the transaction there
+
+
+# Made without the Python-level __new__ of a NamedTuple (a third of the cost): one per routed statement.
+_new_decision = partial(tuple.__new__, Decision)
+_new_batch_route = partial(tuple.__new__, BatchRoute)
+_new_here = partial(tuple.__new__, HereVerdict)
+_GO, _STOP, _REFUSE = Verdict.GO, Verdict.STOP, Verdict.REFUSE  # module globals: read faster than Verdict.GO
+_RUNS_HERE = HereVerdict(-1, -1, -1, True)
+_STOPS_HERE = HereVerdict(-1, -1, -1, False)
+
+
+class Placement:
+    """Mixed into ClientConnection (before its ClientSession, whose hooks it fills in), whose buffer, server link,
+    pool and proxy it uses."""
+
+    proxy: PlacementHost
+
+    def init_placement(self, sharded: bool) -> None:
+        self.routes = sharded  # whether this connection's statements are routed one by one
         self.home = 0  # the shard for statements that name none: the last one used (set at login)
         self.shard = -1  # the shard of the linked server connection
         self.on_primary = False  # whether the linked server connection is its shard's primary
@@ -75,45 +114,45 @@ class Routing:
         self.wrote = False  # the linked transaction wrote on a shard that has replicas (read-your-writes)
         self.min_lsn: dict[int, int] = {}  # per shard: the WAL position of this client's last commit there
         self.avoid: set[str] = set()  # nodes that just refused a connection, for this transaction
-        self.decided: tuple[Decision, int, int, bool] | None = None  # the routing of the batch being linked
+        self.decided: BatchRoute | None = None  # the routing of the batch being linked
         self._refusal = ""  # the message of the statement to refuse, or "" to answer it with _local_reply
         self._local_reply = _SET_DONE
 
     # -- between transactions: where the next one starts ------------------------------------------------
-    def _batch_route(self, buf, start: int) -> tuple[Decision, int, int, bool] | None:
-        """The routing decision for the batch at `start`: (decision, where the batch ends, where its
-        deciding message is, whether it is one simple Query). A batch is a Query, or extended-protocol
-        messages up to Sync, decided by its first Bind that names a shard (or every shard), else by its first
-        Bind. None while the deciding message has not fully arrived."""
+    def _batch_route(self, buf, start: int) -> BatchRoute | None:
+        """The routing of the batch at `start`, decided by its first Bind that names a shard (or every shard),
+        else by its first Bind. None while the deciding message has not fully arrived."""
         n = len(buf)
         pos = start
         unnamed = self.unnamed
-        first = None  # the first Bind's decision, when it names no shard (BEGIN, SET, SELECT 1)
+        first: BatchRoute | None = None  # the first Bind's decision, when it names no shard (BEGIN, SET, SELECT 1)
         while n - pos >= 5:
             t = buf[pos]
             end = pos + 1 + _UNPACK(buf, pos + 1)[0]
             if end > n:
                 return None
             if not well_formed(buf, pos, end):  # the framing refuses it (08P01) once the batch is linked
-                return first or (self.proxy.any_decision, end, pos, False)
-            if t == _Q:
+                return first or _new_batch_route((self.proxy.any_decision, end, pos, False))
+            if t == Frontend.QUERY:
                 if pos > start:  # extended messages before a Query go first, on their own
-                    return (first[0], pos, first[2], False) if first else (self.proxy.any_decision, pos, pos, False)
-                return self._query_decision(buf, pos, end), end, pos, True
-            if t == _P:
+                    if first is not None:
+                        return _new_batch_route((first.decision, pos, first.decider, False))
+                    return _new_batch_route((self.proxy.any_decision, pos, pos, False))
+                return _new_batch_route((self._query_decision(buf, pos, end), end, pos, True))
+            if t == Frontend.PARSE:
                 name, body_start = pg.read_cstring(buf, pos + 5)
-                statement = self.proxy.statements.get(bytes(buf[body_start:end]))
+                statement = self.core.statements.get(bytes(buf[body_start:end]))
                 if name:
                     self.statements[name] = statement
                 else:
                     unnamed = self.unnamed = statement
-            elif t == _B:
+            elif t == Frontend.BIND:
                 decision = self._bind_decision(buf, pos, end, unnamed)
                 if decision.route.target != "any":
-                    return decision, batch_end(buf, end), pos, False
-                first = first or (decision, batch_end(buf, end), pos, False)
-            elif t == _S or t == _H or t == _F:
-                return first or (self.proxy.any_decision, end, pos, False)
+                    return _new_batch_route((decision, batch_end(buf, end), pos, False))
+                first = first or _new_batch_route((decision, batch_end(buf, end), pos, False))
+            elif t == Frontend.SYNC or t == Frontend.FLUSH or t == Frontend.FUNCTION_CALL:
+                return first or _new_batch_route((self.proxy.any_decision, end, pos, False))
             pos = end
         return None
 
@@ -121,7 +160,7 @@ class Routing:
         router = self.proxy.router
         sql = text(buf, pos + 5, end - 1)
         plan, literals = router.plan_simple(sql)
-        return _decision((router.route(plan, literals, None, self.session_key), plan, sql))
+        return _new_decision((router.route(plan, literals, None, self.session_key), plan, sql))
 
     def _bind_decision(self, buf, pos: int, end: int, unnamed: Statement | None) -> Decision:
         name = bind_statement(buf, pos, end)
@@ -141,7 +180,7 @@ class Routing:
             oid = types[number - 1] if number <= len(types) else 0
             return None if value is None else decode_key(value, fmt, oid)
 
-        return _decision((router.route(plan, (), parameter, self.session_key), plan, statement.sql))
+        return _new_decision((router.route(plan, (), parameter, self.session_key), plan, statement.sql))
 
     def _answer_locally(self, decision: Decision, end: int) -> bool:
         """Simple queries the proxy answers itself between transactions: a BEGIN it holds until the
@@ -178,7 +217,7 @@ class Routing:
         """Open the transaction where the route says: one shard's node, or several shards at once."""
         route = decision.route
         if route.target in ("scatter", "all"):
-            if self.buf[batch_end - 5] != _S and self.buf[0] != _Q:
+            if self.buf[batch_end - 5] != Frontend.SYNC and self.buf[0] != Frontend.QUERY:
                 return  # a multi-shard batch runs whole: wait for its Sync
             batch = bytes(self.buf[:batch_end])
             del self.buf[:batch_end]
@@ -187,7 +226,7 @@ class Routing:
             return
         # A refused extended-protocol batch goes to the home shard, whose server raises the refusal (_forward).
         shard = route.shard if route.target == "shard" else self.home
-        if route.kind == "begin" and not self.held and self.buf[0] != _Q:
+        if route.kind == "begin" and not self.held and self.buf[0] != Frontend.QUERY:
             # BEGIN in the extended protocol (psycopg's executemany, pipelines) runs at once on the home
             # shard: tentatively, as a held BEGIN would, and replayed where the transaction moves.
             self.begin_replay = pg.query(decision.sql)
@@ -196,13 +235,18 @@ class Routing:
         else:
             self.tentative = route.target != "shard" and bool(self.held)
         write = route.write or (bool(self.held) and not self.read_only)
-        pool = self.proxy.node_pool(self, shard, write, route.force_primary)
+        pool = self._pool_on(shard, write, route.force_primary)
         if pool is None:
             self._await_primary(shard)
             return
         self.shard = shard
-        self.wrote = write and self.proxy.tracks_writes(shard)
+        self.wrote = write and self.proxy.pools.tracks_writes(shard)
         self._acquire(pool)
+
+    def _pool_on(self, shard: int, write: bool, force_primary: bool) -> Pool | None:
+        """The pool for a statement on a shard; None while the shard has no primary to write to."""
+        return self.proxy.pools.node_pool(self.database, self.user, shard, write, force_primary,
+                                          self.min_lsn.get(shard), self.avoid)
 
     def _await_primary(self, shard: int) -> None:
         """No primary for the shard: hold the transaction (not fail it) while a failover may bring one."""
@@ -212,9 +256,9 @@ class Routing:
     async def _held_for_failover(self, shard: int) -> None:
         name = self.proxy.config.shards[shard].name
         timeout = self.proxy.config.routing.failover_timeout
-        if name in self.proxy.admin.paused:  # its primary may be restarting under PAUSE: wait as PAUSE promises
+        if name in self.proxy.pools.paused:  # its primary may be restarting under PAUSE: wait as PAUSE promises
             timeout = max(timeout, self.proxy.config.pool.query_wait_timeout)
-        node = await self.proxy.health.wait_for_primary(name, timeout)
+        node = await self.proxy.wait_for_primary(name, timeout)
         self.busy = False
         if node is None:
             self._fatal(pg.PostgresError(pg.CANNOT_CONNECT_NOW, f"shardproxy: shard {name} has no primary"))
@@ -222,12 +266,13 @@ class Routing:
             self._dispatch()
 
     async def _run_on_shards(self, decision: Decision, batch: bytes) -> None:
-        from shardproxy import fanout  # its legs are client connections: imported late, not circularly
-
         held = bool(self.held)
         status = pg.IN_TRANSACTION if held else pg.IDLE
         try:
-            reply = await fanout.run(self, decision, batch, status)
+            route = decision.route
+            pools = [self._pool_on(shard, route.target == "all", route.force_primary)
+                     for shard in range(len(self.proxy.config.shards))]
+            reply = await fanout.run(self, pools, decision, batch, status)
         except pg.PostgresError as exc:
             reply = exc.to_message() + pg.READY[pg.FAILED_TRANSACTION if held else pg.IDLE]
         except Exception as exc:  # a bug must cost this statement, not the client's connection
@@ -244,44 +289,42 @@ class Routing:
             self._dispatch()
 
     # -- on a linked connection: may the next batch run here? -----------------------------------------
-    def _route_batch_here(self, buf, pos: int) -> tuple[int, int, int, bool]:
-        """At the start of a batch on a linked connection: (where the next batch starts, the position of
-        its deciding message or -1, the position of a statement to refuse or -1, whether the batch may run
-        here at all). Every other Bind of the batch is checked as it is forwarded (see _batch_member)."""
+    def _route_batch_here(self, buf, pos: int) -> HereVerdict:
+        """At the start of a batch on a linked connection: where it may run. Every other Bind of the batch is
+        checked as it is forwarded (see _batch_member)."""
         found = self.decided if pos == 0 and self.decided is not None else self._batch_route(buf, pos)
         if found is None:  # its deciding message has not arrived: it runs here
-            return -1, -1, -1, True
+            return _RUNS_HERE
         decision, batch_end, decider, standalone = found
         kind = decision.route.kind
         if standalone and kind in ("set_shard_key", "reset_shard_key"):
             self.session_key = decision.plan.shard_key_value if kind == "set_shard_key" else None
             self._refusal = ""
             self._local_reply = _SET_DONE if kind == "set_shard_key" else _RESET_DONE
-            return batch_end, decider, decider, True
+            return _new_here((batch_end, decider, decider, True))
         verdict = self._check_route(decision)
-        if verdict == _STOP:
-            return -1, -1, -1, False
-        if verdict == _REFUSE:
+        if verdict is _STOP:
+            return _STOPS_HERE
+        if verdict is _REFUSE:
             route = decision.route
             self._refusal = route.message if route.target == "error" else self._cross_shard_message(route)
-            return batch_end, decider, decider, True
-        return batch_end, decider, -1, True
+            return _new_here((batch_end, decider, decider, True))
+        return _new_here((batch_end, decider, -1, True))
 
     def _batch_member(self, buf, pos: int, end: int) -> str:
         """A Bind of a batch that some other message decided: why it cannot run here, or "" if it can.
         Everything up to a Sync is one implicit transaction on one server, so a statement for another
         shard (or for every shard) cannot be sent anywhere else: it is refused, which aborts the batch."""
         decision = self._bind_decision(buf, pos, end, self.unnamed)
-        if self._check_route(decision) == _GO:
+        if self._check_route(decision) is _GO:
             return ""
         route = decision.route
         if route.target == "error":
             return route.message or "shardproxy: cannot route"
         return self._cross_shard_message(route)
 
-    def _check_route(self, decision: Decision) -> int:
-        """Whether a statement met on a linked connection may run there (GO), must wait for the next
-        transaction (STOP), or is refused by making the server raise the error (REFUSE)."""
+    def _check_route(self, decision: Decision) -> Verdict:
+        """Whether a statement met on a linked connection may run there."""
         route = decision.route
         target = route.target
         if route.kind == "begin":
@@ -295,7 +338,7 @@ class Routing:
         in_transaction = self.tx_open or self.server.status != pg.IDLE
         if target == "shard" and route.shard == self.shard and (self.on_primary or not route.write or in_transaction):
             self.tentative = False
-            self.wrote = self.wrote or (route.write and self.proxy.tracks_writes(self.shard))
+            self.wrote = self.wrote or (route.write and self.proxy.pools.tracks_writes(self.shard))
             return _GO
         if self.tentative or not in_transaction:
             return _STOP
@@ -303,14 +346,15 @@ class Routing:
 
     def _refuse(self, message: str, buf, pos: int, end: int, out: list) -> None:
         """Make the linked server raise the refusal, so that it also aborts the transaction there."""
-        sql = f"DO $shardproxy$ BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', MESSAGE = {session_params.literal(message)}; END $shardproxy$"
-        if buf[pos] == _Q:
+        sql = (f"DO $shardproxy$ BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', "
+               f"MESSAGE = {session_params.literal(message)}; END $shardproxy$")
+        if buf[pos] == Frontend.QUERY:
             out.append(pg.query(sql))
             self.server.pending.append(QUERY_REQ)
             return
         portal_end = buf.index(0, pos + 5)  # a Bind: bind the client's portal to the raising statement
         out.append(pg.message(b"P", b"\0" + pg.cstring(sql) + b"\0\0"))
-        self.server.pending.append((PARSE, HIDE, None))
+        self.server.pending.append(Request(Kind.PARSE, Action.HIDE))
         out.append(pg.message(b"B", bytes(buf[pos + 5:portal_end + 1]) + b"\0" + b"\0" * 6))
         self.server.pending.append(BIND_REQ)
 
@@ -337,7 +381,7 @@ class Routing:
     # -- transaction ends -------------------------------------------------------------------------------
     def _linked_on_shard(self, server: ServerConnection) -> None:
         """A routed transaction got its server connection: replay the BEGIN and SETs held for it."""
-        self.on_primary = self.proxy.is_primary(server.pool.node)
+        self.on_primary = self.proxy.pools.is_primary(server.pool.node)
         self.tx_open = bool(self.held)
         for replay in self.held:
             server.pending.append(HIDDEN_QUERY)
@@ -347,12 +391,12 @@ class Routing:
         """Read-your-writes: learn where this client's commit ends in the WAL before the connection goes."""
         self.wrote = False
         self.tx_open = False  # over: a statement for another shard arriving meanwhile waits, is not refused
-        server.pending.append((QUERY, HIDE, self._committed_at))
+        server.pending.append(Request(Kind.QUERY, Action.HIDE, self._committed_at))
         server.write(_COMMIT_LSN)
 
     def _committed_at(self, _: ServerConnection, t: int, body: bytes) -> None:
         """The answer to _COMMIT_LSN: this client's reads on the shard need a replica that has replayed it."""
-        if t == _D and self.shard >= 0:
+        if t == Backend.DATA_ROW and self.shard >= 0:
             (length,) = pg.INT32.unpack_from(body, 2)
             self.min_lsn[self.shard] = parse_lsn(bytes(body[6:6 + length]).decode())
 

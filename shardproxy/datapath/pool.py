@@ -1,8 +1,13 @@
-"""Server connection pools, one per (database, user, node), as PgBouncer keeps them.
+"""Server connection pools, one per (database, user, node), as PgBouncer keeps them, and the registry of them.
 
 A connection is on one list at a time: `idle` (ready for the next client), linked to a client (active), or
-being opened. Clients that find no idle connection queue in `waiting` and are handed one directly on release.
-Timeouts are enforced by `tick()`, which the proxy's janitor calls, not by timers per connection.
+being opened. Clients that find no idle connection queue in `waiting` and are handed one directly on release
+(the hand-over is compiled: PoolCore in _core.pyx). Timeouts are enforced by `tick()`, which the proxy's janitor
+calls, not by timers per connection.
+
+`Pools` owns every pool and what the pools of a shard share: PAUSE (the admin console writes it, routing and the
+pools read it, as PgBouncer keeps `db_paused` on its database), the choice of node for a statement, and the
+parameters a new client is told at login. A pool gets its collaborators from it, not the whole proxy.
 """
 
 from __future__ import annotations
@@ -10,20 +15,27 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
-from shardproxy import protocol as pg
-from shardproxy._wire import HIDDEN_QUERY, PoolCore
-from shardproxy.server import ServerConnection
-from shardproxy.tls import connect_server
+from shardproxy.cluster.topology import Change, NodeState, Topology
+from shardproxy.config import Config, PoolSettings
+from shardproxy.counters import PoolStats, Tally
+from shardproxy.datapath._core import PoolCore
+from shardproxy.datapath.pending import HIDDEN_QUERY
+from shardproxy.datapath.server import ServerConnection
+from shardproxy.wire import protocol as pg
+from shardproxy.wire.auth import ProvenKey
+from shardproxy.wire.dial import Dialer
 
 if TYPE_CHECKING:
-    from shardproxy.client import ClientConnection
-    from shardproxy.config import Pool as PoolSettings
-    from shardproxy.proxy import Proxy
-    from shardproxy.topology import NodeState
+    from shardproxy.datapath._core import ClientCore
 
 log = logging.getLogger("shardproxy.pool")
+
+# A user's credentials towards servers: its configured password (None: none), and the key a client of the user
+# proved at login (SCRAM pass-through for users configured with a verifier), if any.
+Credentials = Callable[[str], tuple[str | None, ProvenKey | None]]
 
 
 class PoolKey(NamedTuple):  # a tuple: made and hashed for every routed transaction
@@ -33,35 +45,36 @@ class PoolKey(NamedTuple):  # a tuple: made and hashed for every routed transact
 
 
 class Pool(PoolCore):
-    def __init__(self, proxy: Proxy, key: PoolKey, node: NodeState):
-        self.proxy = proxy
+    def __init__(self, key: PoolKey, node: NodeState, stats: PoolStats, credentials: Credentials,
+                 on_connect_failure: Callable[[str], None], paused: bool):
+        """on_connect_failure(address): a node refused a connection (health checks look at it at once)."""
         self.key = key
         self.node = node
         self.node_label = node.address
         self.load = node.load
+        self.stats = stats
+        self.credentials = credentials
+        self.on_connect_failure = on_connect_failure
         self.idle: list[ServerConnection] = []
         self.servers: set[ServerConnection] = set()
-        self.waiting: deque[ClientConnection] = deque()
+        self.waiting: deque[ClientCore] = deque()
         self.opening = 0
         self.defaults: dict[str, str] | None = None  # the server's reported parameters on a fresh session
         self._defaults_lock = asyncio.Lock()
-        self.paused = proxy.admin.is_paused(node.address)  # PAUSE: hold new transactions (see admin.py)
+        self.paused = paused  # PAUSE: hold new transactions (see Pools.pause)
         self.draining = False  # its node left the config: paused for good (see drain)
-        self.stats = proxy.metrics.pool_stats(node)
-        self.configure()
+        self.settings = PoolSettings()
+        self.dialer = Dialer("disable", None)
 
-    @property
-    def settings(self) -> PoolSettings:
-        return self.proxy.config.pool
+    def configure(self, settings: PoolSettings, slow_queries: float, dialer: Dialer) -> None:
+        """The settings of the last (re)load; those that each transaction reads are copied into typed fields."""
+        self.settings = settings
+        self.dialer = dialer
+        self.size = settings.size
+        self.server_lifetime = settings.server_lifetime
+        self.slow_queries = slow_queries
 
-    def configure(self) -> None:
-        """Copy the settings that each transaction reads (the data path reads them typed, not through the config)."""
-        config = self.proxy.config
-        self.size = config.pool.size
-        self.server_lifetime = config.pool.server_lifetime
-        self.slow_queries = config.log.slow_queries
-
-    # -- handing out and taking back: acquire, release, unlink are PoolCore's (_wire.pyx) ----------------
+    # -- handing out and taking back: acquire, release, unlink are PoolCore's (_core.pyx) ----------------
     def reset_and_release(self, server: ServerConnection) -> None:
         """Session pooling: wipe the session (DISCARD ALL) before the next client gets it."""
         self.unlink(server)
@@ -95,7 +108,7 @@ class Pool(PoolCore):
             client.server_lost(server)
         self._grow()
 
-    def cancel_waiting(self, client: ClientConnection) -> None:
+    def cancel_waiting(self, client: ClientCore) -> None:
         try:
             self.waiting.remove(client)
         except ValueError:
@@ -112,7 +125,7 @@ class Pool(PoolCore):
     async def _open_for_waiters(self) -> None:
         try:
             server = await self.open()
-        except (OSError, asyncio.TimeoutError, pg.PostgresError) as exc:
+        except (TimeoutError, OSError, pg.PostgresError) as exc:
             self.opening -= 1
             self._fail_waiters(exc)
             return
@@ -121,19 +134,18 @@ class Pool(PoolCore):
 
     async def open(self) -> ServerConnection:
         """A new logged-in connection; raises PostgresError (the server's own, or 08006) when it fails."""
-        user = self.proxy.config.user(self.key.user)
+        password, proven = self.credentials(self.key.user)
         server = ServerConnection(self)
         try:
             async with asyncio.timeout(self.settings.server_connect_timeout):
-                await connect_server(server, self.node.host, self.node.port, self.proxy.config.server_tls.mode,
-                                     self.proxy.server_ssl)
-                await server.login(self.key.user, user.password if user else None, self.key.database,
-                                   self.proxy.proven_keys.get(self.key.user))
-        except (OSError, asyncio.TimeoutError) as exc:
+                await self.dialer.connect(server, self.node.host, self.node.port)
+                await server.login(self.key.user, password, self.key.database, proven)
+        except (TimeoutError, OSError) as exc:
             server.close()
-            self.proxy.health.check_now(self.node_label)
+            self.on_connect_failure(self.node_label)
             log.warning("cannot connect to server %s: %s", self.node_label, exc or "timeout")
-            raise pg.PostgresError(pg.CONNECTION_FAILURE, f"shardproxy: cannot connect to server {self.node_label}")
+            raise pg.PostgresError(pg.CONNECTION_FAILURE,
+                                   f"shardproxy: cannot connect to server {self.node_label}") from None
         except pg.PostgresError:
             server.close()
             raise
@@ -201,3 +213,140 @@ class Pool(PoolCore):
     @property
     def active(self) -> int:
         return sum(1 for s in self.servers if s.client is not None)
+
+
+class Pools:
+    """Every pool of the proxy, and what pools of a shard share: PAUSE, and which node serves a statement."""
+
+    def __init__(self, config: Config, topology: Topology, dialer: Dialer, credentials: Credentials,
+                 on_connect_failure: Callable[[str], None], tally_of: Callable[[str, str], Tally]):
+        """tally_of(shard, role): the metrics' Tally of that shard and node role."""
+        self.config = config
+        self.topology = topology
+        self.dialer = dialer
+        self.credentials = credentials
+        self.on_connect_failure = on_connect_failure
+        self.tally_of = tally_of
+        self.paused: set[str] = set()  # shard names: PAUSE holds their new transactions
+        self._pools: dict[PoolKey, Pool] = {}
+        topology.on_change(self._fence)
+
+    def __iter__(self) -> Iterator[Pool]:
+        return iter(list(self._pools.values()))
+
+    def __len__(self) -> int:
+        return len(self._pools)
+
+    def pool_for(self, database: str, user: str, node: NodeState) -> Pool:
+        pool = self._pools.get((database, user, node.address))  # a plain tuple finds its PoolKey: none made per call
+        if pool is None or pool.draining:  # a node back in the config after a reload: a fresh pool
+            key = PoolKey(database, user, node.address)
+            pool = self._pools[key] = Pool(key, node, PoolStats(self.tally_of, node.shard, node), self.credentials,
+                                           self.on_connect_failure, node.shard in self.paused)
+            pool.configure(self.config.pool, self.config.log.slow_queries, self.dialer)
+        return pool
+
+    def node_pool(self, database: str, user: str, shard: int, write: bool, force_primary: bool = False,
+                  min_lsn: int | None = None, avoid: set[str] | frozenset[str] = frozenset()) -> Pool | None:
+        """The pool for a statement on a shard: its primary for writes, else the best node to read from (one
+        that has replayed `min_lsn`, the client's last commit there, under read-your-writes; none in `avoid`);
+        None while the shard has no primary to write to."""
+        name = self.config.shards[shard].name
+        consistency = self.config.routing.consistency
+        if write or force_primary or consistency == "strong":
+            node = self.topology.primary(name)
+        else:
+            node = self.topology.read_node(name, min_lsn if consistency == "read_your_writes" else None, avoid)
+        return None if node is None else self.pool_for(database, user, node)
+
+    def tracks_writes(self, shard: int) -> bool:
+        """Whether commits on this shard must be followed for read-your-writes: it has replicas to read."""
+        return self.config.routing.consistency == "read_your_writes" and len(self.config.shards[shard].nodes) > 1
+
+    def is_primary(self, node: NodeState) -> bool:
+        primary = self.topology.primary(node.shard)
+        return primary is not None and primary.address == node.address
+
+    def first_node(self) -> NodeState:
+        """The first shard's primary if known, else its first node: where an unrouted proxy sends everything."""
+        shard = self.config.shards[0].name
+        return self.topology.primary(shard) or self.topology.nodes(shard)[0]
+
+    async def login(self, database: str, user: str) -> tuple[Pool, dict[str, str]]:
+        """The pool a new client's server parameters come from, and those parameters: the first shard's
+        primary's, or while it cannot be reached (a failover) those of the shard's next node that can, so
+        clients still log in and read from replicas. A server's own refusal (password, unknown database)
+        is the client's answer as it is."""
+        shard = self.config.shards[0].name
+        nodes = [self.first_node(), *self.topology.read_candidates(shard), *self.topology.nodes(shard)]
+        error: pg.PostgresError | None = None
+        for node in dict.fromkeys(nodes):  # in that order, each once
+            pool = self.pool_for(database, user, node)
+            try:
+                defaults = await pool.fetch_defaults()
+            except pg.PostgresError as exc:
+                if exc.code != pg.CONNECTION_FAILURE:
+                    raise
+                error = exc
+                continue
+            if defaults.get("in_hot_standby") == "on":  # a replica's: clients see the proxy, which takes writes
+                defaults = {**defaults, "in_hot_standby": "off"}
+            return pool, defaults
+        assert error is not None
+        raise error
+
+    # -- PAUSE ----------------------------------------------------------------------------------------
+    def pause(self, shards: set[str]) -> list[Pool]:
+        """Hold the shards' new transactions; returns their pools, whose running transactions still end."""
+        self.paused |= shards
+        pools = self.of_shards(shards)
+        for pool in pools:
+            pool.pause()
+        return pools
+
+    def resume(self, shards: set[str]) -> None:
+        self.paused -= shards
+        for pool in self.of_shards(shards):
+            pool.resume()
+
+    def of_shards(self, shards: set[str]) -> list[Pool]:
+        return [pool for pool in self._pools.values() if pool.node.shard in shards]
+
+    # -- reload, janitor, shutdown ------------------------------------------------------------------------
+    def configure(self, config: Config, dialer: Dialer) -> None:
+        """A reload: pools to nodes the config no longer has (or has in another shard) drain (idle connections
+        close now, busy ones as their transactions end, and new transactions get pools of their own); the
+        others take the new settings."""
+        self.config, self.dialer = config, dialer
+        kept = {(node.address, shard.name) for shard in config.shards for node in shard.nodes}
+        for pool in self._pools.values():
+            if (pool.node.address, pool.node.shard) not in kept and not pool.draining:
+                pool.drain()
+                log.info("pool %s/%s to %s drains: the node left the config", pool.key.database, pool.key.user,
+                         pool.node_label)
+            pool.configure(config.pool, config.log.slow_queries, dialer)
+
+    def tick(self, now: float) -> None:
+        for key, pool in list(self._pools.items()):
+            pool.tick(now)
+            if pool.draining and not pool.servers and self._pools.get(key) is pool:
+                del self._pools[key]
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close()
+
+    def _fence(self, change: Change) -> None:
+        """A primary that a newer one replaced while it still runs (split brain) gets nothing more: the
+        transactions still open on it end unacknowledged (their clients get 08006), rather than commit
+        where the shard no longer reads or writes, and clients waiting for it are routed again."""
+        node = self.topology.node(change.old) if change.kind == "primary" and change.old else None
+        if node is None or not node.fenced:
+            return
+        for pool in [pool for pool in self._pools.values() if pool.node is node]:
+            waiting = list(pool.waiting)
+            pool.waiting.clear()
+            pool.close()
+            for client in waiting:
+                client.fail(pg.PostgresError(pg.CONNECTION_FAILURE, f"shardproxy: {node.address} is fenced"))
+        log.warning("%s fenced: its connections are closed", node.address)

@@ -12,7 +12,7 @@ import itertools
 import re
 from collections import OrderedDict
 
-from shardproxy import protocol as pg
+from shardproxy.wire import protocol as pg
 
 
 class Statement:

@@ -8,8 +8,8 @@ import threading
 import psycopg
 
 from shardproxy.config import load_config
-from shardproxy.ring import Ring
-from shardproxy.sandbox import Cluster, ProxyProcess, Sandbox, demo_topology
+from shardproxy.devtools.sandbox import Cluster, ProxyProcess, Sandbox, demo_topology
+from shardproxy.routing.ring import Ring
 
 REGIONS = ("us-east-1", "eu-central-1", "ap-southeast-1")
 PROXY_REGIONS = REGIONS[:2]

@@ -231,7 +231,7 @@ class Node:
         for pid in victims:
             with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        if not _wait_for(lambda: not _server_pids(self.data_dir), 10):
+        if not wait_until(lambda: not _server_pids(self.data_dir), 10):
             raise SandboxError(f"{self.name}: processes {victims} survived SIGKILL")
         # A dead postmaster may linger as an unreaped zombie, which would make
         # the next start believe its stale lock files are still held.
@@ -242,7 +242,7 @@ class Node:
     def promote(self) -> None:
         """Turn this replica into a primary; return once it accepts writes."""
         self._pg_ctl("promote", "-w")
-        if not _wait_for(lambda: not self.sql("SELECT pg_is_in_recovery()")[0][0], 30):
+        if not wait_until(lambda: not self.sql("SELECT pg_is_in_recovery()")[0][0], 30):
             raise SandboxError(f"{self.name} is still in recovery after promote\n{_tail(self.log())}")
 
     def is_running(self) -> bool:
@@ -284,7 +284,7 @@ class Cluster:
         """Wait until every replica has replayed the primary's current WAL position."""
         lsn = self.primary.sql("SELECT pg_current_wal_lsn()")[0][0]
         query = f"SELECT pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn"
-        if not _wait_for(lambda: all(r.sql(query)[0][0] for r in self.replicas), timeout):
+        if not wait_until(lambda: all(r.sql(query)[0][0] for r in self.replicas), timeout):
             raise SandboxError(f"{self.name}: replicas did not replay up to {lsn} within {timeout}s")
 
 
@@ -427,7 +427,7 @@ class Sandbox:
     def _wait_streaming(self, primary: Node, replicas: list[Node]) -> None:
         wanted = {node.name for node in replicas}
         query = "SELECT application_name FROM pg_stat_replication WHERE state = 'streaming'"
-        if not _wait_for(lambda: wanted <= {row[0] for row in primary.sql(query)}, 30):
+        if not wait_until(lambda: wanted <= {row[0] for row in primary.sql(query)}, 30):
             raise SandboxError(f"replicas of {primary.name} are not streaming\n{_tail(primary.log())}")
 
 
@@ -465,7 +465,7 @@ class ProxyProcess:
         return f"postgresql://{auth}@{self.host}:{self.port}/{quote(dbname, safe='')}"
 
     def start(self, timeout: float = 15) -> None:
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         path = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
@@ -474,7 +474,7 @@ class ProxyProcess:
             )
         with open(self._pid_path, "w") as f:
             f.write(str(self.process.pid))
-        if not _wait_for(lambda: self._ready() or self.process.poll() is not None, timeout) or not self._ready():
+        if not wait_until(lambda: self._ready() or self.process.poll() is not None, timeout) or not self._ready():
             self.stop()
             raise SandboxError(f"proxy {self.name} did not start\n{_tail(self.log())}")
 
@@ -591,7 +591,8 @@ def _tail(text: str, lines: int = 30) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
-def _wait_for(condition: Callable[[], bool], timeout: float) -> bool:
+def wait_until(condition: Callable[[], object], timeout: float = 10.0) -> bool:
+    """Whether `condition()` came true within `timeout` seconds, polled (tests: `assert wait_until(...), why`)."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
@@ -637,7 +638,7 @@ def _shut_down(base_dir: str) -> None:
         if pid is not None:
             with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGQUIT)  # what pg_ctl stop -m immediate sends
-    if not _wait_for(lambda: all(_postmaster_pid(d) is None for d in data_dirs), 10):
+    if not wait_until(lambda: all(_postmaster_pid(d) is None for d in data_dirs), 10):
         for pid in (pid for d in data_dirs for pid in _server_pids(d)):
             with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -651,10 +652,10 @@ def _start_watchdog(base_dir: str) -> tuple[subprocess.Popen[bytes], int]:
     watchdog gets its own session so a terminal's Ctrl-C does not reach it.
     """
     read_end, write_end = os.pipe()
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     path = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
     watchdog = subprocess.Popen(
-        [sys.executable, "-m", "shardproxy.sandbox", "--watch", base_dir],
+        [sys.executable, "-m", "shardproxy.devtools.sandbox", "--watch", base_dir],
         stdin=read_end,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

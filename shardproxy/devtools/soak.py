@@ -1,6 +1,6 @@
 """The soak: mixed traffic over two shards while random faults strike, then the books are checked.
 
-Used by tests/test_faults.py (a short form) and bench/soak.py (on demand, for minutes).
+Used by tests/test_faults.py (a short form) and bench/run_soak.py (on demand, for minutes).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 import psycopg
 
-from shardproxy.sandbox import Cluster, ProxyProcess
-from tests.relay import Relay
-from tests.workload import TABLE, Workload, pooled, rss_kb, server_sessions
+from shardproxy.devtools.faults import Relay
+from shardproxy.devtools.sandbox import Cluster, ProxyProcess
+from shardproxy.devtools.workload import TABLE, Workload, pooled, rss_kb, server_sessions
 
 
 @dataclass

@@ -16,8 +16,8 @@ from typing import Any, Self
 
 import psycopg
 
-from shardproxy.ring import Ring
-from shardproxy.sandbox import Cluster, ProxyProcess
+from shardproxy.devtools.sandbox import Cluster, ProxyProcess
+from shardproxy.routing.ring import Ring
 
 TABLE = "fault_writes"
 _runs = itertools.count(1)

@@ -2,10 +2,11 @@
 
 State (connections, node health, replica lag) is read from the proxy when Prometheus scrapes, by a
 Collector: the data path pays nothing for it. The data path's events (transactions, pool waits) are plain
-numbers in one Tally per (shard, node role), compiled with the data path (_wire.pyx), bumped without locks or
-label lookups and turned into counters and histograms at scrape time; rare events (errors, failovers) are prometheus-client counters. /metrics is served
-by the event loop itself, so a scrape reads a consistent state. With several workers each worker answers the
-admin command METRICS with its exposition instead, and the supervisor serves their sum (shardproxy.workers).
+numbers in one Tally per (shard, node role), compiled (shardproxy/counters.pyx), bumped without locks or label
+lookups and turned into counters and histograms at scrape time; rare events (errors, failovers) are
+prometheus-client counters. /metrics is served by the event loop itself, so a scrape reads a consistent state. With
+several workers each worker answers the admin command METRICS with its exposition instead, and the supervisor
+serves their sum (supervisor.py).
 """
 
 from __future__ import annotations
@@ -13,27 +14,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from itertools import accumulate
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from itertools import accumulate
+from typing import Protocol
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST, CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, disable_created_metrics,
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
 from prometheus_client import Counter as CounterMetric
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.utils import floatToGoString
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
-from shardproxy import protocol as pg
-from shardproxy._wire import DURATION_BUCKETS, PoolStats, Tally
-from shardproxy.admin import NodeView, client_state, node_views, shard_of
-
-if TYPE_CHECKING:
-    from shardproxy.proxy import Proxy
-    from shardproxy.topology import NodeState
+from shardproxy.cluster.topology import Change, Topology
+from shardproxy.config import Config
+from shardproxy.counters import DURATION_BUCKETS, Tally
+from shardproxy.datapath.pool import Pools
+from shardproxy.ops.views import Linked, NodeView, client_state, node_views
+from shardproxy.wire import protocol as pg
 
 log = logging.getLogger("shardproxy.metrics")
 disable_created_metrics()  # the *_created series would double what every scrape carries, for nothing we use
@@ -59,12 +64,22 @@ _ERROR_BY_CODE = {
 _SERVER_ERROR = "server"  # any other SQLSTATE: the server's own error, passed on at login
 
 
+class MetricsHost(Protocol):
+    """What a scrape reads of the proxy."""
+
+    config: Config
+    topology: Topology
+    clients: dict[int, Linked]
+    connected: int  # clients admitted, logged in or not
+    pools: Pools
+
+
 def error_kind(error: pg.PostgresError) -> str:
     return _ERROR_BY_MESSAGE.get(error.message) or _ERROR_BY_CODE.get(error.code, _SERVER_ERROR)
 
 
 class Metrics:
-    def __init__(self, proxy: Proxy):
+    def __init__(self, proxy: MetricsHost):
         self.proxy = proxy
         self.registry = CollectorRegistry()
         self.errors = CounterMetric("shardproxy_errors_total", "Errors the proxy sent to clients", ["kind"],
@@ -86,9 +101,6 @@ class Metrics:
         self._primaries: dict[str, str] = {}  # the last primary seen per shard, to tell failovers apart
         self._server: asyncio.AbstractServer | None = None
 
-    def pool_stats(self, node: NodeState) -> PoolStats:
-        return PoolStats(self, shard_of(self.proxy.config).get(node.address, ""), node)
-
     def tally(self, shard: str, role: str) -> Tally:
         tally = self._tallies.get((shard, role))
         if tally is None:
@@ -103,9 +115,7 @@ class Metrics:
         """Bind the counters to the topology; unless `serve` is off (a worker: its supervisor serves), serve."""
         for shard in self.proxy.config.shards:
             self.failovers.labels(shard.name)
-        topology = getattr(self.proxy, "topology", None)
-        if topology is not None:
-            topology.on_change(self._topology_changed)
+        self.proxy.topology.on_change(self._topology_changed)
         settings = self.proxy.config.metrics
         if settings.port and serve:
             self._server = await serve_metrics(settings.host, settings.port, self.exposition)
@@ -117,7 +127,7 @@ class Metrics:
         if self._server is not None:
             self._server.close()
 
-    def _topology_changed(self, change: Any) -> None:  # a topology.Change
+    def _topology_changed(self, change: Change) -> None:
         """A failover: a shard's primary is now another node than the last one (a first election is not)."""
         if change.kind != "primary":
             return
@@ -165,12 +175,12 @@ def _cumulative(counts: list[int]) -> list[tuple[str, float]]:
 class _StateCollector(Collector):
     """Gauges computed from the proxy's state at scrape time."""
 
-    def __init__(self, proxy: Proxy):
+    def __init__(self, proxy: MetricsHost):
         self.proxy = proxy
 
     def collect(self) -> Iterator[Metric]:
         yield self._clients()
-        nodes = node_views(self.proxy)
+        nodes = node_views(self.proxy.topology)
         yield self._servers(nodes)
         up = GaugeMetricFamily("shardproxy_node_up", "1 if the node is up (not down, not banned)",
                                labels=["shard", "node", "role", "region"])
@@ -197,7 +207,7 @@ class _StateCollector(Collector):
 
     def _servers(self, nodes: list[NodeView]) -> Metric:
         counts: dict[str, Counter[str]] = {node.address: Counter() for node in nodes}
-        for pool in list(self.proxy.pools.values()):
+        for pool in self.proxy.pools:
             tally = counts.get(pool.node.address)
             if tally is not None:  # None: a node a reload removed, whose pool is draining
                 tally["active"] += pool.active

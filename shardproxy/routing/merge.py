@@ -55,7 +55,7 @@ from pglast.enums.nodes import LimitOption
 from pglast.enums.parsenodes import SetOperation, SortByDir, SortByNulls
 from pglast.stream import RawStream
 
-from .protocol import FEATURE_NOT_SUPPORTED, read_cstring
+from shardproxy.wire.protocol import FEATURE_NOT_SUPPORTED, read_cstring
 
 NUMERIC_OUT_OF_RANGE = "22003"
 # Collations whose order is byte order, the order the proxy compares text in.

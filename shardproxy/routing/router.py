@@ -25,27 +25,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import sys
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from typing import Any, Literal, NamedTuple
 
 from pglast import parser as pg_parser
-from pglast.ast import Node
 
-from shardproxy._literals import normalise
-from shardproxy.ring import Ring
+from shardproxy.routing._literals import normalise
+from shardproxy.routing.keys import Key, ShardKeyError, canonical, number
+from shardproxy.routing.ring import Ring
 
 __all__ = [
+    "Decision",
     "KeyRef",
     "Plan",
     "Route",
     "Router",
-    "ShardKeyError",
-    "decode_key",
 ]
 
 Kind = Literal[
@@ -55,7 +51,6 @@ Kind = Literal[
     "set_shard_key", "reset_shard_key", "session", "utility",
 ]  # fmt: skip
 Target = Literal["shard", "any", "all", "scatter", "error"]
-Key = int | str | uuid.UUID
 Params = Callable[[int], object] | Sequence[object]
 
 SHARD_KEY_SETTING = "shardproxy.shard_key"
@@ -111,10 +106,6 @@ _EXECUTE_ERROR = (
 _COMMENT_PRIMARY = re.compile(r"\btarget\s*[:=]\s*['\"]?primary\b", re.IGNORECASE)
 
 
-class ShardKeyError(ValueError):
-    """A shard key value that cannot be read; the message starts with ``shardproxy:``."""
-
-
 @dataclass(frozen=True, slots=True)
 class KeyRef:
     """Where one shard key value comes from.
@@ -151,10 +142,9 @@ class Plan:
     error: set when the statement can never be routed (the route is always this error).
     comment_key: the value of a ``/* shard_key: ... */`` comment; it overrides ``keys``.
     force_primary: a ``/* target: primary */`` comment.
-    statement: the parsed statement (pglast.ast) when ``scatters``, for the merge planner. In a
-        template from ``plan_simple``, ``$n`` with n > literal_base stands for literal n-literal_base-1.
-    literal_base: the highest ``$n`` of the original text for templates from ``plan_simple``;
-        None when the text was planned as written.
+    literal_base: the highest ``$n`` of the original text for templates from ``plan_simple``
+        (``$n`` with n > literal_base stands for literal n-literal_base-1); None when the text was
+        planned as written.
     read_only / isolation: ``BEGIN``/``START TRANSACTION`` options (isolation lower-case, e.g.
         "repeatable read").
     concurrently: CREATE INDEX / DROP INDEX / REINDEX ... CONCURRENTLY, which PostgreSQL refuses
@@ -175,7 +165,6 @@ class Plan:
     error: str | None = None
     comment_key: str | None = None
     force_primary: bool = False
-    statement: Node | None = None
     literal_base: int | None = None
     read_only: bool = False
     isolation: str | None = None
@@ -216,6 +205,15 @@ class Route:
 
 
 _LOCAL_KINDS = frozenset({"begin", "commit", "rollback", "set_shard_key", "reset_shard_key"})
+
+
+class Decision(NamedTuple):
+    """Where one statement goes, with the plan and text it was routed from (the data path makes one per routed
+    statement, with tuple.__new__: a tuple, without the Python-level __new__ of a NamedTuple)."""
+
+    route: Route
+    plan: Plan | None
+    sql: str
 
 
 class _Cover(NamedTuple):
@@ -264,14 +262,14 @@ class Router:
         """The plan of an extended-protocol statement text (``$n`` are its parameters)."""
         return self._plans(sql)
 
-    def plan_simple(self, sql: str) -> tuple[Plan, list[Key]]:
+    def plan_simple(self, sql: str) -> tuple[Plan, list[int | str]]:
         """The plan of a simple-protocol text and the literal values to route it with.
 
         Literals become ``$n`` placeholders numbered after the text's highest ``$n``, so texts that
         differ only in literal values share one plan. Texts the normalisation cannot handle safely,
         or whose template does not parse, are planned as written (with no literals).
         """
-        normalised = normalise(sql, _number)  # the rules: _literals.pyx
+        normalised = normalise(sql, number)  # the rules: _literals.pyx
         if normalised is None:
             return self._plans(sql), []
         template, base, literals = normalised
@@ -361,7 +359,7 @@ class Router:
 
     def _explicit_shard(self, comment_key: str | None, session_key: object) -> int | None:
         key = comment_key if comment_key is not None else session_key
-        return None if key is None else self.ring.owner_index(_canonical(key, None, False))
+        return None if key is None else self.ring.owner_index(canonical(key, None, False))
 
     def _conflict(self, plan: Plan, key: Key, shard: int, other_key: Key, other: int) -> str:
         names = self.ring.names
@@ -376,7 +374,7 @@ class Router:
         except pg_parser.ParseError:
             # The server reports the syntax error (the text may also be newer than this parser).
             return Plan("utility", **_comments(sql))
-        return _with_statement(_analyse(sql, stmts, self._settings, None), sql)
+        return _analyse(sql, stmts, self._settings, None)
 
     def _plan_template(self, template: str, base: int) -> Plan | None:
         """The shared plan of a normalised text, or None when it must be planned as written: it
@@ -391,7 +389,7 @@ class Router:
         plan = _analyse(template, stmts, self._settings, base)
         if plan.scatters and _positional_placeholder(stmts[0]["stmt"]["SelectStmt"], base):
             return None
-        return _with_statement(plan, template)
+        return plan
 
 
 def _table_names(names: Iterable[str]) -> frozenset[str]:
@@ -418,13 +416,6 @@ def _analyse(sql: str, stmts: list[dict[str, Any]], settings: _Settings, base: i
         analysis.statement(name, body)
         analyses.append(analysis)
     return _combine(analyses, settings.key, base, _comments(sql))
-
-
-def _with_statement(plan: Plan, sql: str) -> Plan:
-    """Only scatter plans pay for the typed tree that the merge planner reads."""
-    if not plan.scatters:
-        return plan
-    return replace(plan, statement=pg_parser.parse_sql(sql)[0].stmt)
 
 
 def _comments(sql: str) -> dict[str, Any]:
@@ -746,8 +737,9 @@ class _Analysis:
         if not rows or field is None or field["sval"].lower() not in names:
             return None
         index = names.index(field["sval"].lower())
-        refs = [self._value(_item(row["List"]["items"], index)) for row in rows]
-        if None in refs:
+        found = [self._value(_item(row["List"]["items"], index)) for row in rows]
+        refs = [ref for ref in found if ref is not None]
+        if len(refs) < len(found):
             return None
         if cast is None:
             return refs
@@ -929,25 +921,7 @@ def _const(node: dict[str, Any]) -> Key | bool | None:
 
 
 def _scalar(field: str, value: Any) -> Key | bool:
-    return _number(value) if field == "fval" else value
-
-
-def _number(text: str) -> int | str:
-    """A numeric literal as a key: an int when integral (5000000000, 4.0, 1e3), else its text. One of more
-    digits than Python reads into an int stays text (no column holds it as an integer key): 1e999999999 as an
-    int would take the proxy minutes to build."""
-    if text.isdigit():
-        return int(text) if len(text) <= _MAX_DIGITS else text
-    try:
-        number = Decimal(text)
-    except InvalidOperation:
-        return text
-    if number.is_finite() and number.adjusted() < _MAX_DIGITS and number == number.to_integral_value():
-        return int(number)
-    return text
-
-
-_MAX_DIGITS = sys.int_info.default_max_str_digits
+    return number(value) if field == "fval" else value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -963,7 +937,7 @@ def _resolve(ref: KeyRef, literals: Sequence[object], params: Params | None) -> 
         raw = literals[ref.index]
     else:
         raw = _param(params, ref.index)
-    return _canonical(raw, ref.cast, ref.negate)
+    return canonical(raw, ref.cast, ref.negate)
 
 
 def _param(params: Params | None, number: int) -> object:
@@ -975,104 +949,3 @@ def _param(params: Params | None, number: int) -> object:
     except (IndexError, KeyError):
         pass
     raise ShardKeyError(f"shardproxy: no value for shard key parameter ${number}")
-
-
-def _canonical(raw: object, cast: str | None, negate: bool) -> Key:
-    """The ring key of a value: cast as the SQL says, then negated if written -value."""
-    if type(raw) is int and not negate and (cast is None or cast == "int"):
-        return raw  # the usual key, already canonical
-    if raw is None:
-        raise ShardKeyError("shardproxy: the shard key is NULL")
-    try:
-        value = _cast(raw, cast)
-        if negate:
-            value = -_integer(value)
-    except (ValueError, TypeError) as exc:
-        raise ShardKeyError(f"shardproxy: invalid shard key {raw!r}: {exc}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, str, uuid.UUID)):
-        raise ShardKeyError(f"shardproxy: unsupported shard key type {type(raw).__name__}")
-    return value
-
-
-def _cast(raw: object, cast: str | None) -> object:
-    if cast == "int":
-        return _integer(raw)
-    if cast == "uuid":
-        return raw if isinstance(raw, uuid.UUID) else uuid.UUID(str(raw))
-    if cast == "text" and isinstance(raw, (int, uuid.UUID)):
-        return str(raw)  # the same canonical bytes, spelled as text
-    return raw
-
-
-def _integer(value: object) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str):
-        number = _number(value.strip())
-        if isinstance(number, int):
-            return number
-    raise ValueError("not an integer")
-
-
-# ---------------------------------------------------------------------------------------------
-# Parameter values from the wire
-
-_INT_OIDS = {21: 2, 23: 4, 20: 8}  # int2, int4, int8: binary width
-_OID_OID = 26
-_NUMERIC_OID = 1700
-_UUID_OID = 2950
-_TEXT_OIDS = frozenset({0, 25, 705, 1043, 1042, 19})  # unspecified, text, unknown, varchar, bpchar, name
-
-
-def decode_key(value: bytes, fmt: int, type_oid: int) -> Key:
-    """A parameter's value as a shard key, by its format code and type (never by its length).
-
-    Untyped and text values stay text: for an integer column, '42' has the same canonical bytes
-    as the integer 42. Typed integers and UUIDs are brought to their canonical spelling.
-    """
-    try:
-        if fmt == 0:
-            return _decode_text(value.decode("utf-8"), type_oid)
-        if fmt == 1:
-            return _decode_binary(value, type_oid)
-    except ShardKeyError:
-        raise
-    except ValueError as exc:  # also bad UTF-8
-        raise ShardKeyError(f"shardproxy: invalid shard key parameter of type {type_oid}: {exc}") from None
-    raise ShardKeyError(f"shardproxy: unknown parameter format code {fmt}")
-
-
-def _decode_text(text: str, type_oid: int) -> Key:
-    if type_oid in _INT_OIDS or type_oid == _OID_OID:
-        return int(text.strip())
-    if type_oid == _UUID_OID:
-        return uuid.UUID(text.strip())
-    if type_oid == _NUMERIC_OID:
-        return _number(text.strip())
-    return text
-
-
-def _decode_binary(value: bytes, type_oid: int) -> Key:
-    width = _INT_OIDS.get(type_oid)
-    if width is not None:
-        _expect_length(value, width, type_oid)
-        return int.from_bytes(value, "big", signed=True)
-    if type_oid == _OID_OID:
-        _expect_length(value, 4, type_oid)
-        return int.from_bytes(value, "big")
-    if type_oid == _UUID_OID:
-        _expect_length(value, 16, type_oid)
-        return uuid.UUID(bytes=bytes(value))
-    if type_oid in _TEXT_OIDS and type_oid != 0:
-        return value.decode("utf-8")
-    raise ShardKeyError(
-        f"shardproxy: cannot read a binary shard key parameter of type {type_oid}; "
-        "send it in text format or as int2/int4/int8/uuid/text"
-    )
-
-
-def _expect_length(value: bytes, length: int, type_oid: int) -> None:
-    if len(value) != length:
-        raise ShardKeyError(
-            f"shardproxy: binary parameter of type {type_oid} must be {length} bytes, not {len(value)}"
-        )

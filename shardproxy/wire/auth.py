@@ -15,7 +15,7 @@ import os
 import struct
 from dataclasses import dataclass
 
-from shardproxy import protocol as pg
+from shardproxy.wire import protocol as pg
 
 SCRAM = "SCRAM-SHA-256"
 AUTH_OK, AUTH_CLEARTEXT, AUTH_MD5, AUTH_SASL, AUTH_SASL_CONTINUE, AUTH_SASL_FINAL = 0, 3, 5, 10, 11, 12
@@ -167,7 +167,8 @@ class ScramClientExchange:
     def final(self, server_first: bytes) -> bytes:
         text = server_first.decode()
         attributes = dict(part.split("=", 1) for part in text.split(",") if "=" in part)
-        nonce, salt, iterations = attributes.get("r", ""), base64.b64decode(attributes.get("s", "")), int(attributes.get("i", 0))
+        nonce, salt = attributes.get("r", ""), base64.b64decode(attributes.get("s", ""))
+        iterations = int(attributes.get("i", 0))
         if not nonce.startswith(self._bare[5:]):
             raise ScramException("the server's nonce does not extend ours")
         client_key, server_key = self._keys(salt, iterations)
@@ -188,10 +189,12 @@ class ScramClientExchange:
         if self.password is not None:
             salted = hashlib.pbkdf2_hmac("sha256", self.password.encode(), salt, iterations)
             return _hmac(salted, b"Client Key"), _hmac(salted, b"Server Key")
-        secret = self.proven.secret if self.proven is not None else None
-        if secret is None or secret.salt != salt or secret.iterations != iterations:
-            raise pg.PostgresError(pg.INVALID_AUTHORIZATION, "the server's SCRAM verifier differs from the configured one")
-        return self.proven.client_key, secret.server_key
+        proven = self.proven
+        secret = proven.secret if proven is not None else None
+        if proven is None or secret is None or secret.salt != salt or secret.iterations != iterations:
+            raise pg.PostgresError(pg.INVALID_AUTHORIZATION,
+                                   "the server's SCRAM verifier differs from the configured one")
+        return proven.client_key, secret.server_key
 
 
 def sasl_mechanisms(body: bytes) -> list[str]:

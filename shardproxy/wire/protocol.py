@@ -20,6 +20,54 @@ GSSENC_REQUEST = 80877104
 CANCEL_REQUEST = 80877102
 MAX_STARTUP_SIZE = 10_000  # PostgreSQL's own limit for a startup packet
 
+
+
+class Frontend:
+    """Message types a client sends, by PostgreSQL's names for them (protocol.h's PqMsg_*), as the ints that
+    indexing a buffer gives. The same byte means another message from a server: see Backend."""
+
+    BIND = ord("B")
+    CLOSE = ord("C")
+    COPY_DATA = ord("d")
+    COPY_DONE = ord("c")
+    COPY_FAIL = ord("f")
+    DESCRIBE = ord("D")
+    EXECUTE = ord("E")
+    FLUSH = ord("H")
+    FUNCTION_CALL = ord("F")
+    PARSE = ord("P")
+    PASSWORD = ord("p")  # also SASLInitialResponse and SASLResponse
+    QUERY = ord("Q")
+    SYNC = ord("S")
+    TERMINATE = ord("X")
+
+
+class Backend:
+    """Message types a server sends (PqMsg_* names), as ints."""
+
+    AUTHENTICATION = ord("R")
+    BACKEND_KEY_DATA = ord("K")
+    BIND_COMPLETE = ord("2")
+    CLOSE_COMPLETE = ord("3")
+    COMMAND_COMPLETE = ord("C")
+    COPY_DATA = ord("d")
+    COPY_DONE = ord("c")
+    COPY_IN_RESPONSE = ord("G")
+    COPY_OUT_RESPONSE = ord("H")
+    DATA_ROW = ord("D")
+    EMPTY_QUERY_RESPONSE = ord("I")
+    ERROR_RESPONSE = ord("E")
+    NO_DATA = ord("n")
+    NOTICE_RESPONSE = ord("N")
+    NOTIFICATION_RESPONSE = ord("A")
+    PARAMETER_DESCRIPTION = ord("t")
+    PARAMETER_STATUS = ord("S")
+    PARSE_COMPLETE = ord("1")
+    PORTAL_SUSPENDED = ord("s")
+    READY_FOR_QUERY = ord("Z")
+    ROW_DESCRIPTION = ord("T")
+
+
 # SQLSTATEs, as PostgreSQL names them.
 PROTOCOL_VIOLATION = "08P01"
 CONNECTION_FAILURE = "08006"
@@ -146,7 +194,7 @@ def parse_fields(body: bytes) -> dict[str, str]:
     return fields
 
 
-def read_cstring(buf, start: int) -> tuple[bytes, int]:
+def read_cstring(buf: bytes | bytearray, start: int) -> tuple[bytes, int]:
     """The NUL-terminated string at `start` and the offset just past its NUL."""
     end = buf.index(0, start)
     return bytes(buf[start:end]), end + 1

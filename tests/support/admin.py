@@ -1,14 +1,12 @@
-"""Tests' way to a proxy's admin socket, and to waiting on what it reports."""
+"""A proxy's admin socket, as the tests ask it."""
 
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
 from typing import Any
 
-from shardproxy.admin import request
-from shardproxy.sandbox import ProxyProcess
+from shardproxy.devtools.sandbox import ProxyProcess
+from shardproxy.ops.admin.socket import request
 
 
 def admin(proxy: ProxyProcess, command: str) -> dict[str, Any]:
@@ -22,8 +20,6 @@ def table(proxy: ProxyProcess, command: str) -> list[dict[str, Any]]:
     return [dict(zip(reply["columns"], row)) for row in reply["rows"]]
 
 
-def wait_until(condition: Callable[[], object], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
+def nodes_seen(proxy: ProxyProcess) -> dict[int, dict[str, Any]]:
+    """SHOW NODES by port."""
+    return {int(row["port"]): row for row in table(proxy, "SHOW NODES")}

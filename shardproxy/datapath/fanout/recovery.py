@@ -1,7 +1,7 @@
 """In-doubt two-phase commits: prepared transactions a proxy left behind when it died, or lost a shard,
 between PREPARE TRANSACTION and COMMIT PREPARED. They hold their locks until someone finishes them.
 
-No log is needed, thanks to the order fanout._commit keeps: the gid names the first participant (the
+No log is needed, thanks to the order twophase.commit keeps: the gid names the first participant (the
 decider), which prepares before the others, commits before them and rolls back after them. So while the
 decider holds the gid prepared, nobody has committed: roll back everywhere. Once it does not, and another
 participant does, the decider committed: commit everywhere. While the decider cannot be reached, nothing is
@@ -13,20 +13,36 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
-from shardproxy import protocol as pg
-from shardproxy.fanout import GID_PREFIX, Leg, decider_of, first_error
-from shardproxy.health import CHECK_ERRORS
-from shardproxy.params import literal
+from shardproxy.cluster.health import CHECK_ERRORS, HealthChecker
+from shardproxy.cluster.topology import Topology
+from shardproxy.config import Config
+from shardproxy.datapath._core import ProxyCore
+from shardproxy.datapath.fanout.legs import Leg, first_error
+from shardproxy.datapath.fanout.twophase import GID_PREFIX, decider_of
+from shardproxy.datapath.params import literal
+from shardproxy.wire import protocol as pg
+from shardproxy.wire.protocol import Backend
 
 if TYPE_CHECKING:
-    from shardproxy.proxy import Proxy
+    from shardproxy.datapath.pool import Pools
 
 log = logging.getLogger("shardproxy.recovery")
 
 PASS_INTERVAL = 30.0  # seconds between passes, or in_doubt_after if shorter
-_E = ord("E")
+
+
+class RecoveryHost(Protocol):
+    """What recovery needs of the proxy."""
+
+    config: Config
+    topology: Topology
+    health: HealthChecker
+    pools: Pools
+    core: ProxyCore  # the data path's view of the proxy, which a leg's session reads
+
+    def in_doubt_resolved(self, decision: str) -> None: ...
 
 
 class Prepared(NamedTuple):
@@ -38,7 +54,7 @@ class Prepared(NamedTuple):
 class Recovery:
     """Runs a pass shortly after start and then every PASS_INTERVAL, from the proxy's janitor."""
 
-    def __init__(self, proxy: Proxy):
+    def __init__(self, proxy: RecoveryHost):
         self.proxy = proxy
         self.started = -PASS_INTERVAL  # of the last pass; the first runs at the janitor's first round
         self.task: asyncio.Task | None = None
@@ -64,7 +80,7 @@ class Recovery:
             log.exception("in-doubt recovery pass failed")
 
 
-async def resolve_in_doubt(proxy: Proxy) -> None:
+async def resolve_in_doubt(proxy: RecoveryHost) -> None:
     """One pass over every shard primary that is up."""
     names = [shard.name for shard in proxy.config.shards]
     found = await asyncio.gather(*(_prepared_on(proxy, name) for name in names))
@@ -77,7 +93,7 @@ async def resolve_in_doubt(proxy: Proxy) -> None:
             await _finish(proxy, gid, gid not in held[decider], holders, decider)
 
 
-async def _finish(proxy: Proxy, gid: str, commit: bool, holders: dict[str, Prepared], decider: str) -> None:
+async def _finish(proxy: RecoveryHost, gid: str, commit: bool, holders: dict[str, Prepared], decider: str) -> None:
     """COMMIT or ROLLBACK PREPARED on every shard holding it; a rollback reaches the decider last, so that
     a pass that stops half-way (or another proxy's pass) still finds the decision where it was."""
     sql = f"{'COMMIT' if commit else 'ROLLBACK'} PREPARED {literal(gid)}"
@@ -92,12 +108,12 @@ async def _finish(proxy: Proxy, gid: str, commit: bool, holders: dict[str, Prepa
         log.warning("in-doubt transaction %s: %s done on %s only; the rest waits for the next pass", gid,
                     decision, shards)
         return
-    proxy.metrics.in_doubt_resolved.labels(decision).inc()
+    proxy.in_doubt_resolved(decision)
     log.info("in-doubt transaction %s resolved: %s on %s", gid, decision, shards,
              extra={"event": "in_doubt_resolved", "gid": gid, "decision": decision, "shards": done})
 
 
-async def _prepared_on(proxy: Proxy, shard: str) -> dict[str, Prepared] | None:
+async def _prepared_on(proxy: RecoveryHost, shard: str) -> dict[str, Prepared] | None:
     """The proxy's prepared transactions on the shard's primary by gid; None if it cannot be asked.
 
     Asked on a connection of its own, as health checks are, not a pooled one: a pool would keep a
@@ -122,7 +138,7 @@ _PREPARED_SQL = ("SELECT gid, database, owner, prepared < now() - make_interval(
                  "FROM pg_prepared_xacts WHERE starts_with(gid, $1)")
 
 
-async def _run(proxy: Proxy, shard: str, xact: Prepared, sql: str) -> bool:
+async def _run(proxy: RecoveryHost, shard: str, xact: Prepared, sql: str) -> bool:
     """Run sql on the shard's primary, on a pooled connection in the transaction's database; whether it did."""
     node = proxy.topology.primary(shard)
     if node is None:
@@ -131,7 +147,7 @@ async def _run(proxy: Proxy, shard: str, xact: Prepared, sql: str) -> bool:
     # users it has passwords for: an owner it does not know is tried as its health-check user, which then
     # has to be a superuser.
     user = xact.owner if proxy.config.user(xact.owner) is not None else proxy.health.user
-    leg = Leg.for_proxy(proxy, proxy.pool_for(xact.database, user, node))
+    leg = Leg.for_proxy(proxy.core, proxy.pools.pool_for(xact.database, user, node))
     try:
         answers = await leg.run(pg.query(sql))
     except pg.PostgresError as exc:
@@ -140,7 +156,7 @@ async def _run(proxy: Proxy, shard: str, xact: Prepared, sql: str) -> bool:
     finally:
         leg.release()
     if first_error([answers]) is not None:
-        error = pg.PostgresError.from_body(next(body for t, body in answers if t == _E))
+        error = pg.PostgresError.from_body(next(body for t, body in answers if t == Backend.ERROR_RESPONSE))
         log.warning("in-doubt recovery: %s on shard %s failed: %s", sql, shard, error.message)
         return False
     return True

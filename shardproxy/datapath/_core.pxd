@@ -1,0 +1,139 @@
+# The compiled data path's contract: the fields the loops read and write, and every call they make. Methods
+# marked "hook" have a default body here and are filled in by the Python classes that extend these types
+# (session.py, client.py, placement.py, server.py, pool.py, fanout/legs.py), as asyncpg's protocol core declares
+# the callbacks its Python protocol implements. Nothing else is called on these objects by the compiled code.
+
+cimport cython
+
+from shardproxy.counters cimport Load, PoolStats
+
+
+@cython.final
+cdef class Requests:
+    cdef list _items
+    cdef Py_ssize_t _head, _tail
+
+    cdef int push(self, request) except -1
+    cdef object first(self)
+    cdef bint empty(self) noexcept
+    cpdef popleft(self)
+
+
+cdef class ProxyCore:
+    cdef public bint sharded  # statements are routed one by one (several shards, or replicas to read from)
+    cdef public bint shutting_down
+    cdef public object statements  # the statements Registry (statements.py), shared by every connection
+    cdef public int prepared_per_server  # pool.prepared_statements_per_server, as the last (re)load said
+
+
+cdef class Endpoint:
+    cdef object _transport, _write  # the transport, and its write method looked up once
+    cdef int _fd  # a plain socket's descriptor, to send on without the transport; -1: none
+    cdef bint _queued  # the transport may still hold bytes to send: later ones go after them, through it
+    cdef public bytearray buf
+    cdef public bint closed
+    cdef public bint reading_paused  # by the peer's back-pressure (see connection.py)
+    cdef public object peer
+
+    cdef _send(self, object data)
+    cpdef close(self)
+
+
+cdef class ClientCore(Endpoint):
+    cdef public ProxyCore core  # the proxy-wide state it reads
+    cdef public long long id  # as SHOW CLIENTS and the log name it; a fanout leg carries its client's
+    cdef public object user, database
+    cdef public dict params, param_sql
+    cdef public dict statements  # the client's statement names
+    cdef public object unnamed  # the unnamed statement, for the Binds that follow its Parse (routed clients)
+    cdef public object decided  # the routing of the batch being linked (placement.py), or None
+    cdef public object kind  # what its transactions count as in queries_total; None: by the node's role
+    cdef public object reason  # why the connection ended, for the log; "" until the proxy ends it
+    # What the linked server calls once every request is answered: _server_ready in transaction pooling, bound
+    # once (unset when the connection is lost), else None; a fanout leg's own.
+    cdef public object on_server_ready
+    cdef public PoolCore pool
+    cdef public ServerCore server
+    cdef public bint routes, mid_batch, stopped, busy, transaction_pooling, wrote
+    cdef public bint gives_back  # on_server_ready is its _server_ready (not a fanout leg's, nor None)
+    cdef public bint terminating  # sent Terminate: it closes once the server has answered what came before
+    cdef public double wait_started  # when it queued for a server connection; 0 when not waiting
+    cdef public Py_ssize_t max_message_size
+    # The routing state the loops read (placement.py keeps it).
+    cdef public list held  # BEGIN and SETs of a transaction that has not named its shard yet
+    cdef public bint held_failed  # an error inside a held transaction: only ROLLBACK/COMMIT ends it
+    cdef public object _refusal  # the message of the statement to refuse, or "" to answer it with _local_reply
+    cdef public object _local_reply
+
+    cpdef on_data(self, data)
+    cpdef _dispatch(self)
+    cpdef _acquire(self, PoolCore pool)
+    cpdef link(self, ServerCore server)
+    cpdef _server_ready(self, ServerCore server)
+    cdef bint _bind(self, buf, Py_ssize_t pos, Py_ssize_t portal_end, Py_ssize_t end, list out) except -1
+    cpdef _ensure_prepared(self, statement, list out)
+    cpdef _forward(self, buf)
+
+    # hooks: the connection
+    cpdef _fatal(self, error)
+    cpdef PoolCore _unrouted_pool(self)
+    cpdef bint _answer_without_server(self) except -1
+    cpdef parameter_changed(self, name, value)
+    # hooks: the session's statement books (session.py)
+    cpdef _parse(self, buf, Py_ssize_t pos, Py_ssize_t end, list out)
+    cpdef _statement_message(self, int t, bytes name, list out)
+    cpdef _session_statement(self, bytes message, list out)
+    cpdef _track_set(self, sql, server)
+    # hooks: routing, called only when `routes` (placement.py)
+    cpdef _batch_route(self, buf, Py_ssize_t start)
+    cpdef bint _answer_locally(self, decision, Py_ssize_t end) except -1
+    cpdef _start(self, decision, Py_ssize_t batch_end)
+    cpdef _route_batch_here(self, buf, Py_ssize_t pos)
+    cpdef _batch_member(self, buf, Py_ssize_t pos, Py_ssize_t end)
+    cpdef _refuse(self, message, buf, Py_ssize_t pos, Py_ssize_t end, list out)
+    cpdef _stopped(self, ServerCore server, list out)
+    cpdef _linked_on_shard(self, ServerCore server)
+    cpdef _follow_commit(self, ServerCore server)
+    cpdef _routed_transaction_ended(self)
+
+
+cdef class ServerCore(Endpoint):
+    cdef public object pool, on_ready, settings_before, prepared, poller
+    cdef public object newest  # the statement name last put at the end of `prepared` (the LRU's), if still in it
+    cdef public dict params, reported, param_sql
+    cdef public Requests pending  # requests forwarded and not yet answered (see server.py)
+    cdef public ClientCore client
+    cdef public bint ignoring, settings_undone
+    cdef public int status, cancels
+    cdef public double last_used, linked_at, created
+
+    cpdef bint reuse_prepared(self, name) except -1
+    cpdef remember_prepared(self, bytes name, int limit, list out)
+    cpdef enqueue_synthetic(self, request)
+    cpdef _synthesize(self, list out)
+    cpdef _skip_to_sync(self)
+    cpdef _record_parameter(self, body)
+
+    # hooks (server.py)
+    cpdef bint _unsolicited(self, int t, buf, Py_ssize_t pos, Py_ssize_t end) except -1
+
+
+cdef class PoolCore:
+    cdef public object node, node_label, servers
+    cdef object _waiting, _enqueue, _dequeue  # the deque of clients queued, and its methods looked up once
+    cdef public list idle  # most recently used last
+    cdef public int size  # pool settings, as the last (re)load said (see Pool.configure)
+    cdef public double server_lifetime, slow_queries
+    cdef public PoolStats stats
+    cdef public Load load  # its node's
+    cdef public bint paused, draining
+    cdef public int opening
+
+    cpdef acquire(self, ClientCore client)
+    cpdef release(self, ServerCore server)
+    cpdef unlink(self, ServerCore server, double now=*)
+    cdef _hand_over(self, ClientCore client, ServerCore server, double now)
+
+    # hooks (pool.py)
+    cpdef discard(self, ServerCore server)
+    cpdef _grow(self)

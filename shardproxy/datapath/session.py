@@ -1,0 +1,159 @@
+"""A client's session as the data path keeps it: its names for prepared statements, and the session parameters
+that follow it from one pooled server connection to the next.
+
+ClientSession is what a real client connection (client.py) and a fanout leg (fanout/legs.py) have in common: the
+compiled request loop (ClientCore) calls the hooks below for the messages that change the proxy's books, named
+prepared statements (Parse/Bind/Describe/Close) and session statements in simple queries (SET/RESET, DEALLOCATE,
+DISCARD ALL); everything else is forwarded as the bytes it arrived in.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shardproxy.datapath import params as session_params
+from shardproxy.datapath._core import ClientCore, ProxyCore, ServerCore, is_session_statement, well_formed
+from shardproxy.datapath.pending import QUERY_REQ, Action, Kind, Request
+from shardproxy.datapath.statements import Statement, deallocate_target, is_discard_all
+from shardproxy.wire import protocol as pg
+from shardproxy.wire.protocol import Frontend
+
+_UNPACK = pg.INT32.unpack_from
+_DEALLOCATE_DONE = Request(Kind.QUERY, Action.SYNTH, pg.command_complete("DEALLOCATE"))
+_DEALLOCATE_ALL_DONE = Request(Kind.QUERY, Action.SYNTH, pg.command_complete("DEALLOCATE ALL"))
+
+
+class ClientSession(ClientCore):
+    """Statement names and session parameters of one client, on whichever server connection serves it."""
+
+    def __init__(self, core: ProxyCore, client_id: int, user: str, database: str, kind: str | None = None):
+        """kind: what its transactions count as in queries_total (a fanout leg's statement); None: by node role."""
+        self.core = core
+        self.id = client_id
+        self.user, self.database, self.kind = user, database, kind
+        self.statements: dict[bytes, Statement] = {}  # the client's statement names
+        self.params = session_params.shared({})  # reported parameters as the client set them, a shared dict
+        self.param_sql: dict[str, str] = {}  # unreported parameters: the client's last SET of each
+
+    # -- named prepared statements --------------------------------------------------------------------
+    def _parse(self, buf: Any, pos: int, end: int, out: list[bytes]) -> None:
+        name, body_start = pg.read_cstring(buf, pos + 5)
+        statement = self.core.statements.get(bytes(buf[body_start:end]))
+        undo = self._name(name, statement)
+        server = self.server
+        if server.reuse_prepared(statement.name):
+            server.enqueue_synthetic(Request(Kind.PARSE, Action.SYNTH, pg.PARSE_COMPLETE, undo))
+        else:
+            out.append(statement.parse)
+            server.pending.append(Request(Kind.PARSE, Action.FORWARD, statement, undo))
+            server.remember_prepared(statement.name, self.core.prepared_per_server, out)
+
+    def _name(self, name: bytes, statement: Statement | None) -> tuple[Any, ...]:
+        """Give one of the client's statement names to a statement (None: the name goes). Returns the call that
+        takes it back, for the server to make should it skip the message that did it (see _skip_to_sync)."""
+        undo = (self._name, name, self.statements.get(name))
+        if statement is None:
+            self.statements.pop(name, None)
+        else:
+            self.statements[name] = statement
+        return undo
+
+    # _bind and _ensure_prepared are ClientCore's (_core.pyx): they run for each Bind of a named statement.
+
+    def _statement_message(self, t: int, name: bytes, out: list[bytes]) -> None:
+        """Describe or Close of a named statement."""
+        server = self.server
+        if t == Frontend.CLOSE:  # the server keeps it for whoever prepares it next
+            server.enqueue_synthetic(Request(Kind.CLOSE, Action.SYNTH, pg.CLOSE_COMPLETE, self._name(name, None)))
+            return
+        statement = self.statements.get(name)
+        if statement is None:
+            out.append(pg.message(b"D", b"S" + name + b"\0"))
+        else:
+            self._ensure_prepared(statement, out)
+            out.append(pg.message(b"D", b"S" + statement.bind_prefix))
+        server.pending.append(Request(Kind.DESCRIBE, Action.FORWARD, statement))
+
+    def _answer_without_server(self) -> bool:
+        """Outside a transaction, Parse (of a statement some server accepted already), Close of a statement
+        and Sync need no server: answer them here. Clients that prepare synchronously (pgbench -M prepared)
+        would otherwise wait for a connection that another of their own sessions holds.
+        Returns whether messages that need a server remain."""
+        buf = self.buf
+        n = len(buf)
+        pos = answered = replied = 0
+        replies: list[bytes] = []
+        while n - pos >= 5:
+            t = buf[pos]
+            end = pos + 1 + _UNPACK(buf, pos + 1)[0]
+            if end > n or end <= pos + 4 or not well_formed(buf, pos, end):  # malformed: the framing refuses it
+                break
+            if t == Frontend.PARSE and buf[pos + 5]:
+                name, body_start = pg.read_cstring(buf, pos + 5)
+                statement = self.core.statements.known(bytes(buf[body_start:end]))
+                if statement is None:
+                    break
+                self.statements[name] = statement
+                replies.append(pg.PARSE_COMPLETE)
+                if is_session_statement(buf, body_start, end):
+                    self._track_set(pg.read_cstring(buf, body_start)[0].decode(errors="replace"), None)
+            elif t == Frontend.CLOSE and buf[pos + 5] == ord("S") and buf[pos + 6]:
+                self.statements.pop(bytes(buf[pos + 6 : end - 1]), None)
+                replies.append(pg.CLOSE_COMPLETE)
+            elif t == Frontend.SYNC:
+                replies.append(pg.READY[pg.IDLE])
+                answered, replied = end, len(replies)
+            else:
+                break
+            pos = end
+        if answered:
+            self.write(b"".join(replies[:replied]))
+            del buf[:answered]
+        return n - answered >= 5
+
+    # -- session statements in simple queries ---------------------------------------------------------
+    def _session_statement(self, message: bytes, out: list[bytes]) -> None:
+        """SET/RESET of tracked parameters, DEALLOCATE and DISCARD ALL: the proxy keeps its books straight."""
+        server = self.server
+        sql = message[5:-1].decode(errors="replace")
+        target = deallocate_target(sql)
+        if target == "" or (target is not None and target.encode() in self.statements):
+            if target:
+                self.statements.pop(target.encode())
+            else:
+                self.statements.clear()
+            server.enqueue_synthetic(_DEALLOCATE_DONE if target else _DEALLOCATE_ALL_DONE)
+            return
+        out.append(message)
+        if is_discard_all(sql):
+            server.pending.append(Request(Kind.QUERY, Action.FORWARD, self._discarded))
+            return
+        server.pending.append(QUERY_REQ)
+        self._track_set(sql, server)
+
+    def _track_set(self, sql: str, server: ServerCore | None) -> None:
+        """Note a SET/RESET of an unreported parameter (or RESET ALL) as the client's and the server's.
+        The server undoes it if the transaction rolls back: so does the proxy (see ServerCore.on_data)."""
+        tracked = session_params.tracked_set(sql)
+        reset_all = tracked is None and session_params.is_reset_all(sql)
+        if tracked is None and not reset_all:
+            return
+        owners = [self.param_sql]
+        if server is not None:
+            if server.settings_before is None:
+                server.settings_before = (dict(self.param_sql), dict(server.param_sql))
+            owners.append(server.param_sql)
+        for owner in owners:
+            if reset_all:
+                owner.clear()
+            elif tracked is not None and tracked[1] is None:
+                owner.pop(tracked[0], None)
+            elif tracked is not None:
+                owner[tracked[0]] = tracked[1]
+
+    def _discarded(self, server: ServerCore, _: int, tag: bytes) -> None:
+        if tag == b"DISCARD ALL":
+            server.prepared.clear()
+            server.param_sql.clear()
+            self.statements.clear()
+            self.param_sql.clear()

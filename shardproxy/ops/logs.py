@@ -1,0 +1,41 @@
+"""The log: one line per event, as text or as JSON objects whose keys match SHOW CLIENTS ids (`log.format`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+# Fields an event's log call may pass with extra={...}: JSON lines carry them as keys of their own.
+LOG_FIELDS = ("event", "client", "user", "shard", "node", "seconds", "reason", "worker")
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)),
+                 "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
+        entry.update((key, getattr(record, key)) for key in LOG_FIELDS if hasattr(record, key))
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def setup_logging(level: str, fmt: str, worker: int | None = None) -> None:
+    """A worker's lines carry its id (a `worker` key in JSON), as they share the supervisor's stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    if worker is not None:
+
+        def tag(record: logging.LogRecord) -> bool:
+            record.worker = worker
+            return True
+
+        handler.addFilter(tag)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        name = "%(name)s" if worker is None else "%(name)s[%(worker)s]"
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {name}: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())

@@ -1,0 +1,3 @@
+from collections.abc import Callable
+
+def normalise(sql: str, number: Callable[[str], int | str]) -> tuple[str, int, list[int | str]] | None: ...
