@@ -303,12 +303,19 @@ async def scatter(client: ClientConnection, pools: list[Pool], plan: ScatterPlan
     failed = first_error(responses)
     if failed is not None:
         return join_messages(with_status([m for m in failed if m[0] in (_E, _Z)], status))
+    try:
+        description, rows, tag = _merged(plan, responses)
+    except Unmergeable as exc:  # found in the shards' answers: refused as what is found in the query is
+        raise pg.PostgresError(exc.sqlstate, exc.message) from None
+    return join_messages(_scatter_reply(client_messages, responses[0], plan, description, rows, tag, status))
+
+
+def _merged(plan: ScatterPlan, responses: list[list[Message]]) -> tuple[bytes, list[bytes], str]:
     merger = Merger(plan)
     for answers in responses:
         descriptions = [body for t, body in answers if t == _T]  # the portal's, with the result formats, last
         merger.add_shard_result(descriptions[-1] if descriptions else b"", [body for t, body in answers if t == _D])
-    description, rows, tag = merger.result()
-    return join_messages(_scatter_reply(client_messages, responses[0], plan, description, rows, tag, status))
+    return merger.result()
 
 
 def _scatter_batch(client: ClientConnection, plan: ScatterPlan, messages: list[Message]) -> bytes:

@@ -708,6 +708,7 @@ def test_refusals_touch_nothing(sharded, shards, names, facts):
         ("SELECT grp, count(*) FROM facts GROUP BY grp HAVING count(*) > 10", None),
         ("SELECT string_agg(note, ',') FROM facts", None),
         ("SELECT count(DISTINCT grp) FROM facts", None),
+        ("SELECT sum(score::real) FROM facts", None),  # refused once the shards' rows show a real
         ("EXECUTE refused_insert(2400)", None),  # its statement was PREPARE'd on some shard, out of sight
     ]
     with connect(sharded, autocommit=True) as conn:
