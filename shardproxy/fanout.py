@@ -301,9 +301,10 @@ async def scatter(client: ClientConnection, pools: list[Pool], plan: ScatterPlan
         for leg in legs:
             leg.release()
     failed = first_error(responses)
-    if failed is not None:
-        return join_messages(with_status([m for m in failed if m[0] in (_E, _Z)], status))
     try:
+        if failed is not None:
+            plan.check_shard_error(_error_fields(failed))
+            return join_messages(with_status([m for m in failed if m[0] in (_E, _Z)], status))
         description, rows, tag = _merged(plan, responses)
     except Unmergeable as exc:  # found in the shards' answers: refused as what is found in the query is
         raise pg.PostgresError(exc.sqlstate, exc.message) from None
