@@ -155,7 +155,7 @@ class Plan:
     writes_reference: a reference table is written (INSERT/UPDATE/DELETE/MERGE target, COPY FROM).
     strong: a ``routing.strong_tables`` table is touched: reads go to the primary.
     keys: where the shard key comes from; every one must map to the same shard. Empty when some
-        sharded table is not covered by a key (see the module docstring).
+        sharded table reference is not pinned by a key (see the module docstring).
     unkeyed: the target when no key is known: "scatter" (a lone SELECT), "any" (EXPLAIN, or no
         sharded table) or "error" (with ``unkeyed_error`` as the message).
     unkeyed_error: the error message when ``unkeyed`` is "error".
@@ -774,7 +774,7 @@ class _Analysis:
         self.apart = None if self.covered or unkeyed_write else placement.apart()
 
     def _finish(self) -> None:
-        """Keys matter only for sharded tables; without full cover none of them decides."""
+        """Keys matter only for sharded tables; unless every reference is pinned none of them decides."""
         if not self.tables or not self.covered:
             self.keys = []
         if self.apart is not None:
