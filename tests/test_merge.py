@@ -118,6 +118,10 @@ EXACT = [
     "SELECT sum(v), avg(v), min(v), max(v) FROM nm",
     "SELECT grp, sum(v), avg(v), min(v), max(v), count(v) FROM nm GROUP BY grp ORDER BY grp",
     "SELECT id, name FROM items WHERE grp IN (SELECT grp FROM items WHERE cat = 2) ORDER BY id LIMIT 7",
+    # GROUP BY an output column's alias (no input column has that name): grouped by the output column
+    "SELECT date_trunc('month', created) AS m, count(*), sum(qty) FROM items GROUP BY m ORDER BY m",
+    "SELECT grp AS g, cat % 3 AS c, count(*), avg(price) FROM items GROUP BY g, c ORDER BY g NULLS FIRST, c",
+    "SELECT upper(code), count(*) FROM items GROUP BY upper ORDER BY upper LIMIT 5",
 ]
 
 # Queries whose order PostgreSQL leaves open: compared as multisets of rows.
@@ -129,6 +133,9 @@ UNORDERED = [
     "SELECT grp, count(*) FROM items WHERE id < 0 GROUP BY grp",
     "SELECT DISTINCT count(*) FROM items GROUP BY cat",
     "SELECT id FROM items OFFSET 0",
+    # GROUP BY a name that is an input column too: PostgreSQL groups by the input column
+    "SELECT cat % 2 AS cat, count(*) FROM items GROUP BY cat",
+    "SELECT lower(grp) AS grp, max(qty) FROM items GROUP BY grp",
 ]
 
 # Planned fine, refused once the shard results show a type the proxy cannot compare or combine.
@@ -288,6 +295,19 @@ def test_describe_matches_the_merged_description(servers: Servers) -> None:
     assert plan.describe(shard_description) == description
 
 
+def test_group_by_a_name_of_both_columns_is_refused(servers: Servers) -> None:
+    """The output column reads no input column of its name, yet the FROM clause has one: PostgreSQL groups by the
+    input column, the proxy by the output one. The shards' probe finds out, and the proxy refuses."""
+    sql = "SELECT id % 3 AS cat, count(*) FROM items GROUP BY cat"
+    plan = plan_scatter(sql)
+    assert plan.probed == ("cat",)
+    with pytest.raises(PostgresError) as failed:
+        servers.shards[0].query(plan.shard_sql, [TEXT])
+    with pytest.raises(Unmergeable, match=r"GROUP BY cat names an input column as well as an output column"):
+        plan.check_shard_error(failed.value.fields)
+    plan.check_shard_error({"C": "42702", "M": 'column reference "id" is ambiguous'})  # the query's own error
+
+
 @pytest.mark.parametrize("sql", list(REFUSED_AT_MERGE))
 def test_refused_at_merge(servers: Servers, sql: str) -> None:
     with pytest.raises(Unmergeable, match=REFUSED_AT_MERGE[sql]) as refused:
@@ -314,6 +334,17 @@ REWRITES = {
         "SELECT a, count(*) AS count FROM t GROUP BY a",
     "SELECT a FROM t LIMIT ALL": "SELECT a FROM t",
     "SELECT a FROM t ORDER BY a LIMIT 10000000000 OFFSET 1": "SELECT a FROM t ORDER BY a LIMIT 10000000001",
+    "SELECT a AS b, count(*) FROM t GROUP BY b":
+        "SELECT a AS b, count(*) AS count FROM t, (SELECT NULL AS b) AS shardproxy_hidden_probe GROUP BY b, 1",
+    "SELECT x, f(a) AS b, count(*) FROM t JOIN u USING (k) GROUP BY x, b ORDER BY b":
+        "SELECT x, f(a) AS b, count(*) AS count FROM t INNER JOIN u USING (k), (SELECT NULL AS b) AS "
+        "shardproxy_hidden_probe GROUP BY x, b, 2",
+    "SELECT a % 2 AS a, count(*) FROM t GROUP BY a":
+        "SELECT a % 2 AS a, count(*) AS count, a AS shardproxy_hidden_1 FROM t GROUP BY a",
+    "SELECT a AS b, b + 1, count(*) FROM t GROUP BY b":
+        "SELECT a AS b, b + 1, count(*) AS count, b AS shardproxy_hidden_1 FROM t GROUP BY b",
+    "SELECT u.k, count(*) FROM t JOIN u USING (k) GROUP BY k":
+        "SELECT u.k, count(*) AS count, k AS shardproxy_hidden_1 FROM t INNER JOIN u USING (k) GROUP BY k",
 }  # fmt: skip
 
 
@@ -377,7 +408,7 @@ REFUSED = {
     "WITH c AS (SELECT a, count(*) FROM t GROUP BY a) SELECT * FROM c": "subquery that aggregates",
     "WITH RECURSIVE r AS (SELECT 1 AS n) SELECT * FROM r, t": "WITH RECURSIVE",
     "WITH d AS (DELETE FROM t RETURNING a) SELECT * FROM d, u": "data-modifying WITH",
-    "SELECT a AS b, count(*) FROM t GROUP BY b": 'GROUP BY output column alias "b"',
+    "SELECT a AS b, c AS b, count(*) FROM t GROUP BY b": "GROUP BY b, the name of several output columns",
     "SELECT *, count(*) FROM t GROUP BY a": r"SELECT \* with GROUP BY",
     "SELECT a, count(*) FROM t GROUP BY 2": "aggregate functions are not allowed in GROUP BY",
     "SELECT a FROM t ORDER BY 3": "ORDER BY position 3 is not in select list",

@@ -352,15 +352,36 @@ KEYED = [
     ("SELECT * FROM orders WHERE (user_id = 42 AND a = 1) AND (b = 2 OR c = 3)", [], 42),
     ("SELECT * FROM orders WHERE user_id = $1::uuid", [str(U).upper()], U),
     (f"SELECT * FROM orders WHERE user_id = '{U}'::uuid", [], U),
-    ("SELECT * FROM orders o JOIN items i ON i.order_id = o.id AND o.user_id = 42", [], 42),
-    ("SELECT * FROM orders o JOIN items i ON i.order_id = o.id WHERE i.user_id = 42", [], 42),
     ("WITH x AS (SELECT * FROM orders WHERE user_id = 42) SELECT * FROM x", [], 42),
     ("WITH x AS (SELECT * FROM orders) SELECT * FROM x WHERE user_id = 42", [], 42),
     ("SELECT * FROM (SELECT * FROM orders WHERE user_id = $1) s", [42], 42),
     ("SELECT * FROM (SELECT * FROM orders) s WHERE s.user_id = 42", [], 42),
-    ("SELECT * FROM orders WHERE user_id = 42 AND id IN (SELECT order_id FROM items)", [], 42),
     ("SELECT * FROM orders WHERE user_id = 42 UNION ALL SELECT * FROM orders WHERE user_id = 42", [], 42),
     ("SELECT * FROM orders WHERE user_id = 42 AND x IN (SELECT 1 FROM items WHERE user_id = 42)", [], 42),
+    # joins and subqueries whose other sharded relations are held to the same key
+    ("SELECT * FROM orders o JOIN items i ON i.order_id = o.id AND i.user_id = o.user_id AND o.user_id = 42", [], 42),
+    ("SELECT * FROM orders o JOIN items i ON i.order_id = o.id WHERE i.user_id = 42 AND o.user_id = i.user_id", [], 42),
+    ("SELECT * FROM orders o JOIN items i USING (user_id) WHERE user_id = 42", [], 42),
+    ("SELECT * FROM orders o JOIN items i USING (user_id) JOIN lines l USING (user_id) WHERE user_id = $1", [42], 42),
+    ("SELECT * FROM orders o JOIN items i ON i.region = o.region WHERE o.user_id = $1 AND i.user_id = $1", [42], 42),
+    ("SELECT * FROM orders o LEFT JOIN items i ON i.user_id = o.user_id WHERE o.user_id = 42", [], 42),
+    ("SELECT * FROM orders o RIGHT JOIN items i ON i.user_id = o.user_id WHERE i.user_id = 42", [], 42),
+    ("SELECT * FROM orders o FULL JOIN items i USING (user_id) WHERE user_id = 42", [], 42),
+    ("SELECT * FROM orders o JOIN countries c ON c.code = o.code WHERE user_id = 42", [], 42),
+    ("SELECT * FROM orders o WHERE o.user_id = 42 AND EXISTS (SELECT 1 FROM items i WHERE i.user_id = o.user_id)",
+     [], 42),
+    ("SELECT *, (SELECT max(x) FROM items i WHERE i.user_id = o.user_id) FROM orders o WHERE o.user_id = 42", [], 42),
+    ("SELECT * FROM orders WHERE user_id = 42 AND x IN (SELECT x FROM items i WHERE i.user_id = orders.user_id)",
+     [], 42),
+    ("SELECT * FROM orders WHERE user_id IN (SELECT user_id FROM items WHERE user_id = 42)", [], 42),
+    (("SELECT * FROM orders o, LATERAL (SELECT * FROM items i WHERE i.user_id = o.user_id LIMIT 1) l "
+      "WHERE o.user_id = 42"), [], 42),
+    (("WITH x AS (SELECT * FROM orders) SELECT * FROM x a JOIN x b ON a.id = b.id WHERE a.user_id = 42 "
+      "AND b.user_id = a.user_id"), [], 42),
+    ("WITH x(uid) AS (SELECT user_id FROM orders) SELECT * FROM x JOIN items i ON i.user_id = uid WHERE uid = 42",
+     [], 42),
+    (("SELECT * FROM (SELECT user_id, count(*) FROM orders GROUP BY user_id) s JOIN items i USING (user_id) "
+      "WHERE i.user_id = 42"), [], 42),
     ("INSERT INTO orders (id, user_id) VALUES (1, 42)", [], 42),
     ("INSERT INTO orders (id, user_id) VALUES ($1, $2), ($3, $4)", [1, 42, 2, 42], 42),
     ("INSERT INTO orders (user_id, id) VALUES ($1::bigint, 1) RETURNING id", ["42"], 42),
@@ -370,10 +391,19 @@ KEYED = [
     ("INSERT INTO orders (user_id, total) SELECT 42, sum(x) FROM countries", [], 42),
     ("INSERT INTO orders (user_id, total) SELECT $1, 0", [42], 42),
     ("UPDATE orders SET total = 0 WHERE id = 3 AND user_id = $1", [42], 42),
-    ("UPDATE orders o SET total = i.t FROM items i WHERE i.id = o.id AND o.user_id = 42", [], 42),
+    ("UPDATE orders o SET total = i.t FROM items i WHERE i.id = o.id AND i.user_id = o.user_id AND o.user_id = 42",
+     [], 42),
+    ("UPDATE orders o SET total = (SELECT max(t) FROM items i WHERE i.user_id = o.user_id) WHERE o.user_id = 42",
+     [], 42),
+    ("DELETE FROM orders o USING items i WHERE o.id = i.id AND i.user_id = 42 AND o.user_id = i.user_id", [], 42),
+    ("MERGE INTO orders o USING src s ON o.user_id = 42 AND s.user_id = o.user_id WHEN MATCHED THEN DELETE", [], 42),
+    (("MERGE INTO orders o USING (SELECT * FROM src WHERE user_id = 42) s ON o.user_id = s.user_id "
+      "WHEN NOT MATCHED THEN INSERT (user_id) VALUES (s.user_id)"), [], 42),
+    (("INSERT INTO orders (id, user_id) SELECT s.id, s.user_id FROM staging s JOIN other t USING (user_id) "
+      "WHERE s.user_id = 42"), [], 42),
+    (("INSERT INTO orders (user_id) VALUES (42) ON CONFLICT (id) DO UPDATE SET n = "
+      "(SELECT count(*) FROM items i WHERE i.user_id = excluded.user_id)"), [], 42),
     ("DELETE FROM orders WHERE user_id = 42 RETURNING *", [], 42),
-    ("DELETE FROM orders o USING items i WHERE o.id = i.id AND o.user_id = 42", [], 42),
-    ("MERGE INTO orders o USING src s ON o.user_id = 42 AND o.id = s.id WHEN MATCHED THEN DELETE", [], 42),
     ("WITH d AS (DELETE FROM orders WHERE user_id = 42 RETURNING *) SELECT * FROM d", [], 42),
     ("SELECT * FROM orders WHERE user_id = 42 FOR UPDATE", [], 42),
     ("DECLARE c CURSOR FOR SELECT * FROM orders WHERE user_id = 42", [], 42),
@@ -401,15 +431,7 @@ UNKEYED_READS = [
     "SELECT * FROM orders WHERE user_id = ANY($1)",
     "SELECT * FROM orders WHERE CASE WHEN user_id = 42 THEN true END",
     "SELECT * FROM orders WHERE coalesce(user_id = 42, false)",
-    "SELECT * FROM orders o LEFT JOIN items i ON i.user_id = 42",
     "SELECT *, user_id = 42 FROM orders",
-    # A key that decides only a subquery: the outer orders rows are on every shard.
-    "SELECT * FROM orders WHERE total > (SELECT avg(total) FROM orders WHERE user_id = 42)",
-    "SELECT * FROM orders WHERE id IN (SELECT order_id FROM items WHERE user_id = 42)",
-    "SELECT * FROM orders o WHERE EXISTS (SELECT 1 FROM items i WHERE i.user_id = 42)",
-    "WITH x AS (SELECT * FROM orders WHERE user_id = 42) SELECT * FROM x JOIN items USING (id)",
-    "SELECT * FROM orders WHERE user_id = 42 UNION ALL SELECT * FROM orders",
-    "SELECT * FROM (SELECT * FROM orders WHERE user_id = 42) a, (SELECT * FROM items) b",
 ]
 
 
@@ -418,6 +440,148 @@ def test_no_key_scatters_reads(router: Router, sql: str) -> None:
     plan = router.plan(sql)
     assert plan.keys == ()
     assert router.route(plan, params=[[42]]).target == "scatter"
+
+
+# Sharded relations whose rows combine only on equal keys: every shard holds every pair that can match.
+CO_LOCATED_READS = [
+    "SELECT count(*) FROM users a JOIN users b ON a.user_id = b.user_id",
+    "SELECT count(*) FROM users a JOIN orders b USING (user_id) WHERE a.region = 'x'",
+    "SELECT * FROM users a, orders b, items c WHERE a.user_id = b.user_id AND c.user_id = b.user_id",
+    "SELECT * FROM users a LEFT JOIN orders b ON b.user_id = a.user_id AND b.total > 3",
+    "SELECT * FROM users a FULL JOIN orders b ON b.user_id = a.user_id",
+    "SELECT * FROM users a LEFT JOIN orders b ON b.user_id = a.user_id AND b.user_id = 42",
+    "SELECT * FROM users a LEFT JOIN orders b ON a.user_id = 42 AND b.user_id = a.user_id WHERE b.total > 0",
+    "SELECT * FROM users a LEFT JOIN (SELECT * FROM orders WHERE user_id = 42) b USING (user_id)",
+    "SELECT * FROM users a JOIN (orders b JOIN items c USING (user_id)) AS j ON j.user_id = a.user_id",
+    "SELECT * FROM orders o JOIN countries c ON c.code = o.code",
+    "SELECT * FROM orders o, pg_class c, generate_series(1, 3) g, (VALUES (1)) v(n)",
+    "SELECT * FROM orders o WHERE EXISTS (SELECT 1 FROM users u WHERE u.user_id = o.user_id AND u.region = 'x')",
+    "SELECT * FROM orders o WHERE NOT EXISTS (SELECT 1 FROM users u WHERE u.user_id = o.user_id)",
+    "SELECT * FROM orders WHERE user_id IN (SELECT user_id FROM users WHERE region = 'x')",
+    "SELECT * FROM orders WHERE user_id = ANY (SELECT u.user_id FROM users u JOIN items i USING (user_id))",
+    "SELECT *, (SELECT count(*) FROM items i WHERE i.user_id = o.user_id) FROM orders o",
+    "SELECT * FROM users a CROSS JOIN LATERAL (SELECT * FROM orders b WHERE b.user_id = a.user_id) l",
+    "WITH x AS (SELECT * FROM orders) SELECT * FROM x a JOIN x b ON a.user_id = b.user_id",
+    "WITH x AS (SELECT user_id AS uid FROM orders) SELECT * FROM x JOIN users u ON u.user_id = x.uid",
+    "WITH x(uid) AS (SELECT user_id FROM orders) SELECT * FROM x JOIN users u ON u.user_id = uid",
+    "SELECT * FROM (SELECT o.*, 1 AS one FROM orders o) s JOIN users u ON u.user_id = s.user_id",
+]
+
+
+@pytest.mark.parametrize("sql", CO_LOCATED_READS)
+def test_co_located_reads_scatter(router: Router, sql: str) -> None:
+    assert route(router, sql).target == "scatter"
+
+
+# Rows of two sharded relations combined on anything but equal keys: pairs across shards would be missed.
+# The first thirteen were routed (to one shard, or every shard's part merged) before this rule.
+APART = [
+    "SELECT * FROM orders o JOIN items i ON i.order_id = o.id AND o.user_id = 42",
+    "SELECT * FROM orders o JOIN items i ON i.order_id = o.id WHERE i.user_id = 42",
+    "SELECT * FROM orders WHERE user_id = 42 AND id IN (SELECT order_id FROM items)",
+    "UPDATE orders o SET total = i.t FROM items i WHERE i.id = o.id AND o.user_id = 42",
+    "DELETE FROM orders o USING items i WHERE o.id = i.id AND o.user_id = 42",
+    "MERGE INTO orders o USING src s ON o.user_id = 42 AND o.id = s.id WHEN MATCHED THEN DELETE",
+    "SELECT * FROM orders o LEFT JOIN items i ON i.user_id = 42",
+    "SELECT * FROM orders WHERE total > (SELECT avg(total) FROM orders WHERE user_id = 42)",
+    "SELECT * FROM orders WHERE id IN (SELECT order_id FROM items WHERE user_id = 42)",
+    "SELECT * FROM orders o WHERE EXISTS (SELECT 1 FROM items i WHERE i.user_id = 42)",
+    "WITH x AS (SELECT * FROM orders WHERE user_id = 42) SELECT * FROM x JOIN items USING (id)",
+    "SELECT * FROM orders WHERE user_id = 42 UNION ALL SELECT * FROM orders",
+    "SELECT * FROM (SELECT * FROM orders WHERE user_id = 42) a, (SELECT * FROM items) b",
+    # the issue's join of users on region, and its keyed form
+    "SELECT count(*) FROM users a JOIN users b ON a.region = b.region",
+    "SELECT * FROM users a JOIN orders b ON a.region = b.region WHERE a.user_id = 5",
+    "SELECT * FROM users a, users b",
+    "SELECT * FROM users a JOIN users b ON a.user_id = b.user_id OR a.region = b.region",
+    "SELECT * FROM users a JOIN users b ON a.user_id + 0 = b.user_id",
+    "SELECT * FROM users a JOIN users b ON a.user_id = b.user_id::bigint",
+    "SELECT * FROM orders o NATURAL JOIN items i",
+    # subqueries: uncorrelated, correlated on something else, or whose rows differ per shard
+    "SELECT * FROM orders WHERE region IN (SELECT region FROM users)",
+    "SELECT * FROM orders WHERE user_id NOT IN (SELECT user_id FROM users)",
+    "SELECT * FROM orders WHERE (user_id, x) IN (SELECT user_id, x FROM items)",
+    "SELECT * FROM orders WHERE user_id IN (SELECT user_id FROM users ORDER BY user_id LIMIT 3)",
+    "SELECT * FROM orders WHERE user_id = (SELECT max(user_id) FROM users)",
+    "SELECT * FROM orders o WHERE EXISTS (SELECT 1 FROM users u WHERE u.region = o.region)",
+    "SELECT *, (SELECT count(*) FROM items) FROM orders",
+    "SELECT * FROM users a CROSS JOIN LATERAL (SELECT * FROM orders b WHERE b.region = a.region) l",
+    "SELECT * FROM users a JOIN LATERAL (SELECT * FROM items WHERE items.user_id = user_id) c ON true",
+    "SELECT * FROM users u JOIN (SELECT * FROM orders ORDER BY id LIMIT 5) o USING (user_id)",
+    "SELECT * FROM users u JOIN (SELECT *, row_number() OVER () FROM orders) o USING (user_id)",
+    "SELECT * FROM users u JOIN (SELECT DISTINCT ON (region) * FROM orders) o USING (user_id)",
+    "SELECT * FROM users u FULL JOIN (SELECT user_id, count(*) FROM t GROUP BY ROLLUP (user_id)) o USING (user_id)",
+    "SELECT * FROM (SELECT o.user_id AS uid, o.id AS user_id FROM orders o) s JOIN items i USING (user_id)",
+    "SELECT * FROM orders o(a, b) JOIN items i ON i.user_id = o.user_id",
+    # WITH queries: each reference reads the rows anew
+    "WITH x AS (SELECT * FROM orders) SELECT * FROM x a JOIN x b ON a.id = b.id",
+    ("WITH RECURSIVE r AS (SELECT id FROM edges WHERE user_id = 5 UNION ALL "
+     "SELECT e.dst FROM edges e JOIN r ON e.src = r.id) SELECT * FROM r"),
+    # a keyed statement that reads another sharded table in full
+    "UPDATE orders o SET total = (SELECT max(t) FROM items) WHERE o.user_id = 42",
+    "INSERT INTO orders (user_id, x) SELECT 42, x FROM staging",
+    "INSERT INTO orders (user_id, x) SELECT s.user_id, t.x FROM staging s JOIN t ON t.x = s.x WHERE s.user_id = 42",
+]
+
+
+@pytest.mark.parametrize("sql", APART)
+def test_rows_of_different_shards_are_never_combined(router: Router, sql: str) -> None:
+    verb = router.plan(sql).verb
+    for params in ([42, 42], [1, 2]):
+        message = error_of(route(router, sql, params))
+        assert message.startswith(f"shardproxy: {verb} combines rows of "), message
+        assert "join them on the shard key" in message and "/* shard_key: ... */" in message
+
+
+def test_refusal_names_the_relations_and_the_join_to_write(router: Router) -> None:
+    message = error_of(route(router, "SELECT count(*) FROM users a JOIN users b ON a.region = b.region"))
+    assert message.startswith("shardproxy: SELECT combines rows of users a and users b, which can be on different ")
+    assert "(a.user_id = b.user_id)" in message
+    message = error_of(route(router, "WITH x AS (SELECT * FROM orders) SELECT * FROM x p JOIN x q ON p.id = q.id"))
+    assert "rows of x p and x q" in message and "(p.user_id = q.user_id)" in message
+    sql = "SELECT * FROM (SELECT * FROM orders) s JOIN (SELECT * FROM items) t ON s.id = t.id"
+    assert "(s.user_id = t.user_id)" in error_of(route(router, sql))
+
+
+def test_a_refused_combination_runs_where_the_client_names_the_shard(router: Router) -> None:
+    sql = "SELECT count(*) FROM users a JOIN users b ON a.region = b.region"
+    assert route(router, f"/* shard_key: 7 */ {sql}").shard == shard_of(router, "7")
+    assert route(router, sql, session_key=7).shard == shard_of(router, 7)
+    assert route(router, f"EXPLAIN {sql}").target == "any"  # a plan, not an answer
+
+
+def test_a_write_without_a_key_of_its_own_is_told_so_first(router: Router) -> None:
+    message = error_of(route(router, "UPDATE orders o SET x = 1 FROM items i WHERE i.id = o.id"))
+    assert message.startswith("shardproxy: UPDATE on sharded table orders needs user_id = <value>")
+    message = error_of(route(router, "INSERT INTO orders SELECT 1, 2 FROM staging WHERE user_id = 42"))
+    assert message.startswith("shardproxy: INSERT on sharded table orders needs user_id in its column list")
+    # WHEN NOT MATCHED BY SOURCE acts on the target rows that ON does not match: ON holds none of them to a key
+    sql = "MERGE INTO orders o USING s ON o.user_id = s.user_id AND o.user_id = 4 WHEN NOT MATCHED BY SOURCE THEN "
+    sql += "DELETE"
+    assert error_of(route(router, sql)).startswith("shardproxy: MERGE on sharded table orders needs user_id")
+
+
+def test_several_statements_with_a_refused_combination(router: Router) -> None:
+    result = route(router, "SELECT 1; SELECT count(*) FROM users a JOIN users b ON a.region = b.region")
+    assert error_of(result).startswith("shardproxy: SELECT combines rows of users a and users b")
+
+
+def test_a_dml_target_is_never_a_with_query(router: Router) -> None:
+    """WITH names are not visible to INSERT/UPDATE/DELETE targets: this deletes every row of the table orders."""
+    result = route(router, "WITH orders AS (SELECT 1) DELETE FROM orders")
+    assert error_of(result).startswith("shardproxy: DELETE on sharded table orders needs user_id")
+    assert route(router, "WITH orders AS (SELECT 1) SELECT * FROM orders").target == "any"
+
+
+def test_statements_too_large_to_walk_are_refused(router: Router) -> None:
+    doubling = "WITH c0 AS (SELECT * FROM orders)" + "".join(
+        f", c{i} AS (SELECT * FROM c{i - 1} a JOIN c{i - 1} b USING (user_id))" for i in range(1, 40)
+    )
+    assert "too many" in error_of(route(router, f"{doubling} SELECT * FROM c39"))
+    chain = "WITH c0 AS (SELECT * FROM orders)" + "".join(f", c{i} AS (SELECT * FROM c{i - 1})" for i in range(1, 600))
+    assert "too many" in error_of(route(router, f"{chain} SELECT * FROM c599"))
+    chain = "WITH c0 AS (SELECT * FROM orders)" + "".join(f", c{i} AS (SELECT * FROM c{i - 1})" for i in range(1, 60))
+    assert route(router, f"{chain} SELECT * FROM c59 WHERE user_id = 3").shard == shard_of(router, 3)
 
 
 @pytest.mark.parametrize("sql", [s.replace("SELECT *", "DELETE", 1) for s in UNKEYED_READS[:12]])

@@ -11,13 +11,16 @@ What combines:
 - LIMIT/OFFSET as integer constants: shards run LIMIT limit+offset and no OFFSET, the proxy cuts;
 - count, sum, min, max and avg (avg runs as sum and count, then divides as PostgreSQL divides), FILTER allowed,
   with or without GROUP BY (keys outside the select list travel in hidden columns); ORDER BY, DISTINCT and
-  LIMIT/OFFSET then apply to the combined groups;
+  LIMIT/OFFSET then apply to the combined groups. A GROUP BY name is an input column first, as PostgreSQL has
+  it, else an output column's name: when no part of the query reads a column of that name, shards group by the
+  output column and also read a one-row probe with a column of that name, which makes them fail (and the proxy
+  refuse the query) if the FROM clause has such a column after all;
 - DISTINCT, by de-duplicating the merged rows.
 Refused: DISTINCT ON, HAVING, window functions, other aggregates and aggregate(DISTINCT ...), aggregates inside
-expressions, GROUPING SETS/ROLLUP/CUBE, set operations, FOR UPDATE/SHARE, SELECT INTO, WITH RECURSIVE or
-data-modifying WITH, subqueries that aggregate, de-duplicate or limit, LIMIT/OFFSET with `$n` parameters (the
-plan would depend on Bind), non-C COLLATE in sort or group keys, and at merge time any type the proxy cannot
-compare or add (see TYPES and ADDERS).
+expressions, GROUPING SETS/ROLLUP/CUBE, GROUP BY the name of several output columns, set operations, FOR
+UPDATE/SHARE, SELECT INTO, WITH RECURSIVE or data-modifying WITH, subqueries that aggregate, de-duplicate or
+limit, LIMIT/OFFSET with `$n` parameters (the plan would depend on Bind), non-C COLLATE in sort or group keys,
+and at merge time any type the proxy cannot compare or add (see TYPES and ADDERS).
 
 `Merger` works on raw wire message bodies (RowDescription, DataRow) in text or binary format, decoding values
 by type OID only where it must compare or add them; every other cell is passed through as the shard sent it.
@@ -31,8 +34,8 @@ Caveats:
   Float sums add the shards' partial sums, so like PostgreSQL's own parallel aggregation the last bits may
   depend on the order of additions.
 - A user-defined aggregate looks like a plain function to the parser and would be concatenated per shard.
-- Subqueries and joins see only their shard's rows: the router must only scatter queries whose other tables
-  are reference tables or co-located on the shard key.
+- Subqueries and joins see only their shard's rows: the router scatters only queries whose sharded tables are
+  co-located on the shard key (its co-location rule); other tables are reference tables, catalogs or functions.
 """
 
 from __future__ import annotations
@@ -70,6 +73,8 @@ KNOWN_AGGREGATES = MERGEABLE_AGGREGATES | {
     "regr_slope", "regr_sxx", "regr_sxy", "regr_syy", "percentile_cont", "percentile_disc", "mode",
 }  # fmt: skip
 HIDDEN_PREFIX = "shardproxy_hidden_"
+PROBE = f"{HIDDEN_PREFIX}probe"
+AMBIGUOUS_COLUMN = "42702"
 
 INT8 = struct.Struct("!q")
 FLOAT4 = struct.Struct("!f")
@@ -140,6 +145,7 @@ class ScatterPlan:
     sort: tuple[SortKey, ...] = ()
     offset: int = 0
     limit: int | None = None
+    probed: tuple[str, ...] = ()  # GROUP BY names taken for output columns, which an input column would make ambiguous
 
     @property
     def streaming(self) -> bool:
@@ -149,6 +155,17 @@ class ScatterPlan:
     def describe(self, row_description: bytes) -> bytes:
         """The RowDescription the client expects, from one a shard sent for `shard_sql`."""
         return _encode_row_description(self._client_fields(_parse_row_description(row_description)))
+
+    def check_shard_error(self, error: dict[str, str]) -> None:
+        """Raise the proxy's refusal if a shard's error (its fields) is the probe finding an input column of a
+        probed name; other errors are the client's to see as they are."""
+        name = error.get("M", "").removeprefix('column reference "').removesuffix('" is ambiguous')
+        if error.get("C") == AMBIGUOUS_COLUMN and name in self.probed:
+            raise Unmergeable(
+                f"shardproxy: GROUP BY {name} names an input column as well as an output column (PostgreSQL "
+                f"takes the input column); across shards write it qualified (table.{name}) or write the "
+                "output column's expression"
+            )
 
     def result_formats(self, codes: list[int]) -> list[int]:
         """The Bind result-format codes for `shard_sql`, from the client's: hidden columns come back as text."""
@@ -285,6 +302,7 @@ class _Planner:
         # Keys are matched against the select list as written, before avg(x) becomes sum(x).
         self.written = [target.val for target in self.targets]
         self.hidden: list[ast.ResTarget] = []
+        self.probed: dict[str, int] = {}  # GROUP BY names taken for output columns, with their target index
         self.aggregates: list[Aggregate] = []
         self.distinct = bool(stmt.distinctClause)
         sort_nodes = [item.node for item in stmt.sortClause or ()]
@@ -301,6 +319,7 @@ class _Planner:
         if self.grouped:
             self._plan_aggregates()
             group_columns = tuple(self._group_column(item) for item in stmt.groupClause or ())
+            self._probe()
         sort = tuple(self._sort_key(item) for item in stmt.sortClause or ())
         if self.grouped:
             # Shards return every partial group; de-duplication, order and limit apply to the combined groups.
@@ -323,6 +342,7 @@ class _Planner:
             sort=sort,
             offset=offset,
             limit=limit,
+            probed=tuple(self.probed),
         )
 
     def _hide(self, expr: ast.Node) -> int:
@@ -397,11 +417,43 @@ class _Planner:
         if expr in self.written:
             return self._checked_key(self.written.index(expr), "GROUP BY")
         name = _bare_name(expr)
-        if name is not None and any(target.name == name for target in self.targets):
-            # PostgreSQL prefers an input column of that name, which the proxy cannot see: ambiguous here.
-            raise _refuse(f'GROUP BY output column alias "{name}"')
+        outputs = [i for i, target in enumerate(self.targets) if _output_name(target) == name]
+        if name is not None and outputs and not self._reads_column(name):
+            return self._output_group(name, outputs)
         _check_collations(expr)
-        return self._hide(expr)
+        return self._hide(expr)  # an input column (read elsewhere, so it exists), or an expression
+
+    def _reads_column(self, name: str) -> bool:
+        """Whether the query reads a column of that name (other than by a bare name in GROUP BY or ORDER BY,
+        which may name an output column): then its FROM clause has one, which GROUP BY name means."""
+        stmt = self.stmt
+        bare = {id(node) for node in (*(stmt.groupClause or ()), *(item.node for item in stmt.sortClause or ()))
+                if _bare_name(node) == name}  # fmt: skip
+        return any(
+            isinstance(node, ast.ColumnRef) and id(node) not in bare and _expression_name(node) == name
+            for node in _walk(stmt, into_subqueries=True)
+        )
+
+    def _output_group(self, name: str, outputs: list[int]) -> int:
+        """GROUP BY the name of an output column, when nothing shows an input column of that name (_probe)."""
+        if len(outputs) > 1:
+            raise _refuse(f"GROUP BY {name}, the name of several output columns,")
+        self.probed[name] = outputs[0]
+        return self._checked_key(outputs[0], "GROUP BY")
+
+    def _probe(self) -> None:
+        """Shards group by the probed output columns (by position) and read a one-row probe whose columns bear
+        their names: an input column of such a name makes GROUP BY name ambiguous there (SQLSTATE 42702, which
+        ScatterPlan.check_shard_error makes a refusal); without one, GROUP BY name reads the probe's NULL."""
+        if not self.probed:
+            return
+        stmt = self.stmt
+        positions = [ast.A_Const(val=ast.Integer(index + 1)) for index in self.probed.values()]
+        stmt.groupClause = (*(stmt.groupClause or ()), *positions)
+        columns = tuple(ast.ResTarget(name=name, val=ast.A_Const(isnull=True)) for name in self.probed)
+        probe = ast.SelectStmt(targetList=columns, op=SetOperation.SETOP_NONE)
+        item = ast.RangeSubselect(lateral=False, subquery=probe, alias=ast.Alias(aliasname=PROBE))
+        stmt.fromClause = (*(stmt.fromClause or ()), item)
 
     def _checked_key(self, i: int, clause: str) -> int:
         """Target i as a sort or group key: not an aggregate for GROUP BY, and compared in byte order."""

@@ -9,15 +9,26 @@ A pure module (no I/O), so every rule is testable without sockets. Work is split
 * ``Router.route`` resolves a plan's key sources against one execution's literals, parameters and
   session key, and returns a ``Route``: one shard, any shard, every shard, a scatter, or an error.
 
-Key rule: a statement has a shard key when every sharded table it reads or writes is *covered*. A
-query level (a SELECT, INSERT, UPDATE, DELETE or MERGE, including each CTE and subquery) is covered
-when its WHERE clause (or INNER JOIN condition, or MERGE ON condition) contains
-``key = <literal | $n>`` joined to the rest by AND only, or, for INSERT, when every row gives the key
-column a literal or parameter. A covered level covers everything nested in it (tables sharded on the
-same key are assumed co-located), except data-modifying CTEs, which run in full and must cover
-themselves. A level without a key of its own is covered only when it reads no sharded table directly
-and all its nested queries are covered. Every key found in a covered statement must map to the same
-shard.
+Each reference to a sharded table (in FROM, a subquery, a CTE at each place it is read, a DML target) is
+an *instance*; reference tables, catalogs, functions and VALUES are on every shard and combine with anything.
+Only conditions in the top-level AND chain of a WHERE, JOIN ... ON or MERGE ... ON count, and only where they
+filter the instance's rows: a WHERE filters its level's instances (and those of its FROM subqueries, through
+the columns that pass their key on), an inner join's ON both sides, an outer join's ON its nullable side.
+
+Pinning rule: a statement runs on one shard when every instance is *pinned*: by ``key = <literal | $n>``
+(or ``key IN (<one>)``, or for INSERT a literal or parameter in every row), or by ``key = other.key`` (also
+``USING (key)``, ``key IN (SELECT key ...)``, or a correlated subquery's ``key = outer.key``) to instances
+that are all pinned. Every pinning value must map to the same shard. A data-modifying CTE runs in full
+whatever reads it, so only conditions of its own pin it.
+
+Co-location rule (exact or 0A000, never a wrong answer): rows of two sharded instances may be combined on one
+shard only when that shard holds every pair that can match. So when not every instance is pinned, all of them
+must be *co-located*: linked, transitively, by key equalities anywhere (an outer join's ON and a correlated
+subquery's WHERE included). Then a read runs on every shard and is merged (merge.py refuses what it cannot
+combine exactly); otherwise the statement is refused with a message that says how to join or key it. A
+subquery's column carries its key only when the subquery gives the same rows run per shard: not under LIMIT,
+OFFSET, DISTINCT ON, window functions or set operations. A ``/* shard_key */`` comment or the session's key
+runs a statement on that key's shard as the client says.
 """
 
 from __future__ import annotations
@@ -135,7 +146,7 @@ class Plan:
     writes_reference: a reference table is written (INSERT/UPDATE/DELETE/MERGE target, COPY FROM).
     strong: a ``routing.strong_tables`` table is touched: reads go to the primary.
     keys: where the shard key comes from; every one must map to the same shard. Empty when some
-        sharded table is not covered by a key (see the module docstring).
+        sharded table reference is not pinned by a key (see the module docstring).
     unkeyed: the target when no key is known: "scatter" (a lone SELECT), "any" (EXPLAIN, or no
         sharded table) or "error" (with ``unkeyed_error`` as the message).
     unkeyed_error: the error message when ``unkeyed`` is "error".
@@ -216,23 +227,134 @@ class Decision(NamedTuple):
     sql: str
 
 
-class _Cover(NamedTuple):
-    """Whether a query level's sharded tables are all covered by keys, and the keys found in it."""
-
-    covered: bool
-    keys: list[KeyRef]
+Term = frozenset[int]  # the relation instances (see _Placement) whose shard key a column's value is
 
 
-class _Scope:
-    """One query level while it is walked."""
+class _Source(NamedTuple):
+    """What one FROM item offers the column references that name it (or name no FROM item)."""
 
-    __slots__ = ("children", "ctes", "own", "sharded")
+    columns: dict[str, Term | None]  # columns known by name: the instances whose key each carries, if any
+    opaque: bool  # it may have other columns, of unknown names (a table's, a function's)
 
-    def __init__(self, ctes: frozenset[str]) -> None:
-        self.ctes = ctes  # CTE names visible here: a FROM item with such a name is no table
-        self.sharded = False  # a sharded table is read or written at this level itself
-        self.own: list[KeyRef] = []  # key conditions of this level
-        self.children: list[_Cover] = []  # nested query levels
+
+_OPAQUE = _Source({}, True)
+
+
+class _Item(NamedTuple):
+    """A FROM item once walked: what an unqualified column may name in it, and the instances in it."""
+
+    bare: list[_Source]
+    tree: frozenset[int]
+
+
+class _Out(NamedTuple):
+    """What a query level gives the one that reads it (as a FROM item, CTE or IN list).
+
+    columns: (name, key term) of each output column, a `*` standing for the columns it is known to bring; None
+    when its rows are not the same computed on each shard's part (LIMIT, DISTINCT ON, windows, set operations,
+    RETURNING), so that no column may be relied on to carry a key.
+    star: a `*` leaves the number and order of the columns unknown.
+    tree: the instances in its FROM tree, whose rows its output rows are.
+    """
+
+    columns: list[tuple[str | None, Term | None]] | None
+    star: bool
+    tree: frozenset[int]
+
+
+class _Cte(NamedTuple):
+    """A WITH query as defined: walked afresh at each reference, since each one reads its rows anew."""
+
+    kind: str
+    body: dict[str, Any]
+    outer: _Level | None
+    ctes: dict[str, _Cte]
+    colnames: list[str]
+
+
+class _Level:
+    """One query level while it is walked: the names its FROM items bind, for the column references in it."""
+
+    __slots__ = ("bare", "ctes", "names", "outer", "tree")
+
+    def __init__(self, outer: _Level | None, ctes: dict[str, _Cte]) -> None:
+        self.outer = outer  # the level a correlated reference reaches (of a subquery, LATERAL item or CTE)
+        self.ctes = ctes  # WITH queries visible here: a FROM item of such a name is no table
+        self.names: dict[str, _Source] = {}  # FROM items by alias (or table name)
+        self.bare: list[_Source] = []  # what an unqualified column may name
+        self.tree: set[int] = set()  # instances in its FROM tree, whose rows its conditions restrict
+
+
+class _Placement:
+    """Where the rows a statement combines live: the pinning and co-location rules of the module docstring.
+
+    Each sharded table reference is an instance. A condition in a position that filters an instance's rows
+    (the WHERE of its level, an inner join's ON, the ON of an outer join for its nullable side) restricts it:
+    `key = value` pins it; `key = other.key` makes it follow the other (its rows that matter have the other's
+    key). Any key equality, restricting or not (a correlated subquery's, an outer join's), co-locates the two.
+    """
+
+    def __init__(self) -> None:
+        self.labels: list[str] = []  # per instance: its table and alias, for messages
+        self.names: list[str] = []  # per instance: the name its columns are qualified by, for hints
+        self.pins: list[KeyRef] = []  # the values that pin some instance: all must be on one shard
+        self._parent: list[int] = []  # co-location classes, as a union-find forest
+        self._pinned: set[int] = set()
+        self._follows: list[tuple[int, Term]] = []
+
+    def add(self, label: str, name: str) -> int:
+        self.labels.append(label)
+        self.names.append(name)
+        self._parent.append(len(self._parent))
+        return len(self._parent) - 1
+
+    def seen_as(self, tree: frozenset[int], name: str, label: str | None = None) -> None:
+        """The instances of a subquery or WITH reference, as the level reading it names them."""
+        for node in tree:
+            self.names[node] = name
+            if label is not None:
+                self.labels[node] = label
+
+    def pin(self, term: Term | None, ref: KeyRef | None, restricted: frozenset[int] | set[int]) -> None:
+        """term = ref, where the condition restricts the instances in restricted."""
+        hit = term & restricted if term and ref is not None else None
+        if hit:
+            self._pinned |= hit
+            self.pins.append(ref)  # type: ignore[arg-type]
+
+    def equal(self, a: Term, b: Term, restricted: frozenset[int] | set[int]) -> None:
+        """a = b, where the condition restricts the instances in restricted."""
+        first = next(iter(a))
+        for node in a | b:
+            self._parent[self._find(node)] = self._find(first)
+        self._follows += [(node, b) for node in a & restricted] + [(node, a) for node in b & restricted]
+
+    def pinned(self) -> set[int]:
+        """The instances pinned: directly, or by following instances that all are."""
+        pinned = set(self._pinned)
+        grown = True
+        while grown:
+            grown = False
+            for node, leaders in self._follows:
+                if node not in pinned and leaders <= pinned:
+                    pinned.add(node)
+                    grown = True
+        return pinned
+
+    def apart(self) -> tuple[int, int] | None:
+        """Two instances of different co-location classes, if there are any."""
+        roots: dict[int, int] = {}
+        for node in range(len(self.labels)):
+            roots.setdefault(self._find(node), node)
+        first, *others = roots.values() if roots else (0,)
+        return (first, others[0]) if others else None
+
+    def _find(self, node: int) -> int:
+        parent = self._parent
+        while parent[node] != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
 
 
 class _Settings(NamedTuple):
@@ -456,7 +578,7 @@ def _combine(analyses: list[_Analysis], key: str, base: int | None, hints: dict[
         error = error or _multi_statement_error(analyses, main)
         if not covered:
             unkeyed = "error"
-            unkeyed_error = (
+            unkeyed_error = next((a.unkeyed_error for a in analyses if a.apart), None) or (
                 "shardproxy: a query of several statements on sharded tables needs "
                 f"{key} = <value> in each of them, or a /* shard_key: ... */ comment"
             )
@@ -479,6 +601,18 @@ def _combine(analyses: list[_Analysis], key: str, base: int | None, hints: dict[
         shard_key_value=main.shard_key_value,
         **hints,
     )
+
+
+class _TooLarge(Exception):
+    """A statement with more query levels (WITH references included) than the router walks."""
+
+
+_MAX_LEVELS = 1000
+# Fields of a level that its walk visits in its own way; the others are expressions, scanned for subqueries.
+_SELECT_PARTS = frozenset({"withClause", "fromClause", "whereClause", "larg", "rarg", "intoClause", "lockingClause"})
+_DML_PARTS = frozenset({"withClause", "relation", "fromClause", "usingClause", "whereClause"})
+_INSERT_PARTS = frozenset({"withClause", "relation", "selectStmt", "cols"})
+_MERGE_PARTS = frozenset({"withClause", "relation", "sourceRelation", "joinCondition"})
 
 
 def _multi_statement_error(analyses: list[_Analysis], main: _Analysis) -> str | None:
@@ -504,8 +638,10 @@ class _Analysis:
         self.writes_reference = False
         self.strong = False
         self.write = False
-        self.covered = True
+        self.covered = True  # every sharded table reference is pinned by a key
         self.keys: list[KeyRef] = []
+        self.apart: tuple[int, int] | None = None  # two references whose rows may not be combined on a shard
+        self.placement = _Placement()
         self.unkeyed: Target = "any"
         self.unkeyed_error: str | None = None
         self.error: str | None = None
@@ -514,10 +650,20 @@ class _Analysis:
         self.concurrently = False
         self.clears_shard_key = False
         self.shard_key_value: Key | None = None
+        self._handled: set[int] = set()  # IN subqueries walked as key conditions, by id
+        self._expanding: set[int] = set()  # WITH queries being walked, by id: a reference inside is recursion
+        self._levels = 0
+        self._written_node: int | None = None  # the instance of the table written, if sharded
 
     # -- statements --------------------------------------------------------------------------
 
     def statement(self, name: str, body: dict[str, Any]) -> None:
+        try:
+            self._statement(name, body)
+        except (_TooLarge, RecursionError):  # WITH queries referenced over and over, or nested too deep
+            self.error = "shardproxy: the statement has too many, or too deeply nested, query levels to route"
+
+    def _statement(self, name: str, body: dict[str, Any]) -> None:
         if name in _QUERIES:
             self._query(name, body)
         elif name == "ExplainStmt":
@@ -544,10 +690,10 @@ class _Analysis:
             self._finish()
 
     def _query(self, name: str, body: dict[str, Any]) -> None:
-        cover = self._level(name, body, frozenset())
+        self._level(name, body, None, {})
+        self._place()
         self.kind = "write" if self.write else "read"
         self.verb = _VERBS[name]
-        self.covered, self.keys = cover
         if self.kind == "read" and name == "SelectStmt":
             self.unkeyed = "scatter"
 
@@ -563,22 +709,22 @@ class _Analysis:
             for option in body.get("options", ())
         )
         ((name, inner),) = body["query"].items()
-        self.statement(name, inner)
+        self._statement(name, inner)
         if not analyze:
             self.kind = "read"  # nothing is executed
         if self.kind == "read":
             self.unkeyed = "any"  # a plan from any shard shows how each one runs the query
+            self.apart = None
         self.verb = "EXPLAIN"
 
     def _copy(self, body: dict[str, Any]) -> None:
         if "query" in body:
             self._query_of("COPY", body["query"])
             return
-        scope = _Scope(frozenset())
         writes = bool(body.get("is_from"))
-        self._relation(body["relation"], scope, written=writes)
+        self._table(body["relation"], _Level(None, {}), written=writes)
         self.kind, self.verb, self.unkeyed = ("write" if writes else "read"), "COPY", "error"
-        self.covered = not scope.sharded
+        self._place()
 
     def _transaction(self, body: dict[str, Any]) -> None:
         self.kind = _TRANSACTIONS.get(body["kind"], "utility")
@@ -608,13 +754,35 @@ class _Analysis:
         else:
             self.shard_key_value = value
 
+    def _place(self) -> None:
+        """The pinning and co-location rules (module docstring) over the references walked. A write whose
+        own table is not pinned is told it needs a key, which it does first."""
+        placement = self.placement
+        pinned = placement.pinned()
+        self.covered = len(pinned) == len(placement.labels)
+        self.keys = placement.pins if self.covered else []
+        unkeyed_write = self._written_node is not None and self._written_node not in pinned
+        self.apart = None if self.covered or unkeyed_write else placement.apart()
+
     def _finish(self) -> None:
-        """Keys matter only for sharded tables; without full cover none of them decides."""
+        """Keys matter only for sharded tables; unless every reference is pinned none of them decides."""
         if not self.tables or not self.covered:
             self.keys = []
-        if self.kind == "write" or (self.tables and self.unkeyed == "error"):
+        if self.apart is not None:
+            self.unkeyed, self.unkeyed_error = "error", self._apart_message(*self.apart)
+        elif self.kind == "write" or (self.tables and self.unkeyed == "error"):
             self.unkeyed = "error"
             self.unkeyed_error = self._needs_key_message()
+
+    def _apart_message(self, first: int, second: int) -> str:
+        placement, key = self.placement, self.settings.key
+        a, b = placement.labels[first], placement.labels[second]
+        hint = f"{placement.names[first]}.{key} = {placement.names[second]}.{key}"
+        return (
+            f"shardproxy: {self.verb} combines rows of {a} and {b}, which can be on different shards; join "
+            f"them on the shard key ({hint}), hold both to {key} = <value> on one shard, or name the shard "
+            "with a /* shard_key: ... */ comment"
+        )
 
     def _needs_key_message(self) -> str:
         key = self.settings.key
@@ -633,67 +801,96 @@ class _Analysis:
 
     # -- query levels ------------------------------------------------------------------------
 
-    def _level(self, name: str, body: dict[str, Any], ctes: frozenset[str]) -> _Cover:
-        """Walk one query level; see the module docstring for when it is covered."""
-        scope = _Scope(ctes)
-        dml_ctes = self._ctes(body.get("withClause"), scope)
-        done = {"withClause"}
-        sharded = False
-        if name in _DML:
-            self.write = True
-            sharded = self._relation(body["relation"], scope, written=True)
-            done.add("relation")
+    def _level(self, name: str, body: dict[str, Any], outer: _Level | None, ctes: dict[str, _Cte]) -> _Out:
+        """Walk one query level: a statement, a subquery, a WITH query or a branch of a set operation."""
+        self._levels += 1
+        if self._levels > _MAX_LEVELS:
+            raise _TooLarge  # each reference walks its WITH query: nested references would take exponential time
+        level = _Level(outer, ctes)
+        self._with(body.get("withClause"), level)
         if name == "SelectStmt":
-            self._select(body, scope)
-            done |= {"intoClause", "larg", "rarg", "lockingClause"}
-        elif name == "InsertStmt":
-            self._insert(body, scope)
-            done.add("selectStmt")
-        elif name == "MergeStmt":
-            self._conjuncts(body.get("joinCondition"), scope.own)
+            return self._select(body, level)
+        self.write = True
+        if name == "InsertStmt":
+            self._insert(body, level)
+        elif name == "UpdateStmt":
+            self._update(body, level)
+        elif name == "DeleteStmt":
+            self._target(body["relation"], level)
+            self._from_items(body.get("usingClause", ()), level)
+            self._conditions(body.get("whereClause"), level, level.tree)
+            self._scan_rest(body, level, _DML_PARTS)
         else:
-            self._conjuncts(body.get("whereClause"), scope.own)
-        if name == "UpdateStmt" and sharded and self._sets_key(body):
-            self.error = (
-                f"shardproxy: UPDATE cannot change the shard key {self.settings.key} "
-                "(a row cannot move to another shard); delete and insert it instead"
-            )
-        for field, value in body.items():
-            if field not in done:
-                self._scan(value, scope)
-        children = scope.children
-        covered = bool(scope.own) or (not scope.sharded and all(c.covered for c in children))
-        covered = covered and all(c.covered for c in dml_ctes)
-        keys = scope.own + [ref for c in (*children, *dml_ctes) for ref in c.keys]
-        return _Cover(covered, keys)
+            self._merge(body, level)
+        return _Out(None, False, frozenset())  # RETURNING rows: nothing joins on them
 
-    def _ctes(self, with_clause: dict[str, Any] | None, scope: _Scope) -> list[_Cover]:
-        """Analyse a WITH list into scope; returns the covers of data-modifying CTEs, which run in
-        full whatever reads them and so must be covered by keys of their own."""
+    def _with(self, with_clause: dict[str, Any] | None, level: _Level) -> None:
+        """Define a WITH list's queries for level. Data-modifying ones run once, in full, whatever reads
+        them, so they are walked here, and must be pinned by keys of their own."""
         if not with_clause:
-            return []
-        ctes = [item["CommonTableExpr"] for item in with_clause["ctes"]]
-        scope.ctes = scope.ctes | {cte["ctename"].lower() for cte in ctes}
-        dml_covers: list[_Cover] = []
-        for cte in ctes:
-            ((name, body),) = cte["ctequery"].items()
-            cover = self._level(name, body, scope.ctes)
-            (dml_covers if name in _DML else scope.children).append(cover)
-        return dml_covers
+            return
+        ctes = dict(level.ctes)
+        for item in with_clause["ctes"]:
+            cte = item["CommonTableExpr"]
+            ((kind, body),) = cte["ctequery"].items()
+            visible = ctes if with_clause.get("recursive") else dict(ctes)
+            colnames = [name["String"]["sval"] for name in cte.get("aliascolnames", ())]
+            ctes[cte["ctename"].lower()] = _Cte(kind, body, level.outer, visible, colnames)
+            if kind in _DML:
+                self._level(kind, body, level.outer, visible)
+        level.ctes = ctes
 
-    def _select(self, body: dict[str, Any], scope: _Scope) -> None:
+    def _select(self, body: dict[str, Any], level: _Level) -> _Out:
         if body.get("lockingClause"):
             self.write = True  # FOR UPDATE / SHARE lock rows, which only a primary can
         into = body.get("intoClause")
         if into is not None:
             self.write = True
-            self._relation(into["rel"], scope, written=True)
-        for side in ("larg", "rarg"):  # the branches of UNION / INTERSECT / EXCEPT
-            if side in body:
-                scope.children.append(self._level("SelectStmt", body[side], scope.ctes))
-        self._conjuncts(body.get("whereClause"), scope.own)
+            self._relation(into["rel"], written=True)
+        if body.get("op", "SETOP_NONE") != "SETOP_NONE":  # UNION / INTERSECT / EXCEPT
+            for side in ("larg", "rarg"):
+                self._level("SelectStmt", body[side], level.outer, level.ctes)
+            self._scan_rest(body, level, _SELECT_PARTS)
+            return _Out(None, False, frozenset())
+        self._from_items(body.get("fromClause", ()), level)
+        self._conditions(body.get("whereClause"), level, level.tree)
+        self._scan_rest(body, level, _SELECT_PARTS)
+        return self._output(body, level)
 
-    def _insert(self, body: dict[str, Any], scope: _Scope) -> None:
+    def _update(self, body: dict[str, Any], level: _Level) -> None:
+        target = self._target(body["relation"], level)
+        if target.tree and self._sets_key(body):
+            self.error = (
+                f"shardproxy: UPDATE cannot change the shard key {self.settings.key} "
+                "(a row cannot move to another shard); delete and insert it instead"
+            )
+        self._from_items(body.get("fromClause", ()), level)
+        self._conditions(body.get("whereClause"), level, level.tree)
+        self._scan_rest(body, level, _DML_PARTS)
+
+    def _merge(self, body: dict[str, Any], level: _Level) -> None:
+        """MERGE joins its target to its source on the ON condition, which filters the target's rows unless
+        WHEN NOT MATCHED BY SOURCE acts on the others, and the source's unless WHEN NOT MATCHED does."""
+        target = self._target(body["relation"], level)
+        source = self._from_items([body["sourceRelation"]], level)
+        kinds = {clause["MergeWhenClause"]["matchKind"] for clause in body.get("mergeWhenClauses", ())}
+        restricted: set[int] = set()
+        if "MERGE_WHEN_NOT_MATCHED_BY_SOURCE" not in kinds:
+            restricted |= target.tree
+        if "MERGE_WHEN_NOT_MATCHED_BY_TARGET" not in kinds:
+            restricted |= source.tree
+        self._conditions(body.get("joinCondition"), level, restricted)
+        self._scan_rest(body, level, _MERGE_PARTS)
+
+    def _insert(self, body: dict[str, Any], level: _Level) -> None:
+        target = self._target(body["relation"], level)
+        level.names["excluded"] = _Source({self.settings.key: target.tree or None}, True)  # ON CONFLICT's row
+        self._inserted(body, level, target.tree)
+        self._scan_rest(body, level, _INSERT_PARTS)
+
+    def _inserted(self, body: dict[str, Any], level: _Level, target: frozenset[int]) -> None:
+        """Where the inserted rows' keys come from: literals or parameters pin the target; a column of the
+        SELECT that carries a key makes the target follow it."""
         columns = [col["ResTarget"]["name"].lower() for col in body.get("cols", ())]
         position = columns.index(self.settings.key) if self.settings.key in columns else None
         select = body.get("selectStmt", {}).get("SelectStmt")
@@ -703,22 +900,21 @@ class _Analysis:
         if rows:
             refs = [self._value(_item(row["List"]["items"], position)) for row in rows]
             if None not in refs:
-                scope.own.extend(ref for ref in refs if ref is not None)
-            self._scan(rows, scope)
+                for ref in refs:
+                    self.placement.pin(target, ref, target)
+            self._scan(rows, level)
             return
-        cover = self._level("SelectStmt", select, scope.ctes)
-        target = _target_at(select, position)
-        constant = self._value(target)
-        passes_key = position is None or self._is_key_column(target) or _has_star(select)
-        values = None if constant is not None else self._values_keys(select, target)
-        if cover.covered and constant is not None:
-            scope.own.extend([constant, *cover.keys])
-        elif cover.covered and values:
-            scope.own.extend([*values, *cover.keys])
-        elif cover.covered and passes_key:
-            scope.own.extend(cover.keys)  # assumes the SELECT passes its key column through
-        else:
-            scope.children.append(cover)
+        out = self._level("SelectStmt", select, level.outer, level.ctes)
+        value = _target_at(select, position)
+        constant = self._value(value)
+        given = [constant] if constant is not None else self._values_keys(select, value)
+        if given:
+            for ref in given:
+                self.placement.pin(target, ref, target)
+            return
+        term = _inserted_key(out, position, self.settings.key)
+        if target and term:
+            self.placement.equal(target, term, target)
 
     def _values_keys(self, select: dict[str, Any], target: dict[str, Any] | None) -> list[KeyRef] | None:
         """The key of every row of ``INSERT ... SELECT v.c[::type], ... FROM (VALUES ...) AS v(c, ...)``, the
@@ -753,32 +949,259 @@ class _Analysis:
             for item in body.get("targetList", ())
         )
 
-    def _scan(self, value: Any, scope: _Scope) -> None:
-        """Walk any part of a level: tables, nested queries, sequence calls, inner-join keys."""
+    def _output(self, body: dict[str, Any], level: _Level) -> _Out:
+        """A SELECT level's output columns and the keys they carry (see _Out)."""
+        tree = frozenset(level.tree)
+        if not _same_per_shard(body):
+            return _Out(None, False, tree)
+        if "valuesLists" in body:
+            width = len(body["valuesLists"][0]["List"]["items"])
+            return _Out([(f"column{i + 1}", None) for i in range(width)], False, tree)
+        columns: list[tuple[str | None, Term | None]] = []
+        star = False
+        for target in body.get("targetList", ()):
+            result = target["ResTarget"]
+            value = result.get("val", {})
+            fields = value.get("ColumnRef", {}).get("fields")
+            if fields and "A_Star" in fields[-1]:
+                star = True
+                columns += self._star(fields, level).columns.items()
+            else:
+                name = result.get("name") or _column_name(value)
+                columns.append((name and self._canonical(name), self._term(value, level)))
+        return _Out(columns, star, tree)
+
+    def _source(self, out: _Out, colnames: list[str]) -> _Source:
+        """What a FROM item reading out offers, its columns renamed to colnames (AS alias(colnames))."""
+        columns = out.columns
+        if columns is None or (colnames and out.star):
+            return _OPAQUE
+        if colnames:
+            renamed = [(self._canonical(name), term) for name, (_, term) in zip(colnames, columns)]
+            columns = renamed + columns[len(colnames) :]
+        known: dict[str, Term | None] = {}
+        for name, term in columns:
+            if name is not None:
+                known[name] = None if name in known else term  # a name twice is ambiguous
+        return _Source(known, out.star)
+
+    # -- FROM items --------------------------------------------------------------------------
+
+    def _target(self, relation: dict[str, Any], level: _Level) -> _Item:
+        """The table a DML statement writes (never a WITH query of that name)."""
+        item = self._table(relation, level, written=True)
+        level.bare += item.bare
+        return item
+
+    def _from_items(self, items: Iterable[dict[str, Any]], level: _Level) -> _Item:
+        """Walk a FROM list into level, item after item (a LATERAL item sees those before it)."""
+        bare: list[_Source] = []
+        tree: frozenset[int] = frozenset()
+        for node in items:
+            item = self._from_item(node, level)
+            level.bare += item.bare
+            bare += item.bare
+            tree |= item.tree
+        return _Item(bare, tree)
+
+    def _from_item(self, node: dict[str, Any], level: _Level) -> _Item:
+        ((kind, body),) = node.items()
+        if kind == "RangeVar":
+            return self._table(body, level)
+        if kind == "JoinExpr":
+            return self._join(body, level)
+        if kind == "RangeSubselect":
+            ((name, query),) = body["subquery"].items()
+            out = self._level(name, query, level if body.get("lateral") else level.outer, level.ctes)
+            alias = body.get("alias", {})
+            if "aliasname" in alias:
+                self.placement.seen_as(out.tree, alias["aliasname"])
+            return self._bind(level, alias.get("aliasname"), self._source(out, _colnames(alias)), out.tree)
+        if kind == "RangeTableSample":
+            self._scan(body.get("args"), level)
+            return self._table(body["relation"]["RangeVar"], level)
+        # Functions, XMLTABLE, JSON_TABLE: rows of no table, from arguments that may read some.
+        self._scan(body, level)
+        return self._bind(level, body.get("alias", {}).get("aliasname"), _OPAQUE, frozenset())
+
+    def _table(self, relation: dict[str, Any], level: _Level, written: bool = False) -> _Item:
+        """A table (or WITH query) reference; a sharded table becomes an instance."""
+        name = relation["relname"].lower()
+        alias = relation.get("alias", {})
+        visible = alias.get("aliasname") or relation["relname"]
+        label = name if visible == relation["relname"] else f"{name} {visible}"
+        cte = None if written or "schemaname" in relation else level.ctes.get(name)
+        if cte is not None:
+            return self._cte(cte, level, (visible, label), _colnames(alias) or cte.colnames)
+        if not self._relation(relation, written):
+            return self._bind(level, visible, _OPAQUE, frozenset())
+        node = self.placement.add(label, visible)
+        if written and self._written_node is None:
+            self._written_node = node
+        # Column aliases rename the table's columns in order: which one is then the key is unknown.
+        columns: dict[str, Term | None] = {} if "colnames" in alias else {self.settings.key: frozenset({node})}
+        return self._bind(level, visible, _Source(columns, True), frozenset({node}))
+
+    def _cte(self, cte: _Cte, level: _Level, names: tuple[str, str], colnames: list[str]) -> _Item:
+        """A reference to a WITH query: its rows are read anew, so its tables are new instances."""
+        visible, label = names
+        if cte.kind in _DML or id(cte) in self._expanding:  # a data-modifying one, or recursion
+            return self._bind(level, visible, _OPAQUE, frozenset())
+        self._expanding.add(id(cte))
+        out = self._level(cte.kind, cte.body, cte.outer, cte.ctes)
+        self._expanding.discard(id(cte))
+        self.placement.seen_as(out.tree, visible, label)
+        return self._bind(level, visible, self._source(out, colnames), out.tree)
+
+    def _bind(self, level: _Level, name: str | None, source: _Source, tree: frozenset[int]) -> _Item:
+        if name:
+            level.names[name] = source
+        level.tree |= tree
+        return _Item([source], tree)
+
+    def _join(self, join: dict[str, Any], level: _Level) -> _Item:
+        """JOIN: its ON condition restricts the instances of the sides it filters (both for an inner join,
+        the nullable side of an outer one); USING (key) makes the sides' keys equal and one column."""
+        mark = len(level.bare)
+        left = self._from_item(join["larg"], level)
+        level.bare += left.bare  # what a LATERAL item on the right sees
+        right = self._from_item(join["rarg"], level)
+        kind = join.get("jointype")
+        restricted = (left.tree if kind in ("JOIN_INNER", "JOIN_RIGHT") else frozenset()) | (
+            right.tree if kind in ("JOIN_INNER", "JOIN_LEFT") else frozenset()
+        )
+        bare = left.bare + right.bare
+        using = [self._canonical(name["String"]["sval"]) for name in join.get("usingClause", ())]
+        if using:  # each USING column is one column, equal on both sides, that hides theirs
+            merged: dict[str, Term | None] = {}
+            for name in using:
+                terms = [term for term in (_bare(left.bare, name), _bare(right.bare, name)) if term]
+                if len(terms) == 2:
+                    self.placement.equal(terms[0], terms[1], restricted)
+                merged[name] = frozenset().union(*terms) or None
+            hidden = [_Source({k: v for k, v in s.columns.items() if k not in merged}, s.opaque) for s in bare]
+            bare = [_Source(merged, False), *hidden]
+        level.bare[mark:] = bare  # what the ON condition sees
+        self._conditions(join.get("quals"), level, restricted)
+        del level.bare[mark:]
+        if "alias" in join:
+            level.names[join["alias"]["aliasname"]] = _star_of(bare)
+        return _Item(bare, left.tree | right.tree)
+
+    # -- conditions --------------------------------------------------------------------------
+
+    def _conditions(self, expr: dict[str, Any] | None, level: _Level, restricted: frozenset[int] | set[int]) -> None:
+        """A WHERE or ON condition that filters the rows of the instances in restricted."""
+        self._conjuncts(expr, level, restricted)
+        self._scan(expr, level)
+
+    def _conjuncts(self, expr: dict[str, Any] | None, level: _Level, restricted: frozenset[int] | set[int]) -> None:
+        """Key conditions of expr's top-level AND chain (nothing under OR or NOT counts): key = value,
+        key = key, key IN (value) and key IN (subquery)."""
+        if not expr:
+            return
+        boolean = expr.get("BoolExpr")
+        if boolean is not None:
+            if boolean["boolop"] == "AND_EXPR":
+                for arg in boolean["args"]:
+                    self._conjuncts(arg, level, restricted)
+            return
+        if "SubLink" in expr:
+            self._in_subquery(expr["SubLink"], level, restricted)
+            return
+        operation = expr.get("A_Expr")
+        if operation is None or _name(operation["name"]) != "=":
+            return
+        left, right = operation.get("lexpr"), operation.get("rexpr")
+        placement = self.placement
+        if operation["kind"] == "AEXPR_IN":
+            items = right.get("List", {}).get("items", []) if right else []
+            if len(items) == 1:
+                placement.pin(self._term(left, level), self._value(items[0]), restricted)
+        elif operation["kind"] == "AEXPR_OP":
+            left_term, right_term = self._term(left, level), self._term(right, level)
+            if left_term and right_term:
+                placement.equal(left_term, right_term, restricted)
+            elif left_term:
+                placement.pin(left_term, self._value(right), restricted)
+            elif right_term:
+                placement.pin(right_term, self._value(left), restricted)
+
+    def _in_subquery(self, link: dict[str, Any], level: _Level, restricted: frozenset[int] | set[int]) -> None:
+        """key IN (SELECT key ...): a semi-join on the key, which keeps rows of both sides with equal keys."""
+        operator = _name(link["operName"]) if "operName" in link else "="
+        term = self._term(link.get("testexpr"), level)
+        if link["subLinkType"] != "ANY_SUBLINK" or operator != "=" or term is None:
+            return
+        self._handled.add(id(link))
+        ((name, body),) = link["subselect"].items()
+        out = self._level(name, body, level, level.ctes)
+        first = out.columns[0][1] if out.columns and not out.star else None
+        if first:
+            self.placement.equal(term, first, set(restricted) | out.tree)
+
+    # -- column references -------------------------------------------------------------------
+
+    def _term(self, expr: dict[str, Any] | None, level: _Level) -> Term | None:
+        """The instances whose key a column reference is, if it is one that carries a key."""
+        column = expr.get("ColumnRef") if expr else None
+        last = column["fields"][-1].get("String") if column else None
+        if column is None or last is None:
+            return None
+        fields = column["fields"]
+        name = self._canonical(last["sval"])
+        if len(fields) == 1:
+            return _bare_term(level, name)
+        qualifier = fields[-2].get("String", {}).get("sval")
+        scope: _Level | None = level
+        while scope is not None:
+            if qualifier in scope.names:
+                return scope.names[qualifier].columns.get(name)
+            scope = scope.outer
+        return None
+
+    def _canonical(self, name: str) -> str:
+        """A column name as compared: the key column in any spelling (as routing always read it), others as
+        PostgreSQL compares them."""
+        return self.settings.key if name.lower() == self.settings.key else name
+
+    @staticmethod
+    def _star(fields: list[dict[str, Any]], level: _Level) -> _Source:
+        """The columns `*` (or `alias.*`) is known to stand for."""
+        if len(fields) == 1:
+            return _star_of(level.bare)
+        return level.names.get(fields[-2].get("String", {}).get("sval"), _OPAQUE)
+
+    # -- anything else -----------------------------------------------------------------------
+
+    def _scan_rest(self, body: dict[str, Any], level: _Level, done: frozenset[str]) -> None:
+        for field, value in body.items():
+            if field not in done:
+                self._scan(value, level)
+
+    def _scan(self, value: Any, level: _Level) -> None:
+        """Walk expressions: their subqueries (levels of their own, whose correlated references reach this
+        one) and sequence calls."""
         if isinstance(value, list):
             for item in value:
-                self._scan(item, scope)
+                self._scan(item, level)
             return
         if not isinstance(value, dict):
             return
         for name, body in value.items():
             if name in _QUERIES:
-                scope.children.append(self._level(name, body, scope.ctes))
-            elif name == "RangeVar":
-                self._relation(body, scope)
-            else:
+                self._level(name, body, level, level.ctes)
+            elif name == "RangeVar":  # not expected outside FROM, but a table is never overlooked
+                self._table(body, level)
+            elif name != "SubLink" or id(body) not in self._handled:
                 if name == "FuncCall" and _name(body["funcname"]) in _SEQUENCE_WRITERS:
                     self.write = True
-                elif name == "JoinExpr" and body.get("jointype") == "JOIN_INNER":
-                    self._conjuncts(body.get("quals"), scope.own)
-                self._scan(body, scope)
+                self._scan(body, level)
 
-    def _relation(self, relation: dict[str, Any], scope: _Scope, written: bool = False) -> bool:
+    def _relation(self, relation: dict[str, Any], written: bool = False) -> bool:
         """Record a table reference; returns whether it is a sharded table."""
         name = relation["relname"].lower()
         schema = relation.get("schemaname", "").lower()
-        if not schema and name in scope.ctes:
-            return False
         if schema in _CATALOG_SCHEMAS or name.startswith("pg_"):
             return False
         if name in self.settings.strong:
@@ -788,48 +1211,11 @@ class _Analysis:
             self.writes_reference |= written
             return False
         self.tables.add(name)
-        scope.sharded = True
         if written and self.written is None:
             self.written = name
         return True
 
     # -- keys --------------------------------------------------------------------------------
-
-    def _conjuncts(self, expr: dict[str, Any] | None, out: list[KeyRef]) -> None:
-        """Key conditions of expr's top-level AND chain; nothing under OR or NOT counts."""
-        if not expr:
-            return
-        boolean = expr.get("BoolExpr")
-        if boolean is not None:
-            if boolean["boolop"] == "AND_EXPR":
-                for arg in boolean["args"]:
-                    self._conjuncts(arg, out)
-            return
-        operation = expr.get("A_Expr")
-        if operation is None or _name(operation["name"]) != "=":
-            return
-        left, right = operation.get("lexpr"), operation.get("rexpr")
-        if operation["kind"] == "AEXPR_IN":
-            items = right.get("List", {}).get("items", []) if right else []
-            if len(items) == 1 and self._is_key_column(left):
-                self._add(self._value(items[0]), out)
-        elif operation["kind"] == "AEXPR_OP":
-            if self._is_key_column(left):
-                self._add(self._value(right), out)
-            elif self._is_key_column(right):
-                self._add(self._value(left), out)
-
-    @staticmethod
-    def _add(ref: KeyRef | None, out: list[KeyRef]) -> None:
-        if ref is not None:
-            out.append(ref)
-
-    def _is_key_column(self, expr: dict[str, Any] | None) -> bool:
-        column = expr.get("ColumnRef") if expr else None
-        if column is None:
-            return False
-        last = column["fields"][-1].get("String")
-        return last is not None and last["sval"].lower() == self.settings.key
 
     def _value(self, expr: dict[str, Any] | None) -> KeyRef | None:
         """A key value expression: a constant, $n, a cast of one, or a negated one."""
@@ -877,12 +1263,79 @@ def _target_at(select: dict[str, Any], position: int | None) -> dict[str, Any] |
     return target["ResTarget"].get("val") if target else None
 
 
-def _has_star(select: dict[str, Any]) -> bool:
-    return any(
-        "A_Star" in field
-        for target in select.get("targetList", ())
-        for field in target["ResTarget"].get("val", {}).get("ColumnRef", {}).get("fields", ())
+def _inserted_key(out: _Out, position: int | None, key: str) -> Term | None:
+    """The key of the SELECT column an INSERT puts in its key column; by name when its position is unknown."""
+    if out.columns is None:
+        return None
+    if position is None or out.star:
+        keyed = [term for name, term in out.columns if name == key]
+        return keyed[0] if len(keyed) == 1 else None
+    return out.columns[position][1] if position < len(out.columns) else None
+
+
+def _same_per_shard(select: dict[str, Any]) -> bool:
+    """Whether a SELECT level run on each shard's part of its rows gives, together, what it gives over all of
+    them, so that its output rows are where their key says: not with LIMIT/OFFSET, DISTINCT ON, a window or
+    grouping sets (whose total rows each shard would have)."""
+    return not (
+        "limitCount" in select
+        or "limitOffset" in select
+        or any(select.get("distinctClause", ()))
+        or "windowClause" in select
+        or _has_window(select.get("targetList"))
+        or any("GroupingSet" in item for item in select.get("groupClause", ()))
     )
+
+
+def _has_window(value: Any) -> bool:
+    """Whether an expression (not its subqueries) calls a window function."""
+    if isinstance(value, list):
+        return any(_has_window(item) for item in value)
+    if not isinstance(value, dict):
+        return False
+    return any(
+        (name == "FuncCall" and "over" in body) or (name != "SubLink" and _has_window(body))
+        for name, body in value.items()
+    )
+
+
+def _column_name(expr: dict[str, Any]) -> str | None:
+    """The output name PostgreSQL gives a column reference, also cast; None for other expressions."""
+    cast = expr.get("TypeCast")
+    if cast is not None:
+        return _column_name(cast.get("arg", {}))
+    fields = expr.get("ColumnRef", {}).get("fields")
+    last = fields[-1].get("String") if fields else None
+    return last["sval"] if last else None
+
+
+def _colnames(alias: dict[str, Any]) -> list[str]:
+    return [name["String"]["sval"] for name in alias.get("colnames", ())]
+
+
+def _bare(candidates: list[_Source], name: str) -> Term | None:
+    """The key an unqualified column is among these FROM items: that of the only one known to carry a key
+    under that name (had another such a column, PostgreSQL would call the reference ambiguous)."""
+    keyed = [source.columns[name] for source in candidates if source.columns.get(name)]
+    return keyed[0] if len(keyed) == 1 else None
+
+
+def _bare_term(level: _Level, name: str) -> Term | None:
+    """An unqualified column, looked up as PostgreSQL does: among the FROM items of the nearest level that
+    may have it (an item of unknown columns at a level leaves it unknown, as it may be that item's)."""
+    scope: _Level | None = level
+    while scope is not None:
+        if any(name in source.columns or source.opaque for source in scope.bare):
+            return _bare(scope.bare, name)
+        scope = scope.outer
+    return None
+
+
+def _star_of(candidates: list[_Source]) -> _Source:
+    """What `*` over these FROM items (or an alias of their join) is known to bring."""
+    names = {name for source in candidates for name in source.columns}
+    opaque = any(source.opaque for source in candidates)
+    return _Source({name: _bare(candidates, name) for name in names}, opaque)
 
 
 def _concurrent(name: str, body: dict[str, Any]) -> bool:

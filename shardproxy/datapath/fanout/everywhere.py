@@ -10,7 +10,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from shardproxy.datapath.fanout.legs import Leg, Message, first_error, join_messages, run_legs, with_status
+from shardproxy.datapath.fanout.legs import (
+    Leg,
+    Message,
+    error_fields,
+    first_error,
+    join_messages,
+    run_legs,
+    with_status,
+)
 from shardproxy.datapath.fanout.twophase import commit
 from shardproxy.datapath.session import ClientSession
 from shardproxy.wire import protocol as pg
@@ -36,7 +44,7 @@ async def run_everywhere(client: ClientSession, pools: list[Pool], batch: bytes,
         failed = first_error([answers for answers, _ in responses])
         if failed is not None:
             await run_legs(legs, [pg.query("ROLLBACK")] * len(legs))
-            if status == pg.IDLE and _error_fields(failed).get("C") == ACTIVE_SQL_TRANSACTION:
+            if status == pg.IDLE and error_fields(failed).get("C") == ACTIVE_SQL_TRANSACTION:
                 raise NotTransactional  # VACUUM and the like: run without a transaction, once the legs are back
             return join_messages(with_status(failed, status))
         await commit(legs, two_phase=all(setting != "0" for _, setting in responses))
@@ -64,7 +72,7 @@ async def run_alone_everywhere(client: ClientSession, pools: list[Pool], batch: 
     failed = [i for i, answers in enumerate(responses) if first_error([answers]) is not None]
     if not failed:
         return join_messages(with_status(responses[0], status))
-    fields = _error_fields(responses[failed[0]])
+    fields = error_fields(responses[failed[0]])
     done = [name for i, name in enumerate(names) if i not in failed]
     outcome = (f"it took effect on {_shards(done)}, where it stays (it cannot run inside a transaction, "
                "so it is not all-or-nothing)" if done else "it took effect on no shard")
@@ -76,10 +84,6 @@ async def run_alone_everywhere(client: ClientSession, pools: list[Pool], batch: 
 
 def _shards(names: list[str]) -> str:
     return f"shard{'s' if len(names) > 1 else ''} {', '.join(names)}"
-
-
-def _error_fields(messages: list[Message]) -> dict[str, str]:
-    return pg.parse_fields(next(body for t, body in messages if t == Backend.ERROR_RESPONSE))
 
 
 def _middle(messages: list[Message]) -> tuple[list[Message], str]:

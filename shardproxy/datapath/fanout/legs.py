@@ -138,3 +138,8 @@ def first_error(responses: list[list[Message]]) -> list[Message] | None:
 def with_status(messages: list[Message], status: int) -> list[Message]:
     """The responses as the client must see them: its own transaction status in every ReadyForQuery."""
     return [(t, bytes([status]) if t == Backend.READY_FOR_QUERY else body) for t, body in messages]
+
+
+def error_fields(messages: list[Message]) -> dict[str, str]:
+    """The fields of the first ErrorResponse among the messages."""
+    return pg.parse_fields(next(body for t, body in messages if t == Backend.ERROR_RESPONSE))

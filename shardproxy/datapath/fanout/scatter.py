@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from shardproxy.datapath.fanout.legs import (
     Leg,
     Message,
+    error_fields,
     first_error,
     join_messages,
     run_legs,
@@ -15,7 +16,7 @@ from shardproxy.datapath.fanout.legs import (
     with_status,
 )
 from shardproxy.datapath.session import ClientSession
-from shardproxy.routing.merge import Merger, ScatterPlan, plan_scatter
+from shardproxy.routing.merge import Merger, ScatterPlan, Unmergeable, plan_scatter
 from shardproxy.wire import protocol as pg
 from shardproxy.wire.protocol import Backend, Frontend
 
@@ -34,17 +35,25 @@ async def scatter(client: ClientSession, pools: list[Pool], plan: ScatterPlan, b
         for leg in legs:
             leg.release()
     failed = first_error(responses)
-    if failed is not None:
-        ends = (Backend.ERROR_RESPONSE, Backend.READY_FOR_QUERY)
-        return join_messages(with_status([m for m in failed if m[0] in ends], status))
+    try:
+        if failed is not None:
+            plan.check_shard_error(error_fields(failed))
+            ends = (Backend.ERROR_RESPONSE, Backend.READY_FOR_QUERY)
+            return join_messages(with_status([m for m in failed if m[0] in ends], status))
+        description, rows, tag = _merged(plan, responses)
+    except Unmergeable as exc:  # found in the shards' answers: refused as what is found in the query is
+        raise pg.PostgresError(exc.sqlstate, exc.message) from None
+    return join_messages(_scatter_reply(client_messages, responses[0], plan, description, rows, tag, status))
+
+
+def _merged(plan: ScatterPlan, responses: list[list[Message]]) -> tuple[bytes, list[bytes], str]:
     merger = Merger(plan)
     for answers in responses:
         # The portal's description, with the result formats, is the last one.
         descriptions = [body for t, body in answers if t == Backend.ROW_DESCRIPTION]
         rows = [body for t, body in answers if t == Backend.DATA_ROW]
         merger.add_shard_result(descriptions[-1] if descriptions else b"", rows)
-    description, rows, tag = merger.result()
-    return join_messages(_scatter_reply(client_messages, responses[0], plan, description, rows, tag, status))
+    return merger.result()
 
 
 def _scatter_batch(client: ClientSession, plan: ScatterPlan, messages: list[Message]) -> bytes:
