@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal
 from functools import partial
 from itertools import chain, islice, pairwise
-from typing import Any
+from typing import Any, TypeGuard
 
 import pglast
 from pglast import ast
@@ -300,13 +300,12 @@ class _Planner:
         self.stmt = stmt
         self.targets: list[ast.ResTarget] = list(stmt.targetList or ())
         # Keys are matched against the select list as written, before avg(x) becomes sum(x).
-        self.written = [target.val for target in self.targets]
+        self.written = [_expression(target) for target in self.targets]
         self.hidden: list[ast.ResTarget] = []
         self.probed: dict[str, int] = {}  # GROUP BY names taken for output columns, with their target index
         self.aggregates: list[Aggregate] = []
         self.distinct = bool(stmt.distinctClause)
-        sort_nodes = [item.node for item in stmt.sortClause or ()]
-        top_level = [target.val for target in self.targets] + sort_nodes
+        top_level = self.written + [_expression(item) for item in stmt.sortClause or ()]
         if any(_is_window(node) for expr in top_level for node in _walk(expr)):
             raise _refuse("a window function")
         self.grouped = bool(stmt.groupClause) or any(_is_aggregate(n) for e in top_level for n in _walk(e))
@@ -361,32 +360,33 @@ class _Planner:
         return -len(self.hidden)
 
     def _has_star(self) -> bool:
-        return any(_is_star(target.val) for target in self.targets)
+        return any(_is_star(_expression(target)) for target in self.targets)
 
     def _target_column(self, i: int) -> int:
         """The shard-row column of target i; behind a `*` its position is unknown, so it is fetched again."""
-        if any(_is_star(target.val) for target in self.targets[:i]):
-            return self._hide(self.targets[i].val)
+        if any(_is_star(_expression(target)) for target in self.targets[:i]):
+            return self._hide(_expression(self.targets[i]))
         return i
 
     def _position(self, expr: ast.Node, clause: str) -> int | None:
         """The 0-based column an integer constant (`ORDER BY 2`) names, or None if expr is not one."""
-        if not (isinstance(expr, ast.A_Const) and isinstance(expr.val, ast.Integer)):
+        position = _integer(expr)
+        if position is None:
             return None
-        position = expr.val.ival
         if position < 1 or (not self._has_star() and position > len(self.targets)):
             raise Unmergeable(f"shardproxy: {clause} position {position} is not in select list")
         return position - 1
 
     def _plan_aggregates(self) -> None:
         for i, target in enumerate(self.targets):
-            if _is_star(target.val):
+            expr = _expression(target)
+            if _is_star(expr):
                 raise _refuse("SELECT * with GROUP BY or aggregates")
-            if _is_aggregate(target.val):
+            if _is_aggregate(expr):
                 # The shards' column may be renamed (avg becomes sum), so name it as the client expects.
                 target.name = target.name or _output_name(target)
-                self._aggregate(target.val, partial(self._replace_target, i))
-            elif any(_is_aggregate(node) for node in _walk(target.val)):
+                self._aggregate(expr, partial(self._replace_target, i))
+            elif any(_is_aggregate(node) for node in _walk(expr)):
                 raise _refuse("an aggregate inside an expression")
 
     def _replace_target(self, i: int, expr: ast.Node) -> int:
@@ -459,7 +459,7 @@ class _Planner:
         """Target i as a sort or group key: not an aggregate for GROUP BY, and compared in byte order."""
         if clause == "GROUP BY" and any(aggregate.column == i for aggregate in self.aggregates):
             raise Unmergeable("shardproxy: aggregate functions are not allowed in GROUP BY")
-        _check_collations(self.targets[i].val)
+        _check_collations(_expression(self.targets[i]))
         return i
 
     def _sort_key(self, item: ast.SortBy) -> SortKey:
@@ -469,7 +469,7 @@ class _Planner:
         nulls = item.sortby_nulls
         nulls_first = nulls == SortByNulls.SORTBY_NULLS_FIRST or (nulls == SortByNulls.SORTBY_NULLS_DEFAULT
                                                                    and descending)  # fmt: skip
-        return SortKey(self._sort_column(item.node), descending, nulls_first)
+        return SortKey(self._sort_column(_expression(item)), descending, nulls_first)
 
     def _sort_column(self, expr: ast.Node) -> int:
         position = self._position(expr, "ORDER BY")
@@ -497,7 +497,7 @@ class _Planner:
         raise _refuse("ORDER BY an expression that is neither an output column, a GROUP BY key nor an aggregate")
 
 
-def _walk(node: Any, into_subqueries: bool = False) -> Iterator[ast.Node]:
+def _walk(node: object, into_subqueries: bool = False) -> Iterator[ast.Node]:
     """Every node under node, itself included; a nested SELECT is entered only with into_subqueries."""
     if isinstance(node, (list, tuple)):
         for item in node:
@@ -506,7 +506,7 @@ def _walk(node: Any, into_subqueries: bool = False) -> Iterator[ast.Node]:
     if not isinstance(node, ast.Node):
         return
     yield node
-    for name in type(node).__slots__:
+    for name in node:  # a node iterates over its attribute names
         child = getattr(node, name, None)
         if isinstance(child, ast.SelectStmt) and not into_subqueries:
             continue
@@ -515,7 +515,7 @@ def _walk(node: Any, into_subqueries: bool = False) -> Iterator[ast.Node]:
 
 def _function_name(call: ast.FuncCall) -> tuple[str | None, str]:
     """Schema (or None) and name of a function call."""
-    names = [part.sval for part in call.funcname]
+    names = [part.sval for part in call.funcname or ()]
     return (names[-2] if len(names) > 1 else None), names[-1]
 
 
@@ -523,7 +523,7 @@ def _is_window(node: ast.Node) -> bool:
     return isinstance(node, ast.FuncCall) and node.over is not None
 
 
-def _is_aggregate(node: ast.Node) -> bool:
+def _is_aggregate(node: ast.Node) -> TypeGuard[ast.FuncCall]:
     if not isinstance(node, ast.FuncCall) or node.over is not None:
         return False
     schema, name = _function_name(node)
@@ -555,7 +555,7 @@ def _renamed(call: ast.FuncCall, name: str) -> ast.FuncCall:
 def _check_collations(expr: ast.Node) -> None:
     for node in _walk(expr):
         if isinstance(node, ast.CollateClause):
-            name = node.collname[-1].sval
+            name = _last(node.collname).sval
             if name.lower() not in BYTE_ORDER_COLLATIONS:
                 raise Unmergeable(
                     f'shardproxy: COLLATE "{name}" in a sort, group or min/max key is not supported '
@@ -563,14 +563,34 @@ def _check_collations(expr: ast.Node) -> None:
                 )
 
 
+def _expression(item: ast.ResTarget | ast.SortBy) -> ast.Node:
+    """The expression of a select-list or ORDER BY item, which the parser always sets (pglast types it Optional)."""
+    expr = item.val if isinstance(item, ast.ResTarget) else item.node
+    if expr is None:
+        raise Unmergeable("shardproxy: a select-list or ORDER BY item without an expression cannot run across shards")
+    return expr
+
+
+def _last(items: tuple[Any, ...] | None) -> Any:
+    """The last item of a parse-tree list (a qualified name's last part, a column reference's last field), or None."""
+    return items[-1] if items else None
+
+
+def _integer(expr: ast.Node) -> int | None:
+    """The value of an integer constant that fits int4 (`2`), or None if expr is not one."""
+    value = expr.val if isinstance(expr, ast.A_Const) else None
+    return value.ival if isinstance(value, ast.Integer) else None
+
+
 def _is_star(expr: ast.Node) -> bool:
-    return isinstance(expr, ast.ColumnRef) and isinstance(expr.fields[-1], ast.A_Star)
+    return isinstance(expr, ast.ColumnRef) and isinstance(_last(expr.fields), ast.A_Star)
 
 
 def _bare_name(expr: ast.Node) -> str | None:
     """The name of an unqualified column reference, or None."""
-    if isinstance(expr, ast.ColumnRef) and len(expr.fields) == 1 and isinstance(expr.fields[0], ast.String):
-        return str(expr.fields[0].sval)
+    fields = expr.fields if isinstance(expr, ast.ColumnRef) else None
+    if fields and len(fields) == 1 and isinstance(fields[0], ast.String):
+        return str(fields[0].sval)
     return None
 
 
@@ -581,16 +601,16 @@ def _output_name(target: ast.ResTarget) -> str | None:
     return _expression_name(target.val)
 
 
-def _expression_name(expr: ast.Node) -> str | None:
+def _expression_name(expr: ast.Node | None) -> str | None:
     if isinstance(expr, ast.ColumnRef):
-        last = expr.fields[-1]
+        last = _last(expr.fields)
         return str(last.sval) if isinstance(last, ast.String) else None
     if isinstance(expr, ast.FuncCall):
         return _function_name(expr)[1]
-    if isinstance(expr, ast.TypeCast):
-        return _expression_name(expr.arg) or str(expr.typeName.names[-1].sval)
-    if isinstance(expr, ast.A_Indirection) and isinstance(expr.indirection[-1], ast.String):
-        return str(expr.indirection[-1].sval)
+    if isinstance(expr, ast.TypeCast) and expr.typeName is not None:
+        return _expression_name(expr.arg) or str(_last(expr.typeName.names).sval)
+    if isinstance(expr, ast.A_Indirection) and isinstance(_last(expr.indirection), ast.String):
+        return str(_last(expr.indirection).sval)
     if isinstance(expr, ast.CaseExpr):
         return "case"
     return None
@@ -603,12 +623,11 @@ def _count(node: ast.Node | None, clause: str) -> int | None:
     if isinstance(node, ast.ParamRef):
         raise _refuse(f"{clause} with a parameter")
     value = node.val if isinstance(node, ast.A_Const) else None
+    count = _integer(node)
     # Integer constants beyond int4 reach the parse tree as Float nodes holding their digits.
-    if isinstance(value, ast.Integer):
-        count = int(value.ival)
-    elif isinstance(value, ast.Float) and value.fval.isdigit():
+    if isinstance(value, ast.Float) and value.fval is not None and value.fval.isdigit():
         count = int(value.fval)
-    else:
+    if count is None:
         raise Unmergeable(f"shardproxy: {clause} across shards must be an integer constant")
     if count < 0:
         raise Unmergeable(f"shardproxy: {clause} must not be negative")
@@ -667,7 +686,7 @@ def _average(fields: list[_Field], aggregate: Aggregate, row: Row) -> Cell:
     """avg from the combined sum and count, computed as PostgreSQL computes it."""
     assert aggregate.count_column is not None
     total_cell, count_cell = row[aggregate.column], row[aggregate.count_column]
-    count = _Column(fields, aggregate.count_column, "add up").decode(count_cell)
+    count = 0 if count_cell is None else _Column(fields, aggregate.count_column, "add up").decode(count_cell)
     if total_cell is None or count == 0:
         return None
     total = _Column(fields, aggregate.column, "add up").decode(total_cell)
