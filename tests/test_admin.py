@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from shardproxy.devtools.sandbox import LOOPBACK, Cluster, Node, ProxyProcess, Sandbox, SandboxError, wait_until
 from tests.support.admin import admin, table
+from tests.support.ring import owner
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "conf" / "grafana" / "shardproxy.json"
@@ -344,3 +345,39 @@ def test_dashboard_queries_only_exported_metrics(proxy: ProxyProcess, replicated
     found = families(scrape(proxy), scrape(replicated))
     exported = {sample.name for samples in found.values() for sample in samples} | set(found)
     assert referenced and referenced <= exported, referenced - exported
+
+
+def test_failovers_total_counts_the_first_change_of_primary(sandbox: Sandbox) -> None:
+    cluster = sandbox.cluster("admfo", replicas=1, regions=["r1", "r2"])
+    fast = {"health_check_interval": "200ms"}
+    proxy = sandbox.proxy("admfo", [cluster], metrics={"host": LOOPBACK, "port": sandbox.free_port()},
+                          regions={"r1": {"primary": True, "priority": 1, **fast}, "r2": {"priority": 2, **fast}})
+    assert total(scrape(proxy), "shardproxy_failovers_total", shard="admfo") == 0
+    old, promoted = cluster.nodes
+    old.stop()
+    promoted.promote()
+    assert wait_until(lambda: table(proxy, "SHOW SHARDS")[0]["primary"] == address(promoted), 10)
+    assert total(scrape(proxy), "shardproxy_failovers_total", shard="admfo") == 1
+    assert f"failover: shard admfo primary {address(old)} -> {address(promoted)}" in proxy.log()
+
+
+def test_errors_total_counts_the_proxys_own_refusals(sandbox: Sandbox, pg: Cluster, replicas: Cluster) -> None:
+    """Each way the proxy refuses a statement with 0A000 counts as kind="unsupported"; the client stays."""
+    proxy = sandbox.proxy("refusals", [pg, replicas], metrics={"host": LOOPBACK, "port": sandbox.free_port()})
+    names = [pg.name, replicas.name]
+    here, there = (next(key for key in range(1, 1000) if owner(key, names) == name) for name in names)
+    refusals = [
+        ["SELECT * FROM a JOIN b ON a.region = b.region"],  # by the router, before anything runs
+        ["SELECT user_id, row_number() OVER () FROM t"],  # by the merge plan of a read on every shard
+        ["BEGIN", f"/* shard_key: {here} */ SELECT 1", f"/* shard_key: {there} */ SELECT 1"],  # by the server
+    ]
+    before = total(scrape(proxy), "shardproxy_errors_total", kind="unsupported")
+    for cursor in (psycopg.Cursor, psycopg.ClientCursor):  # the extended protocol, and the simple one
+        with psycopg.connect(proxy.dsn(), autocommit=True, cursor_factory=cursor) as conn:
+            for statements in refusals:
+                with pytest.raises(psycopg.errors.FeatureNotSupported):
+                    for sql in statements:
+                        conn.execute(sql)
+                conn.execute("ROLLBACK")
+                assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert total(scrape(proxy), "shardproxy_errors_total", kind="unsupported") == before + 2 * len(refusals)
