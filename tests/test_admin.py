@@ -122,7 +122,7 @@ def test_socket_is_private_and_serves_many_commands_per_connection(proxy: ProxyP
         "database", "user", "shard", "node", "role", "region", "cl_active", "cl_waiting", "sv_active", "sv_idle",
         "sv_used", "sv_login", "maxwait"]
     assert by_command["SHOW NODES"]["columns"] == [
-        "shard", "host", "port", "region", "role", "state", "lag_bytes", "lag_seconds", "last_check"]
+        "shard", "host", "port", "region", "role", "state", "lag_bytes", "lag_seconds", "last_check", "last_error"]
     assert [row[:3] for row in by_command["SHOW NODES"]["rows"]] == [[pg.name, pg.primary.host, pg.primary.port]]
     assert by_command["Show Shards"]["columns"] == ["name", "weight", "ring_share", "primary", "replicas"]
     assert by_command["Show Shards"]["rows"] == [[pg.name, 1, 1.0, address(pg.primary), ""]]
@@ -246,6 +246,40 @@ def test_cli_table_json_and_exit_codes(proxy: ProxyProcess, pg: Cluster, tmp_pat
     done = cli("-s", missing, "SHOW", "POOLS")
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and missing in done.stderr
+
+
+def check(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "shardproxy", "check", *args], capture_output=True, text=True,
+                          timeout=30, cwd=ROOT, check=False)
+
+
+def test_health_checks_that_cannot_log_in_say_why(sandbox: Sandbox, replicas: Cluster) -> None:
+    """The health checks' user (the first admin user) is missing on the servers: the log, SHOW NODES and
+    `shardproxy check --connect` say why every node stays down, and the nodes come up once it exists."""
+    users = [{"name": "app", "password": "secret"}, {"name": "monitor", "password": "monitorpw"}]
+    fast = {"health_check_interval": "200ms"}
+    proxy = sandbox.proxy("monitor", [replicas], start=False,
+                          regions={"r1": {"primary": True, "priority": 1, **fast}, "r2": {"priority": 2, **fast}})
+    proxy.write_config({**proxy.config, "users": users, "admin_users": ["monitor"]})
+    proxy.start()
+    refused = 'password authentication failed for user "monitor" (SQLSTATE 28P01)'
+    assert {(row["role"], row["state"], row["last_error"]) for row in table(proxy, "SHOW NODES")} == {
+        ("unknown", "down", refused)}
+    time.sleep(1)  # a few more checks fail the same way: said once per node
+    for node in replicas.nodes:
+        assert proxy.log().count(f"health check of {address(node)} as user monitor failed: {refused}") == 1
+    done = check("-c", proxy.config_path, "--connect")
+    assert done.returncode == 1, done.stdout + done.stderr
+    for node in replicas.nodes:
+        assert f"{address(node)} ({node.region}): the health check as user monitor failed: {refused}" in done.stderr
+    replicas.primary.sql("CREATE ROLE monitor LOGIN PASSWORD 'monitorpw'")
+    assert wait_until(lambda: {(row["state"], row["last_error"]) for row in table(proxy, "SHOW NODES")} == {
+        ("up", None)}, 10), table(proxy, "SHOW NODES")
+    done = check("-c", proxy.config_path, "--connect")
+    assert done.returncode == 0, done.stdout + done.stderr
+    primary, replica = replicas.nodes
+    assert f"{replicas.name} {address(primary)} (r1): primary, timeline 1" in done.stdout
+    assert f"{replicas.name} {address(replica)} (r2): replica, timeline 1" in done.stdout
 
 
 # -- the admin database over the PostgreSQL protocol ---------------------------------------------------------

@@ -151,7 +151,7 @@ def test_newest_timeline_leads_and_ties_keep_the_leader() -> None:
     seen(topology, 3, False, 200, timeline=2)  # same timeline: the leader stays
     assert primary_address(topology) == "127.0.0.1:2"
     assert known(topology.node("127.0.0.1:3")).fenced
-    topology.report_failure("127.0.0.1:2", at=4.0, fall=1)
+    topology.report_failure("127.0.0.1:2", at=4.0, fall=1, error="connection refused")
     assert primary_address(topology) == "127.0.0.1:3"
     assert known(topology.node("127.0.0.1:1")).fenced
 

@@ -87,6 +87,7 @@ class NodeState:
     lag_seconds: float | None = None
     last_check: float | None = None  # wall time of the last check, failed or not
     probed_at: float | None = None  # monotonic time the last successful check was sent
+    last_error: str | None = None  # why the last check failed; None once one succeeds
     failures: int = 0  # consecutive
     successes: int = 0  # consecutive
     load: Load = field(default_factory=Load, init=False, repr=False)  # requests in flight, kept by the pools
@@ -206,6 +207,7 @@ class Topology:
         node.wal_lsn = probe.lsn
         node.successes += 1
         node.failures = 0
+        node.last_error = None
         if not node.healthy and (node.last_check is None or node.successes >= rise):
             node.healthy = True
         node.last_check = probe.at
@@ -219,14 +221,15 @@ class Topology:
         else:
             node.lag_bytes, node.lag_seconds = None, None
 
-    def report_failure(self, address: str, at: float, fall: int) -> None:
-        """Record a failed check; the node is down after ``fall`` in a row."""
+    def report_failure(self, address: str, at: float, fall: int, error: str) -> None:
+        """Record a failed check and why it failed; the node is down after ``fall`` in a row."""
         node = self._nodes.get(address)
         if node is None:
             return
         self._readable_cache.clear()
         old_role, old_state = node.role, node.state
         node.last_check = at
+        node.last_error = error
         node.failures += 1
         node.successes = 0
         if node.failures >= fall:
