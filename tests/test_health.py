@@ -5,6 +5,7 @@ in eu-central-1 and ap-southeast-1; the test that fails it over runs last.
 Split brain gets its own small cluster.
 """
 
+import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
@@ -20,7 +21,7 @@ from shardproxy.cluster.topology import (
     parse_lsn,
 )
 from shardproxy.config import Config
-from shardproxy.devtools.sandbox import Cluster, Node, Sandbox
+from shardproxy.devtools.sandbox import REWINDABLE, Cluster, Node, Sandbox
 
 REGIONS = ("us-east-1", "eu-central-1", "ap-southeast-1")
 SHARD = "s0"
@@ -58,8 +59,8 @@ def address(node: Node) -> str:
 
 
 @asynccontextmanager
-async def checking(config: Config) -> AsyncIterator[HealthChecker]:
-    checker = HealthChecker(Topology(config), config, "app", "secret")
+async def checking(config: Config, user: str = "app", password: str = "secret") -> AsyncIterator[HealthChecker]:
+    checker = HealthChecker(Topology(config), config, user, password)
     await checker.start()
     try:
         yield checker
@@ -92,9 +93,11 @@ def seen(
     timeline: int = 1,
     replay_age: float | None = None,
     at: float = 1.0,
+    receiving: bool = True,
 ) -> None:
-    """What the checker does after a successful check of 127.0.0.1:port."""
-    probe = Probe(in_recovery, lsn, timeline, replay_age, sent=at, received=at, at=at)
+    """What the checker does after a successful check of 127.0.0.1:port (a replica streams unless told)."""
+    probe = Probe(in_recovery, lsn, timeline, replay_age, sent=at, received=at, at=at,
+                  receiving=receiving if in_recovery else None)
     topology.report(f"127.0.0.1:{port}", probe, rise=1)
 
 
@@ -154,6 +157,48 @@ def test_newest_timeline_leads_and_ties_keep_the_leader() -> None:
     topology.report_failure("127.0.0.1:2", at=4.0, fall=1, error="connection refused")
     assert primary_address(topology) == "127.0.0.1:3"
     assert known(topology.node("127.0.0.1:1")).fenced
+
+
+def test_replicas_read_only_on_the_primarys_timeline_while_streaming(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "shardproxy.cluster.topology")
+    topology = Topology(make_config(FAKE))
+    for port in (1, 2, 3, 4):
+        seen(topology, port, port != 1, 100)
+    # Port 1 fails, port 2 is promoted (timeline 2) and ports 3 and 4 follow it.
+    topology.report_failure("127.0.0.1:1", at=2.0, fall=1, error="connection refused")
+    seen(topology, 2, False, 200, timeline=2, at=2.0)
+    for port in (3, 4):
+        seen(topology, port, True, 200, timeline=2, at=2.0)
+    # Port 1 comes back as a standby on its old timeline, with WAL the new primary never had: its LSN is
+    # ahead of the primary's, yet its data is not the primary's.
+    seen(topology, 1, True, 300, timeline=1, receiving=False, at=3.0)
+    old = known(topology.node("127.0.0.1:1"))
+    assert (old.role, old.state, old.lag_seconds, old.lag_bytes) == ("replica", "up", None, None)
+    assert [n.port for n in topology.read_candidates(SHARD)] == [3, 4, 2]
+    assert [n.port for n in topology.read_candidates(SHARD, min_lsn=250)] == [2]
+    assert known(topology.read_node(SHARD, 250, set())).port == 2
+    assert "127.0.0.1:1 gets no reads: it is on timeline 1, the shard's primary on 2" in caplog.text
+    # Its WAL receiver reaches the new primary, asking for the old timeline: still no reads.
+    seen(topology, 1, True, 300, timeline=1, at=3.5)
+    assert [n.port for n in topology.read_candidates(SHARD)] == [3, 4, 2]
+    # Port 4 stops streaming: until the primary answers a check, it may have lost a primary that died.
+    seen(topology, 4, True, 200, timeline=2, receiving=False, at=3.5)
+    assert [n.port for n in topology.read_candidates(SHARD)] == [3, 4, 2]
+    # The primary answers: port 4 streams from nobody while the shard has a primary, so it gets no reads.
+    seen(topology, 2, False, 200, timeline=2, at=3.6)
+    assert [n.port for n in topology.read_candidates(SHARD)] == [3, 2]
+    seen(topology, 4, True, 200, timeline=2, receiving=False, at=3.7)
+    assert [n.port for n in topology.read_candidates(SHARD)] == [3, 2]
+    assert "127.0.0.1:4 gets no reads: it receives no WAL while the shard's primary is up" in caplog.text
+    # Rewound, port 1 streams on the primary's timeline: it reads again, first as in this region.
+    seen(topology, 1, True, 200, timeline=2, at=4.0)
+    assert [n.port for n in topology.read_candidates(SHARD)] == [1, 3, 2]
+    assert "127.0.0.1:1 follows the primary again" in caplog.text
+    # With no primary up nothing streams: replicas on its timeline still serve reads, the others do not.
+    topology.report_failure("127.0.0.1:2", at=5.0, fall=1, error="connection refused")
+    seen(topology, 1, True, 200, timeline=1, receiving=False, at=5.0)
+    seen(topology, 3, True, 200, timeline=2, receiving=False, at=5.0)
+    assert [n.port for n in topology.read_candidates(SHARD)] == [3, 4]
 
 
 # --- real servers ------------------------------------------------------------
@@ -302,3 +347,33 @@ async def test_split_brain_newest_timeline_wins(sandbox: Sandbox) -> None:
         assert loser.role == "primary" and loser.state == "up" and loser.fenced
         assert known(topology.primary(SHARD)).timeline > loser.timeline
         assert read_order(checker) == [winner]
+
+
+async def test_old_primary_back_on_its_old_timeline_gets_no_reads_until_rewound(sandbox: Sandbox) -> None:
+    """A failed primary restarted as a standby before pg_rewind (as Patroni does) runs on the timeline it
+    left, its LSN ahead of the new primary's. Checks with pg_monitor (admin) and without it (app) keep reads
+    off it; rewound, it streams on the new timeline and serves reads again."""
+    rejoin = sandbox.cluster("health-rejoin", replicas=1, regions=REGIONS[:2], settings=REWINDABLE)
+    old, promoted = rejoin.nodes
+    config = real_config(rejoin.nodes)
+
+    async def kept_off(checker: HealthChecker) -> None:
+        back = known(checker.topology.node(address(old)))
+        assert await checker.wait_for(lambda: back.role == "replica" and back.state == "up", 10)
+        assert back.timeline == 1 and back.wal_lsn > known(checker.topology.primary(SHARD)).wal_lsn
+        assert not await checker.wait_for(lambda: address(old) in read_order(checker), 1)
+        assert read_order(checker, min_lsn=back.wal_lsn) == [address(promoted)]
+
+    async with checking(config, "admin", "adminpw") as monitor, checking(config) as plain:
+        promoted.promote()
+        old.sql("CREATE TABLE diverged AS SELECT generate_series(1, 10000) AS n")  # WAL the new primary lacks
+        old.stop()
+        old.start_as_standby(promoted)
+        await kept_off(monitor)
+        await kept_off(plain)
+        old.stop()
+        old.rewind(promoted)
+        assert await monitor.wait_for(lambda: read_order(monitor) == [address(old), address(promoted)], 10)
+        # Without pg_monitor a replica's timeline is its last restartpoint's: it reads again after one.
+        old.sql("CHECKPOINT")
+        assert await plain.wait_for(lambda: read_order(plain) == [address(old), address(promoted)], 10)

@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 # (8 hex digits) from the first record on. On a replica, the walreceiver's
 # received_tli is exact but only visible to pg_read_all_stats; without it the
 # last restartpoint's timeline is the best a replica offers, and
-# greatest() skips the NULL.
+# greatest() skips the NULL. Whether a replica streams is its walreceiver's
+# status; without that role only the receiver's row shows, once it has
+# connected upstream.
 PROBE_SQL = """
 WITH r AS (SELECT pg_is_in_recovery() AS in_recovery)
 SELECT
@@ -47,7 +49,10 @@ SELECT
        THEN greatest((SELECT received_tli FROM pg_stat_wal_receiver),
                      (SELECT timeline_id FROM pg_control_checkpoint()))
        ELSE ('x' || left(pg_walfile_name(pg_current_wal_lsn()), 8))::bit(32)::int
-  END AS timeline
+  END AS timeline,
+  CASE WHEN in_recovery
+       THEN EXISTS (SELECT FROM pg_stat_wal_receiver WHERE coalesce(status = 'streaming', true))
+  END AS receiving
 FROM r
 """
 
@@ -254,6 +259,7 @@ class HealthChecker:
             lsn=parse_lsn(row["lsn"]),
             timeline=row["timeline"],
             replay_age=row["replay_age"],
+            receiving=row["receiving"],
             sent=sent,
             received=time.monotonic(),
             at=time.time(),

@@ -51,6 +51,7 @@ class Probe:
     sent: float  # monotonic time the query was sent
     received: float  # monotonic time the answer arrived
     at: float  # wall time, for display
+    receiving: bool | None  # a replica's WAL receiver streams; None on a primary
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,11 @@ class NodeState:
     healthy: bool = False  # down until a check succeeds
     banned: bool = False
     in_recovery: bool | None = None
-    timeline: int = 0
+    timeline: int = 0  # a replica's: the newest it received or restarted on (see health.PROBE_SQL)
+    # A replica's checks have seen it stream no WAL since this monotonic time (the first such check's); None
+    # while it streams, and on a primary.
+    not_streaming_since: float | None = None
+    follows: bool = True  # a replica was on the shard's timeline and receiving at its last check (for the log)
     wal_lsn: int = 0
     lag_bytes: int | None = None  # None: unknown, so not used for reads
     lag_seconds: float | None = None
@@ -117,6 +122,8 @@ class Topology:
         self._announced: dict[str, NodeState | None] = {}
         # (received, lsn) of the shard's elected primary, oldest first.
         self._samples: dict[str, deque[tuple[float, int]]] = {}
+        # The newest timeline a node claiming to be the shard's primary is on, down or not.
+        self._timelines: dict[str, int] = {}
         self._listeners: list[Listener] = []
         self._readable_cache: dict[str, list[tuple[tuple[int, float, str], NodeState]]] = {}  # see _readable
         self._load(config)
@@ -166,16 +173,28 @@ class Topology:
         return None if primary is None or primary.address in avoid else primary
 
     def _readable(self, shard: str) -> list[tuple[tuple[int, float, str], NodeState]]:
-        """The shard's replicas that may serve reads (up, lag known and within the limit) with their region
-        rank, best region first; kept until the next check, ban or reload changes them."""
+        """The shard's replicas that may serve reads (up, following the primary, lag known and within the
+        limit) with their region rank, best region first; kept until the next check, ban or reload changes
+        them."""
         readable = self._readable_cache.get(shard)
         if readable is None:
             max_lag = self.config.routing.max_replica_lag
             readable = self._readable_cache[shard] = sorted((
                 (self._region_rank(node.region), node) for node in self._shards.get(shard, ())
-                if node.role == "replica" and node.state == "up" and node.lag_seconds is not None
-                and node.lag_seconds <= max_lag), key=lambda ranked: ranked[0])
+                if node.role == "replica" and node.state == "up" and self._follows(node)
+                and node.lag_seconds is not None and node.lag_seconds <= max_lag), key=lambda ranked: ranked[0])
         return readable
+
+    def _follows(self, node: NodeState) -> bool:
+        """A replica holds the primary's history only on its timeline: a node on an older one may have
+        diverged (an old primary restarted as a standby before pg_rewind), its LSNs on another history. And
+        one that streams no WAL while the primary still answers checks falls behind. One that stopped
+        streaming after the primary's last answer may have lost a primary that died (found down only after a
+        few failed checks), and serves on, as replicas do while a shard has no primary."""
+        if node.timeline < self._timelines.get(node.shard, 0):
+            return False
+        leader, since = self._leaders.get(node.shard), node.not_streaming_since
+        return since is None or leader is None or (leader.probed_at or 0.0) < since
 
     def ban(self, address: str) -> bool:
         return self._set_banned(address, True)
@@ -204,6 +223,10 @@ class Topology:
         node.role = "replica" if probe.in_recovery else "primary"
         node.in_recovery = probe.in_recovery
         node.timeline = probe.timeline
+        if probe.receiving is False:
+            node.not_streaming_since = node.not_streaming_since or probe.sent
+        else:
+            node.not_streaming_since = None
         node.wal_lsn = probe.lsn
         node.successes += 1
         node.failures = 0
@@ -215,11 +238,13 @@ class Topology:
         self._announce(node, old_role, old_state)
         if node.role == "replica":
             self._measure_lag(node, probe)
+            self._note_following(node)
         elif node is self._leaders.get(node.shard):
             self._samples[node.shard].append((probe.received, probe.lsn))
             node.lag_bytes, node.lag_seconds = 0, 0.0
         else:
             node.lag_bytes, node.lag_seconds = None, None
+        self._readable_cache.clear()  # listeners told of the changes above may have read it meanwhile
 
     def report_failure(self, address: str, at: float, fall: int, error: str) -> None:
         """Record a failed check and why it failed; the node is down after ``fall`` in a row."""
@@ -253,6 +278,7 @@ class Topology:
             self._samples.setdefault(shard.name, deque(maxlen=_SAMPLES))
         for gone in set(self._samples) - set(self._shards):
             del self._samples[gone]
+            self._timelines.pop(gone, None)
             self._leaders.pop(gone, None)
             self._announced.pop(gone, None)
 
@@ -295,7 +321,7 @@ class Topology:
         """
         members = self._shards[shard]
         claimants = [node for node in members if node.role == "primary"]
-        newest = max((node.timeline for node in claimants), default=0)
+        newest = self._timelines[shard] = max((node.timeline for node in claimants), default=0)
         live = [node for node in claimants if node.healthy and node.timeline == newest]
         current = self._leaders.get(shard)
         leader = current if current in live else next(iter(live), None)
@@ -319,6 +345,9 @@ class Topology:
         newer sample may have raced with the replica's answer.
         """
         samples = self._samples[node.shard]
+        if node.timeline < self._timelines.get(node.shard, 0):  # its LSNs may be on another history
+            node.lag_bytes, node.lag_seconds = None, None
+            return
         if not samples:
             node.lag_bytes, node.lag_seconds = None, probe.replay_age
             return
@@ -326,6 +355,23 @@ class Topology:
         earlier = [lsn for received, lsn in samples if received <= probe.sent]
         target = earlier[-1] if earlier else samples[-1][1]
         node.lag_seconds = 0.0 if probe.lsn >= target else probe.replay_age
+
+    def _note_following(self, node: NodeState) -> None:
+        """Log when a replica stops or starts following the primary: an up replica that gets no reads."""
+        follows = self._follows(node)
+        if follows == node.follows:
+            return
+        node.follows = follows
+        if follows:
+            log.info("%s follows the primary again: it serves reads", node.address,
+                     extra={"event": "replica_follows", "shard": node.shard, "node": node.address})
+        elif node.timeline < self._timelines.get(node.shard, 0):
+            log.warning("%s gets no reads: it is on timeline %d, the shard's primary on %d", node.address,
+                        node.timeline, self._timelines[node.shard],
+                        extra={"event": "replica_behind", "shard": node.shard, "node": node.address})
+        else:
+            log.warning("%s gets no reads: it receives no WAL while the shard's primary is up", node.address,
+                        extra={"event": "replica_behind", "shard": node.shard, "node": node.address})
 
     def _region_rank(self, region: str | None) -> tuple[int, float, str]:
         """This proxy's region first, then by priority (lower first), unknown last."""
