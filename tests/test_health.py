@@ -138,6 +138,26 @@ def test_read_candidates_rank_regions_then_outstanding() -> None:
     assert [n.port for n in topology.read_candidates(SHARD)] == [3, 2, 1]
 
 
+def test_reads_stay_in_the_region_on_its_primary_before_other_regions_replicas() -> None:
+    topology = Topology(make_config([*FAKE, ("127.0.0.1", 5, "us-east-1")]))  # the proxy is in us-east-1 too
+    seen(topology, 1, False, 100)
+    for port in (2, 3, 4):
+        seen(topology, port, True, 100)
+    # No replica in this region: its primary, then the other regions' replicas by priority.
+    assert [n.port for n in topology.read_candidates(SHARD)] == [1, 2, 3, 4]
+    assert known(topology.read_node(SHARD, None, set())).port == 1
+    assert known(topology.read_node(SHARD, None, {"127.0.0.1:1"})).port == 2
+    # A replica in this region comes first; under read-your-writes, only once it has replayed the commit.
+    seen(topology, 5, True, 100)
+    assert [n.port for n in topology.read_candidates(SHARD)] == [5, 1, 2, 3, 4]
+    assert [n.port for n in topology.read_candidates(SHARD, min_lsn=101)] == [1]
+    assert known(topology.read_node(SHARD, 101, set())).port == 1
+    # This region without a node that can serve: the other regions by priority.
+    topology.report_failure("127.0.0.1:1", at=2.0, fall=1, error="connection refused")
+    topology.report_failure("127.0.0.1:5", at=2.0, fall=1, error="connection refused")
+    assert [n.port for n in topology.read_candidates(SHARD)] == [2, 3, 4]
+
+
 def test_newest_timeline_leads_and_ties_keep_the_leader() -> None:
     topology = Topology(make_config(FAKE))
     changes: list[Change] = []
@@ -228,11 +248,11 @@ async def test_roles_are_discovered_whatever_the_listed_order(cluster: Cluster) 
 
 
 @pytest.mark.parametrize("region, order", [
-    ("us-east-1", ("eu", "ap", "us")),
+    ("us-east-1", ("us", "eu", "ap")),
     ("eu-central-1", ("eu", "ap", "us")),
     ("ap-southeast-1", ("ap", "eu", "us")),
 ])  # fmt: skip
-async def test_reads_prefer_own_region_then_priority_then_primary(
+async def test_reads_prefer_own_region_then_priority(
     cluster: Cluster, region: str, order: tuple[str, ...]
 ) -> None:
     named = dict(zip(("us", "eu", "ap"), cluster.nodes))
@@ -265,7 +285,7 @@ async def test_min_lsn_skips_replicas_that_have_not_replayed_it(
     cluster: Cluster,
 ) -> None:
     us, eu, ap = cluster.nodes
-    async with checking(real_config(cluster.nodes, max_replica_lag="1m")) as checker:
+    async with checking(real_config(cluster.nodes, region="ap-southeast-1", max_replica_lag="1m")) as checker:
         ap.sql("SELECT pg_wal_replay_pause()")
         try:
             us.sql("INSERT INTO ticks VALUES (2)")
@@ -276,7 +296,7 @@ async def test_min_lsn_skips_replicas_that_have_not_replayed_it(
                 lambda: eu_state.wal_lsn >= lsn and ap_state.lag_bytes != 0, 5
             )
             assert read_order(checker, min_lsn=lsn) == [address(eu), address(us)]
-            assert read_order(checker) == [address(eu), address(ap), address(us)]
+            assert read_order(checker) == [address(ap), address(eu), address(us)]
         finally:
             ap.sql("SELECT pg_wal_replay_resume()")
 
@@ -292,7 +312,7 @@ async def test_ban_and_unban(cluster: Cluster) -> None:
         assert topology.primary(SHARD) is None
         assert read_order(checker) == [address(ap)]
         assert topology.unban(address(eu)) and topology.unban(address(us))
-        assert read_order(checker) == [address(eu), address(ap), address(us)]
+        assert read_order(checker) == [address(us), address(eu), address(ap)]
         assert Change("state", SHARD, address(eu), "up", "banned") in changes
         assert Change("primary", SHARD, None, address(us), None) in changes
         assert not topology.ban("127.0.0.1:1")

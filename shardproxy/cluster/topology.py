@@ -148,13 +148,11 @@ class Topology:
         return leader if leader is not None and not leader.banned else None
 
     def read_candidates(self, shard: str, min_lsn: int | None = None) -> list[NodeState]:
-        """Nodes for a read, best first: fresh enough replicas by region and then by requests in flight,
-        then the primary. ``min_lsn`` (read-your-writes) drops replicas that have not replayed it yet."""
-        replicas = [node for _, node in sorted(
+        """Nodes for a read, best first (see _readable), by requests in flight within a rank. ``min_lsn``
+        (read-your-writes) drops replicas that have not replayed it yet."""
+        return [node for _, node in sorted(
             (((rank, node.load.outstanding), node) for rank, node in self._readable(shard)
-             if min_lsn is None or node.wal_lsn >= min_lsn), key=lambda ranked: ranked[0])]
-        primary = self.primary(shard)
-        return replicas if primary is None else [*replicas, primary]
+             if min_lsn is None or node.wal_lsn >= min_lsn or node.role == "primary"), key=lambda ranked: ranked[0])]
 
     def read_node(self, shard: str, min_lsn: int | None, avoid: set[str]) -> NodeState | None:
         """The first of read_candidates() whose address is not in ``avoid``, found without building the list:
@@ -163,26 +161,28 @@ class Topology:
         best_rank = None
         for rank, node in self._readable(shard):
             if best is not None and rank != best_rank:
-                break  # the rest are in worse regions
-            if (min_lsn is None or node.wal_lsn >= min_lsn) and node.address not in avoid and (
-                    best is None or node.load.outstanding < best.load.outstanding):
+                break  # the rest rank worse
+            if (min_lsn is None or node.wal_lsn >= min_lsn or node.role == "primary") and \
+                    node.address not in avoid and (best is None or node.load.outstanding < best.load.outstanding):
                 best, best_rank = node, rank
-        if best is not None:
-            return best
-        primary = self.primary(shard)
-        return None if primary is None or primary.address in avoid else primary
+        return best
 
     def _readable(self, shard: str) -> list[tuple[tuple[int, float, str], NodeState]]:
-        """The shard's replicas that may serve reads (up, following the primary, lag known and within the
-        limit) with their region rank, best region first; kept until the next check, ban or reload changes
-        them."""
+        """The shard's nodes that may serve reads with their rank, best first: this region's replicas, this
+        region's primary, the other regions' replicas by region priority, then the primary of another region.
+        A replica serves while it is up, follows the primary and its lag is known and within the limit. Kept
+        until the next check, ban or reload changes them."""
         readable = self._readable_cache.get(shard)
         if readable is None:
             max_lag = self.config.routing.max_replica_lag
-            readable = self._readable_cache[shard] = sorted((
-                (self._region_rank(node.region), node) for node in self._shards.get(shard, ())
-                if node.role == "replica" and node.state == "up" and self._follows(node)
-                and node.lag_seconds is not None and node.lag_seconds <= max_lag), key=lambda ranked: ranked[0])
+            ranked = [(self._region_rank(node.region), node) for node in self._shards.get(shard, ())
+                      if node.role == "replica" and node.state == "up" and self._follows(node)
+                      and node.lag_seconds is not None and node.lag_seconds <= max_lag]
+            primary = self.primary(shard)
+            if primary is not None:
+                here = self.config.region is not None and primary.region == self.config.region
+                ranked.append(((0, 1, "") if here else (2, 0, ""), primary))
+            readable = self._readable_cache[shard] = sorted(ranked, key=lambda ranked: ranked[0])
         return readable
 
     def _follows(self, node: NodeState) -> bool:
@@ -306,6 +306,7 @@ class Topology:
         """Re-elect the shard's primary and announce it if it changed."""
         before = self._announced.get(shard)
         self._elect(shard)
+        self._readable_cache.clear()  # it ranks the primary too
         after = self._announced[shard] = self.primary(shard)
         if before is not after:
             old = before.address if before else None
@@ -374,7 +375,7 @@ class Topology:
                         extra={"event": "replica_behind", "shard": node.shard, "node": node.address})
 
     def _region_rank(self, region: str | None) -> tuple[int, float, str]:
-        """This proxy's region first, then by priority (lower first), unknown last."""
+        """A replica's: this proxy's region first, then by priority (lower first), unknown last."""
         if region is not None and region == self.config.region:
             return (0, 0, region)
         known = self.config.regions.get(region) if region is not None else None

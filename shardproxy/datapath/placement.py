@@ -265,6 +265,7 @@ class Placement:
         if node is None:
             self._fatal(pg.PostgresError(pg.CANNOT_CONNECT_NOW, f"shardproxy: shard {name} has no primary"))
         else:
+            self.avoid.discard(node.address)  # a check made since it refused confirms it
             self._dispatch()
 
     async def _run_on_shards(self, decision: Decision, batch: bytes) -> None:

@@ -256,12 +256,15 @@ class Pools:
     def node_pool(self, database: str, user: str, shard: int, write: bool, force_primary: bool = False,
                   min_lsn: int | None = None, avoid: set[str] | frozenset[str] = frozenset()) -> Pool | None:
         """The pool for a statement on a shard: its primary for writes, else the best node to read from (one
-        that has replayed `min_lsn`, the client's last commit there, under read-your-writes; none in `avoid`);
-        None while the shard has no primary to write to."""
+        that has replayed `min_lsn`, the client's last commit there, under read-your-writes); none in `avoid`
+        (nodes that just refused this transaction a connection). None while the shard has no primary to write
+        to, or it is avoided."""
         name = self.config.shards[shard].name
         consistency = self.config.routing.consistency
         if write or force_primary or consistency == "strong":
             node = self.topology.primary(name)
+            if node is not None and node.address in avoid:
+                return None
         else:
             node = self.topology.read_node(name, min_lsn if consistency == "read_your_writes" else None, avoid)
         return None if node is None else self.pool_for(database, user, node)
