@@ -213,7 +213,7 @@ def test_replicas_read_only_on_the_primarys_timeline_while_streaming(caplog: pyt
     # Rewound, port 1 streams on the primary's timeline: it reads again, first as in this region.
     seen(topology, 1, True, 200, timeline=2, at=4.0)
     assert [n.port for n in topology.read_candidates(SHARD)] == [1, 3, 2]
-    assert "127.0.0.1:1 follows the primary again" in caplog.text
+    assert "127.0.0.1:1 follows the shard's primary again" in caplog.text
     # With no primary up nothing streams: replicas on its timeline still serve reads, the others do not.
     topology.report_failure("127.0.0.1:2", at=5.0, fall=1, error="connection refused")
     seen(topology, 1, True, 200, timeline=1, receiving=False, at=5.0)

@@ -82,11 +82,11 @@ class NodeState:
     healthy: bool = False  # down until a check succeeds
     banned: bool = False
     in_recovery: bool | None = None
-    timeline: int = 0  # a replica's: the newest it received or restarted on (see health.PROBE_SQL)
+    timeline: int = 0  # a primary's: the one it writes; a replica's: the newest it received or restarted on
     # A replica's checks have seen it stream no WAL since this monotonic time (the first such check's); None
     # while it streams, and on a primary.
     not_streaming_since: float | None = None
-    follows: bool = True  # a replica was on the shard's timeline and receiving at its last check (for the log)
+    follows: bool = True  # a replica followed the shard's primary at its last check (see _follows; for the log)
     wal_lsn: int = 0
     lag_bytes: int | None = None  # None: unknown, so not used for reads
     lag_seconds: float | None = None
@@ -364,7 +364,7 @@ class Topology:
             return
         node.follows = follows
         if follows:
-            log.info("%s follows the primary again: it serves reads", node.address,
+            log.info("%s follows the shard's primary again", node.address,
                      extra={"event": "replica_follows", "shard": node.shard, "node": node.address})
         elif node.timeline < self._timelines.get(node.shard, 0):
             log.warning("%s gets no reads: it is on timeline %d, the shard's primary on %d", node.address,

@@ -237,7 +237,7 @@ class ClientConnection(Placement, ClientSession, Connection):
     def fail(self, error: pg.PostgresError) -> None:
         """Waiting for a server connection failed (timeout, server down). Before any byte of the
         transaction reached a server, it is routed again without that node: a read moves on to the next node
-        (the primary's own region may have served it), and a write waits for a failover."""
+        that can serve it (from this region's primary to a replica, say), and a write waits for a failover."""
         self.wait_started = 0.0
         pool, shard = self.pool, self.shard
         if error.code != pg.CONNECTION_FAILURE or not self.routes or shard < 0 or self.closed:
