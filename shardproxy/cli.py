@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from shardproxy import __version__
-from shardproxy.config import AdminSettings, ConfigError, load_config
+from shardproxy.config import AdminSettings, Config, ConfigError, load_config
 from shardproxy.ops.logs import setup_logging
+
+if TYPE_CHECKING:
+    from shardproxy.cluster.topology import NodeState, Probe
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("demo", help="start a local sandbox of PostgreSQL servers and proxies")
     check = commands.add_parser("check", help="validate a config file")
     check.add_argument("-c", "--config", required=True)
+    check.add_argument("--connect", action="store_true",
+                       help="also check every node once, as health checks do, and say what fails")
     route = commands.add_parser("route", help="print the shard that owns a key")
     route.add_argument("-c", "--config", required=True)
     route.add_argument("key")
@@ -82,7 +88,30 @@ def _check(args: argparse.Namespace) -> int:
     client_context(config)  # certificate, key and CA files load (ConfigError if not)
     server_context(config)
     print(f"{args.config}: ok ({len(config.shards)} shards, {sum(len(s.nodes) for s in config.shards)} nodes)")
-    return 0
+    return _check_nodes(config) if args.connect else 0
+
+
+def _check_nodes(config: Config) -> int:
+    """Each node once, as health checks log in: its role, or why the check failed (exit 1 if any did)."""
+    import asyncio
+
+    from shardproxy.cluster.health import HealthChecker, health_login
+    from shardproxy.cluster.topology import Topology
+
+    user, password = health_login(config)
+
+    async def survey() -> list[tuple[NodeState, Probe | str]]:
+        return await HealthChecker(Topology(config), config, user, password).survey()
+
+    failed = 0
+    for node, seen in asyncio.run(survey()):
+        where = f"{node.shard} {node.address}" + (f" ({node.region})" if node.region else "")
+        if isinstance(seen, str):
+            failed += 1
+            print(f"{where}: the health check as user {user} failed: {seen}", file=sys.stderr)
+        else:
+            print(f"{where}: {'replica' if seen.in_recovery else 'primary'}, timeline {seen.timeline}")
+    return 1 if failed else 0
 
 
 def _route(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ import signal
 import time
 from contextlib import suppress
 
-from shardproxy.cluster.health import HealthChecker
+from shardproxy.cluster.health import HealthChecker, health_login
 from shardproxy.cluster.topology import NodeState, Topology
 from shardproxy.config import Config, ConfigError, UserSettings, load_config
 from shardproxy.datapath._core import ProxyCore
@@ -26,7 +26,7 @@ from shardproxy.ops.metrics import Metrics
 from shardproxy.routing.ring import fraction_moved
 from shardproxy.routing.router import Decision, Route, Router
 from shardproxy.wire import protocol as pg
-from shardproxy.wire.auth import ProvenKey, ScramSecret, is_md5_hash, is_scram_verifier
+from shardproxy.wire.auth import ProvenKey, ScramSecret
 from shardproxy.wire.dial import Dialer
 from shardproxy.wire.tls import client_context, server_context
 from shardproxy.worker import Worker
@@ -48,7 +48,7 @@ class Proxy:
         self.topology = Topology(config)
         self.router = Router(config)
         self.any_decision = Decision(Route("any", "utility"), None, "")  # for batches that name no statement
-        self.health = HealthChecker(self.topology, config, *_health_login(config))
+        self.health = HealthChecker(self.topology, config, *health_login(config))
         self.metrics = Metrics(self)
         self.pools = Pools(config, self.topology, _dialer(config), self._credentials, self.health.check_now,
                            self.metrics.tally)
@@ -290,10 +290,3 @@ def _dialer(config: Config) -> Dialer:
     return Dialer(config.server_tls.mode, server_context(config))
 
 
-def _health_login(config: Config) -> tuple[str, str | None]:
-    """Health checks log in as the first admin user with a plaintext password, else the first such user."""
-    users = [config.user(name) for name in config.admin_users] + list(config.users)
-    for user in users:
-        if user is not None and user.password and not (is_scram_verifier(user.password) or is_md5_hash(user.password)):
-            return user.name, user.password
-    return config.users[0].name, config.users[0].password

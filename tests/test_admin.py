@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from shardproxy.devtools.sandbox import LOOPBACK, Cluster, Node, ProxyProcess, Sandbox, SandboxError, wait_until
 from tests.support.admin import admin, table
+from tests.support.ring import owner
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "conf" / "grafana" / "shardproxy.json"
@@ -121,7 +122,7 @@ def test_socket_is_private_and_serves_many_commands_per_connection(proxy: ProxyP
         "database", "user", "shard", "node", "role", "region", "cl_active", "cl_waiting", "sv_active", "sv_idle",
         "sv_used", "sv_login", "maxwait"]
     assert by_command["SHOW NODES"]["columns"] == [
-        "shard", "host", "port", "region", "role", "state", "lag_bytes", "lag_seconds", "last_check"]
+        "shard", "host", "port", "region", "role", "state", "lag_bytes", "lag_seconds", "last_check", "last_error"]
     assert [row[:3] for row in by_command["SHOW NODES"]["rows"]] == [[pg.name, pg.primary.host, pg.primary.port]]
     assert by_command["Show Shards"]["columns"] == ["name", "weight", "ring_share", "primary", "replicas"]
     assert by_command["Show Shards"]["rows"] == [[pg.name, 1, 1.0, address(pg.primary), ""]]
@@ -247,6 +248,40 @@ def test_cli_table_json_and_exit_codes(proxy: ProxyProcess, pg: Cluster, tmp_pat
     assert done.stderr.count("\n") == 1 and missing in done.stderr
 
 
+def check(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "shardproxy", "check", *args], capture_output=True, text=True,
+                          timeout=30, cwd=ROOT, check=False)
+
+
+def test_health_checks_that_cannot_log_in_say_why(sandbox: Sandbox, replicas: Cluster) -> None:
+    """The health checks' user (the first admin user) is missing on the servers: the log, SHOW NODES and
+    `shardproxy check --connect` say why every node stays down, and the nodes come up once it exists."""
+    users = [{"name": "app", "password": "secret"}, {"name": "monitor", "password": "monitorpw"}]
+    fast = {"health_check_interval": "200ms"}
+    proxy = sandbox.proxy("monitor", [replicas], start=False,
+                          regions={"r1": {"primary": True, "priority": 1, **fast}, "r2": {"priority": 2, **fast}})
+    proxy.write_config({**proxy.config, "users": users, "admin_users": ["monitor"]})
+    proxy.start()
+    refused = 'password authentication failed for user "monitor" (SQLSTATE 28P01)'
+    assert {(row["role"], row["state"], row["last_error"]) for row in table(proxy, "SHOW NODES")} == {
+        ("unknown", "down", refused)}
+    time.sleep(1)  # a few more checks fail the same way: said once per node
+    for node in replicas.nodes:
+        assert proxy.log().count(f"health check of {address(node)} as user monitor failed: {refused}") == 1
+    done = check("-c", proxy.config_path, "--connect")
+    assert done.returncode == 1, done.stdout + done.stderr
+    for node in replicas.nodes:
+        assert f"{address(node)} ({node.region}): the health check as user monitor failed: {refused}" in done.stderr
+    replicas.primary.sql("CREATE ROLE monitor LOGIN PASSWORD 'monitorpw'")
+    assert wait_until(lambda: {(row["state"], row["last_error"]) for row in table(proxy, "SHOW NODES")} == {
+        ("up", None)}, 10), table(proxy, "SHOW NODES")
+    done = check("-c", proxy.config_path, "--connect")
+    assert done.returncode == 0, done.stdout + done.stderr
+    primary, replica = replicas.nodes
+    assert f"{replicas.name} {address(primary)} (r1): primary, timeline 1" in done.stdout
+    assert f"{replicas.name} {address(replica)} (r2): replica, timeline 1" in done.stdout
+
+
 # -- the admin database over the PostgreSQL protocol ---------------------------------------------------------
 async def test_psql_on_the_admin_database(proxy: ProxyProcess) -> None:
     done = psql(proxy, "admin", "adminpw", "SHOW POOLS")
@@ -344,3 +379,39 @@ def test_dashboard_queries_only_exported_metrics(proxy: ProxyProcess, replicated
     found = families(scrape(proxy), scrape(replicated))
     exported = {sample.name for samples in found.values() for sample in samples} | set(found)
     assert referenced and referenced <= exported, referenced - exported
+
+
+def test_failovers_total_counts_the_first_change_of_primary(sandbox: Sandbox) -> None:
+    cluster = sandbox.cluster("admfo", replicas=1, regions=["r1", "r2"])
+    fast = {"health_check_interval": "200ms"}
+    proxy = sandbox.proxy("admfo", [cluster], metrics={"host": LOOPBACK, "port": sandbox.free_port()},
+                          regions={"r1": {"primary": True, "priority": 1, **fast}, "r2": {"priority": 2, **fast}})
+    assert total(scrape(proxy), "shardproxy_failovers_total", shard="admfo") == 0
+    old, promoted = cluster.nodes
+    old.stop()
+    promoted.promote()
+    assert wait_until(lambda: table(proxy, "SHOW SHARDS")[0]["primary"] == address(promoted), 10)
+    assert total(scrape(proxy), "shardproxy_failovers_total", shard="admfo") == 1
+    assert f"failover: shard admfo primary {address(old)} -> {address(promoted)}" in proxy.log()
+
+
+def test_errors_total_counts_the_proxys_own_refusals(sandbox: Sandbox, pg: Cluster, replicas: Cluster) -> None:
+    """Each way the proxy refuses a statement with 0A000 counts as kind="unsupported"; the client stays."""
+    proxy = sandbox.proxy("refusals", [pg, replicas], metrics={"host": LOOPBACK, "port": sandbox.free_port()})
+    names = [pg.name, replicas.name]
+    here, there = (next(key for key in range(1, 1000) if owner(key, names) == name) for name in names)
+    refusals = [
+        ["SELECT * FROM a JOIN b ON a.region = b.region"],  # by the router, before anything runs
+        ["SELECT user_id, row_number() OVER () FROM t"],  # by the merge plan of a read on every shard
+        ["BEGIN", f"/* shard_key: {here} */ SELECT 1", f"/* shard_key: {there} */ SELECT 1"],  # by the server
+    ]
+    before = total(scrape(proxy), "shardproxy_errors_total", kind="unsupported")
+    for cursor in (psycopg.Cursor, psycopg.ClientCursor):  # the extended protocol, and the simple one
+        with psycopg.connect(proxy.dsn(), autocommit=True, cursor_factory=cursor) as conn:
+            for statements in refusals:
+                with pytest.raises(psycopg.errors.FeatureNotSupported):
+                    for sql in statements:
+                        conn.execute(sql)
+                conn.execute("ROLLBACK")
+                assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert total(scrape(proxy), "shardproxy_errors_total", kind="unsupported") == before + 2 * len(refusals)

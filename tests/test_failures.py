@@ -26,6 +26,7 @@ from psycopg import errors
 
 from shardproxy.devtools.sandbox import Cluster, ProxyProcess, Sandbox, wait_until
 from tests.support import APP_DB
+from tests.support.admin import table
 from tests.support.wire import PROTOCOL_3_0, TRUST_USERS, connect_soon, error_codes, message, startup_packet
 
 
@@ -134,6 +135,32 @@ async def test_refused_login_gets_the_sqlstate_a_server_would_send(
         assert await good.fetchval("SELECT current_user") == "app"
     finally:
         await good.close()
+
+
+def test_logins_need_a_reachable_node_of_any_shard_not_of_the_first(sandbox: Sandbox, pg: Cluster) -> None:
+    """The first shard refuses the proxy (as a TLS-only server refuses a proxy that does not use TLS), then
+    all its nodes are down: clients still log in, with the other shard's parameters, and use that shard."""
+    first = sandbox.cluster("login-first", replicas=1)
+    first.primary.sql(f"CREATE DATABASE {APP_DB} OWNER app")
+    proxy = sandbox.proxy("login-first", [first, pg])
+    key = next(k for k in range(1, 1000) if table(proxy, f"ROUTE {k}")[0]["shard"] == pg.name)
+    where = f"/* shard_key: {key} */ SELECT inet_server_port()"
+
+    def log_in_and_read(user: str, password: str) -> int:
+        with psycopg.connect(proxy.dsn(user, password, APP_DB), autocommit=True, connect_timeout=10) as conn:
+            return conn.execute(where).fetchone()[0]
+
+    first.primary.sql("ALTER ROLE app NOLOGIN")  # reaches the replica too: a refusal with SQLSTATE 28000
+    first.wait_replicas_caught_up()
+    assert log_in_and_read("app", "secret") == pg.primary.port
+    for node in first.nodes:
+        node.stop()
+    try:
+        for user, password in (("app", "secret"), ("md5user", "md5secret")):  # md5user: pools all new
+            assert log_in_and_read(user, password) == pg.primary.port
+    finally:
+        for node in first.nodes:
+            node.start()
 
 
 # -- cancel -----------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ in eu-central-1 and ap-southeast-1; the test that fails it over runs last.
 Split brain gets its own small cluster.
 """
 
+import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
@@ -20,7 +21,7 @@ from shardproxy.cluster.topology import (
     parse_lsn,
 )
 from shardproxy.config import Config
-from shardproxy.devtools.sandbox import Cluster, Node, Sandbox
+from shardproxy.devtools.sandbox import REWINDABLE, Cluster, Node, Sandbox
 
 REGIONS = ("us-east-1", "eu-central-1", "ap-southeast-1")
 SHARD = "s0"
@@ -58,8 +59,8 @@ def address(node: Node) -> str:
 
 
 @asynccontextmanager
-async def checking(config: Config) -> AsyncIterator[HealthChecker]:
-    checker = HealthChecker(Topology(config), config, "app", "secret")
+async def checking(config: Config, user: str = "app", password: str = "secret") -> AsyncIterator[HealthChecker]:
+    checker = HealthChecker(Topology(config), config, user, password)
     await checker.start()
     try:
         yield checker
@@ -92,9 +93,11 @@ def seen(
     timeline: int = 1,
     replay_age: float | None = None,
     at: float = 1.0,
+    receiving: bool = True,
 ) -> None:
-    """What the checker does after a successful check of 127.0.0.1:port."""
-    probe = Probe(in_recovery, lsn, timeline, replay_age, sent=at, received=at, at=at)
+    """What the checker does after a successful check of 127.0.0.1:port (a replica streams unless told)."""
+    probe = Probe(in_recovery, lsn, timeline, replay_age, sent=at, received=at, at=at,
+                  receiving=receiving if in_recovery else None)
     topology.report(f"127.0.0.1:{port}", probe, rise=1)
 
 
@@ -135,6 +138,26 @@ def test_read_candidates_rank_regions_then_outstanding() -> None:
     assert [n.port for n in topology.read_candidates(SHARD)] == [3, 2, 1]
 
 
+def test_reads_stay_in_the_region_on_its_primary_before_other_regions_replicas() -> None:
+    topology = Topology(make_config([*FAKE, ("127.0.0.1", 5, "us-east-1")]))  # the proxy is in us-east-1 too
+    seen(topology, 1, False, 100)
+    for port in (2, 3, 4):
+        seen(topology, port, True, 100)
+    # No replica in this region: its primary, then the other regions' replicas by priority.
+    assert [n.port for n in topology.read_candidates(SHARD)] == [1, 2, 3, 4]
+    assert known(topology.read_node(SHARD, None, set())).port == 1
+    assert known(topology.read_node(SHARD, None, {"127.0.0.1:1"})).port == 2
+    # A replica in this region comes first; under read-your-writes, only once it has replayed the commit.
+    seen(topology, 5, True, 100)
+    assert [n.port for n in topology.read_candidates(SHARD)] == [5, 1, 2, 3, 4]
+    assert [n.port for n in topology.read_candidates(SHARD, min_lsn=101)] == [1]
+    assert known(topology.read_node(SHARD, 101, set())).port == 1
+    # This region without a node that can serve: the other regions by priority.
+    topology.report_failure("127.0.0.1:1", at=2.0, fall=1, error="connection refused")
+    topology.report_failure("127.0.0.1:5", at=2.0, fall=1, error="connection refused")
+    assert [n.port for n in topology.read_candidates(SHARD)] == [2, 3, 4]
+
+
 def test_newest_timeline_leads_and_ties_keep_the_leader() -> None:
     topology = Topology(make_config(FAKE))
     changes: list[Change] = []
@@ -151,9 +174,51 @@ def test_newest_timeline_leads_and_ties_keep_the_leader() -> None:
     seen(topology, 3, False, 200, timeline=2)  # same timeline: the leader stays
     assert primary_address(topology) == "127.0.0.1:2"
     assert known(topology.node("127.0.0.1:3")).fenced
-    topology.report_failure("127.0.0.1:2", at=4.0, fall=1)
+    topology.report_failure("127.0.0.1:2", at=4.0, fall=1, error="connection refused")
     assert primary_address(topology) == "127.0.0.1:3"
     assert known(topology.node("127.0.0.1:1")).fenced
+
+
+def test_replicas_read_only_on_the_primarys_timeline_while_streaming(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "shardproxy.cluster.topology")
+    topology = Topology(make_config(FAKE))
+    for port in (1, 2, 3, 4):
+        seen(topology, port, port != 1, 100)
+    # Port 1 fails, port 2 is promoted (timeline 2) and ports 3 and 4 follow it.
+    topology.report_failure("127.0.0.1:1", at=2.0, fall=1, error="connection refused")
+    seen(topology, 2, False, 200, timeline=2, at=2.0)
+    for port in (3, 4):
+        seen(topology, port, True, 200, timeline=2, at=2.0)
+    # Port 1 comes back as a standby on its old timeline, with WAL the new primary never had: its LSN is
+    # ahead of the primary's, yet its data is not the primary's.
+    seen(topology, 1, True, 300, timeline=1, receiving=False, at=3.0)
+    old = known(topology.node("127.0.0.1:1"))
+    assert (old.role, old.state, old.lag_seconds, old.lag_bytes) == ("replica", "up", None, None)
+    assert [n.port for n in topology.read_candidates(SHARD)] == [3, 4, 2]
+    assert [n.port for n in topology.read_candidates(SHARD, min_lsn=250)] == [2]
+    assert known(topology.read_node(SHARD, 250, set())).port == 2
+    assert "127.0.0.1:1 gets no reads: it is on timeline 1, the shard's primary on 2" in caplog.text
+    # Its WAL receiver reaches the new primary, asking for the old timeline: still no reads.
+    seen(topology, 1, True, 300, timeline=1, at=3.5)
+    assert [n.port for n in topology.read_candidates(SHARD)] == [3, 4, 2]
+    # Port 4 stops streaming: until the primary answers a check, it may have lost a primary that died.
+    seen(topology, 4, True, 200, timeline=2, receiving=False, at=3.5)
+    assert [n.port for n in topology.read_candidates(SHARD)] == [3, 4, 2]
+    # The primary answers: port 4 streams from nobody while the shard has a primary, so it gets no reads.
+    seen(topology, 2, False, 200, timeline=2, at=3.6)
+    assert [n.port for n in topology.read_candidates(SHARD)] == [3, 2]
+    seen(topology, 4, True, 200, timeline=2, receiving=False, at=3.7)
+    assert [n.port for n in topology.read_candidates(SHARD)] == [3, 2]
+    assert "127.0.0.1:4 gets no reads: it receives no WAL while the shard's primary is up" in caplog.text
+    # Rewound, port 1 streams on the primary's timeline: it reads again, first as in this region.
+    seen(topology, 1, True, 200, timeline=2, at=4.0)
+    assert [n.port for n in topology.read_candidates(SHARD)] == [1, 3, 2]
+    assert "127.0.0.1:1 follows the shard's primary again" in caplog.text
+    # With no primary up nothing streams: replicas on its timeline still serve reads, the others do not.
+    topology.report_failure("127.0.0.1:2", at=5.0, fall=1, error="connection refused")
+    seen(topology, 1, True, 200, timeline=1, receiving=False, at=5.0)
+    seen(topology, 3, True, 200, timeline=2, receiving=False, at=5.0)
+    assert [n.port for n in topology.read_candidates(SHARD)] == [3, 4]
 
 
 # --- real servers ------------------------------------------------------------
@@ -183,11 +248,11 @@ async def test_roles_are_discovered_whatever_the_listed_order(cluster: Cluster) 
 
 
 @pytest.mark.parametrize("region, order", [
-    ("us-east-1", ("eu", "ap", "us")),
+    ("us-east-1", ("us", "eu", "ap")),
     ("eu-central-1", ("eu", "ap", "us")),
     ("ap-southeast-1", ("ap", "eu", "us")),
 ])  # fmt: skip
-async def test_reads_prefer_own_region_then_priority_then_primary(
+async def test_reads_prefer_own_region_then_priority(
     cluster: Cluster, region: str, order: tuple[str, ...]
 ) -> None:
     named = dict(zip(("us", "eu", "ap"), cluster.nodes))
@@ -220,7 +285,7 @@ async def test_min_lsn_skips_replicas_that_have_not_replayed_it(
     cluster: Cluster,
 ) -> None:
     us, eu, ap = cluster.nodes
-    async with checking(real_config(cluster.nodes, max_replica_lag="1m")) as checker:
+    async with checking(real_config(cluster.nodes, region="ap-southeast-1", max_replica_lag="1m")) as checker:
         ap.sql("SELECT pg_wal_replay_pause()")
         try:
             us.sql("INSERT INTO ticks VALUES (2)")
@@ -231,7 +296,7 @@ async def test_min_lsn_skips_replicas_that_have_not_replayed_it(
                 lambda: eu_state.wal_lsn >= lsn and ap_state.lag_bytes != 0, 5
             )
             assert read_order(checker, min_lsn=lsn) == [address(eu), address(us)]
-            assert read_order(checker) == [address(eu), address(ap), address(us)]
+            assert read_order(checker) == [address(ap), address(eu), address(us)]
         finally:
             ap.sql("SELECT pg_wal_replay_resume()")
 
@@ -247,7 +312,7 @@ async def test_ban_and_unban(cluster: Cluster) -> None:
         assert topology.primary(SHARD) is None
         assert read_order(checker) == [address(ap)]
         assert topology.unban(address(eu)) and topology.unban(address(us))
-        assert read_order(checker) == [address(eu), address(ap), address(us)]
+        assert read_order(checker) == [address(us), address(eu), address(ap)]
         assert Change("state", SHARD, address(eu), "up", "banned") in changes
         assert Change("primary", SHARD, None, address(us), None) in changes
         assert not topology.ban("127.0.0.1:1")
@@ -302,3 +367,33 @@ async def test_split_brain_newest_timeline_wins(sandbox: Sandbox) -> None:
         assert loser.role == "primary" and loser.state == "up" and loser.fenced
         assert known(topology.primary(SHARD)).timeline > loser.timeline
         assert read_order(checker) == [winner]
+
+
+async def test_old_primary_back_on_its_old_timeline_gets_no_reads_until_rewound(sandbox: Sandbox) -> None:
+    """A failed primary restarted as a standby before pg_rewind (as Patroni does) runs on the timeline it
+    left, its LSN ahead of the new primary's. Checks with pg_monitor (admin) and without it (app) keep reads
+    off it; rewound, it streams on the new timeline and serves reads again."""
+    rejoin = sandbox.cluster("health-rejoin", replicas=1, regions=REGIONS[:2], settings=REWINDABLE)
+    old, promoted = rejoin.nodes
+    config = real_config(rejoin.nodes)
+
+    async def kept_off(checker: HealthChecker) -> None:
+        back = known(checker.topology.node(address(old)))
+        assert await checker.wait_for(lambda: back.role == "replica" and back.state == "up", 10)
+        assert back.timeline == 1 and back.wal_lsn > known(checker.topology.primary(SHARD)).wal_lsn
+        assert not await checker.wait_for(lambda: address(old) in read_order(checker), 1)
+        assert read_order(checker, min_lsn=back.wal_lsn) == [address(promoted)]
+
+    async with checking(config, "admin", "adminpw") as monitor, checking(config) as plain:
+        promoted.promote()
+        old.sql("CREATE TABLE diverged AS SELECT generate_series(1, 10000) AS n")  # WAL the new primary lacks
+        old.stop()
+        old.start_as_standby(promoted)
+        await kept_off(monitor)
+        await kept_off(plain)
+        old.stop()
+        old.rewind(promoted)
+        assert await monitor.wait_for(lambda: read_order(monitor) == [address(old), address(promoted)], 10)
+        # Without pg_monitor a replica's timeline is its last restartpoint's: it reads again after one.
+        old.sql("CHECKPOINT")
+        assert await plain.wait_for(lambda: read_order(plain) == [address(old), address(promoted)], 10)

@@ -3,9 +3,9 @@
 Every shard is a primary in us-east-1 with streaming replicas in eu-central-1 and ap-southeast-1. The node
 that served a statement is read from the statement itself (`pg_is_in_recovery(), inet_server_port()`), so
 nothing is taken from the proxy's word. The routing tests share one two-shard topology and four proxies
-(us-east-1 has no replica: reads go by priority; eu-central-1 has its own; one with a generous lag bound for
-read-your-writes; one with strong consistency). Failover and split brain wreck their clusters, so they get
-their own and run last.
+(us-east-1 has no replica: reads stay on its primary; eu-central-1 has its own; one with a generous lag bound for
+read-your-writes; one with strong consistency). Failover, split brain and a failed primary that rejoins wreck
+their clusters, so they get their own and run last.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from shardproxy.devtools.sandbox import Cluster, Node, ProxyProcess, Sandbox, wait_until
+from shardproxy.devtools.sandbox import REWINDABLE, Cluster, Node, ProxyProcess, Sandbox, wait_until
 from tests.support import APP_DB
-from tests.support.admin import nodes_seen
+from tests.support.admin import admin, nodes_seen
 from tests.support.regions import REGIONS, Loop, regions
 from tests.support.ring import owner
 
@@ -160,13 +160,22 @@ def test_next_transaction_on_another_shard_right_after_a_commit(proxies, shards,
             assert conn.execute(f"{READ.format(key=keys[0])} AND v = 'next{i}'").fetchone()[2] == 1
 
 
-def test_reads_go_by_region_priority_without_an_own_region_replica(proxies, shards, keys, names) -> None:
-    us = proxies["us"]  # us-east-1 holds only primaries: eu-central-1 (priority 2) before ap-southeast-1 (3)
+def test_reads_stay_in_the_region_on_its_primary_without_a_replica_there(proxies, shards, keys, names) -> None:
+    us = proxies["us"]  # us-east-1 holds only primaries: they serve its reads, not another region's replicas
     with connect(us) as conn:
         for cluster, key in zip(shards, keys):
-            assert served(conn, READ.format(key=key), names) == cluster.nodes[EU].name
+            assert served(conn, READ.format(key=key), names) == cluster.primary.name
             write = f"INSERT INTO t (user_id, v) VALUES ({key}, 'us') RETURNING pg_is_in_recovery(), inet_server_port()"
             assert served(conn, write, names) == cluster.primary.name
+    # With no node of its own region to serve, other regions by priority: eu-central-1 (2) before ap-southeast-1.
+    banned = shards[0].primary
+    assert admin(us, f"BAN {banned.host}:{banned.port}")["ok"]
+    try:
+        assert read_node(us, keys[0], names) == shards[0].nodes[EU].name
+        assert read_node(us, keys[1], names) == shards[1].primary.name
+    finally:
+        assert admin(us, f"UNBAN {banned.host}:{banned.port}")["ok"]
+    assert read_node(us, keys[0], names) == shards[0].primary.name
 
 
 def test_strong_tables_and_target_comment_read_on_the_primary(proxies, shards, keys, names) -> None:
@@ -366,8 +375,10 @@ def test_failover_holds_writes_then_moves_them_to_the_promoted_replica(failover)
     print(f"{len(acknowledged)} acknowledged writes, {len(acknowledged - present)} missing on the new primary; "
           f"failed in flight: {failed}")
     assert acknowledged <= present, sorted(acknowledged - present)
-    # Reads never stopped: replicas served them while the shard had no primary.
-    assert not reader.errors, reader.errors
+    # Reads never stopped: replicas served them while the shard had no primary. Until the kill they ran on the
+    # primary, this region's node: at most the one in flight there failed.
+    assert len(reader.errors) <= 1 and all(killing < done < killed + 1 and state == "08006"
+                                           for _, _, done, state, _ in reader.errors), reader.errors
     during = [names[row[1]] for _, _, done, row in reader.ok if killed < done < promoting]
     assert during and set(during) <= {promoted.name, orphan.name}, during
     # The other shard did not notice.
@@ -444,3 +455,38 @@ def test_split_brain_the_newest_timeline_wins(sandbox: Sandbox) -> None:
     assert direct(old, "SELECT count(*) FROM w")[0][0] == stale  # the fenced node got nothing more
     seen = nodes_seen(proxy)
     assert seen[old.port]["role"] == "primary" and seen[old.port]["state"] == "up"  # alive, and still fenced
+
+
+def test_old_primary_back_on_its_old_timeline_serves_no_reads_until_rewound(sandbox: Sandbox) -> None:
+    """After a failover the old primary restarts as a standby before pg_rewind (as Patroni restarts it): it runs
+    on the timeline it left, its LSN ahead of the new primary's. Through a proxy of its region, in
+    read_your_writes, a client reads every row it wrote and never from that node; rewound, the node streams
+    on the new timeline and serves the region's reads again."""
+    cluster = sandbox.cluster("rgrj", replicas=1, regions=REGIONS[:2], settings=REWINDABLE)
+    old, promoted = cluster.nodes
+    old.sql(f"CREATE DATABASE {APP_DB} OWNER app")
+    names = node_names(cluster)
+    proxy = sandbox.proxy("rgrj", [cluster], region="us-east-1", regions=regions("100ms"), pool=POOL)
+    with connect(proxy) as conn:
+        conn.execute("CREATE TABLE r (user_id bigint NOT NULL, n int NOT NULL)")
+    promoted.promote()
+    old.sql("CREATE TABLE diverged AS SELECT generate_series(1, 10000) AS n")  # WAL the new primary never gets
+    old.stop()
+    old.start_as_standby(promoted)
+    assert wait_until(lambda: nodes_seen(proxy)[old.port]["role"] == "replica", 10), "the old primary is back"
+    assert nodes_seen(proxy)[old.port]["state"] == "up"
+    read = "SELECT pg_is_in_recovery(), inet_server_port(), count(*) FROM r WHERE user_id = 1 AND n = {n}"
+    with connect(proxy) as conn:
+        for n in range(100):
+            conn.execute(f"INSERT INTO r (user_id, n) VALUES (1, {n})")
+            _, port, rows = conn.execute(read.format(n=n)).fetchone()
+            assert (names[port], rows) == (promoted.name, 1), f"read {n} after its write"
+    old.stop()
+    old.rewind(promoted)
+
+    def fresh_read() -> tuple[str, int]:  # by a client that wrote nothing
+        with connect(proxy) as conn:
+            _, port, rows = conn.execute(read.format(n=99)).fetchone()
+            return names[port], rows
+
+    assert wait_until(lambda: fresh_read() == (old.name, 1), 10), "the rewound node serves the region's reads"

@@ -18,6 +18,7 @@ import asyncpg
 
 from shardproxy.cluster.topology import NodeState, Probe, Topology, parse_lsn
 from shardproxy.config import Config, RegionSettings
+from shardproxy.wire.auth import is_md5_hash, is_scram_verifier
 from shardproxy.wire.tls import server_context
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,9 @@ log = logging.getLogger(__name__)
 # (8 hex digits) from the first record on. On a replica, the walreceiver's
 # received_tli is exact but only visible to pg_read_all_stats; without it the
 # last restartpoint's timeline is the best a replica offers, and
-# greatest() skips the NULL.
+# greatest() skips the NULL. Whether a replica streams is its walreceiver's
+# status; without that role only the receiver's row shows, once it has
+# connected upstream.
 PROBE_SQL = """
 WITH r AS (SELECT pg_is_in_recovery() AS in_recovery)
 SELECT
@@ -46,7 +49,10 @@ SELECT
        THEN greatest((SELECT received_tli FROM pg_stat_wal_receiver),
                      (SELECT timeline_id FROM pg_control_checkpoint()))
        ELSE ('x' || left(pg_walfile_name(pg_current_wal_lsn()), 8))::bit(32)::int
-  END AS timeline
+  END AS timeline,
+  CASE WHEN in_recovery
+       THEN EXISTS (SELECT FROM pg_stat_wal_receiver WHERE coalesce(status = 'streaming', true))
+  END AS receiving
 FROM r
 """
 
@@ -100,6 +106,19 @@ class HealthChecker:
         await asyncio.gather(*(self._check(address) for address in replicas))
         for node in nodes:
             self._spawn(node.address)
+
+    async def survey(self) -> list[tuple[NodeState, Probe | str]]:
+        """Check every node once, on a connection of its own: what it is, or why its check failed."""
+
+        async def once(node: NodeState) -> tuple[NodeState, Probe | str]:
+            try:
+                return node, await self._probe(node)
+            except CHECK_ERRORS as exc:
+                return node, describe(exc)
+            finally:
+                self._drop(node.address)
+
+        return list(await asyncio.gather(*(once(node) for node in self.topology.nodes())))
 
     async def stop(self) -> None:
         """Stop polling and close every connection."""
@@ -210,7 +229,11 @@ class HealthChecker:
             probe = await self._probe(node)
         except CHECK_ERRORS as exc:
             self._drop(address)
-            self.topology.report_failure(address, time.time(), self.fall)
+            error = describe(exc)
+            if error != node.last_error:  # once per node and cause: a node that stays down does not flood the log
+                log.warning("health check of %s as user %s failed: %s", address, self.user, error,
+                            extra={"event": "check_failed", "shard": node.shard, "node": address})
+            self.topology.report_failure(address, time.time(), self.fall, error)
             if was_healthy and not node.healthy:
                 log.warning(
                     "%s is down after %d failed checks: %s", address, node.failures, exc,
@@ -236,6 +259,7 @@ class HealthChecker:
             lsn=parse_lsn(row["lsn"]),
             timeline=row["timeline"],
             replay_age=row["replay_age"],
+            receiving=row["receiving"],
             sent=sent,
             received=time.monotonic(),
             at=time.time(),
@@ -258,6 +282,24 @@ class HealthChecker:
         conn = self._conns.pop(address, None)
         if conn is not None:
             conn.terminate()  # no goodbye: the server may be gone
+
+
+def health_login(config: Config) -> tuple[str, str | None]:
+    """Health checks log in as the first admin user with a plaintext password, else the first such user."""
+    users = [config.user(name) for name in config.admin_users] + list(config.users)
+    for user in users:
+        if user is not None and user.password and not (is_scram_verifier(user.password) or is_md5_hash(user.password)):
+            return user.name, user.password
+    return config.users[0].name, config.users[0].password
+
+
+def describe(exc: BaseException) -> str:
+    """A failed check's cause in one line: the server's message and SQLSTATE, or the connection's error."""
+    if isinstance(exc, asyncpg.PostgresError):
+        return f"{exc} (SQLSTATE {exc.sqlstate})"
+    if isinstance(exc, TimeoutError):
+        return "no answer within the check's timeout"
+    return str(exc) or type(exc).__name__
 
 
 def _ssl(config: Config) -> ssl.SSLContext | str | bool:

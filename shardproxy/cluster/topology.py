@@ -51,6 +51,7 @@ class Probe:
     sent: float  # monotonic time the query was sent
     received: float  # monotonic time the answer arrived
     at: float  # wall time, for display
+    receiving: bool | None  # a replica's WAL receiver streams; None on a primary
 
 
 @dataclass(frozen=True)
@@ -81,12 +82,17 @@ class NodeState:
     healthy: bool = False  # down until a check succeeds
     banned: bool = False
     in_recovery: bool | None = None
-    timeline: int = 0
+    timeline: int = 0  # a primary's: the one it writes; a replica's: the newest it received or restarted on
+    # A replica's checks have seen it stream no WAL since this monotonic time (the first such check's); None
+    # while it streams, and on a primary.
+    not_streaming_since: float | None = None
+    follows: bool = True  # a replica followed the shard's primary at its last check (see _follows; for the log)
     wal_lsn: int = 0
     lag_bytes: int | None = None  # None: unknown, so not used for reads
     lag_seconds: float | None = None
     last_check: float | None = None  # wall time of the last check, failed or not
     probed_at: float | None = None  # monotonic time the last successful check was sent
+    last_error: str | None = None  # why the last check failed; None once one succeeds
     failures: int = 0  # consecutive
     successes: int = 0  # consecutive
     load: Load = field(default_factory=Load, init=False, repr=False)  # requests in flight, kept by the pools
@@ -116,6 +122,8 @@ class Topology:
         self._announced: dict[str, NodeState | None] = {}
         # (received, lsn) of the shard's elected primary, oldest first.
         self._samples: dict[str, deque[tuple[float, int]]] = {}
+        # The newest timeline a node claiming to be the shard's primary is on, down or not.
+        self._timelines: dict[str, int] = {}
         self._listeners: list[Listener] = []
         self._readable_cache: dict[str, list[tuple[tuple[int, float, str], NodeState]]] = {}  # see _readable
         self._load(config)
@@ -140,13 +148,11 @@ class Topology:
         return leader if leader is not None and not leader.banned else None
 
     def read_candidates(self, shard: str, min_lsn: int | None = None) -> list[NodeState]:
-        """Nodes for a read, best first: fresh enough replicas by region and then by requests in flight,
-        then the primary. ``min_lsn`` (read-your-writes) drops replicas that have not replayed it yet."""
-        replicas = [node for _, node in sorted(
+        """Nodes for a read, best first (see _readable), by requests in flight within a rank. ``min_lsn``
+        (read-your-writes) drops replicas that have not replayed it yet."""
+        return [node for _, node in sorted(
             (((rank, node.load.outstanding), node) for rank, node in self._readable(shard)
-             if min_lsn is None or node.wal_lsn >= min_lsn), key=lambda ranked: ranked[0])]
-        primary = self.primary(shard)
-        return replicas if primary is None else [*replicas, primary]
+             if min_lsn is None or node.wal_lsn >= min_lsn or node.role == "primary"), key=lambda ranked: ranked[0])]
 
     def read_node(self, shard: str, min_lsn: int | None, avoid: set[str]) -> NodeState | None:
         """The first of read_candidates() whose address is not in ``avoid``, found without building the list:
@@ -155,26 +161,40 @@ class Topology:
         best_rank = None
         for rank, node in self._readable(shard):
             if best is not None and rank != best_rank:
-                break  # the rest are in worse regions
-            if (min_lsn is None or node.wal_lsn >= min_lsn) and node.address not in avoid and (
-                    best is None or node.load.outstanding < best.load.outstanding):
+                break  # the rest rank worse
+            if (min_lsn is None or node.wal_lsn >= min_lsn or node.role == "primary") and \
+                    node.address not in avoid and (best is None or node.load.outstanding < best.load.outstanding):
                 best, best_rank = node, rank
-        if best is not None:
-            return best
-        primary = self.primary(shard)
-        return None if primary is None or primary.address in avoid else primary
+        return best
 
     def _readable(self, shard: str) -> list[tuple[tuple[int, float, str], NodeState]]:
-        """The shard's replicas that may serve reads (up, lag known and within the limit) with their region
-        rank, best region first; kept until the next check, ban or reload changes them."""
+        """The shard's nodes that may serve reads with their rank, best first: this region's replicas, this
+        region's primary, the other regions' replicas by region priority, then the primary of another region.
+        A replica serves while it is up, follows the primary and its lag is known and within the limit. Kept
+        until the next check, ban or reload changes them."""
         readable = self._readable_cache.get(shard)
         if readable is None:
             max_lag = self.config.routing.max_replica_lag
-            readable = self._readable_cache[shard] = sorted((
-                (self._region_rank(node.region), node) for node in self._shards.get(shard, ())
-                if node.role == "replica" and node.state == "up" and node.lag_seconds is not None
-                and node.lag_seconds <= max_lag), key=lambda ranked: ranked[0])
+            ranked = [(self._region_rank(node.region), node) for node in self._shards.get(shard, ())
+                      if node.role == "replica" and node.state == "up" and self._follows(node)
+                      and node.lag_seconds is not None and node.lag_seconds <= max_lag]
+            primary = self.primary(shard)
+            if primary is not None:
+                here = self.config.region is not None and primary.region == self.config.region
+                ranked.append(((0, 1, "") if here else (2, 0, ""), primary))
+            readable = self._readable_cache[shard] = sorted(ranked, key=lambda ranked: ranked[0])
         return readable
+
+    def _follows(self, node: NodeState) -> bool:
+        """A replica holds the primary's history only on its timeline: a node on an older one may have
+        diverged (an old primary restarted as a standby before pg_rewind), its LSNs on another history. And
+        one that streams no WAL while the primary still answers checks falls behind. One that stopped
+        streaming after the primary's last answer may have lost a primary that died (found down only after a
+        few failed checks), and serves on, as replicas do while a shard has no primary."""
+        if node.timeline < self._timelines.get(node.shard, 0):
+            return False
+        leader, since = self._leaders.get(node.shard), node.not_streaming_since
+        return since is None or leader is None or (leader.probed_at or 0.0) < since
 
     def ban(self, address: str) -> bool:
         return self._set_banned(address, True)
@@ -203,9 +223,14 @@ class Topology:
         node.role = "replica" if probe.in_recovery else "primary"
         node.in_recovery = probe.in_recovery
         node.timeline = probe.timeline
+        if probe.receiving is False:
+            node.not_streaming_since = node.not_streaming_since or probe.sent
+        else:
+            node.not_streaming_since = None
         node.wal_lsn = probe.lsn
         node.successes += 1
         node.failures = 0
+        node.last_error = None
         if not node.healthy and (node.last_check is None or node.successes >= rise):
             node.healthy = True
         node.last_check = probe.at
@@ -213,20 +238,23 @@ class Topology:
         self._announce(node, old_role, old_state)
         if node.role == "replica":
             self._measure_lag(node, probe)
+            self._note_following(node)
         elif node is self._leaders.get(node.shard):
             self._samples[node.shard].append((probe.received, probe.lsn))
             node.lag_bytes, node.lag_seconds = 0, 0.0
         else:
             node.lag_bytes, node.lag_seconds = None, None
+        self._readable_cache.clear()  # listeners told of the changes above may have read it meanwhile
 
-    def report_failure(self, address: str, at: float, fall: int) -> None:
-        """Record a failed check; the node is down after ``fall`` in a row."""
+    def report_failure(self, address: str, at: float, fall: int, error: str) -> None:
+        """Record a failed check and why it failed; the node is down after ``fall`` in a row."""
         node = self._nodes.get(address)
         if node is None:
             return
         self._readable_cache.clear()
         old_role, old_state = node.role, node.state
         node.last_check = at
+        node.last_error = error
         node.failures += 1
         node.successes = 0
         if node.failures >= fall:
@@ -250,6 +278,7 @@ class Topology:
             self._samples.setdefault(shard.name, deque(maxlen=_SAMPLES))
         for gone in set(self._samples) - set(self._shards):
             del self._samples[gone]
+            self._timelines.pop(gone, None)
             self._leaders.pop(gone, None)
             self._announced.pop(gone, None)
 
@@ -277,6 +306,7 @@ class Topology:
         """Re-elect the shard's primary and announce it if it changed."""
         before = self._announced.get(shard)
         self._elect(shard)
+        self._readable_cache.clear()  # it ranks the primary too
         after = self._announced[shard] = self.primary(shard)
         if before is not after:
             old = before.address if before else None
@@ -292,7 +322,7 @@ class Topology:
         """
         members = self._shards[shard]
         claimants = [node for node in members if node.role == "primary"]
-        newest = max((node.timeline for node in claimants), default=0)
+        newest = self._timelines[shard] = max((node.timeline for node in claimants), default=0)
         live = [node for node in claimants if node.healthy and node.timeline == newest]
         current = self._leaders.get(shard)
         leader = current if current in live else next(iter(live), None)
@@ -316,6 +346,9 @@ class Topology:
         newer sample may have raced with the replica's answer.
         """
         samples = self._samples[node.shard]
+        if node.timeline < self._timelines.get(node.shard, 0):  # its LSNs may be on another history
+            node.lag_bytes, node.lag_seconds = None, None
+            return
         if not samples:
             node.lag_bytes, node.lag_seconds = None, probe.replay_age
             return
@@ -324,8 +357,25 @@ class Topology:
         target = earlier[-1] if earlier else samples[-1][1]
         node.lag_seconds = 0.0 if probe.lsn >= target else probe.replay_age
 
+    def _note_following(self, node: NodeState) -> None:
+        """Log when a replica stops or starts following the primary: an up replica that gets no reads."""
+        follows = self._follows(node)
+        if follows == node.follows:
+            return
+        node.follows = follows
+        if follows:
+            log.info("%s follows the shard's primary again", node.address,
+                     extra={"event": "replica_follows", "shard": node.shard, "node": node.address})
+        elif node.timeline < self._timelines.get(node.shard, 0):
+            log.warning("%s gets no reads: it is on timeline %d, the shard's primary on %d", node.address,
+                        node.timeline, self._timelines[node.shard],
+                        extra={"event": "replica_behind", "shard": node.shard, "node": node.address})
+        else:
+            log.warning("%s gets no reads: it receives no WAL while the shard's primary is up", node.address,
+                        extra={"event": "replica_behind", "shard": node.shard, "node": node.address})
+
     def _region_rank(self, region: str | None) -> tuple[int, float, str]:
-        """This proxy's region first, then by priority (lower first), unknown last."""
+        """A replica's: this proxy's region first, then by priority (lower first), unknown last."""
         if region is not None and region == self.config.region:
             return (0, 0, region)
         known = self.config.regions.get(region) if region is not None else None

@@ -58,7 +58,6 @@ class ClientHost(PlacementHost, Protocol):
     def cancel(self, pid: int, secret: int) -> None: ...
     def auth_failed(self, client: ClientConnection) -> None: ...
     def scram_secret(self, user: UserSettings) -> ScramSecret: ...
-    def client_error(self, error: pg.PostgresError) -> None: ...
     def open_admin_session(self, client: ClientConnection) -> None: ...
     async def login(self, database: str, user: str) -> tuple[Pool, dict[str, str]]: ...
 
@@ -237,12 +236,13 @@ class ClientConnection(Placement, ClientSession, Connection):
 
     def fail(self, error: pg.PostgresError) -> None:
         """Waiting for a server connection failed (timeout, server down). Before any byte of the
-        transaction reached a server, a read moves on to the next node and a write waits for a failover."""
+        transaction reached a server, it is routed again without that node: a read moves on to the next node
+        that can serve it (from this region's primary to a replica, say), and a write waits for a failover."""
         self.wait_started = 0.0
         pool, shard = self.pool, self.shard
         if error.code != pg.CONNECTION_FAILURE or not self.routes or shard < 0 or self.closed:
             self._fatal(error)
-        elif self.proxy.pools.is_primary(pool.node) or self.held:
+        elif self.held:
             self.shard = -1
             self._await_primary(shard)
         else:

@@ -52,6 +52,7 @@ class PlacementHost(Protocol):
     pools: Pools
 
     async def wait_for_primary(self, shard: str, timeout: float) -> NodeState | None: ...
+    def client_error(self, error: pg.PostgresError) -> None: ...  # counts an error the proxy sent a client
 
 
 class BatchRoute(NamedTuple):
@@ -205,8 +206,9 @@ class Placement:
             reply = pg.command_complete(tag) + pg.READY[pg.IN_TRANSACTION if held else pg.IDLE]
         elif route.target == "error":
             self.held_failed = held
-            reply = pg.error(pg.FEATURE_NOT_SUPPORTED, route.message or "shardproxy: cannot route") + \
-                pg.READY[pg.FAILED_TRANSACTION if held else pg.IDLE]
+            refusal = pg.PostgresError(pg.FEATURE_NOT_SUPPORTED, route.message or "shardproxy: cannot route")
+            self.proxy.client_error(refusal)
+            reply = refusal.to_message() + pg.READY[pg.FAILED_TRANSACTION if held else pg.IDLE]
         else:
             return False
         del self.buf[:end]
@@ -263,6 +265,7 @@ class Placement:
         if node is None:
             self._fatal(pg.PostgresError(pg.CANNOT_CONNECT_NOW, f"shardproxy: shard {name} has no primary"))
         else:
+            self.avoid.discard(node.address)  # a check made since it refused confirms it
             self._dispatch()
 
     async def _run_on_shards(self, decision: Decision, batch: bytes) -> None:
@@ -273,11 +276,13 @@ class Placement:
             pools = [self._pool_on(shard, route.target == "all", route.force_primary)
                      for shard in range(len(self.proxy.config.shards))]
             reply = await fanout.run(self, pools, decision, batch, status)
-        except pg.PostgresError as exc:
+        except pg.PostgresError as exc:  # the proxy's own: the servers' errors are part of the reply
+            self.proxy.client_error(exc)
             reply = exc.to_message() + pg.READY[pg.FAILED_TRANSACTION if held else pg.IDLE]
         except Exception as exc:  # a bug must cost this statement, not the client's connection
             log.exception("client %d: statement on several shards failed", self.id)
             error = pg.PostgresError(pg.INTERNAL_ERROR, f"shardproxy: internal error: {exc}")
+            self.proxy.client_error(error)
             reply = error.to_message() + pg.READY[pg.FAILED_TRANSACTION if held else pg.IDLE]
         if held and reply.endswith(pg.READY[pg.FAILED_TRANSACTION]):
             self.held_failed = True
@@ -346,6 +351,7 @@ class Placement:
 
     def _refuse(self, message: str, buf, pos: int, end: int, out: list) -> None:
         """Make the linked server raise the refusal, so that it also aborts the transaction there."""
+        self.proxy.client_error(pg.PostgresError(pg.FEATURE_NOT_SUPPORTED, message))
         sql = (f"DO $shardproxy$ BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', "
                f"MESSAGE = {session_params.literal(message)}; END $shardproxy$")
         if buf[pos] == Frontend.QUERY:

@@ -38,6 +38,13 @@ log = logging.getLogger("shardproxy.pool")
 Credentials = Callable[[str], tuple[str | None, ProvenKey | None]]
 
 
+# What a node answers when it cannot serve anyone now or will not take the proxy (an unreachable server, a
+# pg_hba.conf without a line for the proxy, TLS required, a role missing there, a full or starting server):
+# another node may.
+_NODE_REFUSALS = frozenset({pg.CONNECTION_FAILURE, pg.CONNECTION_EXCEPTION, pg.INVALID_AUTHORIZATION,
+                            pg.TOO_MANY_CONNECTIONS, pg.CANNOT_CONNECT_NOW})
+
+
 class PoolKey(NamedTuple):  # a tuple: made and hashed for every routed transaction
     database: str
     user: str
@@ -249,12 +256,15 @@ class Pools:
     def node_pool(self, database: str, user: str, shard: int, write: bool, force_primary: bool = False,
                   min_lsn: int | None = None, avoid: set[str] | frozenset[str] = frozenset()) -> Pool | None:
         """The pool for a statement on a shard: its primary for writes, else the best node to read from (one
-        that has replayed `min_lsn`, the client's last commit there, under read-your-writes; none in `avoid`);
-        None while the shard has no primary to write to."""
+        that has replayed `min_lsn`, the client's last commit there, under read-your-writes); none in `avoid`
+        (nodes that just refused this transaction a connection). None while the shard has no primary to write
+        to, or it is avoided."""
         name = self.config.shards[shard].name
         consistency = self.config.routing.consistency
         if write or force_primary or consistency == "strong":
             node = self.topology.primary(name)
+            if node is not None and node.address in avoid:
+                return None
         else:
             node = self.topology.read_node(name, min_lsn if consistency == "read_your_writes" else None, avoid)
         return None if node is None else self.pool_for(database, user, node)
@@ -273,27 +283,34 @@ class Pools:
         return self.topology.primary(shard) or self.topology.nodes(shard)[0]
 
     async def login(self, database: str, user: str) -> tuple[Pool, dict[str, str]]:
-        """The pool a new client's server parameters come from, and those parameters: the first shard's
-        primary's, or while it cannot be reached (a failover) those of the shard's next node that can, so
-        clients still log in and read from replicas. A server's own refusal (password, unknown database)
-        is the client's answer as it is."""
-        shard = self.config.shards[0].name
-        nodes = [self.first_node(), *self.topology.read_candidates(shard), *self.topology.nodes(shard)]
+        """The pool a new client's server parameters come from, and those parameters. Any node of any shard can
+        tell them, so a client logs in while some shards cannot be reached (a failover, an outage) or refuse the
+        proxy: see _login_order. A server's refusal of the client itself (its password, an unknown database) is
+        the client's answer as it is; if no node answers, the first refusal by a server says the most."""
         error: pg.PostgresError | None = None
-        for node in dict.fromkeys(nodes):  # in that order, each once
+        for node in self._login_order():
             pool = self.pool_for(database, user, node)
             try:
                 defaults = await pool.fetch_defaults()
             except pg.PostgresError as exc:
-                if exc.code != pg.CONNECTION_FAILURE:
+                if exc.code not in _NODE_REFUSALS:
                     raise
-                error = exc
+                if error is None or error.code == pg.CONNECTION_FAILURE:
+                    error = exc
                 continue
             if defaults.get("in_hot_standby") == "on":  # a replica's: clients see the proxy, which takes writes
                 defaults = {**defaults, "in_hot_standby": "off"}
             return pool, defaults
         assert error is not None
         raise error
+
+    def _login_order(self) -> list[NodeState]:
+        """Every node, each once: the first shard's primary, then each shard's readable replicas and primary,
+        then the rest; nodes that health checks see up before the others."""
+        shards = [shard.name for shard in self.config.shards]
+        nodes = [self.first_node(), *(node for shard in shards for node in self.topology.read_candidates(shard)),
+                 *(node for shard in shards for node in self.topology.nodes(shard))]
+        return sorted(dict.fromkeys(nodes), key=lambda node: node.state != "up")  # stable: the order above stays
 
     # -- PAUSE ----------------------------------------------------------------------------------------
     def pause(self, shards: set[str]) -> list[Pool]:

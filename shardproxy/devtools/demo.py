@@ -1,21 +1,29 @@
-"""`shardproxy demo`: real PostgreSQL shards with replicas in three regions, and a proxy per region."""
+"""`shardproxy demo`: real PostgreSQL shards with replicas in three regions, and a proxy per region.
+
+What it prints is a newcomer's tour: each region's DATABASE_URL, where that proxy's reads go (and why), and the
+two operator interfaces of each proxy: the admin database over psql and the Prometheus metrics address.
+"""
 
 from __future__ import annotations
 
+import shlex
 import signal
 import threading
 
 import psycopg
 
-from shardproxy.config import load_config
-from shardproxy.devtools.sandbox import Cluster, ProxyProcess, Sandbox, demo_topology
+from shardproxy.config import AdminSettings, load_config
+from shardproxy.devtools.sandbox import LOOPBACK, Cluster, ProxyProcess, Sandbox, User, demo_topology
 from shardproxy.routing.ring import Ring
 
 REGIONS = ("us-east-1", "eu-central-1", "ap-southeast-1")
-PROXY_REGIONS = REGIONS[:2]
 DATABASE = "demo"
 SAMPLE_USERS = 1000
 WHERE_READS_GO = "/* shard_key: {} */ SELECT inet_server_port(), pg_is_in_recovery()"
+READS = f"""
+Reads stay in a proxy's region: on a replica there, else on the primary if it is there ({REGIONS[0]} holds the
+primaries and no replica, so its proxy reads from them); only when its region has no node that can serve do they
+go to the other regions by priority. Writes always go to the shard's primary."""
 
 
 def run_demo() -> int:
@@ -29,9 +37,11 @@ def run_demo() -> int:
             cluster.primary.sql(f"CREATE DATABASE {DATABASE} OWNER app")
         regions = {name: {"primary": i == 0, "priority": i + 1, "health_check_interval": "1s"}
                    for i, name in enumerate(REGIONS)}
-        proxies = [sandbox.proxy(region, clusters, region=region, regions=regions) for region in PROXY_REGIONS]
+        proxies = [sandbox.proxy(region, clusters, region=region, regions=regions,
+                                 metrics={"host": LOOPBACK, "port": sandbox.free_port()}) for region in REGIONS]
         _load_sample(proxies[0])
-        _show(clusters, proxies)
+        admin = next(user for user in sandbox.users if user.name in proxies[0].config["admin_users"])
+        _show(clusters, proxies, admin)
         print(f"\ntry: psql {proxies[1].dsn(dbname=DATABASE)}\n\nCtrl-C stops everything.", flush=True)
         stop.wait()
         print("stopping...", flush=True)
@@ -46,17 +56,16 @@ def _load_sample(proxy: ProxyProcess) -> None:
             conn.execute("INSERT INTO users (user_id, name) VALUES (%s, %s)", (user, f"user {user}"))
 
 
-def _show(clusters: list[Cluster], proxies: list[ProxyProcess]) -> None:
+def _show(clusters: list[Cluster], proxies: list[ProxyProcess], admin: User) -> None:
     print("\nshards (each node: region, port):")
     for cluster in clusters:
         nodes = ", ".join(f"{n.name} {n.region} :{n.port}" for n in cluster.nodes)
         rows = cluster.primary.sql("SELECT count(*) FROM users", dbname=DATABASE)[0][0]
         print(f"  {cluster.name}: {rows} of the {SAMPLE_USERS} sample users; {nodes}")
     ports = {n.port: f"{n.name} ({n.region})" for cluster in clusters for n in cluster.nodes}
-    print("\nproxies (user app, password secret):")
+    print("\nproxies, one per region (user app, password secret):")
     for proxy in proxies:
         print(f"  {proxy.name}: DATABASE_URL={proxy.dsn(dbname=DATABASE)}")
-        print(f"    admin socket {proxy.admin_socket}  (shardproxy admin -s {proxy.admin_socket} SHOW NODES)")
         ring = Ring.from_config(load_config(proxy.config_path))
         first_users = {ring.owner(user): user for user in range(SAMPLE_USERS, 0, -1)}  # one user per shard
         with psycopg.connect(proxy.dsn(dbname=DATABASE), autocommit=True) as conn:
@@ -64,3 +73,9 @@ def _show(clusters: list[Cluster], proxies: list[ProxyProcess]) -> None:
                 port, replica = conn.execute(WHERE_READS_GO.format(user)).fetchone()
                 kind = "replica" if replica else "primary"
                 print(f"    a read for user_id {user} is served by {ports.get(port, port)}, a {kind}")
+        admin_db = proxy.dsn(admin.name, admin.password, AdminSettings().database)
+        print(f"    admin database: psql {admin_db} -c {shlex.quote('SHOW POOLS')}")
+        print(f"    admin socket:   shardproxy admin -s {proxy.admin_socket} SHOW NODES")
+        metrics = proxy.config["metrics"]
+        print(f"    metrics:        http://{metrics['host']}:{metrics['port']}/metrics")
+    print(READS)

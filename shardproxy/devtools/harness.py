@@ -72,7 +72,8 @@ def proxy_with_servers(config: str, pool_size: int, clients: int,
     proxy = Proxy(parse_config(config + f"pool: {{size: {pool_size}}}\n" + COMMON))
     for node in proxy.topology.nodes():
         replica = node.port % 2 == 0 and len(proxy.config.shards) > 1
-        proxy.topology.report(node.address, Probe(replica, 100, 1, 0.0 if replica else None, 1.0, 1.0, 1.0), rise=1)
+        probe = Probe(replica, 100, 1, 0.0 if replica else None, 1.0, 1.0, 1.0, receiving=replica or None)
+        proxy.topology.report(node.address, probe, rise=1)
         pool = proxy.pools.pool_for(DATABASE, USER, node)
         pool.defaults = {}
         for _ in range(pool_size):

@@ -31,7 +31,7 @@ from urllib.parse import quote
 import psycopg
 import yaml
 
-TOOLS = ("initdb", "pg_ctl", "postgres", "pg_basebackup")
+TOOLS = ("initdb", "pg_ctl", "postgres", "pg_basebackup", "pg_rewind")
 METHODS = ("scram-sha-256", "md5", "trust")
 STOP_MODES = ("smart", "fast", "immediate")
 LOOPBACK = "127.0.0.1"
@@ -66,6 +66,10 @@ BASE_SETTINGS = {
 }
 
 
+# Settings a cluster needs for pg_rewind to bring a failed primary back (Node.rewind).
+REWINDABLE = {"wal_log_hints": "on", "full_page_writes": "on"}
+
+
 class SandboxError(RuntimeError):
     """A sandbox server could not be set up or controlled."""
 
@@ -77,6 +81,7 @@ class User:
     name: str
     password: str
     method: str = "scram-sha-256"
+    roles: tuple[str, ...] = ()  # roles it is a member of, e.g. pg_monitor
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -86,7 +91,8 @@ class User:
 DEFAULT_USERS = (
     User("app", "secret", "scram-sha-256"),
     User("md5user", "md5secret", "md5"),
-    User("admin", "adminpw", "scram-sha-256"),
+    # The proxy's health checks log in as the admin user: pg_monitor lets them see each replica's WAL receiver.
+    User("admin", "adminpw", "scram-sha-256", ("pg_monitor",)),
 )
 
 
@@ -194,12 +200,14 @@ class Node:
         self.log_path = os.path.join(node_dir, "server.log")
         self._runner = runner
         self._passwords = passwords
+        self._settings: dict[str, str] = {}  # its own settings, as configure() last wrote them
 
     def __repr__(self) -> str:
         return f"Node({self.name!r}, port={self.port}, region={self.region!r})"
 
     def configure(self, settings: dict[str, str]) -> None:
         """Write this node's own settings; raw postgresql.conf values win over the shared ones."""
+        self._settings = settings
         lines = {
             "port": str(self.port),
             "unix_socket_directories": _literal(self.node_dir),
@@ -244,6 +252,29 @@ class Node:
         self._pg_ctl("promote", "-w")
         if not wait_until(lambda: not self.sql("SELECT pg_is_in_recovery()")[0][0], 30):
             raise SandboxError(f"{self.name} is still in recovery after promote\n{_tail(self.log())}")
+
+    def start_as_standby(self, upstream: Node | None) -> None:
+        """Start this stopped node as a standby of `upstream` (None: of no server), as a failed primary is
+        restarted before pg_rewind: if it wrote WAL that the new primary never had, it stays on its own
+        timeline, readable and stale, as its WAL receiver cannot follow the new one."""
+        conninfo = "" if upstream is None else upstream.replication_conninfo()
+        self._runner.write(os.path.join(self.data_dir, "standby.signal"), "")
+        self._runner.write(os.path.join(self.data_dir, "postgresql.auto.conf"),
+                           f"primary_conninfo = {_literal(conninfo)}\n", mode="a")
+        self.start()
+
+    def rewind(self, source: Node) -> None:
+        """Make this stopped node a standby of `source` on source's timeline (pg_rewind), and start it. The
+        cluster needs wal_log_hints and full_page_writes on (see REWINDABLE)."""
+        source.sql("CHECKPOINT")  # a promoted source's control file names its new timeline only after one
+        self._runner.run("pg_rewind", "-D", self.data_dir, "--source-server", source.replication_conninfo(),
+                         "--write-recovery-conf", log=self.log_path)
+        self.configure(self._settings)  # pg_rewind copied the source's own port and name too
+        self.start()
+
+    def replication_conninfo(self) -> str:
+        """How a standby of this node connects to it (and pg_rewind reads it): as the superuser."""
+        return f"host={self.host} port={self.port} user={SUPERUSER} dbname=postgres"
 
     def is_running(self) -> bool:
         return _postmaster_pid(self.data_dir) is not None
@@ -569,6 +600,8 @@ def _create_roles(node: Node, users: list[User]) -> None:
             encryption = "md5" if user.method == "md5" else "scram-sha-256"
             conn.execute(f"SET password_encryption = {_literal(encryption)}")
             conn.execute(f"CREATE ROLE {_ident(user.name)} LOGIN CREATEDB PASSWORD {_literal(user.password)}")
+            for role in user.roles:
+                conn.execute(f"GRANT {_ident(role)} TO {_ident(user.name)}")
 
 
 def _literal(text: str) -> str:

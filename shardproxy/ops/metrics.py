@@ -99,6 +99,9 @@ class Metrics:
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)
         self._primaries: dict[str, str] = {}  # the last primary seen per shard, to tell failovers apart
+        # Subscribed before health checks start, so that the first election is seen: the first failover
+        # after it is then a change of primary like any other.
+        proxy.topology.on_change(self._topology_changed)
         self._server: asyncio.AbstractServer | None = None
 
     def tally(self, shard: str, role: str) -> Tally:
@@ -115,7 +118,6 @@ class Metrics:
         """Bind the counters to the topology; unless `serve` is off (a worker: its supervisor serves), serve."""
         for shard in self.proxy.config.shards:
             self.failovers.labels(shard.name)
-        self.proxy.topology.on_change(self._topology_changed)
         settings = self.proxy.config.metrics
         if settings.port and serve:
             self._server = await serve_metrics(settings.host, settings.port, self.exposition)

@@ -27,6 +27,7 @@ class NodeView:
     lag_bytes: int | None
     lag_seconds: float | None
     last_check: float | None  # wall time
+    last_error: str | None  # why the last check failed, if it did
 
     @property
     def address(self) -> str:
@@ -35,8 +36,8 @@ class NodeView:
 
 def node_views(topology: Topology) -> list[NodeView]:
     """Every node, as health checks see it."""
-    return [NodeView(n.shard, n.host, n.port, n.region, n.role, n.state, n.lag_bytes, n.lag_seconds, n.last_check)
-            for n in topology.nodes()]
+    return [NodeView(n.shard, n.host, n.port, n.region, n.role, n.state, n.lag_bytes, n.lag_seconds, n.last_check,
+                     n.last_error) for n in topology.nodes()]
 
 
 def role_of(topology: Topology, address: str) -> str:

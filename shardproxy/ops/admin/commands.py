@@ -134,10 +134,10 @@ class Admin:
 
     async def _show_nodes(self, args: list[str]) -> Table:
         rows: list[list[Value]] = [
-            [n.shard, n.host, n.port, n.region, n.role, n.state, n.lag_bytes, n.lag_seconds, _iso(n.last_check)]
-            for n in node_views(self.proxy.topology)]
-        return Table(["shard", "host", "port", "region", "role", "state", "lag_bytes", "lag_seconds", "last_check"],
-                     rows)
+            [n.shard, n.host, n.port, n.region, n.role, n.state, n.lag_bytes, n.lag_seconds, _iso(n.last_check),
+             n.last_error] for n in node_views(self.proxy.topology)]
+        return Table(["shard", "host", "port", "region", "role", "state", "lag_bytes", "lag_seconds", "last_check",
+                      "last_error"], rows)
 
     async def _show_shards(self, args: list[str]) -> Table:
         ring = self._current_ring()
