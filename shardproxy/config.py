@@ -128,6 +128,7 @@ class PoolSettings(_Model):
     size: int = Field(default=20, ge=1)
     min_size: int = Field(default=0, ge=0)
     max_client_conn: int = Field(default=10000, ge=1)
+    max_login_conn: int = Field(default=100, ge=1)  # connections authenticating at once; the others wait
     query_wait_timeout: Duration = 30.0
     server_idle_timeout: Duration = 600.0
     server_lifetime: Duration = 3600.0

@@ -14,7 +14,7 @@ from shardproxy.cluster.health import HealthChecker
 from shardproxy.cluster.topology import NodeState, Topology
 from shardproxy.config import Config, ConfigError, UserSettings, load_config
 from shardproxy.datapath._core import ProxyCore
-from shardproxy.datapath.client import ClientConnection
+from shardproxy.datapath.client import ClientConnection, LoginSlots
 from shardproxy.datapath.fanout.recovery import Recovery
 from shardproxy.datapath.pool import Pool, Pools
 from shardproxy.datapath.statements import Registry
@@ -53,7 +53,8 @@ class Proxy:
         self.pools = Pools(config, self.topology, _dialer(config), self._credentials, self.health.check_now,
                            self.metrics.tally)
         self.clients: dict[int, ClientConnection] = {}  # by the BackendKeyData pid the proxy issued
-        self.connected = 0
+        self.connected = 0  # clients authenticated (admitted), within max_client_conn
+        self.login_slots = LoginSlots(config.pool.max_login_conn)
         self.ring_moved = 0.0  # the share of the key space the last reload gave to another shard
         self._client_ids = 0
         self._scram: dict[str, tuple[str, ScramSecret]] = {}
@@ -143,6 +144,7 @@ class Proxy:
         self.config = config
         self.client_ssl = client_ssl
         self.core.statements.limit = config.pool.statement_cache_size
+        self.login_slots.resize(config.pool.max_login_conn)
         self.core.prepared_per_server = config.pool.prepared_statements_per_server
         self.core.sharded = _needs_routing(config)  # clients follow between their transactions
         old_ring, self.router = self.router.ring, Router(config)
@@ -168,7 +170,13 @@ class Proxy:
         self._client_ids += 1
         return self._client_ids if self.worker is None else self.worker.tag(self._client_ids)
 
+    @property
+    def logging_in(self) -> int:
+        """Connections at the login: authenticating, or authenticated and not yet told the session is theirs."""
+        return self.login_slots.taken + self.connected - len(self.clients)
+
     def admit(self, client: ClientConnection) -> bool:
+        """A client that has authenticated takes a place within max_client_conn, if there is one."""
         if self.core.shutting_down or self.connected >= self.config.pool.max_client_conn:
             return False
         client.admitted = True

@@ -30,6 +30,7 @@ from tests.support.wire import TRUST_USERS, connect_soon, error_codes, message, 
 pytestmark = pytest.mark.e2e  # against servers and proxies the test starts itself
 
 FUZZ_EXAMPLES = 1000
+SLOW_EXAMPLES = 150
 CLOSE_WITHIN = 3.0  # seconds from the abuser's last byte (and half-close) to the proxy hanging up
 RSS_SLACK_KB = 40 * 1024
 
@@ -545,6 +546,183 @@ def test_client_that_never_reads_a_huge_result_is_held_back_not_buffered(
             "SELECT pid, state, wait_event, query FROM pg_stat_activity WHERE application_name = 'hostile-stuck'")
         assert other.execute("SELECT 'still fine'").fetchone() == ("still fine",)
     assert proxy.process.poll() is None
+
+
+# -- before authentication -----------------------------------------------------------------------------------
+AUTH_TOKEN_LIMIT = 65535  # PostgreSQL's limit for the body of a password or SASL message
+LOGIN_USERS = [{"name": "app", "password": "secret", "auth": "scram-sha-256"},
+               {"name": "md5user", "password": "md5secret", "auth": "md5"}]
+
+
+@pytest.fixture(scope="module")
+def login_proxy(sandbox: Sandbox, pg: Cluster) -> ProxyProcess:
+    """Password users only, the default max_message_size (64MB), a 5s login timeout."""
+    proxy = sandbox.proxy("hostile-login", [pg], start=False, admin_users=[],
+                          pool={"size": 2, "client_login_timeout": "5s"})
+    proxy.write_config({**proxy.config, "users": LOGIN_USERS})
+    proxy.start()
+    return proxy
+
+
+def auth_request(sock: socket.socket, user: str) -> int:
+    """Send a startup packet for `user` and read the proxy's authentication request: its code."""
+    sock.sendall(startup_packet(user=user, database=APP_DB))
+    header = sock.recv(5, socket.MSG_WAITALL)
+    body = sock.recv(struct.unpack("!I", header[1:])[0] - 4, socket.MSG_WAITALL)
+    assert header[:1] == b"R", (header, body)
+    return int(struct.unpack_from("!I", body)[0])
+
+
+@pytest.mark.parametrize("user", ["app", "md5user"])
+def test_a_huge_password_message_is_refused_as_soon_as_announced(login_proxy: ProxyProcess, user: str) -> None:
+    """Announced past PostgreSQL's limit for authentication messages (far below max_message_size), a password
+    or SASL message gets 08P01 at once, while the sender keeps its socket open: the proxy never holds it."""
+    socks = [socket.create_connection((login_proxy.host, login_proxy.port), timeout=CLOSE_WITHIN) for _ in range(12)]
+    pid = login_proxy.process.pid
+    before = rss_kb(pid)
+    try:
+        for sock in socks:
+            auth_request(sock, user)
+            sock.sendall(b"p" + struct.pack("!I", 64 * 1024 * 1024 - 1) + b"x" * 65536)
+        for sock in socks:
+            replies = split_messages(read_until_closed(sock, time.monotonic() + 1))  # the login timeout is 5s
+            assert error_codes(replies) == ["08P01"], replies
+    finally:
+        for sock in socks:
+            sock.close()
+    assert rss_kb(pid) - before < 8 * 1024
+    with psycopg.connect(login_proxy.dsn(dbname=APP_DB), autocommit=True) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+@pytest.mark.parametrize(("size", "code"), [(AUTH_TOKEN_LIMIT, "28P01"), (AUTH_TOKEN_LIMIT + 1, "08P01")])
+def test_the_pre_auth_limit_is_postgresqls(login_proxy: ProxyProcess, size: int, code: str) -> None:
+    """A wrong md5 answer of the largest size PostgreSQL reads is a wrong password; one byte more, 08P01."""
+    with socket.create_connection((login_proxy.host, login_proxy.port), timeout=CLOSE_WITHIN) as sock:
+        assert auth_request(sock, "md5user") == 5
+        sock.sendall(message(b"p", b"m" * (size - 1) + b"\0"))
+        replies = split_messages(read_until_closed(sock, time.monotonic() + CLOSE_WITHIN))
+    assert error_codes(replies) == [code]
+
+
+def _startup_of_size(size: int) -> bytes:
+    """A startup packet for `app` of exactly `size` bytes (an application_name pads it)."""
+    bare = len(startup_packet(user="app", database=APP_DB, application_name=""))
+    return startup_packet(user="app", database=APP_DB, application_name="a" * max(0, size - bare))
+
+
+def _announced(kind: bytes, length: int, sent: int) -> bytes:
+    """A header announcing `length`, and the first `sent` bytes of the body."""
+    return kind + struct.pack("!I", length) + b"m" * sent
+
+
+pre_auth_startups = st.one_of(
+    st.builds(lambda user: startup_packet(user=user, database=APP_DB), st.sampled_from(["app", "md5user", "nobody"])),
+    st.builds(_startup_of_size, st.sampled_from([9_999, 10_000, 10_001, 65_536])),  # PostgreSQL's limit: 10000
+    st.builds(lambda n, sent: struct.pack("!II", n, 196608) + b"m" * sent,
+              st.sampled_from([10_001, 2**20, 2**31 - 1, 2**32 - 1]), st.integers(0, 5_000)),
+)
+pre_auth_frames = st.one_of(
+    st.builds(_announced, st.sampled_from([b"p", b"Q", b"X"]),
+              st.sampled_from([AUTH_TOKEN_LIMIT + 3, AUTH_TOKEN_LIMIT + 4, AUTH_TOKEN_LIMIT + 5, 2**20, 2**26,
+                               2**31 - 1, 2**32 - 1]),
+              st.integers(0, 70_000)),
+    st.builds(lambda n: message(b"p", b"m" * n + b"\0"), st.sampled_from([0, 1, 32, 1_000, AUTH_TOKEN_LIMIT - 1])),
+    st.builds(lambda body: message(b"p", body), st.binary(max_size=64)),
+    st.builds(lambda cf: sasl_initial(b"SCRAM-SHA-256", cf), st.binary(max_size=80)),
+    st.sampled_from(VALID),
+)
+pre_auth_streams = st.tuples(pre_auth_startups, st.lists(pre_auth_frames, max_size=4),
+                             st.lists(st.tuples(st.integers(1, 40_000), st.floats(0, 0.03)), max_size=12))
+
+
+def test_fuzzed_pre_auth_streams_of_any_size_sent_slowly(login_proxy: ProxyProcess) -> None:
+    """Startup packets and authentication messages around the size limits, sent in pieces with pauses between:
+    each stream is refused (08P01, or a failed login) or hung up on within a bound of its last byte, nobody
+    gets in, the proxy holds no more than the limits allow, and a client connected throughout is served."""
+    proxy = login_proxy
+    pid = proxy.process.pid
+    bystander = psycopg.connect(proxy.dsn(dbname=APP_DB), autocommit=True)
+    outcomes: Counter[str] = Counter()
+
+    @settings(max_examples=SLOW_EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(pre_auth_streams)
+    def one_stream(stream: tuple[bytes, list[bytes], list[tuple[int, float]]]) -> None:
+        startup, frames, pieces = stream
+        data = startup + b"".join(frames)
+        with socket.create_connection((proxy.host, proxy.port), timeout=CLOSE_WITHIN) as sock:
+            try:
+                for size, pause in pieces:
+                    sock.sendall(data[:size])
+                    data = data[size:]
+                    time.sleep(pause)
+                sock.sendall(data)
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:  # the proxy hung up already
+                pass
+            replies = split_messages(read_until_closed(sock, time.monotonic() + CLOSE_WITHIN))
+        assert (b"R", struct.pack("!I", 0)) not in replies, "a stream logged in"
+        codes = error_codes(replies)
+        assert set(codes) <= {"08P01", "28P01"}, replies
+        outcomes[codes[0] if codes else "closed"] += 1
+        assert bystander.execute("SELECT 41 + 1").fetchone() == (42,)
+
+    before = rss_kb(pid)
+    one_stream()
+    grown = rss_kb(pid) - before
+    print(f"slow pre-auth fuzz: {dict(outcomes)}; RSS grew {grown} kB")
+    assert grown < RSS_SLACK_KB
+    assert outcomes["08P01"] > 0 and outcomes["28P01"] > 0
+    bystander.close()
+    assert proxy.process.poll() is None
+    assert "Traceback" not in proxy.log()
+
+
+def stalled_logins(proxy: ProxyProcess, count: int) -> list[socket.socket]:
+    """Connections that send half a startup packet and then nothing."""
+    socks = []
+    for _ in range(count):
+        sock = socket.create_connection((proxy.host, proxy.port), timeout=10)
+        sock.sendall(GOOD_STARTUP[:10])
+        socks.append(sock)
+    return socks
+
+
+def test_logins_in_progress_do_not_take_the_places_of_clients(sandbox: Sandbox, pg: Cluster) -> None:
+    """max_client_conn counts clients that have authenticated: connections stuck at the login do not keep
+    clients out, and the clients in still fill it."""
+    proxy = hostile_proxy(sandbox, pg, "hostile-places", max_client_conn=3, max_login_conn=20,
+                          client_login_timeout="10s")
+    stalled = stalled_logins(proxy, 6)
+    try:
+        clients = [psycopg.connect(proxy.dsn(dbname=APP_DB), autocommit=True, connect_timeout=5) for _ in range(3)]
+        with pytest.raises(psycopg.OperationalError, match="sorry, too many clients already"):
+            psycopg.connect(proxy.dsn(dbname=APP_DB), connect_timeout=5)
+        assert [c.execute("SELECT 1").fetchone() for c in clients] == [(1,)] * 3
+        for client in clients:
+            client.close()
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
+def test_logins_over_max_login_conn_wait_their_turn(sandbox: Sandbox, pg: Cluster) -> None:
+    """Two stalled logins hold both login slots: a client that comes next waits, unread, until their login
+    timeout frees a slot, and then logs in."""
+    proxy = hostile_proxy(sandbox, pg, "hostile-login-slots", max_login_conn=2, client_login_timeout="3s")
+    stalled = stalled_logins(proxy, 2)
+    try:
+        time.sleep(1)
+        started = time.monotonic()
+        with psycopg.connect(proxy.dsn(dbname=APP_DB), autocommit=True, connect_timeout=10) as conn:
+            waited = time.monotonic() - started
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        for sock in stalled:
+            assert error_codes(split_messages(read_until_closed(sock, time.monotonic() + 1))) == ["08P01"]
+    finally:
+        for sock in stalled:
+            sock.close()
+    assert 1.5 < waited < 3.5
 
 
 # -- a connection storm over max_client_conn ------------------------------------------------------------------
