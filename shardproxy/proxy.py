@@ -44,6 +44,7 @@ class Proxy:
         self.core = ProxyCore()  # what the compiled data path reads of the proxy
         self.core.sharded = _needs_routing(config)
         self.core.statements = Registry(config.pool.statement_cache_size)
+        self.core.statement_mark = self.core.statements.mark
         self.core.prepared_per_server = config.pool.prepared_statements_per_server
         self.topology = Topology(config)
         self.router = Router(config)

@@ -19,6 +19,7 @@ from shardproxy.cluster.topology import NodeState
 from shardproxy.datapath import params as session_params
 from shardproxy.datapath._core import ServerCore
 from shardproxy.datapath.connection import Connection
+from shardproxy.datapath.statements import SERVER_NAME
 from shardproxy.wire import protocol as pg
 from shardproxy.wire.auth import ProvenKey, ServerLogin
 from shardproxy.wire.dial import Dialer
@@ -95,6 +96,21 @@ class ServerConnection(ServerCore, Connection):
             self.pool.discard(self)
             return False
         return self.client is not None
+
+    def _request_failed(self, body: bytes) -> None:
+        """An extended-protocol request failed. A statement the books say is prepared here, which the server
+        says does not exist, went by other means (a DEALLOCATE ALL among other statements, or one run by a
+        function): forgotten, it is prepared again at its next use."""
+        fields = pg.parse_fields(body)
+        if fields.get("C") != pg.UNDEFINED_PSTATEMENT:
+            return
+        for name in SERVER_NAME.findall(fields.get("M", "").encode()):
+            if name in self.prepared:
+                del self.prepared[name]
+                if self.newest == name:
+                    self.newest = None
+                log.warning("server %s: prepared statement %s was dropped behind the proxy's back",
+                            self.pool.node_label, name.decode())
 
     # -- life cycle -----------------------------------------------------------------------------------
     def connection_lost(self, exc: BaseException | None) -> None:

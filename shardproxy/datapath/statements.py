@@ -4,12 +4,17 @@ A client's named statement is known by its Parse body (query text and parameter 
 gets one server-side name for the life of the process, so a server connection that prepared it for one client
 serves the next client without preparing it again; a connection that lacks it gets the Parse injected just
 before first use.
+
+The names carry a random mark of the process (`sp<12 digits>_<n>`) that clients cannot guess, and a client's
+Query or Parse that names them anyway (they show in pg_prepared_statements) is refused (session.py), so that one
+client cannot drop or replace the statements other clients run.
 """
 
 from __future__ import annotations
 
 import itertools
 import re
+import secrets
 from collections import OrderedDict
 
 from shardproxy.wire import protocol as pg
@@ -41,6 +46,9 @@ def parameter_types(body: bytes) -> list[int]:
     return [pg.INT32.unpack_from(body, 2 + 4 * i)[0] for i in range(count)]
 
 
+SERVER_NAME = re.compile(rb"sp\d{12}_\d+")  # what Registry names a statement on servers
+
+
 class Registry:
     """Server-side names for Parse bodies, shared by every client and server connection of the process.
 
@@ -52,11 +60,14 @@ class Registry:
         self.limit = limit
         self._by_body: OrderedDict[bytes, Statement] = OrderedDict()
         self._names = itertools.count()
+        # Digits have no case: the data path looks for them as they are, then for "sp" before them in any case.
+        self.mark = b"%012d" % secrets.randbelow(10**12)
+        self.prefix = b"sp" + self.mark + b"_"
 
     def get(self, body: bytes) -> Statement:
         statement = self._by_body.get(body)
         if statement is None:
-            statement = self._by_body[body] = Statement(b"sp%d" % next(self._names), body)
+            statement = self._by_body[body] = Statement(self.prefix + b"%d" % next(self._names), body)
             while len(self._by_body) > self.limit:
                 self._by_body.popitem(last=False)
         else:
