@@ -57,6 +57,7 @@ _ERROR_BY_CODE = {
     pg.INVALID_AUTHORIZATION: "auth",
     pg.TOO_MANY_CONNECTIONS: "too_many_clients",
     pg.PROTOCOL_VIOLATION: "protocol",
+    pg.INVALID_NAME: "protocol",  # a startup parameter that is not a name
     pg.CONNECTION_FAILURE: "server_connect",
     pg.ADMIN_SHUTDOWN: "shutdown",
     pg.FEATURE_NOT_SUPPORTED: "unsupported",
