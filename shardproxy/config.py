@@ -161,6 +161,17 @@ class ServerTlsSettings(_Model):
     ca: str | None = None
 
 
+ServerAuthMethod = Literal["scram-sha-256", "md5", "password", "none"]
+_DEFAULT_SERVER_AUTH: list[ServerAuthMethod] = ["scram-sha-256", "password"]
+
+
+class ServerAuthSettings(_Model):
+    """What a server may ask of the proxy when it logs in (libpq's require_auth): the proxy refuses the rest."""
+
+    methods: list[ServerAuthMethod] = Field(default_factory=lambda: list(_DEFAULT_SERVER_AUTH), min_length=1)
+    cleartext_needs_verified_tls: bool = True  # a cleartext password goes only where TLS verified the server
+
+
 class UserSettings(_Model):
     name: str
     # Plaintext, "md5"+hex hash or SCRAM verifier; kept out of repr and logs.
@@ -187,6 +198,7 @@ class Config(_Model):
     workers: int = Field(default=1, ge=1)
     tls: TlsSettings = Field(default_factory=TlsSettings)
     server_tls: ServerTlsSettings = Field(default_factory=ServerTlsSettings)
+    server_auth: ServerAuthSettings = Field(default_factory=ServerAuthSettings)
     admin_users: list[str] = Field(default_factory=list)
     users: list[UserSettings] = Field(min_length=1)
     log: LogSettings = Field(default_factory=LogSettings)

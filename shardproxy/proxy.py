@@ -296,7 +296,9 @@ def _needs_routing(config: Config) -> bool:
 
 def _dialer(config: Config) -> Dialer:
     """How servers are reached; raises ConfigError when a CA cannot be loaded."""
-    return Dialer(config.server_tls.mode, server_context(config))
+    auth = config.server_auth
+    return Dialer(config.server_tls.mode, server_context(config), frozenset(auth.methods),
+                  not auth.cleartext_needs_verified_tls)
 
 
 def _health_login(config: Config) -> tuple[str, str | None]:

@@ -21,7 +21,7 @@ from shardproxy.datapath._core import ServerCore
 from shardproxy.datapath.connection import Connection
 from shardproxy.datapath.statements import SERVER_NAME
 from shardproxy.wire import protocol as pg
-from shardproxy.wire.auth import ProvenKey, ServerLogin
+from shardproxy.wire.auth import ProvenKey, ServerAuthPolicy, ServerLogin
 from shardproxy.wire.dial import Dialer
 from shardproxy.wire.protocol import Backend
 
@@ -65,10 +65,12 @@ class ServerConnection(ServerCore, Connection):
         self.ignoring = False
 
     # -- login --------------------------------------------------------------------------------------
-    async def login(self, user: str, password: str | None, database: str, proven: ProvenKey | None = None) -> None:
-        """Start up and authenticate; raises PostgresError with the server's own error if refused."""
+    async def login(self, user: str, password: str | None, database: str, proven: ProvenKey | None,
+                    policy: ServerAuthPolicy) -> None:
+        """Start up and authenticate as `policy` allows; raises PostgresError with the server's own error if
+        refused, or with the proxy's when the server asks for what the policy refuses."""
         self.write(pg.startup_message({"user": user, "database": database}))
-        answerer = ServerLogin(user, password, proven)
+        answerer = ServerLogin(user, password, proven, policy)
         while True:
             kind, body = await self.read_message()
             if kind == Backend.AUTHENTICATION:

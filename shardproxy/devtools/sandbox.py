@@ -210,6 +210,12 @@ class Node:
         text = "".join(f"{key} = {value}\n" for key, value in lines.items())
         self._runner.write(os.path.join(self.data_dir, NODE_CONF), text)
 
+    def authenticate(self, user: str, method: str) -> None:
+        """From now on, ask `user` for `method` (a pg_hba.conf method: password, trust, ...) on TCP connections."""
+        path = os.path.join(self.data_dir, "pg_hba.conf")
+        self._runner.write(path, f"host all {_ident(user)} {LOOPBACK}/32 {method}\n" + _read(path))
+        self.sql("SELECT pg_reload_conf()")
+
     def start(self, wait: bool = True) -> None:
         """Start the server; with wait, return once it accepts connections."""
         self._pg_ctl("start", "-l", self.log_path, "-w" if wait else "-W")
