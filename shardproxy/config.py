@@ -136,6 +136,7 @@ class PoolSettings(_Model):
     idle_transaction_timeout: Duration = 0.0  # 0 = off
     query_timeout: Duration = 0.0  # 0 = off
     client_login_timeout: Duration = 60.0
+    auth_failure_delay: Duration = 1.0  # after repeated failed logins, an address's logins come this far apart
     max_message_size: Size = Field(default=64 * 1024**2, ge=1)
     prepared_statements_per_server: int = Field(default=1000, ge=1)  # a Bind needs its statement prepared
     statement_cache_size: int = Field(default=100_000, ge=1)

@@ -14,7 +14,7 @@ from shardproxy.cluster.health import HealthChecker
 from shardproxy.cluster.topology import NodeState, Topology
 from shardproxy.config import Config, ConfigError, UserSettings, load_config
 from shardproxy.datapath._core import ProxyCore
-from shardproxy.datapath.client import ClientConnection, LoginSlots
+from shardproxy.datapath.client import ClientConnection, FailedLogins, LoginSlots
 from shardproxy.datapath.fanout.recovery import Recovery
 from shardproxy.datapath.pool import Pool, Pools
 from shardproxy.datapath.statements import Registry
@@ -56,6 +56,8 @@ class Proxy:
         self.clients: dict[int, ClientConnection] = {}  # by the BackendKeyData pid the proxy issued
         self.connected = 0  # clients authenticated (admitted), within max_client_conn
         self.login_slots = LoginSlots(config.pool.max_login_conn)
+        self.failed_logins = FailedLogins(config.pool.auth_failure_delay)
+        self._mock_key = secrets.token_bytes(32)  # unknown users' SCRAM secrets derive from it
         self.ring_moved = 0.0  # the share of the key space the last reload gave to another shard
         self._client_ids = 0
         self._scram: dict[str, tuple[str, ScramSecret]] = {}
@@ -146,6 +148,7 @@ class Proxy:
         self.client_ssl = client_ssl
         self.core.statements.limit = config.pool.statement_cache_size
         self.login_slots.resize(config.pool.max_login_conn)
+        self.failed_logins.delay = config.pool.auth_failure_delay
         self.core.prepared_per_server = config.pool.prepared_statements_per_server
         self.core.sharded = _needs_routing(config)  # clients follow between their transactions
         old_ring, self.router = self.router.ring, Router(config)
@@ -212,6 +215,7 @@ class Proxy:
             server.cancel_running()
 
     def auth_failed(self, client: ClientConnection) -> None:  # counted in errors_total{kind="auth"} (metrics.py)
+        self.failed_logins.failed(client.host)
         log.warning("client %d %s: authentication failed for user %s", client.id, client.address, client.user,
                     extra={"event": "auth_failure", "client": client.id, "user": client.user})
 
@@ -225,6 +229,9 @@ class Proxy:
             cached = (user.password or "", ScramSecret.from_password(user.password or ""))
             self._scram[user.name] = cached
         return cached[1]
+
+    def mock_scram_secret(self, user: str) -> ScramSecret:
+        return ScramSecret.mock(user, self._mock_key)
 
     def _credentials(self, user: str) -> tuple[str | None, ProvenKey | None]:
         """A user's password towards servers, and the key its clients proved (SCRAM pass-through)."""

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import psycopg
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from shardproxy.devtools.sandbox import Cluster, ProxyProcess, Sandbox, wait_until
@@ -36,9 +36,10 @@ RSS_SLACK_KB = 40 * 1024
 
 
 def hostile_proxy(sandbox: Sandbox, pg: Cluster | list[Cluster], name: str, **pool: object) -> ProxyProcess:
-    """A proxy with trust logins for raw sockets, a 1MB message limit and a 2s login timeout; over several
-    clusters, each a shard."""
-    settings_ = {"size": 4, "max_message_size": "1MB", "client_login_timeout": "2s", "query_wait_timeout": "5s"}
+    """A proxy with trust logins for raw sockets, a 1MB message limit and a 2s login timeout, failed logins (the
+    fuzzer's, all from one address) not slowed; over several clusters, each a shard."""
+    settings_ = {"size": 4, "max_message_size": "1MB", "client_login_timeout": "2s", "query_wait_timeout": "5s",
+                 "auth_failure_delay": 0}
     clusters = pg if isinstance(pg, list) else [pg]
     proxy = sandbox.proxy(name, clusters, start=False, admin_users=[], pool={**settings_, **pool})
     proxy.write_config({**proxy.config, "users": TRUST_USERS})
@@ -397,7 +398,8 @@ def scram_proxy(sandbox: Sandbox, pg: Cluster) -> ProxyProcess:
     """`app` with a plaintext password, `admin` with the SCRAM verifier the server stores: both scram-sha-256."""
     verifier = pg.primary.sql("SELECT rolpassword FROM pg_authid WHERE rolname = 'admin'")[0][0]
     proxy = sandbox.proxy("hostile-scram", [pg], start=False, admin_users=[],
-                          pool={"size": 4, "max_message_size": "1MB", "client_login_timeout": "2s"})
+                          pool={"size": 4, "max_message_size": "1MB", "client_login_timeout": "2s",
+                                "auth_failure_delay": 0})  # hundreds of failed logins, from one address
     users = [{"name": "app", "password": "secret", "auth": "scram-sha-256"},
              {"name": "admin", "password": verifier, "auth": "scram-sha-256"}]
     proxy.write_config({**proxy.config, "users": users})
@@ -556,9 +558,10 @@ LOGIN_USERS = [{"name": "app", "password": "secret", "auth": "scram-sha-256"},
 
 @pytest.fixture(scope="module")
 def login_proxy(sandbox: Sandbox, pg: Cluster) -> ProxyProcess:
-    """Password users only, the default max_message_size (64MB), a 5s login timeout."""
+    """Password users only, the default max_message_size (64MB), a 5s login timeout; failed logins, of which
+    the fuzzer makes many, not slowed."""
     proxy = sandbox.proxy("hostile-login", [pg], start=False, admin_users=[],
-                          pool={"size": 2, "client_login_timeout": "5s"})
+                          pool={"size": 2, "client_login_timeout": "5s", "auth_failure_delay": 0})
     proxy.write_config({**proxy.config, "users": LOGIN_USERS})
     proxy.start()
     return proxy
@@ -647,6 +650,7 @@ def test_fuzzed_pre_auth_streams_of_any_size_sent_slowly(login_proxy: ProxyProce
 
     @settings(max_examples=SLOW_EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @given(pre_auth_streams)
+    @example((startup_packet(user="md5user", database=APP_DB), [message(b"p", b"m" * 35 + b"\0")], [(9, 0.01)]))
     def one_stream(stream: tuple[bytes, list[bytes], list[tuple[int, float]]]) -> None:
         startup, frames, pieces = stream
         data = startup + b"".join(frames)
@@ -723,6 +727,81 @@ def test_logins_over_max_login_conn_wait_their_turn(sandbox: Sandbox, pg: Cluste
         for sock in stalled:
             sock.close()
     assert 1.5 < waited < 3.5
+
+
+# -- logins: names, guesses, log lines -----------------------------------------------------------------------------
+def scram_until_refused(proxy: ProxyProcess, user: str, password: str,
+                        source: str = "127.0.0.1") -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """A SCRAM login from `source` with a password: the server-first message, and what came after the proof;
+    b"" and the answer if the proxy asks for no SCRAM exchange."""
+    with socket.create_connection((proxy.host, proxy.port), timeout=10, source_address=(source, 0)) as sock:
+        sock.sendall(startup_packet(user=user, database=APP_DB))
+        header = sock.recv(5, socket.MSG_WAITALL)
+        body = sock.recv(struct.unpack("!I", header[1:])[0] - 4, socket.MSG_WAITALL)
+        if header[:1] != b"R" or struct.unpack_from("!I", body)[0] != 10:  # not AuthenticationSASL
+            return b"", [(header[:1], body), *split_messages(read_until_closed(sock, time.monotonic() + 10))]
+        client = ScramClientExchange(password, None)
+        sock.sendall(sasl_initial(b"SCRAM-SHA-256", client.first()))
+        header = sock.recv(5, socket.MSG_WAITALL)
+        body = sock.recv(struct.unpack("!I", header[1:])[0] - 4, socket.MSG_WAITALL)
+        assert header[:1] == b"R" and struct.unpack_from("!I", body)[0] == 11, (header, body)
+        sock.sendall(message(b"p", client.final(body[4:])))
+        return body[4:], split_messages(read_until_closed(sock, time.monotonic() + 10))
+
+
+def salt(server_first: bytes) -> bytes:
+    return dict(part.split(b"=", 1) for part in server_first.split(b","))[b"s"]
+
+
+def test_an_unknown_user_gets_a_scram_exchange_that_fails_as_a_wrong_password(login_proxy: ProxyProcess) -> None:
+    """As PostgreSQL's mock authentication: the same salt for the same unknown name every time, and the same
+    failure as a known user's wrong password."""
+    first, known = scram_until_refused(login_proxy, "app", "wrong")
+    nobody_first, nobody = scram_until_refused(login_proxy, "nobody", "secret")
+    again_first, _ = scram_until_refused(login_proxy, "nobody", "other")
+    _, somebody_else = scram_until_refused(login_proxy, "somebody_else", "secret")
+    assert nobody_first, "an unknown user was refused without a SCRAM exchange"
+    assert error_codes(known) == error_codes(nobody) == error_codes(somebody_else) == ["28P01"]
+    assert salt(nobody_first) == salt(again_first) != salt(first)
+    assert [kind for kind, _ in nobody] == [kind for kind, _ in known]
+
+
+def md5_wrong_password(proxy: ProxyProcess, source: str = "127.0.0.1") -> float:
+    """Seconds from connecting to the refusal of a wrong md5 password."""
+    started = time.monotonic()
+    with socket.create_connection((proxy.host, proxy.port), timeout=10, source_address=(source, 0)) as sock:
+        assert auth_request(sock, "md5user") == 5
+        sock.sendall(message(b"p", b"md5" + b"0" * 32 + b"\0"))
+        assert error_codes(split_messages(read_until_closed(sock, time.monotonic() + 10))) == ["28P01"]
+    return time.monotonic() - started
+
+
+async def test_repeated_failed_logins_from_an_address_are_slowed(sandbox: Sandbox, pg: Cluster) -> None:
+    """Five failures are free; then the address's logins take turns auth_failure_delay apart, also when it
+    opens them all at once, while another address logs in at once."""
+    proxy = sandbox.proxy("hostile-guesses", [pg], start=False, admin_users=[],
+                          pool={"size": 2, "auth_failure_delay": "400ms"})
+    proxy.write_config({**proxy.config, "users": LOGIN_USERS})
+    proxy.start()
+    try:
+        free = [md5_wrong_password(proxy) for _ in range(5)]
+        slowed = [md5_wrong_password(proxy) for _ in range(3)]
+        started = time.monotonic()
+        await asyncio.gather(*(asyncio.to_thread(md5_wrong_password, proxy) for _ in range(5)))
+        together = time.monotonic() - started
+        elsewhere = md5_wrong_password(proxy, source="127.0.0.2")
+    finally:
+        proxy.stop()
+    print(f"failed logins: {free} free, {slowed} slowed, 5 at once in {together:.2f}s, elsewhere {elsewhere:.3f}s")
+    assert max(free) < 0.3 and min(slowed) > 0.3 and together > 5 * 0.4 - 0.1 and elsewhere < 0.3
+
+
+def test_a_user_name_cannot_forge_a_log_line(login_proxy: ProxyProcess) -> None:
+    forged = "2030-01-01 00:00:00,000 INFO shardproxy.client: client 1 127.0.0.1:1 connected: user=admin"
+    scram_until_refused(login_proxy, f"evil\n{forged}\r\u2028", "secret")
+    lines = login_proxy.log().splitlines()
+    assert not [line for line in lines if line.startswith(forged)]
+    assert [line for line in lines if "evil\\n2030-01-01" in line]
 
 
 # -- a connection storm over max_client_conn ------------------------------------------------------------------

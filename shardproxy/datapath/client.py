@@ -14,7 +14,8 @@ import logging
 import os
 import ssl
 import time
-from collections import deque
+from collections import OrderedDict, deque
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from shardproxy.config import Config, UserSettings
@@ -94,6 +95,58 @@ class LoginSlots:
                 turn.set_result(None)
 
 
+@dataclass(slots=True)
+class _Failures:
+    """One address's failed logins."""
+
+    count: int
+    last: float  # when the last one failed
+    next_turn: float  # when its next login may start
+
+
+class FailedLogins:
+    """Failed logins by client address. Past FREE_FAILURES, each within FORGET_AFTER seconds of the last, the
+    address's logins take turns: each starts `delay` after the previous one started or failed (0: no turns), until
+    the address has been quiet for FORGET_AFTER seconds. A password guesser is slowed however many connections it
+    opens; other addresses are not."""
+
+    FREE_FAILURES = 5
+    FORGET_AFTER = 60.0
+    MAX_ADDRESSES = 10_000  # past it, the oldest records go first
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self._by_address: OrderedDict[str, _Failures] = OrderedDict()  # the most recent failure last
+
+    def turn(self, address: str) -> float:
+        """Seconds until this address's next login may start; the turn is taken."""
+        failures = self._by_address.get(address)
+        now = time.monotonic()
+        if failures is None or failures.count < self.FREE_FAILURES or not self.delay:
+            return 0.0
+        if now - failures.last > self.FORGET_AFTER:
+            del self._by_address[address]
+            return 0.0
+        start = max(now, failures.next_turn)
+        failures.next_turn = start + self.delay
+        return start - now
+
+    def failed(self, address: str) -> None:
+        now = time.monotonic()
+        failures = self._by_address.pop(address, None)
+        if failures is None or now - failures.last > self.FORGET_AFTER:
+            failures = _Failures(0, now, now)
+        failures.count += 1
+        failures.last = now
+        failures.next_turn = max(failures.next_turn, now + self.delay)
+        self._by_address[address] = failures
+        while self._by_address:
+            oldest = next(iter(self._by_address.values()))
+            if len(self._by_address) <= self.MAX_ADDRESSES and now - oldest.last <= self.FORGET_AFTER:
+                break
+            self._by_address.popitem(last=False)
+
+
 class ClientHost(PlacementHost, Protocol):
     """What a client connection needs of the proxy that accepted it."""
 
@@ -102,6 +155,7 @@ class ClientHost(PlacementHost, Protocol):
     client_ssl: ssl.SSLContext | None
     proven_keys: dict[str, ProvenKey]
     login_slots: LoginSlots
+    failed_logins: FailedLogins
 
     def next_client_id(self) -> int: ...
     def admit(self, client: ClientConnection) -> bool: ...
@@ -110,6 +164,7 @@ class ClientHost(PlacementHost, Protocol):
     def cancel(self, pid: int, secret: int) -> None: ...
     def auth_failed(self, client: ClientConnection) -> None: ...
     def scram_secret(self, user: UserSettings) -> ScramSecret: ...
+    def mock_scram_secret(self, user: str) -> ScramSecret: ...
     def client_error(self, error: pg.PostgresError) -> None: ...
     def open_admin_session(self, client: ClientConnection) -> None: ...
     async def login(self, database: str, user: str) -> tuple[Pool, dict[str, str]]: ...
@@ -123,6 +178,7 @@ class ClientConnection(Placement, ClientSession, Connection):
         Connection.__init__(self)
         self.proxy = proxy
         self.address = ""
+        self.host = ""  # the address without the port: failed logins are counted by it
         self.encrypted = False  # TLS since the SSLRequest
         self.pid = 0
         self.secret = 0
@@ -142,7 +198,8 @@ class ClientConnection(Placement, ClientSession, Connection):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
-        self.address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+        self.host = str(peer[0]) if isinstance(peer, tuple) else "unix"
+        self.address = f"{self.host}:{peer[1]}" if isinstance(peer, tuple) else "unix"
         self.expect_startup_packet()
         asyncio.get_running_loop().create_task(self._login())
 
@@ -169,11 +226,14 @@ class ClientConnection(Placement, ClientSession, Connection):
 
     async def _authenticated(self) -> dict[str, str] | None:
         """The startup parameters of a client that has authenticated, or None for a CancelRequest; on a login
-        slot, waited for with the socket unread."""
+        slot, and after failed logins from its address in its turn, both waited for with the socket unread."""
         slots = self.proxy.login_slots
-        must_wait = not slots.free() and self.transport is not None
+        delay = self.proxy.failed_logins.turn(self.host)
+        must_wait = (delay > 0 or not slots.free()) and self.transport is not None
         if must_wait:
             self.transport.pause_reading()
+        if delay:
+            await asyncio.sleep(delay)
         await slots.take()
         try:
             if must_wait and self.transport is not None and not self.closed:
@@ -235,7 +295,8 @@ class ClientConnection(Placement, ClientSession, Connection):
     async def _authenticate(self) -> None:
         user = self.proxy.config.user(self.user)
         failed = pg.PostgresError(pg.INVALID_PASSWORD, f'password authentication failed for user "{self.user}"')
-        if user is None:
+        if user is None:  # a SCRAM exchange that fails as a wrong password does: the name is not told apart
+            await self._scram(ScramServerExchange(self.proxy.mock_scram_secret(self.user)))
             self.proxy.auth_failed(self)
             raise failed
         if user.auth == "md5":

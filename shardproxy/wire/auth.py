@@ -78,6 +78,13 @@ class ScramSecret:
         return cls(salt, stored, _hmac(salted, b"Server Key"), iterations)
 
     @classmethod
+    def mock(cls, user: str, key: bytes) -> ScramSecret:
+        """For a user the proxy does not know: a secret that no password matches, the same for the same name
+        and key (a process's), so that repeated tries see the same salt, as PostgreSQL's mock authentication."""
+        derived = [_hmac(key, f"{part}\0{user}".encode()) for part in ("salt", "stored", "server")]
+        return cls(derived[0][:16], derived[1], derived[2], 4096)
+
+    @classmethod
     def from_verifier(cls, verifier: str) -> ScramSecret:
         """Parse `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`, as pg_authid stores it."""
         try:
