@@ -140,6 +140,7 @@ class PoolSettings(_Model):
     max_message_size: Size = Field(default=64 * 1024**2, ge=1)
     prepared_statements_per_server: int = Field(default=1000, ge=1)  # a Bind needs its statement prepared
     statement_cache_size: int = Field(default=100_000, ge=1)
+    statement_cache_bytes: Size = Field(default=64 * 1024**2, ge=1)  # of the statements' texts, and of the plans'
 
 
 class RoutingSettings(_Model):

@@ -43,7 +43,7 @@ class Proxy:
         self.client_ssl = client_context(config)  # None unless tls.mode allows TLS; built once, as loading is slow
         self.core = ProxyCore()  # what the compiled data path reads of the proxy
         self.core.sharded = _needs_routing(config)
-        self.core.statements = Registry(config.pool.statement_cache_size)
+        self.core.statements = Registry(config.pool.statement_cache_size, config.pool.statement_cache_bytes)
         self.core.statement_mark = self.core.statements.mark
         self.core.prepared_per_server = config.pool.prepared_statements_per_server
         self.topology = Topology(config)
@@ -146,7 +146,7 @@ class Proxy:
             raise
         self.config = config
         self.client_ssl = client_ssl
-        self.core.statements.limit = config.pool.statement_cache_size
+        self.core.statements.resize(config.pool.statement_cache_size, config.pool.statement_cache_bytes)
         self.login_slots.resize(config.pool.max_login_conn)
         self.failed_logins.delay = config.pool.auth_failure_delay
         self.core.prepared_per_server = config.pool.prepared_statements_per_server

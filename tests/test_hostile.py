@@ -550,6 +550,26 @@ def test_client_that_never_reads_a_huge_result_is_held_back_not_buffered(
     assert proxy.process.poll() is None
 
 
+def test_huge_statement_texts_are_remembered_within_statement_cache_bytes(sandbox: Sandbox, pg: Cluster) -> None:
+    """Distinct statements of 1MB each, in the extended protocol (unnamed: the client keeps none) and simple,
+    through a routing proxy: the statement registry and the router's plans keep within statement_cache_bytes of
+    text, not within their counts."""
+    other = sandbox.cluster("hostile-huge")
+    other.primary.sql(f"CREATE DATABASE {APP_DB} OWNER app")
+    proxy = hostile_proxy(sandbox, [pg, other], "hostile-huge", statement_cache_bytes="4MB", max_message_size="2MB")
+    pid = proxy.process.pid
+    pad = "x" * 1024 * 1024
+    with psycopg.connect(proxy.dsn(dbname=APP_DB), autocommit=True) as conn:
+        conn.execute("SELECT 1")
+        before = rss_kb(pid)
+        for i in range(40):
+            assert conn.execute(f"SELECT {i} AS n, %s::int /* {i} {pad} */", [i], prepare=False).fetchone() == (i, i)
+            assert conn.execute(f"SELECT {i} AS n /* {i} {pad} */").fetchone() == (i,)
+        grown = rss_kb(pid) - before
+    print(f"80 statements of 1MB: RSS grew {grown} kB")
+    assert grown < 40 * 1024
+
+
 # -- before authentication -----------------------------------------------------------------------------------
 AUTH_TOKEN_LIMIT = 65535  # PostgreSQL's limit for the body of a password or SASL message
 LOGIN_USERS = [{"name": "app", "password": "secret", "auth": "scram-sha-256"},

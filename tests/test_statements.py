@@ -21,7 +21,7 @@ def body(sql: str) -> bytes:
 
 
 def test_one_name_per_body_and_the_least_recently_parsed_goes_first() -> None:
-    registry = Registry(limit=2)
+    registry = Registry(limit=2, max_bytes=1 << 20)
     a, b = registry.get(body("SELECT 1")), registry.get(body("SELECT 2"))
     assert registry.get(body("SELECT 1")) is a  # a hit makes it the most recent
     c = registry.get(body("SELECT 3"))  # evicts SELECT 2, not SELECT 1
@@ -30,6 +30,15 @@ def test_one_name_per_body_and_the_least_recently_parsed_goes_first() -> None:
     b_again = registry.get(body("SELECT 2"))
     assert b_again is not b
     assert len({a.name, b.name, c.name, b_again.name}) == 4  # a name is never given twice
+
+
+def test_the_registry_holds_so_many_bytes_of_statement_text() -> None:
+    registry = Registry(limit=100, max_bytes=1000)
+    first = registry.get(body("SELECT 1 -- " + "x" * 400))
+    for i in range(2, 5):
+        registry.get(body(f"SELECT {i} -- " + "x" * 400))
+    assert len(registry) == 2
+    assert registry.get(body("SELECT 1 -- " + "x" * 400)) is not first
 
 
 async def test_statements_forgotten_by_the_proxy_keep_working(sandbox: Sandbox, pg: Cluster) -> None:
