@@ -85,8 +85,19 @@ class ListenSettings(_Model):
     port: int = Field(default=6432, ge=0, le=65535)
 
 
+def default_admin_socket() -> str:
+    """admin.sock in a directory of the proxy's own under the user's private runtime directory ($XDG_RUNTIME_DIR),
+    else /run for root, else /tmp/shardproxy-<uid>: never a name in a shared directory, which another local user
+    could take first. The admin socket makes the directory 0700 and checks it is the proxy's user's."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return os.path.join(runtime, "shardproxy", "admin.sock")
+    uid = os.geteuid()
+    return "/run/shardproxy/admin.sock" if uid == 0 else f"/tmp/shardproxy-{uid}/admin.sock"
+
+
 class AdminSettings(_Model):
-    socket: str = "/tmp/shardproxy.sock"
+    socket: str = Field(default_factory=default_admin_socket)
     database: str = "shardproxy"  # the admin console's database name, for users in admin_users
 
 
@@ -407,10 +418,12 @@ def _user_problems(config: Config) -> Iterator[tuple[Loc, str]]:
 
 
 def _password_problems(loc: Loc, user: UserSettings) -> Iterator[tuple[Loc, str]]:
-    if user.auth == "trust":
-        return
     password = user.password
-    if password is None:
+    if password == "":  # PostgreSQL takes none; here it would let in a client that sends an empty one
+        yield (*loc, "password"), "empty: leave the key out for no password"
+    elif user.auth == "trust":
+        return
+    elif password is None:
         yield (*loc, "password"), f"auth {user.auth} needs a password"
     elif password.startswith(_SCRAM_PREFIX):
         if not _SCRAM_RE.fullmatch(password):

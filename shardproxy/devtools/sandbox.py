@@ -383,8 +383,9 @@ class Sandbox:
     def proxy(self, name: str, clusters: Sequence[Cluster], start: bool = True, **sections: Any) -> ProxyProcess:
         """A proxy daemon in front of `clusters`, on a free port; stopped by close(). `sections` are config
         sections, e.g. workers=2 for a supervisor and two workers (signals then go to the supervisor)."""
-        config = proxy_config(clusters, self.free_port(), os.path.join(self.base_dir, f"{name}.sock"),
-                              self.users, **sections)
+        # Not in base_dir itself, which belongs to the servers' account: the first proxy makes the directory, 0700.
+        admin_socket = os.path.join(self.base_dir, "admin", f"{name}.sock")
+        config = proxy_config(clusters, self.free_port(), admin_socket, self.users, **sections)
         proxy = ProxyProcess(name, config, self.base_dir)
         self._proxies.append(proxy)
         if start:
