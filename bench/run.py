@@ -60,6 +60,8 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(os.path.dirname(BENCH), "docs", "bench-results.md")
 DATABASE = "bench"
 USER = User("bench", "benchpw", "trust")
+# The bench user's servers ask it for no password (trust), which server_auth refuses unless told.
+SERVER_AUTH = {"methods": ["scram-sha-256", "none"]}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 EQUAL = "shardproxy, one server connection per client"  # the relay's count: the like-for-like comparison
 WORKLOADS = {
@@ -344,7 +346,8 @@ def full_suite(sandbox: Sandbox, main_cluster: Cluster, settings: dict[str, str]
     shards = [sandbox.cluster("s0", replicas=1, settings=settings)]
     shards += [sandbox.cluster(f"s{i}", settings=settings) for i in range(1, 4)]
     prepare_databases(main_cluster, shards)
-    proxy = sandbox.proxy("bench", [main_cluster], pool={"size": args.pool}, log={"level": "warning"})
+    proxy = sandbox.proxy("bench", [main_cluster], pool={"size": args.pool}, log={"level": "warning"},
+                          server_auth=SERVER_AUTH)
     assert proxy.process is not None
     targets = [Target("direct", main_cluster.primary.port)]
     relay, relay_port = start_relay(sandbox, main_cluster)
@@ -353,7 +356,8 @@ def full_suite(sandbox: Sandbox, main_cluster: Cluster, settings: dict[str, str]
     if bouncer is not None:
         targets.append(Target("pgbouncer", bouncer[1], bouncer[0].pid))
     targets.append(Target("shardproxy", proxy.port, proxy.process.pid))
-    equal = sandbox.proxy("equal", [main_cluster], pool={"size": CLIENTS}, log={"level": "warning"})
+    equal = sandbox.proxy("equal", [main_cluster], pool={"size": CLIENTS}, log={"level": "warning"},
+                          server_auth=SERVER_AUTH)
     assert equal.process is not None
     targets.append(Target(EQUAL, equal.port, equal.process.pid))
     try:
@@ -371,7 +375,7 @@ def several_workers(sandbox: Sandbox, cluster: Cluster, args: argparse.Namespace
     print("workers 1 vs 2 ...", flush=True)
     counts = (1, 2)
     proxies = [sandbox.proxy(f"workers{n}", [cluster], workers=n, pool={"size": max(1, args.pool // n)},
-                             log={"level": "warning"}) for n in counts]
+                             log={"level": "warning"}, server_auth=SERVER_AUTH) for n in counts]
     targets = [Target(f"workers: {n}", p.port, p.process.pid) for n, p in zip(counts, proxies) if p.process]
     runs: dict[str, list[Run]] = collections.defaultdict(list)
     for _ in range(args.repeat):
@@ -454,7 +458,7 @@ def run_suite(sandbox: Sandbox, main_cluster: Cluster, shards: list[Cluster], ta
     sharded_targets = []
     for i, (label, clusters) in enumerate(configs.items()):
         p = sandbox.proxy(f"sharded{i}", clusters, pool={"size": args.pool}, routing=eventual,
-                          log={"level": "warning"})
+                          log={"level": "warning"}, server_auth=SERVER_AUTH)
         assert p.process is not None
         sharded_targets.append((label, Target(label, p.port, p.process.pid)))
     sharded: dict[tuple[str, str], list[Run]] = collections.defaultdict(list)
@@ -472,7 +476,7 @@ def run_suite(sandbox: Sandbox, main_cluster: Cluster, shards: list[Cluster], ta
     # 5: idle clients and a connection storm, on a proxy of their own.
     print(f"{args.idle_clients} idle clients ...", flush=True)
     idle_proxy = sandbox.proxy("idle", [main_cluster], pool={"size": 2, "max_client_conn": args.idle_clients + 1000},
-                               log={"level": "warning"})
+                               log={"level": "warning"}, server_auth=SERVER_AUTH)
     assert idle_proxy.process is not None
     idle = asyncio.run(idle_clients(idle_proxy.port, idle_proxy.process.pid, args.idle_clients))
     idle_proxy.stop()

@@ -85,8 +85,19 @@ class ListenSettings(_Model):
     port: int = Field(default=6432, ge=0, le=65535)
 
 
+def default_admin_socket() -> str:
+    """admin.sock in a directory of the proxy's own under the user's private runtime directory ($XDG_RUNTIME_DIR),
+    else /run for root, else /tmp/shardproxy-<uid>: never a name in a shared directory, which another local user
+    could take first. The admin socket makes the directory 0700 and checks it is the proxy's user's."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return os.path.join(runtime, "shardproxy", "admin.sock")
+    uid = os.geteuid()
+    return "/run/shardproxy/admin.sock" if uid == 0 else f"/tmp/shardproxy-{uid}/admin.sock"
+
+
 class AdminSettings(_Model):
-    socket: str = "/tmp/shardproxy.sock"
+    socket: str = Field(default_factory=default_admin_socket)
     database: str = "shardproxy"  # the admin console's database name, for users in admin_users
 
 
@@ -128,6 +139,7 @@ class PoolSettings(_Model):
     size: int = Field(default=20, ge=1)
     min_size: int = Field(default=0, ge=0)
     max_client_conn: int = Field(default=10000, ge=1)
+    max_login_conn: int = Field(default=100, ge=1)  # connections authenticating at once; the others wait
     query_wait_timeout: Duration = 30.0
     server_idle_timeout: Duration = 600.0
     server_lifetime: Duration = 3600.0
@@ -135,9 +147,11 @@ class PoolSettings(_Model):
     idle_transaction_timeout: Duration = 0.0  # 0 = off
     query_timeout: Duration = 0.0  # 0 = off
     client_login_timeout: Duration = 60.0
+    auth_failure_delay: Duration = 1.0  # after repeated failed logins, an address's logins come this far apart
     max_message_size: Size = Field(default=64 * 1024**2, ge=1)
     prepared_statements_per_server: int = Field(default=1000, ge=1)  # a Bind needs its statement prepared
     statement_cache_size: int = Field(default=100_000, ge=1)
+    statement_cache_bytes: Size = Field(default=64 * 1024**2, ge=1)  # of the statements' texts, and of the plans'
 
 
 class RoutingSettings(_Model):
@@ -158,6 +172,17 @@ class TlsSettings(_Model):
 class ServerTlsSettings(_Model):
     mode: Literal["disable", "prefer", "require", "verify-ca", "verify-full"] = "disable"
     ca: str | None = None
+
+
+ServerAuthMethod = Literal["scram-sha-256", "md5", "password", "none"]
+_DEFAULT_SERVER_AUTH: list[ServerAuthMethod] = ["scram-sha-256", "password"]
+
+
+class ServerAuthSettings(_Model):
+    """What a server may ask of the proxy when it logs in (libpq's require_auth): the proxy refuses the rest."""
+
+    methods: list[ServerAuthMethod] = Field(default_factory=lambda: list(_DEFAULT_SERVER_AUTH), min_length=1)
+    cleartext_needs_verified_tls: bool = True  # a cleartext password goes only where TLS verified the server
 
 
 class UserSettings(_Model):
@@ -186,6 +211,7 @@ class Config(_Model):
     workers: int = Field(default=1, ge=1)
     tls: TlsSettings = Field(default_factory=TlsSettings)
     server_tls: ServerTlsSettings = Field(default_factory=ServerTlsSettings)
+    server_auth: ServerAuthSettings = Field(default_factory=ServerAuthSettings)
     admin_users: list[str] = Field(default_factory=list)
     users: list[UserSettings] = Field(min_length=1)
     log: LogSettings = Field(default_factory=LogSettings)
@@ -392,10 +418,12 @@ def _user_problems(config: Config) -> Iterator[tuple[Loc, str]]:
 
 
 def _password_problems(loc: Loc, user: UserSettings) -> Iterator[tuple[Loc, str]]:
-    if user.auth == "trust":
-        return
     password = user.password
-    if password is None:
+    if password == "":  # PostgreSQL takes none; here it would let in a client that sends an empty one
+        yield (*loc, "password"), "empty: leave the key out for no password"
+    elif user.auth == "trust":
+        return
+    elif password is None:
         yield (*loc, "password"), f"auth {user.auth} needs a password"
     elif password.startswith(_SCRAM_PREFIX):
         if not _SCRAM_RE.fullmatch(password):

@@ -14,7 +14,7 @@ from shardproxy.cluster.health import HealthChecker, health_login
 from shardproxy.cluster.topology import NodeState, Topology
 from shardproxy.config import Config, ConfigError, UserSettings, load_config
 from shardproxy.datapath._core import ProxyCore
-from shardproxy.datapath.client import ClientConnection
+from shardproxy.datapath.client import ClientConnection, FailedLogins, LoginSlots
 from shardproxy.datapath.fanout.recovery import Recovery
 from shardproxy.datapath.pool import Pool, Pools
 from shardproxy.datapath.statements import Registry
@@ -43,7 +43,8 @@ class Proxy:
         self.client_ssl = client_context(config)  # None unless tls.mode allows TLS; built once, as loading is slow
         self.core = ProxyCore()  # what the compiled data path reads of the proxy
         self.core.sharded = _needs_routing(config)
-        self.core.statements = Registry(config.pool.statement_cache_size)
+        self.core.statements = Registry(config.pool.statement_cache_size, config.pool.statement_cache_bytes)
+        self.core.statement_mark = self.core.statements.mark
         self.core.prepared_per_server = config.pool.prepared_statements_per_server
         self.topology = Topology(config)
         self.router = Router(config)
@@ -53,7 +54,10 @@ class Proxy:
         self.pools = Pools(config, self.topology, _dialer(config), self._credentials, self.health.check_now,
                            self.metrics.tally)
         self.clients: dict[int, ClientConnection] = {}  # by the BackendKeyData pid the proxy issued
-        self.connected = 0
+        self.connected = 0  # clients authenticated (admitted), within max_client_conn
+        self.login_slots = LoginSlots(config.pool.max_login_conn)
+        self.failed_logins = FailedLogins(config.pool.auth_failure_delay)
+        self._mock_key = secrets.token_bytes(32)  # unknown users' SCRAM secrets derive from it
         self.ring_moved = 0.0  # the share of the key space the last reload gave to another shard
         self._client_ids = 0
         self._scram: dict[str, tuple[str, ScramSecret]] = {}
@@ -142,7 +146,9 @@ class Proxy:
             raise
         self.config = config
         self.client_ssl = client_ssl
-        self.core.statements.limit = config.pool.statement_cache_size
+        self.core.statements.resize(config.pool.statement_cache_size, config.pool.statement_cache_bytes)
+        self.login_slots.resize(config.pool.max_login_conn)
+        self.failed_logins.delay = config.pool.auth_failure_delay
         self.core.prepared_per_server = config.pool.prepared_statements_per_server
         self.core.sharded = _needs_routing(config)  # clients follow between their transactions
         old_ring, self.router = self.router.ring, Router(config)
@@ -168,7 +174,13 @@ class Proxy:
         self._client_ids += 1
         return self._client_ids if self.worker is None else self.worker.tag(self._client_ids)
 
+    @property
+    def logging_in(self) -> int:
+        """Connections at the login: authenticating, or authenticated and not yet told the session is theirs."""
+        return self.login_slots.taken + self.connected - len(self.clients)
+
     def admit(self, client: ClientConnection) -> bool:
+        """A client that has authenticated takes a place within max_client_conn, if there is one."""
         if self.core.shutting_down or self.connected >= self.config.pool.max_client_conn:
             return False
         client.admitted = True
@@ -203,6 +215,7 @@ class Proxy:
             server.cancel_running()
 
     def auth_failed(self, client: ClientConnection) -> None:  # counted in errors_total{kind="auth"} (metrics.py)
+        self.failed_logins.failed(client.host)
         log.warning("client %d %s: authentication failed for user %s", client.id, client.address, client.user,
                     extra={"event": "auth_failure", "client": client.id, "user": client.user})
 
@@ -216,6 +229,9 @@ class Proxy:
             cached = (user.password or "", ScramSecret.from_password(user.password or ""))
             self._scram[user.name] = cached
         return cached[1]
+
+    def mock_scram_secret(self, user: str) -> ScramSecret:
+        return ScramSecret.mock(user, self._mock_key)
 
     def _credentials(self, user: str) -> tuple[str | None, ProvenKey | None]:
         """A user's password towards servers, and the key its clients proved (SCRAM pass-through)."""
@@ -287,6 +303,8 @@ def _needs_routing(config: Config) -> bool:
 
 def _dialer(config: Config) -> Dialer:
     """How servers are reached; raises ConfigError when a CA cannot be loaded."""
-    return Dialer(config.server_tls.mode, server_context(config))
+    auth = config.server_auth
+    return Dialer(config.server_tls.mode, server_context(config), frozenset(auth.methods),
+                  not auth.cleartext_needs_verified_tls)
 
 

@@ -107,6 +107,33 @@ def replicated(sandbox: Sandbox, replicas: Cluster) -> ProxyProcess:
 
 
 # -- the admin socket ---------------------------------------------------------------------------------------
+def test_the_socket_directory_is_made_private(sandbox: Sandbox, pg: Cluster, tmp_path: Path) -> None:
+    path = tmp_path / "run" / "shardproxy" / "admin.sock"
+    proxy = sandbox.proxy("admin-private-dir", [pg], admin={"socket": str(path)})
+    try:
+        assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    finally:
+        proxy.stop()
+
+
+@pytest.mark.parametrize("problem", ["writable by other users", "belongs to another user"])
+def test_a_socket_directory_others_could_take_names_in_is_refused(sandbox: Sandbox, pg: Cluster, tmp_path: Path,
+                                                                  problem: str) -> None:
+    directory = tmp_path / "shared"
+    directory.mkdir()
+    if problem.startswith("writable"):
+        directory.chmod(0o777)
+    elif os.geteuid() == 0:
+        os.chown(directory, 65534, 65534)
+    else:
+        pytest.skip("only root can give a directory to another user")
+    proxy = sandbox.proxy("admin-shared-dir", [pg], start=False, admin={"socket": str(directory / "admin.sock")})
+    with pytest.raises(SandboxError, match=problem):
+        proxy.start(timeout=5)
+    assert not (directory / "admin.sock").exists()
+
+
 def test_socket_is_private_and_serves_many_commands_per_connection(proxy: ProxyProcess, pg: Cluster) -> None:
     mode = os.stat(proxy.admin_socket).st_mode
     assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
@@ -315,7 +342,8 @@ def test_reload_applies_a_valid_file_and_rejects_an_invalid_one(sandbox: Sandbox
 
 
 def test_stale_socket_is_replaced_a_live_one_refused_and_shutdown_exits_0(sandbox: Sandbox, pg: Cluster) -> None:
-    path = os.path.join(sandbox.base_dir, "lifecycle.sock")
+    path = os.path.join(sandbox.base_dir, "admin", "lifecycle.sock")
+    os.makedirs(os.path.dirname(path), 0o700, exist_ok=True)
     with socket.socket(socket.AF_UNIX) as stale:
         stale.bind(path)  # left behind, as by a proxy that was killed: nobody listens
     proxy = sandbox.proxy("lifecycle", [pg], admin={"socket": path})

@@ -1,5 +1,6 @@
 """Config loading: parsing, line-accurate problems, overrides and secrecy."""
 
+import os
 import re
 import traceback
 from pathlib import Path
@@ -9,6 +10,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from shardproxy.cli import main
 from shardproxy.config import (
     ENV_REGION,
     Config,
@@ -255,6 +257,9 @@ def test_duplicate_user_and_yaml_key() -> None:
          "users[2].password: malformed SCRAM-SHA-256 verifier"),
         ("{name: u, password: md50123456789abcdef0123456789abcdef}",
          "users[2].auth: scram-sha-256 auth cannot use an md5 hash password"),
+        ("{name: u, password: ''}", "users[2].password: empty: leave the key out for no password"),
+        ("{name: u, auth: md5, password: ''}", "users[2].password: empty: leave the key out for no password"),
+        ("{name: u, auth: trust, password: ''}", "users[2].password: empty: leave the key out for no password"),
     ],
 )
 def test_user_password_checks(user: str, problem: str) -> None:
@@ -271,6 +276,28 @@ def test_user_password_checks(user: str, problem: str) -> None:
 )
 def test_valid_users(user: str) -> None:
     assert parse_config(BASE + f"  - {user}\n").user("u") is not None
+
+
+def test_check_refuses_an_empty_password(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, BASE + "  - {name: u, password: ''}\n")
+    assert main(["check", "-c", path]) == 2
+    assert "users[2].password: empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("environment", "uid", "expected"), [
+    ({"XDG_RUNTIME_DIR": "/run/user/1000"}, 1000, "/run/user/1000/shardproxy/admin.sock"),
+    ({}, 0, "/run/shardproxy/admin.sock"),
+    ({}, 1000, "/tmp/shardproxy-1000/admin.sock"),
+])
+def test_the_default_admin_socket_is_in_a_directory_of_its_own(monkeypatch: pytest.MonkeyPatch,
+                                                                environment: dict[str, str], uid: int,
+                                                                expected: str) -> None:
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    for key, value in environment.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(os, "geteuid", lambda: uid)
+    config = parse_config("shards: [{name: s, nodes: [{host: h, port: 1}]}]\nusers: [{name: u, auth: trust}]\n")
+    assert config.admin.socket == expected
 
 
 def test_a_server_connection_has_room_for_a_prepared_statement() -> None:

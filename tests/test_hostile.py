@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import psycopg
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from shardproxy.devtools.sandbox import Cluster, ProxyProcess, Sandbox, wait_until
@@ -30,14 +30,16 @@ from tests.support.wire import TRUST_USERS, connect_soon, error_codes, message, 
 pytestmark = pytest.mark.e2e  # against servers and proxies the test starts itself
 
 FUZZ_EXAMPLES = 1000
+SLOW_EXAMPLES = 150
 CLOSE_WITHIN = 3.0  # seconds from the abuser's last byte (and half-close) to the proxy hanging up
 RSS_SLACK_KB = 40 * 1024
 
 
 def hostile_proxy(sandbox: Sandbox, pg: Cluster | list[Cluster], name: str, **pool: object) -> ProxyProcess:
-    """A proxy with trust logins for raw sockets, a 1MB message limit and a 2s login timeout; over several
-    clusters, each a shard."""
-    settings_ = {"size": 4, "max_message_size": "1MB", "client_login_timeout": "2s", "query_wait_timeout": "5s"}
+    """A proxy with trust logins for raw sockets, a 1MB message limit and a 2s login timeout, failed logins (the
+    fuzzer's, all from one address) not slowed; over several clusters, each a shard."""
+    settings_ = {"size": 4, "max_message_size": "1MB", "client_login_timeout": "2s", "query_wait_timeout": "5s",
+                 "auth_failure_delay": 0}
     clusters = pg if isinstance(pg, list) else [pg]
     proxy = sandbox.proxy(name, clusters, start=False, admin_users=[], pool={**settings_, **pool})
     proxy.write_config({**proxy.config, "users": TRUST_USERS})
@@ -396,7 +398,8 @@ def scram_proxy(sandbox: Sandbox, pg: Cluster) -> ProxyProcess:
     """`app` with a plaintext password, `admin` with the SCRAM verifier the server stores: both scram-sha-256."""
     verifier = pg.primary.sql("SELECT rolpassword FROM pg_authid WHERE rolname = 'admin'")[0][0]
     proxy = sandbox.proxy("hostile-scram", [pg], start=False, admin_users=[],
-                          pool={"size": 4, "max_message_size": "1MB", "client_login_timeout": "2s"})
+                          pool={"size": 4, "max_message_size": "1MB", "client_login_timeout": "2s",
+                                "auth_failure_delay": 0})  # hundreds of failed logins, from one address
     users = [{"name": "app", "password": "secret", "auth": "scram-sha-256"},
              {"name": "admin", "password": verifier, "auth": "scram-sha-256"}]
     proxy.write_config({**proxy.config, "users": users})
@@ -545,6 +548,280 @@ def test_client_that_never_reads_a_huge_result_is_held_back_not_buffered(
             "SELECT pid, state, wait_event, query FROM pg_stat_activity WHERE application_name = 'hostile-stuck'")
         assert other.execute("SELECT 'still fine'").fetchone() == ("still fine",)
     assert proxy.process.poll() is None
+
+
+def test_huge_statement_texts_are_remembered_within_statement_cache_bytes(sandbox: Sandbox, pg: Cluster) -> None:
+    """Distinct statements of 1MB each, in the extended protocol (unnamed: the client keeps none) and simple,
+    through a routing proxy: the statement registry and the router's plans keep within statement_cache_bytes of
+    text, not within their counts."""
+    other = sandbox.cluster("hostile-huge")
+    other.primary.sql(f"CREATE DATABASE {APP_DB} OWNER app")
+    proxy = hostile_proxy(sandbox, [pg, other], "hostile-huge", statement_cache_bytes="4MB", max_message_size="2MB")
+    pid = proxy.process.pid
+    pad = "x" * 1024 * 1024
+    with psycopg.connect(proxy.dsn(dbname=APP_DB), autocommit=True) as conn:
+        conn.execute("SELECT 1")
+        before = rss_kb(pid)
+        for i in range(40):
+            assert conn.execute(f"SELECT {i} AS n, %s::int /* {i} {pad} */", [i], prepare=False).fetchone() == (i, i)
+            assert conn.execute(f"SELECT {i} AS n /* {i} {pad} */").fetchone() == (i,)
+        grown = rss_kb(pid) - before
+    print(f"80 statements of 1MB: RSS grew {grown} kB")
+    assert grown < 40 * 1024
+
+
+# -- before authentication -----------------------------------------------------------------------------------
+AUTH_TOKEN_LIMIT = 65535  # PostgreSQL's limit for the body of a password or SASL message
+LOGIN_USERS = [{"name": "app", "password": "secret", "auth": "scram-sha-256"},
+               {"name": "md5user", "password": "md5secret", "auth": "md5"}]
+
+
+@pytest.fixture(scope="module")
+def login_proxy(sandbox: Sandbox, pg: Cluster) -> ProxyProcess:
+    """Password users only, the default max_message_size (64MB), a 5s login timeout; failed logins, of which
+    the fuzzer makes many, not slowed."""
+    proxy = sandbox.proxy("hostile-login", [pg], start=False, admin_users=[],
+                          pool={"size": 2, "client_login_timeout": "5s", "auth_failure_delay": 0})
+    proxy.write_config({**proxy.config, "users": LOGIN_USERS})
+    proxy.start()
+    return proxy
+
+
+def auth_request(sock: socket.socket, user: str) -> int:
+    """Send a startup packet for `user` and read the proxy's authentication request: its code."""
+    sock.sendall(startup_packet(user=user, database=APP_DB))
+    header = sock.recv(5, socket.MSG_WAITALL)
+    body = sock.recv(struct.unpack("!I", header[1:])[0] - 4, socket.MSG_WAITALL)
+    assert header[:1] == b"R", (header, body)
+    return int(struct.unpack_from("!I", body)[0])
+
+
+@pytest.mark.parametrize("user", ["app", "md5user"])
+def test_a_huge_password_message_is_refused_as_soon_as_announced(login_proxy: ProxyProcess, user: str) -> None:
+    """Announced past PostgreSQL's limit for authentication messages (far below max_message_size), a password
+    or SASL message gets 08P01 at once, while the sender keeps its socket open: the proxy never holds it."""
+    socks = [socket.create_connection((login_proxy.host, login_proxy.port), timeout=CLOSE_WITHIN) for _ in range(12)]
+    pid = login_proxy.process.pid
+    before = rss_kb(pid)
+    try:
+        for sock in socks:
+            auth_request(sock, user)
+            sock.sendall(b"p" + struct.pack("!I", 64 * 1024 * 1024 - 1) + b"x" * 65536)
+        for sock in socks:
+            replies = split_messages(read_until_closed(sock, time.monotonic() + 1))  # the login timeout is 5s
+            assert error_codes(replies) == ["08P01"], replies
+    finally:
+        for sock in socks:
+            sock.close()
+    assert rss_kb(pid) - before < 8 * 1024
+    with psycopg.connect(login_proxy.dsn(dbname=APP_DB), autocommit=True) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+@pytest.mark.parametrize(("size", "code"), [(AUTH_TOKEN_LIMIT, "28P01"), (AUTH_TOKEN_LIMIT + 1, "08P01")])
+def test_the_pre_auth_limit_is_postgresqls(login_proxy: ProxyProcess, size: int, code: str) -> None:
+    """A wrong md5 answer of the largest size PostgreSQL reads is a wrong password; one byte more, 08P01."""
+    with socket.create_connection((login_proxy.host, login_proxy.port), timeout=CLOSE_WITHIN) as sock:
+        assert auth_request(sock, "md5user") == 5
+        sock.sendall(message(b"p", b"m" * (size - 1) + b"\0"))
+        replies = split_messages(read_until_closed(sock, time.monotonic() + CLOSE_WITHIN))
+    assert error_codes(replies) == [code]
+
+
+def _startup_of_size(size: int) -> bytes:
+    """A startup packet for `app` of exactly `size` bytes (an application_name pads it)."""
+    bare = len(startup_packet(user="app", database=APP_DB, application_name=""))
+    return startup_packet(user="app", database=APP_DB, application_name="a" * max(0, size - bare))
+
+
+def _announced(kind: bytes, length: int, sent: int) -> bytes:
+    """A header announcing `length`, and the first `sent` bytes of the body."""
+    return kind + struct.pack("!I", length) + b"m" * sent
+
+
+pre_auth_startups = st.one_of(
+    st.builds(lambda user: startup_packet(user=user, database=APP_DB), st.sampled_from(["app", "md5user", "nobody"])),
+    st.builds(_startup_of_size, st.sampled_from([9_999, 10_000, 10_001, 65_536])),  # PostgreSQL's limit: 10000
+    st.builds(lambda n, sent: struct.pack("!II", n, 196608) + b"m" * sent,
+              st.sampled_from([10_001, 2**20, 2**31 - 1, 2**32 - 1]), st.integers(0, 5_000)),
+)
+pre_auth_frames = st.one_of(
+    st.builds(_announced, st.sampled_from([b"p", b"Q", b"X"]),
+              st.sampled_from([AUTH_TOKEN_LIMIT + 3, AUTH_TOKEN_LIMIT + 4, AUTH_TOKEN_LIMIT + 5, 2**20, 2**26,
+                               2**31 - 1, 2**32 - 1]),
+              st.integers(0, 70_000)),
+    st.builds(lambda n: message(b"p", b"m" * n + b"\0"), st.sampled_from([0, 1, 32, 1_000, AUTH_TOKEN_LIMIT - 1])),
+    st.builds(lambda body: message(b"p", body), st.binary(max_size=64)),
+    st.builds(lambda cf: sasl_initial(b"SCRAM-SHA-256", cf), st.binary(max_size=80)),
+    st.sampled_from(VALID),
+)
+pre_auth_streams = st.tuples(pre_auth_startups, st.lists(pre_auth_frames, max_size=4),
+                             st.lists(st.tuples(st.integers(1, 40_000), st.floats(0, 0.03)), max_size=12))
+
+
+def test_fuzzed_pre_auth_streams_of_any_size_sent_slowly(login_proxy: ProxyProcess) -> None:
+    """Startup packets and authentication messages around the size limits, sent in pieces with pauses between:
+    each stream is refused (08P01, or a failed login) or hung up on within a bound of its last byte, nobody
+    gets in, the proxy holds no more than the limits allow, and a client connected throughout is served."""
+    proxy = login_proxy
+    pid = proxy.process.pid
+    bystander = psycopg.connect(proxy.dsn(dbname=APP_DB), autocommit=True)
+    outcomes: Counter[str] = Counter()
+
+    @settings(max_examples=SLOW_EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(pre_auth_streams)
+    @example((startup_packet(user="md5user", database=APP_DB), [message(b"p", b"m" * 35 + b"\0")], [(9, 0.01)]))
+    def one_stream(stream: tuple[bytes, list[bytes], list[tuple[int, float]]]) -> None:
+        startup, frames, pieces = stream
+        data = startup + b"".join(frames)
+        with socket.create_connection((proxy.host, proxy.port), timeout=CLOSE_WITHIN) as sock:
+            try:
+                for size, pause in pieces:
+                    sock.sendall(data[:size])
+                    data = data[size:]
+                    time.sleep(pause)
+                sock.sendall(data)
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:  # the proxy hung up already
+                pass
+            replies = split_messages(read_until_closed(sock, time.monotonic() + CLOSE_WITHIN))
+        assert (b"R", struct.pack("!I", 0)) not in replies, "a stream logged in"
+        codes = error_codes(replies)
+        assert set(codes) <= {"08P01", "28P01"}, replies
+        outcomes[codes[0] if codes else "closed"] += 1
+        assert bystander.execute("SELECT 41 + 1").fetchone() == (42,)
+
+    before = rss_kb(pid)
+    one_stream()
+    grown = rss_kb(pid) - before
+    print(f"slow pre-auth fuzz: {dict(outcomes)}; RSS grew {grown} kB")
+    assert grown < RSS_SLACK_KB
+    assert outcomes["08P01"] > 0 and outcomes["28P01"] > 0
+    bystander.close()
+    assert proxy.process.poll() is None
+    assert "Traceback" not in proxy.log()
+
+
+def stalled_logins(proxy: ProxyProcess, count: int) -> list[socket.socket]:
+    """Connections that send half a startup packet and then nothing."""
+    socks = []
+    for _ in range(count):
+        sock = socket.create_connection((proxy.host, proxy.port), timeout=10)
+        sock.sendall(GOOD_STARTUP[:10])
+        socks.append(sock)
+    return socks
+
+
+def test_logins_in_progress_do_not_take_the_places_of_clients(sandbox: Sandbox, pg: Cluster) -> None:
+    """max_client_conn counts clients that have authenticated: connections stuck at the login do not keep
+    clients out, and the clients in still fill it."""
+    proxy = hostile_proxy(sandbox, pg, "hostile-places", max_client_conn=3, max_login_conn=20,
+                          client_login_timeout="10s")
+    stalled = stalled_logins(proxy, 6)
+    try:
+        clients = [psycopg.connect(proxy.dsn(dbname=APP_DB), autocommit=True, connect_timeout=5) for _ in range(3)]
+        with pytest.raises(psycopg.OperationalError, match="sorry, too many clients already"):
+            psycopg.connect(proxy.dsn(dbname=APP_DB), connect_timeout=5)
+        assert [c.execute("SELECT 1").fetchone() for c in clients] == [(1,)] * 3
+        for client in clients:
+            client.close()
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
+def test_logins_over_max_login_conn_wait_their_turn(sandbox: Sandbox, pg: Cluster) -> None:
+    """Two stalled logins hold both login slots: a client that comes next waits, unread, until their login
+    timeout frees a slot, and then logs in."""
+    proxy = hostile_proxy(sandbox, pg, "hostile-login-slots", max_login_conn=2, client_login_timeout="3s")
+    stalled = stalled_logins(proxy, 2)
+    try:
+        time.sleep(1)
+        started = time.monotonic()
+        with psycopg.connect(proxy.dsn(dbname=APP_DB), autocommit=True, connect_timeout=10) as conn:
+            waited = time.monotonic() - started
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        for sock in stalled:
+            assert error_codes(split_messages(read_until_closed(sock, time.monotonic() + 1))) == ["08P01"]
+    finally:
+        for sock in stalled:
+            sock.close()
+    assert 1.5 < waited < 3.5
+
+
+# -- logins: names, guesses, log lines -----------------------------------------------------------------------------
+def scram_until_refused(proxy: ProxyProcess, user: str, password: str,
+                        source: str = "127.0.0.1") -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """A SCRAM login from `source` with a password: the server-first message, and what came after the proof;
+    b"" and the answer if the proxy asks for no SCRAM exchange."""
+    with socket.create_connection((proxy.host, proxy.port), timeout=10, source_address=(source, 0)) as sock:
+        sock.sendall(startup_packet(user=user, database=APP_DB))
+        header = sock.recv(5, socket.MSG_WAITALL)
+        body = sock.recv(struct.unpack("!I", header[1:])[0] - 4, socket.MSG_WAITALL)
+        if header[:1] != b"R" or struct.unpack_from("!I", body)[0] != 10:  # not AuthenticationSASL
+            return b"", [(header[:1], body), *split_messages(read_until_closed(sock, time.monotonic() + 10))]
+        client = ScramClientExchange(password, None)
+        sock.sendall(sasl_initial(b"SCRAM-SHA-256", client.first()))
+        header = sock.recv(5, socket.MSG_WAITALL)
+        body = sock.recv(struct.unpack("!I", header[1:])[0] - 4, socket.MSG_WAITALL)
+        assert header[:1] == b"R" and struct.unpack_from("!I", body)[0] == 11, (header, body)
+        sock.sendall(message(b"p", client.final(body[4:])))
+        return body[4:], split_messages(read_until_closed(sock, time.monotonic() + 10))
+
+
+def salt(server_first: bytes) -> bytes:
+    return dict(part.split(b"=", 1) for part in server_first.split(b","))[b"s"]
+
+
+def test_an_unknown_user_gets_a_scram_exchange_that_fails_as_a_wrong_password(login_proxy: ProxyProcess) -> None:
+    """As PostgreSQL's mock authentication: the same salt for the same unknown name every time, and the same
+    failure as a known user's wrong password."""
+    first, known = scram_until_refused(login_proxy, "app", "wrong")
+    nobody_first, nobody = scram_until_refused(login_proxy, "nobody", "secret")
+    again_first, _ = scram_until_refused(login_proxy, "nobody", "other")
+    _, somebody_else = scram_until_refused(login_proxy, "somebody_else", "secret")
+    assert nobody_first, "an unknown user was refused without a SCRAM exchange"
+    assert error_codes(known) == error_codes(nobody) == error_codes(somebody_else) == ["28P01"]
+    assert salt(nobody_first) == salt(again_first) != salt(first)
+    assert [kind for kind, _ in nobody] == [kind for kind, _ in known]
+
+
+def md5_wrong_password(proxy: ProxyProcess, source: str = "127.0.0.1") -> float:
+    """Seconds from connecting to the refusal of a wrong md5 password."""
+    started = time.monotonic()
+    with socket.create_connection((proxy.host, proxy.port), timeout=10, source_address=(source, 0)) as sock:
+        assert auth_request(sock, "md5user") == 5
+        sock.sendall(message(b"p", b"md5" + b"0" * 32 + b"\0"))
+        assert error_codes(split_messages(read_until_closed(sock, time.monotonic() + 10))) == ["28P01"]
+    return time.monotonic() - started
+
+
+async def test_repeated_failed_logins_from_an_address_are_slowed(sandbox: Sandbox, pg: Cluster) -> None:
+    """Five failures are free; then the address's logins take turns auth_failure_delay apart, also when it
+    opens them all at once, while another address logs in at once."""
+    proxy = sandbox.proxy("hostile-guesses", [pg], start=False, admin_users=[],
+                          pool={"size": 2, "auth_failure_delay": "400ms"})
+    proxy.write_config({**proxy.config, "users": LOGIN_USERS})
+    proxy.start()
+    try:
+        free = [md5_wrong_password(proxy) for _ in range(5)]
+        slowed = [md5_wrong_password(proxy) for _ in range(3)]
+        started = time.monotonic()
+        await asyncio.gather(*(asyncio.to_thread(md5_wrong_password, proxy) for _ in range(5)))
+        together = time.monotonic() - started
+        elsewhere = md5_wrong_password(proxy, source="127.0.0.2")
+    finally:
+        proxy.stop()
+    print(f"failed logins: {free} free, {slowed} slowed, 5 at once in {together:.2f}s, elsewhere {elsewhere:.3f}s")
+    assert max(free) < 0.3 and min(slowed) > 0.3 and together > 5 * 0.4 - 0.1 and elsewhere < 0.3
+
+
+def test_a_user_name_cannot_forge_a_log_line(login_proxy: ProxyProcess) -> None:
+    forged = "2030-01-01 00:00:00,000 INFO shardproxy.client: client 1 127.0.0.1:1 connected: user=admin"
+    scram_until_refused(login_proxy, f"evil\n{forged}\r\u2028", "secret")
+    lines = login_proxy.log().splitlines()
+    assert not [line for line in lines if line.startswith(forged)]
+    assert [line for line in lines if "evil\\n2030-01-01" in line]
 
 
 # -- a connection storm over max_client_conn ------------------------------------------------------------------

@@ -64,7 +64,7 @@ def test_a_hidden_set_is_answered_out_of_the_clients_sight(client: ClientConnect
     client.on_data(pg.query("SELECT 1"))
     server = linked(client)
     assert [(r[0], r[1]) for r in server.pending] == [(Kind.QUERY, Action.HIDE), (Kind.QUERY, Action.FORWARD)]
-    assert b"SET application_name TO 'other'" in server.transport.take()
+    assert b"SET application_name TO E'other'" in server.transport.take()
     answer(server)
     assert messages(client.transport.take()) == [b"T", b"D", b"C", b"Z"]  # one query's answer, not two
     assert client.server is None and not server.pending  # given back to the pool

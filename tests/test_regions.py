@@ -290,7 +290,8 @@ def failover(sandbox: Sandbox) -> dict[str, Any]:
     sync = "SELECT sync_state FROM pg_stat_replication WHERE application_name = 'rgfo-replica1'"
     assert wait_until(lambda: main.primary.sql(sync) == [("sync",)], 10), "rgfo-replica1 is a synchronous standby"
     clusters = [main, other]
-    settings = {"regions": regions("500ms"), "pool": {"size": 8, "query_wait_timeout": "15s"}}
+    settings = {"regions": regions("500ms"), "pool": {"size": 8, "query_wait_timeout": "15s"},
+                "server_auth": {"methods": ["scram-sha-256", "md5"]}}  # md5user logs in to the servers with md5
     proxy = sandbox.proxy("rgfo", clusters, region="us-east-1", routing={"failover_timeout": "10s"}, **settings)
     impatient = sandbox.proxy("rgfo-short", clusters, region="us-east-1", routing={"failover_timeout": "1s"},
                               **settings)

@@ -854,6 +854,18 @@ def test_cache_is_bounded(config: Config) -> None:
     assert small.plan("SELECT 1") is not first
 
 
+def test_cache_holds_so_many_bytes_of_text() -> None:
+    """By text and by template alike: huge texts do not fill the cache to its count."""
+    small = Router(parse_config(CONFIG + "pool: {statement_cache_bytes: 1kB}\n"))
+    pad = "x" * 600
+    first = small.plan(f"SELECT 1 /* {pad} */")
+    first_template, _ = small.plan_simple(f"SELECT * FROM orders WHERE user_id = 1 /* {pad} */")
+    small.plan(f"SELECT 2 /* {pad} */")
+    small.plan_simple(f"SELECT * FROM orders WHERE user_id = 2 AND 3 = 3 /* {pad} */")
+    assert small.plan(f"SELECT 1 /* {pad} */") is not first
+    assert small.plan_simple(f"SELECT * FROM orders WHERE user_id = 5 /* {pad} */")[0] is not first_template
+
+
 # -- parameters ------------------------------------------------------------------------------------
 
 INT8, INT4, INT2, TEXT, VARCHAR, UUID_OID, NUMERIC, UNKNOWN = 20, 23, 21, 25, 1043, 2950, 1700, 705

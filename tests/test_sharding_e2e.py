@@ -49,7 +49,8 @@ def names(shards):
 @pytest.fixture(scope="module")
 def sharded(sandbox, shards):
     proxy = sandbox.proxy("e2e", shards, pool={"size": 4, "query_wait_timeout": "20s"},
-                          sharding={"key": "user_id", "reference_tables": ["countries"]})
+                          sharding={"key": "user_id", "reference_tables": ["countries"]},
+                          server_auth={"methods": ["scram-sha-256", "md5"]})  # md5user logs in with md5
     with psycopg.connect(proxy.dsn(dbname=APP_DB), autocommit=True) as conn:
         conn.execute("CREATE TABLE orders (id bigserial, user_id bigint NOT NULL, item text, amount int)")
         conn.execute("CREATE TABLE sessions (user_id uuid NOT NULL, token text, via text)")

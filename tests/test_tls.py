@@ -361,6 +361,30 @@ def test_require_against_a_server_without_ssl(sandbox: Sandbox, pg: Cluster) -> 
     assert "does not support SSL" in str(error)
 
 
+@pytest.fixture(scope="module")
+def cleartext_pg(sandbox: Sandbox, certs: dict[str, str]) -> Cluster:
+    """A TLS server that asks `app` for a cleartext password."""
+    cluster = sandbox.cluster("tls-cleartext", settings=_ssl_settings(certs["cert"], certs["key"]))
+    cluster.primary.authenticate("app", "password")
+    return cluster
+
+
+@pytest.mark.parametrize(("mode", "with_ca", "sent"), [("verify-full", True, True), ("verify-ca", True, True),
+                                                       ("require", True, True), ("require", False, False),
+                                                       ("prefer", False, False)])
+def test_a_cleartext_password_goes_only_where_tls_verified_the_server(sandbox: Sandbox, cleartext_pg: Cluster,
+                                                                      certs: dict[str, str], mode: str,
+                                                                      with_ca: bool, sent: bool) -> None:
+    """server_auth's default: over TLS whose chain was checked against the ca, else refused with 28000."""
+    server_tls = {"mode": mode, **({"ca": certs["ca"]} if with_ca else {})}
+    with _running(sandbox, f"tls-cleartext-{mode}-{with_ca}", cleartext_pg, server_tls=server_tls) as proxy:
+        if sent:
+            assert _server_ssl(proxy)
+        else:
+            error = _login_error(proxy)
+            assert error.sqlstate == "28000" and "cleartext password" in str(error)
+
+
 @pytest.mark.parametrize("use_ca", [False, True], ids=["require", "verify-full"])
 def test_cancel_to_the_server_is_encrypted(sandbox: Sandbox, tls_pg: Cluster, certs: dict[str, str],
                                            use_ca: bool) -> None:

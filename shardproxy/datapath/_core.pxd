@@ -24,6 +24,7 @@ cdef class ProxyCore:
     cdef public bint shutting_down
     cdef public object statements  # the statements Registry (statements.py), shared by every connection
     cdef public int prepared_per_server  # pool.prepared_statements_per_server, as the last (re)load said
+    cdef public bytes statement_mark  # the random part of the statements' server-side names (statements.py)
 
 
 cdef class Endpoint:
@@ -83,6 +84,7 @@ cdef class ClientCore(Endpoint):
     cpdef _parse(self, buf, Py_ssize_t pos, Py_ssize_t end, list out)
     cpdef _statement_message(self, int t, bytes name, list out)
     cpdef _session_statement(self, bytes message, list out)
+    cpdef _names_proxy_statements(self, buf, Py_ssize_t pos, Py_ssize_t end, list out)
     cpdef _track_set(self, sql, server)
     # hooks: routing, called only when `routes` (placement.py)
     cpdef _batch_route(self, buf, Py_ssize_t start)
@@ -116,6 +118,7 @@ cdef class ServerCore(Endpoint):
 
     # hooks (server.py)
     cpdef bint _unsolicited(self, int t, buf, Py_ssize_t pos, Py_ssize_t end) except -1
+    cpdef _request_failed(self, body)
 
 
 cdef class PoolCore:

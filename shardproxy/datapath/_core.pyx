@@ -17,11 +17,13 @@ bumps (PoolStats, Load) are compiled too (shardproxy/counters.pyx).
 
 cimport cython
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_CheckExact, PyByteArray_Resize
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.string cimport memchr, memcpy
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
+cdef extern from "<string.h>":
+    void* memmem(const void* haystack, size_t haystack_size, const void* needle, size_t needle_size) nogil
 cdef extern from "<time.h>":
     enum: CLOCK_MONOTONIC_COARSE
 cdef extern from "<sys/socket.h>":
@@ -83,6 +85,25 @@ cdef inline bint _session_prefix(const unsigned char* s, Py_ssize_t size):
     if a == c'd':
         return b == c'e' and c == c'a' and d | 32 == c'l' or b == c'i' and c == c's' and d | 32 == c'c'
     return False
+
+
+cdef bint _names_ours(const unsigned char* s, Py_ssize_t size, bytes mark) noexcept:
+    """Whether a message body holds a name of the proxy's server-side statements: `sp`, in any case, then the
+    digits of `mark` (None before a registry is set)."""
+    if mark is None:
+        return False
+    cdef const unsigned char* m = <const unsigned char*>PyBytes_AS_STRING(mark)
+    cdef Py_ssize_t k = PyBytes_GET_SIZE(mark)
+    cdef const unsigned char* end = s + size
+    cdef const unsigned char* at = s
+    cdef const unsigned char* hit
+    while True:
+        hit = <const unsigned char*>memmem(at, end - at, m, k)
+        if hit == NULL:
+            return False
+        if hit - s >= 2 and hit[-2] | 32 == c's' and hit[-1] | 32 == c'p':
+            return True
+        at = hit + 1
 
 
 cdef inline Py_ssize_t _uint16(const unsigned char* p) noexcept:
@@ -560,6 +581,10 @@ cdef class ClientCore(Endpoint):
                 pending.push(SYNC_REQ)
                 if routes:
                     check = end  # the next batch, if in this read, is routed too
+            elif (t == c'Q' or t == c'P') and _names_ours(p + pos + 5, length - 4, self.core.statement_mark):
+                out = _add_span(out, p, span, pos)
+                span = end
+                self._names_proxy_statements(buf, pos, end, out)
             elif t == c'Q':
                 if _session_prefix(p + pos + 5, length - 4):
                     out = _add_span(out, p, span, pos)
@@ -658,6 +683,11 @@ cdef class ClientCore(Endpoint):
 
     cpdef _track_set(self, sql, server):
         """A SET or RESET sent in a Parse (server: None when no server is linked yet)."""
+
+    cpdef _names_proxy_statements(self, buf, Py_ssize_t pos, Py_ssize_t end, list out):
+        """A Query or Parse whose text names the proxy's server-side statements."""
+        out.append(buf[pos:end])
+        self.server.pending.push(QUERY_REQ if buf[pos] == c'Q' else PARSE_REQ)
 
     cpdef _batch_route(self, buf, Py_ssize_t start):
         """(decision, batch end, deciding message, standalone) of the batch at start; None: not all there."""
@@ -773,6 +803,9 @@ cdef class ServerCore(Endpoint):
         whether to forward it to the client."""
         return self.client is not None
 
+    cpdef _request_failed(self, body):
+        """The ErrorResponse (its body) to an extended-protocol request."""
+
     def on_data(self, data):
         """Frame what the server sent, pop the requests it completes, hide the answers to requests the proxy
         injected, put the proxy's own answers in their place, and write the rest on to the linked client."""
@@ -840,6 +873,7 @@ cdef class ServerCore(Endpoint):
             elif t == c't' and arg is not None:  # a named statement's parameter types, for routing by key
                 arg.param_types = parameter_types(buf[pos + 5:end])
             elif t == c'E' and kind != K_SYNC and kind != K_QUERY and kind != K_FUNCTION:
+                self._request_failed(buf[pos + 5:end])
                 ServerCore._skip_to_sync(self)
                 self.ignoring = pending.empty()  # no Sync sent yet (after a Flush): the server waits for the client's
                 if hiding and kind == K_PARSE:  # the client must learn that its statement does not exist

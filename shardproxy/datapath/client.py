@@ -14,6 +14,8 @@ import logging
 import os
 import ssl
 import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from shardproxy.config import Config, UserSettings
@@ -41,6 +43,108 @@ if TYPE_CHECKING:
 log = logging.getLogger("shardproxy.client")
 
 _SSL_YES = b"S"
+# Before authentication a client sends a startup packet (PostgreSQL's limit: pg.MAX_STARTUP_SIZE) and password or
+# SASL messages, whose bodies PostgreSQL limits to 65535 bytes (PG_MAX_AUTH_TOKEN_LENGTH); pool.max_message_size
+# applies once the client has authenticated.
+PRE_AUTH_MESSAGE_SIZE = 65535 + 4
+
+
+class LoginSlots:
+    """Connections still logging in (up to authentication): at most `limit` at once, so that logins cannot take
+    the memory or the places of clients that are in. The others wait their turn, unread, in arrival order."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.taken = 0
+        self._line: deque[asyncio.Future[None]] = deque()
+
+    def free(self) -> bool:
+        return self.taken < self.limit and not self._line
+
+    async def take(self) -> None:
+        if self.free():
+            self.taken += 1
+            return
+        turn = asyncio.get_running_loop().create_future()
+        self._line.append(turn)
+        try:
+            await turn
+        except asyncio.CancelledError:  # the login timed out, or the connection went
+            if turn.done() and not turn.cancelled():  # handed a slot just then: pass it on
+                self.give_back()
+            elif turn in self._line:
+                self._line.remove(turn)
+            raise
+
+    def give_back(self) -> None:
+        """A slot goes to the next in line, if the limit (lowered by a reload?) allows, else it is freed."""
+        while self._line and self.taken <= self.limit:
+            turn = self._line.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                return
+        self.taken -= 1
+
+    def resize(self, limit: int) -> None:
+        """A reload's new limit: those in line get the slots it adds."""
+        self.limit = limit
+        while self._line and self.taken < limit:
+            turn = self._line.popleft()
+            if not turn.done():
+                self.taken += 1
+                turn.set_result(None)
+
+
+@dataclass(slots=True)
+class _Failures:
+    """One address's failed logins."""
+
+    count: int
+    last: float  # when the last one failed
+    next_turn: float  # when its next login may start
+
+
+class FailedLogins:
+    """Failed logins by client address. Past FREE_FAILURES, each within FORGET_AFTER seconds of the last, the
+    address's logins take turns: each starts `delay` after the previous one started or failed (0: no turns), until
+    the address has been quiet for FORGET_AFTER seconds. A password guesser is slowed however many connections it
+    opens; other addresses are not."""
+
+    FREE_FAILURES = 5
+    FORGET_AFTER = 60.0
+    MAX_ADDRESSES = 10_000  # past it, the oldest records go first
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self._by_address: OrderedDict[str, _Failures] = OrderedDict()  # the most recent failure last
+
+    def turn(self, address: str) -> float:
+        """Seconds until this address's next login may start; the turn is taken."""
+        failures = self._by_address.get(address)
+        now = time.monotonic()
+        if failures is None or failures.count < self.FREE_FAILURES or not self.delay:
+            return 0.0
+        if now - failures.last > self.FORGET_AFTER:
+            del self._by_address[address]
+            return 0.0
+        start = max(now, failures.next_turn)
+        failures.next_turn = start + self.delay
+        return start - now
+
+    def failed(self, address: str) -> None:
+        now = time.monotonic()
+        failures = self._by_address.pop(address, None)
+        if failures is None or now - failures.last > self.FORGET_AFTER:
+            failures = _Failures(0, now, now)
+        failures.count += 1
+        failures.last = now
+        failures.next_turn = max(failures.next_turn, now + self.delay)
+        self._by_address[address] = failures
+        while self._by_address:
+            oldest = next(iter(self._by_address.values()))
+            if len(self._by_address) <= self.MAX_ADDRESSES and now - oldest.last <= self.FORGET_AFTER:
+                break
+            self._by_address.popitem(last=False)
 
 
 class ClientHost(PlacementHost, Protocol):
@@ -50,6 +154,8 @@ class ClientHost(PlacementHost, Protocol):
     core: ProxyCore
     client_ssl: ssl.SSLContext | None
     proven_keys: dict[str, ProvenKey]
+    login_slots: LoginSlots
+    failed_logins: FailedLogins
 
     def next_client_id(self) -> int: ...
     def admit(self, client: ClientConnection) -> bool: ...
@@ -58,6 +164,7 @@ class ClientHost(PlacementHost, Protocol):
     def cancel(self, pid: int, secret: int) -> None: ...
     def auth_failed(self, client: ClientConnection) -> None: ...
     def scram_secret(self, user: UserSettings) -> ScramSecret: ...
+    def mock_scram_secret(self, user: str) -> ScramSecret: ...
     def open_admin_session(self, client: ClientConnection) -> None: ...
     async def login(self, database: str, user: str) -> tuple[Pool, dict[str, str]]: ...
 
@@ -70,16 +177,17 @@ class ClientConnection(Placement, ClientSession, Connection):
         Connection.__init__(self)
         self.proxy = proxy
         self.address = ""
+        self.host = ""  # the address without the port: failed logins are counted by it
         self.encrypted = False  # TLS since the SSLRequest
         self.pid = 0
         self.secret = 0
         self.connected_at = time.time()
-        self.admitted = False  # counted against max_client_conn
+        self.admitted = False  # authenticated, and counted against max_client_conn
         self.transaction_pooling = proxy.config.pool.mode == "transaction"  # as when the client connected
         self.on_server_ready = self._server_ready if self.transaction_pooling else None  # see ClientCore
         self.gives_back = self.transaction_pooling
         self.init_placement(proxy.core.sharded)
-        self.max_message_size = proxy.config.pool.max_message_size
+        self.max_message_size = PRE_AUTH_MESSAGE_SIZE
         # CPython 3.11 keeps few instance attributes in a dict whose keys the class shares, and for a subclass of a
         # compiled type its attribute caches then miss on every read: a dict of its own makes them hit (the routing
         # state is read and written per statement).
@@ -89,19 +197,19 @@ class ClientConnection(Placement, ClientSession, Connection):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
-        self.address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+        self.host = str(peer[0]) if isinstance(peer, tuple) else "unix"
+        self.address = f"{self.host}:{peer[1]}" if isinstance(peer, tuple) else "unix"
         self.expect_startup_packet()
-        asyncio.get_running_loop().create_task(self._login(self.proxy.admit(self)))
+        asyncio.get_running_loop().create_task(self._login())
 
-    async def _login(self, admitted: bool) -> None:
+    async def _login(self) -> None:
         try:
             async with asyncio.timeout(self.proxy.config.pool.client_login_timeout):
-                startup = await self._startup()
+                startup = await self._authenticated()
                 if startup is None:
                     return
-                if not admitted:  # refused only now, as PostgreSQL does: after the SSL answer, and not cancels
+                if not self.proxy.admit(self):
                     raise pg.PostgresError(pg.TOO_MANY_CONNECTIONS, "sorry, too many clients already")
-                await self._authenticate()
                 await self._welcome(startup)
         except pg.PostgresError as exc:
             self._fatal(exc)
@@ -115,6 +223,28 @@ class ClientConnection(Placement, ClientSession, Connection):
             log.exception("client %d %s: login failed", self.id, self.address)
             self._fatal(pg.PostgresError(pg.INTERNAL_ERROR, f"shardproxy: internal error: {exc}"))
 
+    async def _authenticated(self) -> dict[str, str] | None:
+        """The startup parameters of a client that has authenticated, or None for a CancelRequest; on a login
+        slot, and after failed logins from its address in its turn, both waited for with the socket unread."""
+        slots = self.proxy.login_slots
+        delay = self.proxy.failed_logins.turn(self.host)
+        must_wait = (delay > 0 or not slots.free()) and self.transport is not None
+        if must_wait:
+            self.transport.pause_reading()
+        if delay:
+            await asyncio.sleep(delay)
+        await slots.take()
+        try:
+            if must_wait and self.transport is not None and not self.closed:
+                self.transport.resume_reading()
+            startup = await self._startup()
+            if startup is not None:
+                await self._authenticate()
+                self.max_message_size = self.proxy.config.pool.max_message_size
+            return startup
+        finally:
+            slots.give_back()
+
     async def _startup(self) -> dict[str, str] | None:
         """Read the startup packet, answering an SSLRequest with S and TLS when tls.mode allows it, else
         (and GSSENCRequests always) with N; None for a CancelRequest."""
@@ -122,7 +252,7 @@ class ClientConnection(Placement, ClientSession, Connection):
             _, body = await self.read_message()
             (code,) = pg.INT32.unpack_from(body, 0)
             if code == pg.SSL_REQUEST and self.proxy.client_ssl is not None and not self.encrypted:
-                if self.buf or self._inbox:  # as PostgreSQL: nothing may come between the request and TLS
+                if self.buf:  # as PostgreSQL: nothing may come between the request and TLS
                     raise pg.ProtocolError("received unencrypted data after SSL request")
                 self.write(_SSL_YES)
                 await self._start_tls(self.proxy.client_ssl)
@@ -164,7 +294,8 @@ class ClientConnection(Placement, ClientSession, Connection):
     async def _authenticate(self) -> None:
         user = self.proxy.config.user(self.user)
         failed = pg.PostgresError(pg.INVALID_PASSWORD, f'password authentication failed for user "{self.user}"')
-        if user is None:
+        if user is None:  # a SCRAM exchange that fails as a wrong password does: the name is not told apart
+            await self._scram(ScramServerExchange(self.proxy.mock_scram_secret(self.user)))
             self.proxy.auth_failed(self)
             raise failed
         if user.auth == "md5":

@@ -1,17 +1,21 @@
 """The socket layer shared by client and server connections: a receive buffer, and during login an
 awaitable `read_message()`; after login each side frames messages itself on its hot path, and writes on a plain
 socket go straight to it (Endpoint.write, in _core.pyx), the transport taking only what the socket cannot.
+
+During login a message is framed only when it is read, against the size limit of that moment (a client's is small
+until it has authenticated), and a peer that sends more than the login reads is paused: what a connection
+holds before it logs in is bounded, whatever it announces or sends.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 
 from shardproxy.datapath._core import Endpoint
 from shardproxy.wire import protocol as pg
 
 _ENCRYPTION_REQUESTS = (pg.SSL_REQUEST, pg.GSSENC_REQUEST)
+LOGIN_BUFFER = 64 * 1024  # bytes a connection may hold unread during login before its reading pauses
 
 
 class Connection(Endpoint, asyncio.Protocol):
@@ -23,10 +27,10 @@ class Connection(Endpoint, asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.peer: Connection | None = None  # whose reading pauses while our socket cannot take more
-        self._inbox: deque[tuple[int, bytes]] = deque()
         self._waiter: asyncio.Future | None = None
         self._startup_phase = False
         self._logging_in = True
+        self._login_paused = False  # the login reads slower than the peer sends
         self._lost: BaseException | None = None
 
     # -- asyncio callbacks ------------------------------------------------------------------------
@@ -42,7 +46,10 @@ class Connection(Endpoint, asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._logging_in:
             self.buf += data
-            self._frame_login_messages()
+            if len(self.buf) > LOGIN_BUFFER and self.transport is not None:
+                self.transport.pause_reading()
+                self._login_paused = True
+            self._wake()
         else:
             self.on_data(data)
 
@@ -60,10 +67,8 @@ class Connection(Endpoint, asyncio.Protocol):
 
     # -- the hot path is the compiled subclass's: on_data frames and handles what arrived --------------------
     def end_login(self) -> None:
-        """From now on data goes to on_data(); what arrived early is processed at once.
-        Raises the ProtocolError of a bad message that came with the login and was never read."""
-        if isinstance(self._lost, pg.ProtocolError):
-            raise self._lost
+        """From now on data goes to on_data(); what arrived early is processed at once (a bad message among it
+        is refused there)."""
         self._logging_in = False
         # From now on the transport calls on_data itself, skipping data_received's login check (uvloop binds
         # the method once, when the protocol is set). The instance attribute goes again in connection_lost.
@@ -71,61 +76,60 @@ class Connection(Endpoint, asyncio.Protocol):
         if self.transport is not None:
             self.transport.set_protocol(self)
             self.send_directly()
-        early = b"".join(bytes([t]) + pg.INT32.pack(len(b) + 4) + b for t, b in self._inbox)
-        self._inbox.clear()
-        rest, self.buf = early + bytes(self.buf), bytearray()
+            self._resume_login_reading()
+        rest, self.buf = bytes(self.buf), bytearray()
         if rest:
             self.on_data(rest)
 
     # -- login phase ------------------------------------------------------------------------------
     async def read_message(self) -> tuple[int, bytes]:
-        """The next message as (type byte, body); type 0 for a startup-phase packet."""
-        while not self._inbox:
-            if isinstance(self._lost, pg.ProtocolError):
-                raise self._lost
+        """The next message as (type byte, body); type 0 for a startup-phase packet. Raises ProtocolError for a
+        length past the limit, as soon as the length has arrived."""
+        while True:
+            message = self._next_login_message()
+            if message is not None:
+                return message
             if self._lost is not None:
                 raise ConnectionResetError("connection closed")
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
-        return self._inbox.popleft()
 
     def expect_startup_packet(self) -> None:
         self._startup_phase = True
 
-    def _frame_login_messages(self) -> None:
+    def _next_login_message(self) -> tuple[int, bytes] | None:
         buf = self.buf
-        while True:
-            if self._startup_phase:
-                if len(buf) < 4:
-                    break
-                (length,) = pg.INT32.unpack_from(buf, 0)
-                if length < 8 or length > pg.MAX_STARTUP_SIZE:
-                    self._protocol_violation("invalid length of startup packet")
-                    return
-                if len(buf) < length:
-                    break
-                self._inbox.append((0, bytes(buf[4:length])))
-                # After an SSL or GSS encryption request, whatever its answer, a startup packet comes next: a
-                # client may send it before reading the answer.
-                self._startup_phase = pg.INT32.unpack_from(buf, 4)[0] in _ENCRYPTION_REQUESTS
-                del buf[:length]
-            else:
-                if len(buf) < 5:
-                    break
-                (length,) = pg.INT32.unpack_from(buf, 1)
-                if length < 4 or length > self.max_message_size:
-                    self._protocol_violation("invalid message length")
-                    return
-                if len(buf) < length + 1:
-                    break
-                self._inbox.append((buf[0], bytes(buf[5 : length + 1])))
-                del buf[: length + 1]
-        self._wake()
+        if self._startup_phase:
+            if len(buf) < 4:
+                return None
+            (length,) = pg.INT32.unpack_from(buf, 0)
+            if length < 8 or length > pg.MAX_STARTUP_SIZE:
+                raise pg.ProtocolError("invalid length of startup packet")
+            if len(buf) < length:
+                return None
+            message = (0, bytes(buf[4:length]))
+            # After an SSL or GSS encryption request, whatever its answer, a startup packet comes next: a client
+            # may send it before reading the answer.
+            self._startup_phase = pg.INT32.unpack_from(buf, 4)[0] in _ENCRYPTION_REQUESTS
+        else:
+            if len(buf) < 5:
+                return None
+            (length,) = pg.INT32.unpack_from(buf, 1)
+            if length < 4 or length > self.max_message_size:
+                raise pg.ProtocolError("invalid message length")
+            length += 1
+            if len(buf) < length:
+                return None
+            message = (buf[0], bytes(buf[5:length]))
+        del buf[:length]
+        if len(buf) <= LOGIN_BUFFER:
+            self._resume_login_reading()
+        return message
 
-    def _protocol_violation(self, text: str) -> None:
-        self._lost = pg.ProtocolError(text)
-        self.buf.clear()
-        self._wake()
+    def _resume_login_reading(self) -> None:
+        if self._login_paused and self.transport is not None and not self.closed:
+            self._login_paused = False
+            self.transport.resume_reading()
 
     def _wake(self) -> None:
         waiter, self._waiter = self._waiter, None

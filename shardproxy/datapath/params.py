@@ -6,11 +6,19 @@ changed them last, and so are the other settings a client gave at startup. When 
 whose values differ, one hidden query brings the connection in line before the client's own messages. Reported
 values are kept in shared dicts (`shared`), never changed in place, so that at each hand-out equal values are mostly
 the same object and the check is an identity test.
+
+The statements the proxy builds from a client's names and values keep them as names and values: a startup
+parameter's name must be a plain (dotted) identifier, and is double-quoted; a value is an E'' string of ASCII,
+which PostgreSQL reads the same whatever standard_conforming_strings and the client encoding are. A SET the proxy
+keeps as the client wrote it (search_path) has no backslash nor dollar quote, which those settings would read
+otherwise.
 """
 
 from __future__ import annotations
 
 import re
+
+from shardproxy.wire import protocol as pg
 
 REPORTED = frozenset(("application_name", "client_encoding", "DateStyle", "IntervalStyle", "TimeZone",
                       "standard_conforming_strings"))
@@ -18,7 +26,8 @@ UNREPORTED = ("search_path", "extra_float_digits")
 _CANONICAL = {name.lower(): name for name in (*REPORTED, *UNREPORTED)}
 
 # A SET or RESET alone, or as the first of several statements: a value ends at the first semicolon outside quotes.
-_SET = re.compile(r"""\s*(?:set\s+(?:session\s+)?(\w+)\s*(?:to|=)\s*((?:'(?:[^']|'')*'|"(?:[^"]|"")*"|[^'";])+?)"""
+# A backslash or a dollar sign in the value: not kept (the statement is forwarded, as any the proxy does not follow).
+_SET = re.compile(r"""\s*(?:set\s+(?:session\s+)?(\w+)\s*(?:to|=)\s*((?:'(?:[^'\\]|'')*'|"(?:[^"]|"")*"|[^'";\\$])+?)"""
                   r"|reset\s+(\w+))\s*(?:;|\Z)", re.I | re.S)
 _RESET_ALL = re.compile(r"\s*reset\s+all\s*(?:;|\Z)", re.I)
 _UTF8_NAMES = {"utf8", "utf-8", "unicode"}
@@ -60,6 +69,8 @@ def startup_values(startup: dict[str, str]) -> tuple[dict[str, str], dict[str, s
     settings.update(_options(startup.get("options", "")))
     for key, value in settings.items():
         name = canonical_name(key) or key
+        if not _PARAMETER_NAME.fullmatch(name):
+            raise pg.PostgresError(pg.INVALID_NAME, f'invalid configuration parameter name "{name}"')
         if name == "client_encoding" and value.lower() in _UTF8_NAMES:
             values[name] = "UTF8"  # as the server will report it
         elif name in REPORTED:
@@ -67,11 +78,12 @@ def startup_values(startup: dict[str, str]) -> tuple[dict[str, str], dict[str, s
         elif name == "search_path":
             statements[name] = f"SET {name} TO {_startup_list(value)}"
         else:
-            statements[name] = f"SET {name} TO {literal(value)}"
+            statements[name] = f"SET {identifier(name)} TO {literal(value)}"
     return values, statements
 
 
 _CONNECTION_KEYS = {"user", "database", "options", "replication"}
+_PARAMETER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")  # PostgreSQL takes these
 _OPTION = re.compile(r"(?:-c\s*|--)([\w.-]+)=((?:\\.|\S)*)")
 
 
@@ -103,7 +115,22 @@ def is_reset_all(sql: str) -> bool:
 
 
 def literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
+    """`value` as a string constant: E'...' (there a backslash escapes in every setting), of printable ASCII
+    only, with every other character (and the quote, the backslash and the dollar sign) escaped."""
+    return "E'" + _UNSAFE.sub(_escape, value) + "'"
+
+
+_UNSAFE = re.compile(r"[^ -#%-&(-\[\]-~]")  # all but printable ASCII without $ ' \
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
+def identifier(name: str) -> str:
+    """A parameter name, double-quoted: so that one that is also a keyword (all, local) stays a name."""
+    return '"' + name.replace('"', '""') + '"'
 
 
 def sync_statements(client_values: dict[str, str], client_sql: dict[str, str],
@@ -114,7 +141,7 @@ def sync_statements(client_values: dict[str, str], client_sql: dict[str, str],
     for name in client_sql.keys() | server_sql.keys():
         want = client_sql.get(name)
         if server_sql.get(name) != want:
-            statements.append(want or f"RESET {name}")
+            statements.append(want or f"RESET {identifier(name)}")
             if want is None:
                 server_sql.pop(name, None)
             else:

@@ -20,9 +20,8 @@ from typing import TYPE_CHECKING, NamedTuple, Protocol
 from shardproxy.cluster.topology import NodeState, parse_lsn
 from shardproxy.config import Config
 from shardproxy.datapath import fanout
-from shardproxy.datapath import params as session_params
 from shardproxy.datapath._core import batch_end, bind_parameter, bind_statement, text, well_formed
-from shardproxy.datapath.pending import BIND_REQ, HIDDEN_QUERY, QUERY_REQ, Action, Kind, Request
+from shardproxy.datapath.pending import HIDDEN_QUERY, Action, Kind, Request
 from shardproxy.routing.keys import decode_key
 from shardproxy.routing.router import Decision, Route, Router
 from shardproxy.wire import protocol as pg
@@ -352,17 +351,7 @@ class Placement:
     def _refuse(self, message: str, buf, pos: int, end: int, out: list) -> None:
         """Make the linked server raise the refusal, so that it also aborts the transaction there."""
         self.proxy.client_error(pg.PostgresError(pg.FEATURE_NOT_SUPPORTED, message))
-        sql = (f"DO $shardproxy$ BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', "
-               f"MESSAGE = {session_params.literal(message)}; END $shardproxy$")
-        if buf[pos] == Frontend.QUERY:
-            out.append(pg.query(sql))
-            self.server.pending.append(QUERY_REQ)
-            return
-        portal_end = buf.index(0, pos + 5)  # a Bind: bind the client's portal to the raising statement
-        out.append(pg.message(b"P", b"\0" + pg.cstring(sql) + b"\0\0"))
-        self.server.pending.append(Request(Kind.PARSE, Action.HIDE))
-        out.append(pg.message(b"B", bytes(buf[pos + 5:portal_end + 1]) + b"\0" + b"\0" * 6))
-        self.server.pending.append(BIND_REQ)
+        self._raise(pg.FEATURE_NOT_SUPPORTED, message, buf, pos, end, out)
 
     def _stopped(self, server: ServerConnection, out: list) -> None:
         """Forwarding stopped at a statement for another connection: let this transaction end first."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, NamedTuple
@@ -132,28 +133,39 @@ class Pool(PoolCore):
     async def _open_for_waiters(self) -> None:
         try:
             server = await self.open()
-        except (TimeoutError, OSError, pg.PostgresError) as exc:
-            self.opening -= 1
+        except pg.PostgresError as exc:
             self._fail_waiters(exc)
             return
-        self.opening -= 1
+        finally:
+            self.opening -= 1
         self.release(server)
 
     async def open(self) -> ServerConnection:
-        """A new logged-in connection; raises PostgresError (the server's own, or 08006) when it fails."""
+        """A new logged-in connection; raises PostgresError (the server's own, or the proxy's: 08006, 28000) when
+        it fails, whatever the server sent, having closed the connection."""
         password, proven = self.credentials(self.key.user)
         server = ServerConnection(self)
         try:
             async with asyncio.timeout(self.settings.server_connect_timeout):
-                await self.dialer.connect(server, self.node.host, self.node.port)
-                await server.login(self.key.user, password, self.key.database, proven)
+                policy = await self.dialer.connect(server, self.node.host, self.node.port)
+                await server.login(self.key.user, password, self.key.database, proven, policy)
         except (TimeoutError, OSError) as exc:
             server.close()
             self.on_connect_failure(self.node_label)
             log.warning("cannot connect to server %s: %s", self.node_label, exc or "timeout")
             raise pg.PostgresError(pg.CONNECTION_FAILURE,
                                    f"shardproxy: cannot connect to server {self.node_label}") from None
-        except pg.PostgresError:
+        except pg.PostgresError as exc:
+            server.close()
+            if exc.code == pg.INVALID_AUTHORIZATION:
+                log.warning("cannot log in to server %s as %s: %s", self.node_label, self.key.user, exc.message)
+            raise
+        except (pg.ProtocolError, struct.error, ValueError, IndexError) as exc:  # answers no PostgreSQL sends
+            server.close()
+            log.warning("server %s broke the protocol at login: %r", self.node_label, exc)
+            raise pg.PostgresError(pg.CONNECTION_FAILURE, f"shardproxy: server {self.node_label} sent an invalid "
+                                                          "answer at login") from None
+        except BaseException:
             server.close()
             raise
         server.max_message_size = 1 << 40  # servers are trusted to frame correctly

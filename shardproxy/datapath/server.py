@@ -19,8 +19,9 @@ from shardproxy.cluster.topology import NodeState
 from shardproxy.datapath import params as session_params
 from shardproxy.datapath._core import ServerCore
 from shardproxy.datapath.connection import Connection
+from shardproxy.datapath.statements import SERVER_NAME
 from shardproxy.wire import protocol as pg
-from shardproxy.wire.auth import ProvenKey, ServerLogin
+from shardproxy.wire.auth import ProvenKey, ServerAuthPolicy, ServerLogin
 from shardproxy.wire.dial import Dialer
 from shardproxy.wire.protocol import Backend
 
@@ -64,10 +65,12 @@ class ServerConnection(ServerCore, Connection):
         self.ignoring = False
 
     # -- login --------------------------------------------------------------------------------------
-    async def login(self, user: str, password: str | None, database: str, proven: ProvenKey | None = None) -> None:
-        """Start up and authenticate; raises PostgresError with the server's own error if refused."""
+    async def login(self, user: str, password: str | None, database: str, proven: ProvenKey | None,
+                    policy: ServerAuthPolicy) -> None:
+        """Start up and authenticate as `policy` allows; raises PostgresError with the server's own error if
+        refused, or with the proxy's when the server asks for what the policy refuses."""
         self.write(pg.startup_message({"user": user, "database": database}))
-        answerer = ServerLogin(user, password, proven)
+        answerer = ServerLogin(user, password, proven, policy)
         while True:
             kind, body = await self.read_message()
             if kind == Backend.AUTHENTICATION:
@@ -95,6 +98,21 @@ class ServerConnection(ServerCore, Connection):
             self.pool.discard(self)
             return False
         return self.client is not None
+
+    def _request_failed(self, body: bytes) -> None:
+        """An extended-protocol request failed. A statement the books say is prepared here, which the server
+        says does not exist, went by other means (a DEALLOCATE ALL among other statements, or one run by a
+        function): forgotten, it is prepared again at its next use."""
+        fields = pg.parse_fields(body)
+        if fields.get("C") != pg.UNDEFINED_PSTATEMENT:
+            return
+        for name in SERVER_NAME.findall(fields.get("M", "").encode()):
+            if name in self.prepared:
+                del self.prepared[name]
+                if self.newest == name:
+                    self.newest = None
+                log.warning("server %s: prepared statement %s was dropped behind the proxy's back",
+                            self.pool.node_label, name.decode())
 
     # -- life cycle -----------------------------------------------------------------------------------
     def connection_lost(self, exc: BaseException | None) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from shardproxy.datapath import params as session_params
 from shardproxy.datapath._core import ClientCore, ProxyCore, ServerCore, is_session_statement, well_formed
-from shardproxy.datapath.pending import QUERY_REQ, Action, Kind, Request
+from shardproxy.datapath.pending import BIND_REQ, EXECUTE_REQ, QUERY_REQ, Action, Kind, Request
 from shardproxy.datapath.statements import Statement, deallocate_target, is_discard_all
 from shardproxy.wire import protocol as pg
 from shardproxy.wire.protocol import Frontend
@@ -21,6 +21,15 @@ from shardproxy.wire.protocol import Frontend
 _UNPACK = pg.INT32.unpack_from
 _DEALLOCATE_DONE = Request(Kind.QUERY, Action.SYNTH, pg.command_complete("DEALLOCATE"))
 _DEALLOCATE_ALL_DONE = Request(Kind.QUERY, Action.SYNTH, pg.command_complete("DEALLOCATE ALL"))
+_EMPTY_BIND = pg.message(b"B", b"\0\0" + b"\0" * 6)  # the unnamed portal of the unnamed statement, no values
+_EXECUTE_ALL = pg.message(b"E", b"\0" + b"\0" * 4)
+
+
+def _raising_statement(code: str, message: str) -> str:
+    """A statement that makes the server raise this error: it then aborts the transaction, and skips to Sync,
+    as for an error of its own."""
+    return (f"DO $shardproxy$ BEGIN RAISE EXCEPTION USING ERRCODE = {session_params.literal(code)}, "
+            f"MESSAGE = {session_params.literal(message)}; END $shardproxy$")
 
 
 class ClientSession(ClientCore):
@@ -110,6 +119,31 @@ class ClientSession(ClientCore):
             self.write(b"".join(replies[:replied]))
             del buf[:answered]
         return n - answered >= 5
+
+    def _names_proxy_statements(self, buf: Any, pos: int, end: int, out: list[bytes]) -> None:
+        """A Query or Parse that names the proxy's server-side statements, which other clients run: refused."""
+        prefix = self.core.statements.prefix.decode()
+        self._raise(pg.INSUFFICIENT_PRIVILEGE, f'shardproxy: the prepared statements named "{prefix}..." are the '
+                    "proxy's own: a client may not name them", buf, pos, end, out)
+
+    def _raise(self, code: str, message: str, buf: Any, pos: int, end: int, out: list[bytes]) -> None:
+        """Make the linked server raise this error in place of the Query, Parse or Bind at buf[pos:end]."""
+        server = self.server
+        sql = _raising_statement(code, message)
+        if buf[pos] == Frontend.QUERY:
+            out.append(pg.query(sql))
+            server.pending.append(QUERY_REQ)
+            return
+        out.append(pg.message(b"P", b"\0" + pg.cstring(sql) + b"\0\0"))
+        server.pending.append(Request(Kind.PARSE, Action.HIDE))
+        if buf[pos] == Frontend.BIND:  # the client's portal, bound to the raising statement: its Execute raises
+            portal_end = buf.index(0, pos + 5)
+            out.append(pg.message(b"B", bytes(buf[pos + 5 : portal_end + 1]) + b"\0" + b"\0" * 6))
+            server.pending.append(BIND_REQ)
+            return
+        out.append(_EMPTY_BIND + _EXECUTE_ALL)  # a Parse: the error comes at once, in its place
+        server.pending.append(Request(Kind.BIND, Action.HIDE))
+        server.pending.append(EXECUTE_REQ)
 
     # -- session statements in simple queries ---------------------------------------------------------
     def _session_statement(self, message: bytes, out: list[bytes]) -> None:

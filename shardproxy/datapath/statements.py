@@ -4,14 +4,19 @@ A client's named statement is known by its Parse body (query text and parameter 
 gets one server-side name for the life of the process, so a server connection that prepared it for one client
 serves the next client without preparing it again; a connection that lacks it gets the Parse injected just
 before first use.
+
+The names carry a random mark of the process (`sp<12 digits>_<n>`) that clients cannot guess, and a client's
+Query or Parse that names them anyway (they show in pg_prepared_statements) is refused (session.py), so that one
+client cannot drop or replace the statements other clients run.
 """
 
 from __future__ import annotations
 
 import itertools
 import re
-from collections import OrderedDict
+import secrets
 
+from shardproxy.routing.cache import SizedLru
 from shardproxy.wire import protocol as pg
 
 
@@ -41,31 +46,37 @@ def parameter_types(body: bytes) -> list[int]:
     return [pg.INT32.unpack_from(body, 2 + 4 * i)[0] for i in range(count)]
 
 
+SERVER_NAME = re.compile(rb"sp\d{12}_\d+")  # what Registry names a statement on servers
+
+
 class Registry:
     """Server-side names for Parse bodies, shared by every client and server connection of the process.
 
-    Bounded (least recently parsed first out), so that clients sending ever new statement texts do not grow the
-    proxy for good. A forgotten statement keeps working for the clients that hold it; parsed again, it gets a
-    new name (names are never reused), and servers that had prepared the old one drop it in their own LRU."""
+    Bounded by count and by the bytes of the bodies (least recently parsed first out), so that clients sending
+    ever new or huge statement texts do not grow the proxy for good. A forgotten statement keeps working for the
+    clients that hold it; parsed again, it gets a new name (names are never reused), and servers that had
+    prepared the old one drop it in their own LRU."""
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._by_body: OrderedDict[bytes, Statement] = OrderedDict()
+    def __init__(self, limit: int, max_bytes: int) -> None:
+        self._by_body: SizedLru[bytes, Statement] = SizedLru(limit, max_bytes, len)
         self._names = itertools.count()
+        # Digits have no case: the data path looks for them as they are, then for "sp" before them in any case.
+        self.mark = b"%012d" % secrets.randbelow(10**12)
+        self.prefix = b"sp" + self.mark + b"_"
+
+    def resize(self, limit: int, max_bytes: int) -> None:
+        """A reload's limits, met from the next new statement on."""
+        self._by_body.max_entries, self._by_body.max_bytes = limit, max_bytes
 
     def get(self, body: bytes) -> Statement:
-        statement = self._by_body.get(body)
-        if statement is None:
-            statement = self._by_body[body] = Statement(b"sp%d" % next(self._names), body)
-            while len(self._by_body) > self.limit:
-                self._by_body.popitem(last=False)
-        else:
-            self._by_body.move_to_end(body)
-        return statement
+        return self._by_body.get(body, self._new)
+
+    def _new(self, body: bytes) -> Statement:
+        return Statement(self.prefix + b"%d" % next(self._names), body)
 
     def known(self, body: bytes) -> Statement | None:
         """The statement for this body if a server has accepted it before."""
-        statement = self._by_body.get(body)
+        statement = self._by_body.peek(body)
         return statement if statement is not None and statement.verified else None
 
     def __len__(self) -> int:

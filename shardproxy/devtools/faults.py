@@ -1,15 +1,19 @@
-"""A TCP fault relay for tests and benchmarks: put it between a proxy and a server to inject faults.
+"""Faults for tests and benchmarks, on TCP: a relay to put between a proxy and a server, and an impostor that
+plays a server's login from a script.
 
-Modes: `pass` (forward), `latency` (forward each chunk after a delay), `stall` (accept, forward nothing,
-close nothing) and `reset` (abort every connection, refuse new ones with a reset). It runs its own event
-loop in a daemon thread, so it serves synchronous and asynchronous tests alike.
+The relay's modes: `pass` (forward), `latency` (forward each chunk after a delay), `stall` (accept, forward
+nothing, close nothing) and `reset` (abort every connection, refuse new ones with a reset). The impostor plays what
+no real server does (a forged AuthenticationOk, a malformed SCRAM message). Each runs its own event loop in a
+daemon thread, so it serves synchronous and asynchronous tests alike.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 import threading
+from collections.abc import Callable
 from contextlib import suppress
 from typing import Self
 
@@ -17,19 +21,17 @@ MODES = ("pass", "latency", "stall", "reset")
 CHUNK = 64 * 1024
 
 
-class Relay:
-    def __init__(self, target_host: str, target_port: int, host: str = "127.0.0.1") -> None:
-        self.target = (target_host, target_port)
+class _Listener:
+    """A TCP server on its own event loop, in a daemon thread; subclasses serve each connection (`_serve`)."""
+
+    def __init__(self, host: str, name: str) -> None:
         self.host = host
         self.port = 0
-        self.mode = "pass"
-        self.latency = 0.0
         self.connections = 0  # accepted so far
-        self.openings: list[bytes] = []  # each connection's first bytes from its client (8: a request code)
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.AbstractServer | None = None
         self._transports: set[asyncio.Transport] = set()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="fault-relay")
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name=name)
 
     def __enter__(self) -> Self:
         return self.start()
@@ -41,14 +43,6 @@ class Relay:
         self._thread.start()
         asyncio.run_coroutine_threadsafe(self._listen(), self._loop).result(5)
         return self
-
-    def set_mode(self, mode: str, latency: float = 0.0) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode {mode!r} is not one of {MODES}")
-        self.latency = latency
-        self.mode = mode
-        if mode == "reset":
-            self._loop.call_soon_threadsafe(self._abort_all)
 
     def close(self) -> None:
         if not self._loop.is_running():
@@ -64,9 +58,8 @@ class Relay:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
 
-    # -- the loop's side ----------------------------------------------------------------------------------
     async def _listen(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.host, 0)
+        self._server = await asyncio.start_server(self._accept, self.host, 0)
         self.port = self._server.sockets[0].getsockname()[1]
 
     def _abort_all(self) -> None:
@@ -74,8 +67,32 @@ class Relay:
             transport.abort()
         self._transports.clear()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        await self._serve(reader, writer)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+class Relay(_Listener):
+    def __init__(self, target_host: str, target_port: int, host: str = "127.0.0.1") -> None:
+        super().__init__(host, "fault-relay")
+        self.target = (target_host, target_port)
+        self.mode = "pass"
+        self.latency = 0.0
+        self.openings: list[bytes] = []  # each connection's first bytes from its client (8: a request code)
+
+    def set_mode(self, mode: str, latency: float = 0.0) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r} is not one of {MODES}")
+        self.latency = latency
+        self.mode = mode
+        if mode == "reset":
+            self._loop.call_soon_threadsafe(self._abort_all)
+
+    # -- the loop's side ----------------------------------------------------------------------------------
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.mode == "reset":
             _reset(writer)
             return
@@ -111,6 +128,44 @@ class Relay:
             await writer.drain()
         with suppress(OSError):
             writer.write_eof()
+
+
+# What the impostor answers the message at `index` of a connection (0: its startup packet) with; None: hang up.
+Script = Callable[[int, bytes], bytes | None]
+
+
+class Impostor(_Listener):
+    """Plays a PostgreSQL server's part of a login from a script: each message a connection sends (a startup
+    packet first, then typed messages), as framed bytes, is answered with what `script` returns."""
+
+    def __init__(self, script: Script, host: str = "127.0.0.1") -> None:
+        super().__init__(host, "impostor")
+        self.script = script
+        self.open = 0  # connections the peer has not closed yet
+        self.received: list[bytes] = []  # every message of every connection
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.open += 1
+        self._transports.add(writer.transport)  # type: ignore[arg-type]
+        try:
+            index = 0
+            while True:
+                head = await reader.readexactly(4 if index == 0 else 5)
+                (length,) = struct.unpack_from("!I", head, len(head) - 4)
+                message = head + await reader.readexactly(length - 4)
+                self.received.append(message)
+                answer = self.script(index, message)
+                if answer is None:
+                    break
+                writer.write(answer)
+                index += 1
+            writer.close()
+            await reader.read()  # and wait for the peer's side to close too
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self.open -= 1
+            self._transports.discard(writer.transport)  # type: ignore[arg-type]
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:

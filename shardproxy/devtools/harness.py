@@ -92,6 +92,7 @@ def proxy_with_servers(config: str, pool_size: int, clients: int,
         client.user, client.database = USER, DATABASE
         client.pool = proxy.pools.pool_for(DATABASE, USER, first)
         client.params = shared({k: v for k, v in LOGIN_PARAMETERS.items() if k in REPORTED})  # as login sets them
+        client.max_message_size = proxy.config.pool.max_message_size  # an authenticated client's limit
         client.end_login()
         logged_in.append(client)
     return proxy, logged_in

@@ -218,6 +218,12 @@ class Node:
         text = "".join(f"{key} = {value}\n" for key, value in lines.items())
         self._runner.write(os.path.join(self.data_dir, NODE_CONF), text)
 
+    def authenticate(self, user: str, method: str) -> None:
+        """From now on, ask `user` for `method` (a pg_hba.conf method: password, trust, ...) on TCP connections."""
+        path = os.path.join(self.data_dir, "pg_hba.conf")
+        self._runner.write(path, f"host all {_ident(user)} {LOOPBACK}/32 {method}\n" + _read(path))
+        self.sql("SELECT pg_reload_conf()")
+
     def start(self, wait: bool = True) -> None:
         """Start the server; with wait, return once it accepts connections."""
         self._pg_ctl("start", "-l", self.log_path, "-w" if wait else "-W")
@@ -408,8 +414,9 @@ class Sandbox:
     def proxy(self, name: str, clusters: Sequence[Cluster], start: bool = True, **sections: Any) -> ProxyProcess:
         """A proxy daemon in front of `clusters`, on a free port; stopped by close(). `sections` are config
         sections, e.g. workers=2 for a supervisor and two workers (signals then go to the supervisor)."""
-        config = proxy_config(clusters, self.free_port(), os.path.join(self.base_dir, f"{name}.sock"),
-                              self.users, **sections)
+        # Not in base_dir itself, which belongs to the servers' account: the first proxy makes the directory, 0700.
+        admin_socket = os.path.join(self.base_dir, "admin", f"{name}.sock")
+        config = proxy_config(clusters, self.free_port(), admin_socket, self.users, **sections)
         proxy = ProxyProcess(name, config, self.base_dir)
         self._proxies.append(proxy)
         if start:

@@ -1,4 +1,8 @@
-"""The log: one line per event, as text or as JSON objects whose keys match SHOW CLIENTS ids (`log.format`)."""
+"""The log: one line per event, as text or as JSON objects whose keys match SHOW CLIENTS ids (`log.format`).
+
+What clients send (user and database names, application names, their statements in errors) is logged as it
+came, but a line of text stays one line: line breaks and other control characters in a message are escaped, so
+that no client can forge a line (JSON escapes them itself)."""
 
 from __future__ import annotations
 
@@ -21,6 +25,16 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+# C0 and C1 controls, DEL, and the Unicode line and paragraph separators, which some readers break lines at.
+_CONTROLS = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
+_CONTROLS.update({0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t", 0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
+class _TextFormatter(logging.Formatter):
+    def formatMessage(self, record: logging.LogRecord) -> str:  # the message: a traceback follows it as it is
+        return super().formatMessage(record).translate(_CONTROLS)
+
+
 def setup_logging(level: str, fmt: str, worker: int | None = None) -> None:
     """A worker's lines carry its id (a `worker` key in JSON), as they share the supervisor's stderr."""
     handler = logging.StreamHandler(sys.stderr)
@@ -35,7 +49,7 @@ def setup_logging(level: str, fmt: str, worker: int | None = None) -> None:
         handler.setFormatter(_JsonFormatter())
     else:
         name = "%(name)s" if worker is None else "%(name)s[%(worker)s]"
-        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {name}: %(message)s"))
+        handler.setFormatter(_TextFormatter(f"%(asctime)s %(levelname)s {name}: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -57,6 +57,7 @@ _ERROR_BY_CODE = {
     pg.INVALID_AUTHORIZATION: "auth",
     pg.TOO_MANY_CONNECTIONS: "too_many_clients",
     pg.PROTOCOL_VIOLATION: "protocol",
+    pg.INVALID_NAME: "protocol",  # a startup parameter that is not a name
     pg.CONNECTION_FAILURE: "server_connect",
     pg.ADMIN_SHUTDOWN: "shutdown",
     pg.FEATURE_NOT_SUPPORTED: "unsupported",
@@ -70,7 +71,7 @@ class MetricsHost(Protocol):
     config: Config
     topology: Topology
     clients: dict[int, Linked]
-    connected: int  # clients admitted, logged in or not
+    logging_in: int  # connections at the login, not yet among `clients`
     pools: Pools
 
 
@@ -201,7 +202,7 @@ class _StateCollector(Collector):
 
     def _clients(self) -> Metric:
         states = Counter(client_state(client) for client in list(self.proxy.clients.values()))
-        states["login"] = self.proxy.connected - len(self.proxy.clients)  # admitted, not yet logged in
+        states["login"] = self.proxy.logging_in
         family = GaugeMetricFamily("shardproxy_client_connections", "Client connections by state", labels=["state"])
         for state in CLIENT_STATES:
             family.add_metric([state], states[state])

@@ -38,12 +38,12 @@ import json
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from functools import lru_cache
 from typing import Any, Literal, NamedTuple
 
 from pglast import parser as pg_parser
 
 from shardproxy.routing._literals import normalise
+from shardproxy.routing.cache import SizedLru
 from shardproxy.routing.keys import Key, ShardKeyError, canonical, number
 from shardproxy.routing.ring import Ring
 
@@ -367,6 +367,8 @@ class Router:
     """Plans statements (cached) and routes them over the ring built from a config."""
 
     def __init__(self, config: Any, cache_size: int = DEFAULT_CACHE_SIZE) -> None:
+        """cache_size: plans kept of each kind (by text, by template), within pool.statement_cache_bytes of
+        their texts each."""
         self.ring = Ring.from_config(config)
         self.key_column = config.sharding.key.lower()
         self._settings = _Settings(
@@ -375,14 +377,15 @@ class Router:
             _table_names(config.routing.strong_tables),
         )
         # Per-instance caches: a reloaded config gets a new Router and so fresh plans.
-        self._plans = lru_cache(maxsize=cache_size)(self._plan_text)
-        self._templates = lru_cache(maxsize=cache_size)(self._plan_template)
+        memory = config.pool.statement_cache_bytes
+        self._plans: SizedLru[str, Plan] = SizedLru(cache_size, memory, len)
+        self._templates: SizedLru[tuple[str, int], Plan | None] = SizedLru(cache_size, memory, _template_size)
         # Routes are immutable and few (target x kind x shard x flags), so each is built once.
         self._routes: dict[tuple[Target, Kind, int | None, bool, bool], Route] = {}
 
     def plan(self, sql: str) -> Plan:
         """The plan of an extended-protocol statement text (``$n`` are its parameters)."""
-        return self._plans(sql)
+        return self._plans.get(sql, self._plan_text)
 
     def plan_simple(self, sql: str) -> tuple[Plan, list[int | str]]:
         """The plan of a simple-protocol text and the literal values to route it with.
@@ -393,11 +396,11 @@ class Router:
         """
         normalised = normalise(sql, number)  # the rules: _literals.pyx
         if normalised is None:
-            return self._plans(sql), []
+            return self._plans.get(sql, self._plan_text), []
         template, base, literals = normalised
-        plan = self._templates(template, base) if literals else None
+        plan = self._templates.get((template, base), self._plan_template) if literals else None
         if plan is None:
-            return self._plans(sql), []
+            return self._plans.get(sql, self._plan_text), []
         return plan, literals
 
     def route(
@@ -498,10 +501,11 @@ class Router:
             return Plan("utility", **_comments(sql))
         return _analyse(sql, stmts, self._settings, None)
 
-    def _plan_template(self, template: str, base: int) -> Plan | None:
+    def _plan_template(self, key: tuple[str, int]) -> Plan | None:
         """The shared plan of a normalised text, or None when it must be planned as written: it
         does not parse, has a statement outside _TEMPLATE_SAFE, or a placeholder took the place of
-        a column position (ORDER BY 1)."""
+        a column position (ORDER BY 1). The key: the template and the number its placeholders start after."""
+        template, base = key
         try:
             stmts = _parse(template)
         except pg_parser.ParseError:
@@ -512,6 +516,10 @@ class Router:
         if plan.scatters and _positional_placeholder(stmts[0]["stmt"]["SelectStmt"], base):
             return None
         return plan
+
+
+def _template_size(key: tuple[str, int]) -> int:
+    return len(key[0])
 
 
 def _table_names(names: Iterable[str]) -> frozenset[str]:

@@ -78,6 +78,13 @@ class ScramSecret:
         return cls(salt, stored, _hmac(salted, b"Server Key"), iterations)
 
     @classmethod
+    def mock(cls, user: str, key: bytes) -> ScramSecret:
+        """For a user the proxy does not know: a secret that no password matches, the same for the same name
+        and key (a process's), so that repeated tries see the same salt, as PostgreSQL's mock authentication."""
+        derived = [_hmac(key, f"{part}\0{user}".encode()) for part in ("salt", "stored", "server")]
+        return cls(derived[0][:16], derived[1], derived[2], 4096)
+
+    @classmethod
     def from_verifier(cls, verifier: str) -> ScramSecret:
         """Parse `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`, as pg_authid stores it."""
         try:
@@ -214,25 +221,59 @@ def parse_sasl_initial(body: bytes) -> tuple[str, bytes]:
     return mechanism.decode(errors="replace"), bytes(body[offset + 4 :])
 
 
-class ServerLogin:
-    """The proxy's side of a server's authentication requests: answers each AuthenticationXXX message."""
+@dataclass(frozen=True)
+class ServerAuthPolicy:
+    """What a server may ask for on one connection (server_auth, in libpq's require_auth names: scram-sha-256,
+    md5, password, none), and whether a cleartext password may go on it."""
 
-    def __init__(self, user: str, password: str | None, proven: ProvenKey | None = None):
+    methods: frozenset[str]
+    cleartext: bool
+    server: str  # host:port, as errors name it
+
+
+ANY_AUTH = frozenset(("scram-sha-256", "md5", "password", "none"))
+
+
+class ServerLogin:
+    """The proxy's side of a server's authentication requests: answers each AuthenticationXXX message, as far as
+    the policy allows, and accepts AuthenticationOk only from a server that asked for an allowed method (or for
+    none, if allowed) and, when that was SCRAM, proved it knows the verifier."""
+
+    def __init__(self, user: str, password: str | None, proven: ProvenKey | None, policy: ServerAuthPolicy):
         self.user = user
         self.password = password
         self.proven = proven  # for a user configured with a SCRAM verifier only
+        self.policy = policy
         self._scram: ScramClientExchange | None = None
+        self._asked: str | None = None  # the method the server asked for
+        self._proved = False  # the server's SCRAM signature checked out
 
     def answer(self, body: bytes) -> bytes | None:
-        """The reply to one Authentication message body, or None when there is nothing to send."""
+        """The reply to one Authentication message body, or None when there is nothing to send. Raises
+        PostgresError (28000) where the policy or the server's proof fails, (08006) for a malformed SCRAM message."""
         (code,) = pg.INT32.unpack_from(body, 0)
         if code == AUTH_OK:
+            self._accept_ok()
             return None
+        try:
+            return self._answer(code, bytes(body[4:]))
+        except ScramException as exc:
+            raise self._refused(f"failed SCRAM authentication: {exc}") from None
+        except ValueError as exc:  # also binascii.Error and UnicodeDecodeError
+            raise pg.PostgresError(pg.CONNECTION_FAILURE,
+                                   f"shardproxy: server {self.policy.server} sent a malformed SCRAM message: {exc}"
+                                   ) from None
+
+    def _answer(self, code: int, data: bytes) -> bytes | None:
         if code == AUTH_SASL_FINAL:
-            self._require_scram().verify(bytes(body[4:]))
+            self._require_scram().verify(data)
+            self._proved = True
             return None
+        if code == AUTH_SASL_CONTINUE:
+            return pg.message(b"p", self._require_scram().final(data))
         if code == AUTH_SASL:
-            if SCRAM not in sasl_mechanisms(body):
+            self._allow("scram-sha-256", "SCRAM-SHA-256 authentication")
+            if SCRAM not in sasl_mechanisms(pg.INT32.pack(code) + data):
                 raise pg.PostgresError(pg.INVALID_AUTHORIZATION, "server offers no SASL mechanism the proxy supports")
             plaintext = self.password if self.password and not is_scram_verifier(self.password) else None
             if plaintext is None and self.proven is None:
@@ -240,14 +281,31 @@ class ServerLogin:
             self._scram = ScramClientExchange(plaintext, self.proven)
             first = self._scram.first()
             return pg.message(b"p", pg.cstring(SCRAM) + pg.INT32.pack(len(first)) + first)
-        if code == AUTH_SASL_CONTINUE:
-            return pg.message(b"p", self._require_scram().final(bytes(body[4:])))
         if code == AUTH_MD5:  # an md5 hash in the config is enough here
+            self._allow("md5", "md5 authentication")
             password = self._require_password(allow_md5_hash=True)
-            return pg.message(b"p", md5_answer(self.user, password, bytes(body[4:8])) + b"\0")
+            return pg.message(b"p", md5_answer(self.user, password, data[:4]) + b"\0")
         if code == AUTH_CLEARTEXT:
+            self._allow("password", "a cleartext password")
+            if not self.policy.cleartext:
+                raise self._refused("asked for a cleartext password, which server_auth sends only over TLS that "
+                                    "verified the server (server_tls.mode verify-ca or verify-full)")
             return pg.message(b"p", self._require_password().encode() + b"\0")
         raise pg.PostgresError(pg.INVALID_AUTHORIZATION, f"server asks for an unsupported authentication (code {code})")
+
+    def _allow(self, method: str, what: str) -> None:
+        if method not in self.policy.methods:
+            raise self._refused(f"asked for {what}, which server_auth.methods does not allow")
+        self._asked = method
+
+    def _accept_ok(self) -> None:
+        if self._scram is not None and not self._proved:
+            raise self._refused("ended SCRAM authentication before proving it knows the password")
+        if self._asked is None and "none" not in self.policy.methods:
+            raise self._refused("asked for no authentication, which server_auth.methods does not allow (none)")
+
+    def _refused(self, reason: str) -> pg.PostgresError:
+        return pg.PostgresError(pg.INVALID_AUTHORIZATION, f"shardproxy: server {self.policy.server} {reason}")
 
     def _require_password(self, allow_md5_hash: bool = False) -> str:
         password = self.password
@@ -263,5 +321,5 @@ class ServerLogin:
         return self._scram
 
 
-__all__ = ["ProvenKey", "ScramException", "ScramSecret", "ScramServerExchange", "ServerLogin", "md5_answer",
-           "parse_sasl_initial"]
+__all__ = ["ANY_AUTH", "ProvenKey", "ScramException", "ScramSecret", "ScramServerExchange", "ServerAuthPolicy",
+           "ServerLogin", "md5_answer", "parse_sasl_initial"]

@@ -1,5 +1,8 @@
 """The admin socket: a unix socket, born 0600, that takes one command per line and answers each with one line of
-JSON; and its client side, for `shardproxy admin` and for the supervisor asking its workers."""
+JSON; and its client side, for `shardproxy admin` and for the supervisor asking its workers.
+
+Its directory is made 0700 when missing, and must be the proxy's user's (or root's) and writable by nobody else
+unless sticky (as /tmp): where another user could create or replace entries, the name could be taken first."""
 
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ class AdminSocket:
         self._inode = 0  # of the socket we bound
 
     async def start(self) -> None:
+        private_directory(os.path.dirname(os.path.abspath(self.path)))
         claim_socket(self.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         umask = os.umask(0o177)  # born 0600: no moment where others could connect
@@ -104,6 +108,16 @@ async def ask(path: str, command: str) -> Table:
     if not reply["ok"]:
         raise AdminError(reply["error"], reply.get("code", NOT_POSSIBLE_NOW))
     return Table(reply["columns"], reply["rows"])
+
+
+def private_directory(path: str) -> None:
+    """Make the socket's directory (0700) if missing; raise RuntimeError if another user could take names in it."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    info = os.stat(path)
+    if info.st_uid not in (os.geteuid(), 0):
+        raise RuntimeError(f"admin socket directory {path} belongs to another user (uid {info.st_uid})")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not info.st_mode & stat.S_ISVTX:
+        raise RuntimeError(f"admin socket directory {path} is writable by other users")
 
 
 def claim_socket(path: str) -> None:
