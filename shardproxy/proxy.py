@@ -16,6 +16,7 @@ from shardproxy.config import Config, ConfigError, UserSettings, load_config
 from shardproxy.datapath._core import ProxyCore
 from shardproxy.datapath.client import ClientConnection
 from shardproxy.datapath.fanout.recovery import Recovery
+from shardproxy.datapath.fanout.twophase import signing_key
 from shardproxy.datapath.pool import Pool, Pools
 from shardproxy.datapath.statements import Registry
 from shardproxy.ops.admin.commands import Admin
@@ -45,6 +46,7 @@ class Proxy:
         self.core.sharded = _needs_routing(config)
         self.core.statements = Registry(config.pool.statement_cache_size)
         self.core.prepared_per_server = config.pool.prepared_statements_per_server
+        self.core.two_phase_key = signing_key(config)
         self.topology = Topology(config)
         self.router = Router(config)
         self.any_decision = Decision(Route("any", "utility"), None, "")  # for batches that name no statement
@@ -144,6 +146,7 @@ class Proxy:
         self.client_ssl = client_ssl
         self.core.statements.limit = config.pool.statement_cache_size
         self.core.prepared_per_server = config.pool.prepared_statements_per_server
+        self.core.two_phase_key = signing_key(config)
         self.core.sharded = _needs_routing(config)  # clients follow between their transactions
         old_ring, self.router = self.router.ring, Router(config)
         self.ring_moved = fraction_moved(old_ring, self.router.ring)
@@ -227,6 +230,13 @@ class Proxy:
 
     async def wait_for_primary(self, shard: str, timeout: float) -> NodeState | None:
         return await self.health.wait_for_primary(shard, timeout)
+
+    def transaction_ended(self, two_phase: bool) -> None:
+        """A transaction on several shards ended (those on one are counted by the data path)."""
+        self.metrics.cross_shard["two_phase" if two_phase else "multi"] += 1
+
+    def two_phase_took(self, seconds: float) -> None:
+        self.metrics.two_phase_commits.observe(seconds)
 
     def in_doubt_resolved(self, decision: str) -> None:
         self.metrics.in_doubt_resolved.labels(decision).inc()

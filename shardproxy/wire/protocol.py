@@ -86,7 +86,9 @@ IN_FAILED_TRANSACTION = "25P02"
 
 # Responses the proxy synthesises. Prebuilt: they are sent on the hot path.
 PARSE_COMPLETE = b"1\x00\x00\x00\x04"
+BIND_COMPLETE = b"2\x00\x00\x00\x04"
 CLOSE_COMPLETE = b"3\x00\x00\x00\x04"
+NO_DATA = b"n\x00\x00\x00\x04"
 AUTH_OK = b"R\x00\x00\x00\x08\x00\x00\x00\x00"
 IDLE, IN_TRANSACTION, FAILED_TRANSACTION = 73, 84, 69  # ReadyForQuery status bytes: I, T, E
 READY = {status: b"Z\x00\x00\x00\x05" + bytes([status]) for status in (IDLE, IN_TRANSACTION, FAILED_TRANSACTION)}
