@@ -260,14 +260,21 @@ def test_extended_begin_and_a_statement_elsewhere_in_one_read(sharded, shards, n
     assert_placed(shards, names, "orders", "item = 'begin-read'", len(users))
 
 
-def test_psycopg_pipeline_batch_across_shards_is_refused(sharded, shards, names):
+def test_psycopg_pipeline_batch_across_shards_is_one_transaction(sharded, shards, names):
+    """A pipeline's statements share one Sync, so PostgreSQL runs them as one implicit transaction: across
+    shards they commit together, or (when one fails) not at all."""
     a, b = two_users_apart(names, 450)
     with connect(sharded, autocommit=True) as conn:
-        with pytest.raises(psycopg.errors.FeatureNotSupported, match="^shardproxy:"), conn.pipeline():
+        with conn.pipeline():
             conn.execute("INSERT INTO orders (user_id, item) VALUES (%s, 'pipeline-x')", (a,))
             conn.execute("INSERT INTO orders (user_id, item) VALUES (%s, 'pipeline-x')", (b,))
+        with pytest.raises(psycopg.errors.UndefinedColumn), conn.pipeline():
+            conn.execute("INSERT INTO orders (user_id, item) VALUES (%s, 'pipeline-y')", (a,))
+            conn.execute("INSERT INTO orders (user_id, nope) VALUES (%s, 'pipeline-y')", (b,))
         assert conn.execute("SELECT 1").fetchone() == (1,)
-    assert sum(len(rows) for rows in everywhere(shards, "SELECT 1 FROM orders WHERE item = 'pipeline-x'").values()) == 0
+    placed = everywhere(shards, "SELECT item FROM orders WHERE item LIKE 'pipeline-_'")
+    assert sorted(row for rows in placed.values() for row in rows) == [("pipeline-x",), ("pipeline-x",)]
+    assert len([name for name, rows in placed.items() if rows]) == 2
 
 
 async def test_asyncpg_binary_int8_and_uuid_keys(sharded, shards, names):

@@ -145,7 +145,7 @@ class Placement:
         self.decided: BatchRoute | None = None  # the routing of the batch being linked
         self._refusal = ""  # the message of the statement to refuse, or "" to answer it with _local_reply
         self._local_reply = _SET_DONE
-        self._mid_batch_stop = False  # forwarding stopped at a Bind within a batch
+        self._left_batch = False  # forwarding stopped within a batch: the leg's part ended with a hidden Sync
 
     # -- routing a batch ----------------------------------------------------------------------------------
     def _batch_route(self, buf, start: int) -> BatchRoute | None:
@@ -374,7 +374,7 @@ class Placement:
         if verdict is _GO:
             return ""
         if verdict is _STOP:
-            self._mid_batch_stop = True
+            self._left_batch = True
             return None
         return self._refusal
 
@@ -463,10 +463,10 @@ class Placement:
         """Forwarding stopped. Within a batch (at a Bind for another shard, or at the Sync of a batch that spans
         shards), the leg's part of the batch ends with a hidden Sync, after a BEGIN that turns its implicit
         transaction into one that ends with the others' (PostgreSQL allows BEGIN inside an implicit one)."""
-        if not (self._mid_batch_stop or self.spanning):
+        if not (self._left_batch or self.spanning):
             return
-        self._mid_batch_stop = False
-        if not self.replay and not self.spanning and not server.ignoring:
+        self._left_batch = True  # (until _drained)
+        if not self.replay and server.status == pg.IDLE and not server.ignoring:  # its first part of the batch
             statement = self.core.statements.get(_BEGIN_BODY)
             self._ensure_prepared(statement, out)
             out.append(pg.message(b"B", b"\0" + statement.bind_prefix + b"\0\0\0\0\0\0"))
@@ -481,8 +481,15 @@ class Placement:
         """Forwarding stopped, and the active leg has answered all it was sent: move on where the client's next
         message must go."""
         self.stopped = False
+        left_batch, self._left_batch = self._left_batch, False
         if self.closed:
             return
+        if left_batch and server.status != pg.IN_TRANSACTION:  # its part of the batch failed (else its BEGIN or
+            self.tx_failed = True  # the client's would leave it in the transaction)
+            if not self.buf or self.buf[0] != Frontend.SYNC:  # as PostgreSQL does, this leg skips the rest of
+                server.ignoring = True  # the batch, up to its Sync
+                self.on_data(b"")
+                return
         if self.spanning and self.buf and self.buf[0] == Frontend.SYNC:  # the end of a batch that spans legs
             self._end(commit=not self._failed(), implicit=True)
             return
