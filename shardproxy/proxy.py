@@ -15,6 +15,7 @@ from shardproxy.cluster.topology import NodeState, Topology
 from shardproxy.config import Config, ConfigError, UserSettings, load_config
 from shardproxy.datapath._core import ProxyCore
 from shardproxy.datapath.client import ClientConnection
+from shardproxy.datapath.deadlocks import Deadlocks
 from shardproxy.datapath.fanout.recovery import Recovery
 from shardproxy.datapath.fanout.twophase import signing_key
 from shardproxy.datapath.pool import Pool, Pools
@@ -63,6 +64,7 @@ class Proxy:
         self._server: asyncio.AbstractServer | None = None
         self._janitor: asyncio.Task[None] | None = None
         self.recovery = Recovery(self)  # of two-phase commits left in doubt
+        self.deadlocks = Deadlocks(self)  # wait cycles across shards
         self._stopped = asyncio.Event()
         self.admin = Admin(self)
         self.console = Console(self._execute_for_all)
@@ -123,6 +125,7 @@ class Proxy:
         if self._janitor is not None:
             self._janitor.cancel()
         self.recovery.close()
+        self.deadlocks.close()
         await self.health.stop()
         self.pools.close()
         if self._admin_socket is not None:
@@ -270,6 +273,7 @@ class Proxy:
             self.pools.tick(now)
             self._expire_idle_transactions(now)
             self.recovery.tick(now)
+            self.deadlocks.tick(now)
 
     def _expire_idle_transactions(self, now: float) -> None:
         """idle_transaction_timeout: the client is silent inside a transaction; query_timeout: the server is

@@ -108,6 +108,7 @@ cdef class ServerCore(Endpoint):
     cdef public dict params, reported, param_sql
     cdef public Requests pending  # requests forwarded and not yet answered (see server.py)
     cdef public ClientCore client
+    cdef public bytes error_as  # the ErrorResponse that replaces the next one (a statement the proxy cancelled)
     cdef public bint ignoring, settings_undone
     cdef public int status, cancels
     cdef public double last_used, linked_at, created

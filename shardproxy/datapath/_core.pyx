@@ -447,7 +447,12 @@ cdef class ClientCore(Endpoint):
         """The linked server answered everything it was sent: if forwarding stopped at a statement for another
         server connection, routing moves on (_drained); else, in transaction pooling, once the transaction is
         over the connection goes back to the pool."""
-        if server.cancels or server.ignoring or server is not self.server:
+        if server.cancels or server is not self.server:
+            return
+        if server.ignoring:  # an error, and the client's Sync is yet to come
+            if self.stopped:  # before the statement forwarding stopped at: as PostgreSQL does, the server skips
+                self.stopped = False  # the rest of the batch
+                ClientCore.on_data(self, b"")
             return
         if self.stopped:
             self._drained(server)
@@ -844,6 +849,7 @@ cdef class ServerCore(Endpoint):
                 self.status = p[pos + 5]
                 done = True
                 self.ignoring = False
+                self.error_as = None  # (a cancel that landed too late to fail the statement)
                 if self.settings_before is not None and p[pos + 5] == c'I' and action != A_HIDE:
                     if self.settings_undone and client is not None:  # rolled back: so are the client's SETs
                         client.param_sql, self.param_sql = self.settings_before
@@ -876,6 +882,11 @@ cdef class ServerCore(Endpoint):
                     hiding = False
             if t == c'E':
                 self.settings_undone = True
+                if self.error_as is not None and not hiding:
+                    out = _add_span(out, p, span, pos)
+                    out.append(self.error_as)
+                    span = end
+                    self.error_as = None
             if hiding:
                 out = _add_span(out, p, span, pos)
                 span = end

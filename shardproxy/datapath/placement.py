@@ -464,6 +464,8 @@ class Placement:
         shards), the leg's part of the batch ends with a hidden Sync, after a BEGIN that turns its implicit
         transaction into one that ends with the others' (PostgreSQL allows BEGIN inside an implicit one)."""
         if not (self._left_batch or self.spanning):
+            if server.pending:  # say a Parse sent on its own: the server answers it only once asked to flush
+                out.append(pg.FLUSH)
             return
         self._left_batch = True  # (until _drained)
         if not self.replay and server.status == pg.IDLE and not server.ignoring:  # its first part of the batch
@@ -583,8 +585,11 @@ class Placement:
         self._dispatch()
 
     def _follow_commit(self, server: ServerConnection) -> None:
-        """Read-your-writes: learn where this client's commit ends in the WAL before the connection goes."""
+        """Read-your-writes: learn where this client's commit ends in the WAL before the connection goes. The
+        transaction is over: a statement for another shard meanwhile starts the next one there."""
         self.wrote = False
+        self.replay.clear()
+        self.tx.data.clear()
         server.pending.append(Request(Kind.QUERY, Action.HIDE, self._committed_at))
         server.write(_COMMIT_LSN)
 

@@ -51,8 +51,11 @@ class Transaction:
         self.legs: dict[int, ServerConnection] = {}
         self.applied: dict[int, int] = {}  # per shard: how much of the log its leg has run
         self.data: set[int] = set()  # shards whose leg ran a statement naming that shard
+        self.started = 0.0  # when its first leg joined (the youngest of a deadlock is its victim)
 
     def add(self, shard: int, server: ServerConnection, applied: int) -> None:
+        if not self.legs:
+            self.started = time.monotonic()
         self.legs[shard] = server
         self.applied[shard] = applied
 

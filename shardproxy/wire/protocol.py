@@ -95,6 +95,7 @@ READY = {status: b"Z\x00\x00\x00\x05" + bytes([status]) for status in (IDLE, IN_
 SSL_NO = b"N"
 TERMINATE = b"X\x00\x00\x00\x04"
 SYNC = b"S\x00\x00\x00\x04"
+FLUSH = b"H\x00\x00\x00\x04"
 
 
 class ProtocolError(Exception):
