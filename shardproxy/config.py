@@ -160,6 +160,10 @@ class RoutingSettings(_Model):
     strong_tables: list[str] = Field(default_factory=list)
     failover_timeout: Duration = 10.0
     in_doubt_after: Duration = Field(default=60.0, gt=0)  # a prepared two-phase commit older than this is in doubt
+    cross_shard_transactions: Literal["two_phase", "refuse"] = "two_phase"
+    keyless_writes: Literal["all_shards", "refuse"] = "all_shards"  # UPDATE/DELETE without a shard key
+    deadlock_timeout: Duration = Field(default=1.0, gt=0)  # a wait this long across shards is checked for a cycle
+    two_phase_secret: str | None = Field(default=None, repr=False)  # signs two-phase commits' names (gids)
 
 
 class TlsSettings(_Model):
@@ -236,6 +240,8 @@ class Config(_Model):
         for user in data["users"]:
             if user["password"] is not None:
                 user["password"] = "***"
+        if data["routing"]["two_phase_secret"] is not None:
+            data["routing"]["two_phase_secret"] = "***"
         return data
 
 

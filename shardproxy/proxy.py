@@ -15,7 +15,9 @@ from shardproxy.cluster.topology import NodeState, Topology
 from shardproxy.config import Config, ConfigError, UserSettings, load_config
 from shardproxy.datapath._core import ProxyCore
 from shardproxy.datapath.client import ClientConnection, FailedLogins, LoginSlots
+from shardproxy.datapath.deadlocks import Deadlocks
 from shardproxy.datapath.fanout.recovery import Recovery
+from shardproxy.datapath.fanout.twophase import signing_key
 from shardproxy.datapath.pool import Pool, Pools
 from shardproxy.datapath.statements import Registry
 from shardproxy.ops.admin.commands import Admin
@@ -46,6 +48,7 @@ class Proxy:
         self.core.statements = Registry(config.pool.statement_cache_size, config.pool.statement_cache_bytes)
         self.core.statement_mark = self.core.statements.mark
         self.core.prepared_per_server = config.pool.prepared_statements_per_server
+        self.core.two_phase_key = signing_key(config)
         self.topology = Topology(config)
         self.router = Router(config)
         self.any_decision = Decision(Route("any", "utility"), None, "")  # for batches that name no statement
@@ -65,6 +68,7 @@ class Proxy:
         self._server: asyncio.AbstractServer | None = None
         self._janitor: asyncio.Task[None] | None = None
         self.recovery = Recovery(self)  # of two-phase commits left in doubt
+        self.deadlocks = Deadlocks(self)  # wait cycles across shards
         self._stopped = asyncio.Event()
         self.admin = Admin(self)
         self.console = Console(self._execute_for_all)
@@ -125,6 +129,7 @@ class Proxy:
         if self._janitor is not None:
             self._janitor.cancel()
         self.recovery.close()
+        self.deadlocks.close()
         await self.health.stop()
         self.pools.close()
         if self._admin_socket is not None:
@@ -150,6 +155,7 @@ class Proxy:
         self.login_slots.resize(config.pool.max_login_conn)
         self.failed_logins.delay = config.pool.auth_failure_delay
         self.core.prepared_per_server = config.pool.prepared_statements_per_server
+        self.core.two_phase_key = signing_key(config)
         self.core.sharded = _needs_routing(config)  # clients follow between their transactions
         old_ring, self.router = self.router.ring, Router(config)
         self.ring_moved = fraction_moved(old_ring, self.router.ring)
@@ -244,6 +250,13 @@ class Proxy:
     async def wait_for_primary(self, shard: str, timeout: float) -> NodeState | None:
         return await self.health.wait_for_primary(shard, timeout)
 
+    def transaction_ended(self, two_phase: bool) -> None:
+        """A transaction on several shards ended (those on one are counted by the data path)."""
+        self.metrics.cross_shard["two_phase" if two_phase else "multi"] += 1
+
+    def two_phase_took(self, seconds: float) -> None:
+        self.metrics.two_phase_commits.observe(seconds)
+
     def in_doubt_resolved(self, decision: str) -> None:
         self.metrics.in_doubt_resolved.labels(decision).inc()
 
@@ -276,6 +289,7 @@ class Proxy:
             self.pools.tick(now)
             self._expire_idle_transactions(now)
             self.recovery.tick(now)
+            self.deadlocks.tick(now)
 
     def _expire_idle_transactions(self, now: float) -> None:
         """idle_transaction_timeout: the client is silent inside a transaction; query_timeout: the server is

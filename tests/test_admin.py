@@ -425,13 +425,14 @@ def test_failovers_total_counts_the_first_change_of_primary(sandbox: Sandbox) ->
 
 def test_errors_total_counts_the_proxys_own_refusals(sandbox: Sandbox, pg: Cluster, replicas: Cluster) -> None:
     """Each way the proxy refuses a statement with 0A000 counts as kind="unsupported"; the client stays."""
-    proxy = sandbox.proxy("refusals", [pg, replicas], metrics={"host": LOOPBACK, "port": sandbox.free_port()})
+    proxy = sandbox.proxy("refusals", [pg, replicas], metrics={"host": LOOPBACK, "port": sandbox.free_port()},
+                          routing={"cross_shard_transactions": "refuse"})
     names = [pg.name, replicas.name]
     here, there = (next(key for key in range(1, 1000) if owner(key, names) == name) for name in names)
     refusals = [
         ["SELECT * FROM a JOIN b ON a.region = b.region"],  # by the router, before anything runs
         ["SELECT user_id, row_number() OVER () FROM t"],  # by the merge plan of a read on every shard
-        ["BEGIN", f"/* shard_key: {here} */ SELECT 1", f"/* shard_key: {there} */ SELECT 1"],  # by the server
+        ["BEGIN", f"/* shard_key: {here} */ SELECT 1", f"/* shard_key: {there} */ SELECT 1"],  # by placement
     ]
     before = total(scrape(proxy), "shardproxy_errors_total", kind="unsupported")
     for cursor in (psycopg.Cursor, psycopg.ClientCursor):  # the extended protocol, and the simple one

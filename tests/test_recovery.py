@@ -1,5 +1,5 @@
 """In-doubt two-phase commits, left by hand on three real shards as a proxy that died would leave them,
-and resolved by a running proxy from the first participant's state alone."""
+and resolved by a running proxy from the first participant's (the decider's) state alone."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import uuid
 import psycopg
 import pytest
 
-from shardproxy.datapath.fanout.twophase import new_gid
+from shardproxy.config import load_config
+from shardproxy.datapath.fanout.twophase import new_gid, signing_key
 from tests.support import APP_DB
 
 REGION = "recov"
-SHORT = {"in_doubt_after": "1s"}
+SHORT = {"in_doubt_after": "1s", "two_phase_secret": "shared by the fleet"}
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +47,16 @@ def prepare(cluster, gid: str, tag: str) -> None:
         conn.execute(f"PREPARE TRANSACTION '{gid}'")
 
 
-def commit(cluster, tag: str) -> None:
-    cluster.primary.sql(f"INSERT INTO doubts VALUES ('{tag}')", dbname=APP_DB)
+def decide(proxy, cluster, tag: str, end: str) -> str:
+    """The decider's part of a two-phase commit: a transaction on `cluster` that inserts `tag`, ended by `end`
+    (PREPARE, COMMIT or ROLLBACK); the gid a proxy would have given it, signed with the proxy's key."""
+    with psycopg.connect(cluster.primary.dsn(user="app", dbname=APP_DB), autocommit=True) as conn:
+        conn.execute("BEGIN")
+        conn.execute("INSERT INTO doubts VALUES (%s)", (tag,))
+        (xid,) = conn.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()
+        gid = new_gid(cluster.name, xid, signing_key(load_config(proxy.config_path)))
+        conn.execute(f"PREPARE TRANSACTION '{gid}'" if end == "PREPARE" else end)
+    return gid
 
 
 def prepared(cluster) -> set[str]:
@@ -76,8 +85,7 @@ def test_ddl_through_the_proxy_leaves_nothing_prepared(proxy, shards):
 
 
 def test_first_participant_committed_so_the_others_commit(proxy, shards):
-    gid = new_gid(shards[0].name)
-    commit(shards[0], "a")
+    gid = decide(proxy, shards[0], "a", "COMMIT")
     for cluster in shards[1:]:
         prepare(cluster, gid, "a")
     wait_resolved(shards, gid)
@@ -85,9 +93,19 @@ def test_first_participant_committed_so_the_others_commit(proxy, shards):
     assert f"in-doubt transaction {gid} resolved: commit on" in proxy.log()
 
 
+def test_first_participant_aborted_so_the_others_roll_back(proxy, shards):
+    """Its PREPARE failed (or never came) while the others prepared: its xid is recorded as aborted."""
+    gid = decide(proxy, shards[1], "f", "ROLLBACK")
+    for cluster in (shards[0], shards[2]):
+        prepare(cluster, gid, "f")
+    wait_resolved(shards, gid)
+    assert rows(shards, "f") == [0, 0, 0]
+    assert f"in-doubt transaction {gid} resolved: rollback on" in proxy.log()
+
+
 def test_all_prepared_so_all_roll_back(proxy, shards):
-    gid = new_gid(shards[1].name)
-    for cluster in shards:
+    gid = decide(proxy, shards[1], "b", "PREPARE")
+    for cluster in (shards[0], shards[2]):
         prepare(cluster, gid, "b")
     wait_resolved(shards, gid)
     assert rows(shards, "b") == [0, 0, 0]
@@ -95,8 +113,8 @@ def test_all_prepared_so_all_roll_back(proxy, shards):
 
 
 def test_first_participant_down_decides_nothing_until_it_is_back(proxy, shards):
-    gid = new_gid(shards[2].name)
-    for cluster in shards:
+    gid = decide(proxy, shards[2], "c", "PREPARE")
+    for cluster in shards[:2]:
         prepare(cluster, gid, "c")
     decider = shards[2].primary
     decider.stop()
@@ -114,13 +132,14 @@ def test_young_transactions_are_left_to_their_commit(sandbox, proxy, shards):
     proxy.stop()
     patient = None
     try:
-        old, young = new_gid(shards[0].name), new_gid(shards[0].name)
-        for cluster in shards:
+        old = decide(proxy, shards[0], "d-old", "PREPARE")
+        for cluster in shards[1:]:
             prepare(cluster, old, "d-old")
         time.sleep(3.5)
-        for cluster in shards:
+        young = decide(proxy, shards[0], "d-young", "PREPARE")
+        for cluster in shards[1:]:
             prepare(cluster, young, "d-young")
-        patient = start_proxy(sandbox, shards, "recovery-patient", {"in_doubt_after": "3s"})
+        patient = start_proxy(sandbox, shards, "recovery-patient", {**SHORT, "in_doubt_after": "3s"})
         wait_resolved(shards, old)
         assert len(holders(shards, young)) == 3
         wait_resolved(shards, young)  # once it is old
@@ -131,16 +150,21 @@ def test_young_transactions_are_left_to_their_commit(sandbox, proxy, shards):
 
 
 def test_other_gids_are_never_touched(proxy, shards):
-    foreign = [f"other:{shards[0].name}:{uuid.uuid4().hex}", f"shardproxy_{uuid.uuid4().hex}"]
-    ours = new_gid(shards[0].name)
-    for cluster in shards:
+    """Gids not signed with the fleet's key, forged ones included (pg_prepared_xacts is readable by every user,
+    so anyone may copy a real gid's form, or sign with another key): a pass never finishes them."""
+    ours = decide(proxy, shards[0], "e", "COMMIT")
+    decider, xid, _ = ours[len("shardproxy:"):].rsplit(":", 2)
+    foreign = [f"other:{shards[0].name}:{uuid.uuid4().hex}", f"shardproxy_{uuid.uuid4().hex}",
+               f"shardproxy:{decider}:{xid}:{'0' * 16}", new_gid(decider, int(xid), b"another fleet's key")]
+    for cluster in shards[1:]:
         for gid in [*foreign, ours]:
             prepare(cluster, gid, "e")
     wait_resolved(shards, ours)
     time.sleep(1.5)  # another pass
     try:
-        assert all(holders(shards, gid) == [c.name for c in shards] for gid in foreign)
+        assert all(holders(shards, gid) == [c.name for c in shards[1:]] for gid in foreign)
+        assert rows(shards, "e") == [1, 1, 1]
     finally:
-        for cluster in shards:
+        for cluster in shards[1:]:
             for gid in foreign:
                 cluster.primary.sql(f"ROLLBACK PREPARED '{gid}'", dbname=APP_DB)

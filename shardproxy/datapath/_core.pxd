@@ -25,6 +25,8 @@ cdef class ProxyCore:
     cdef public object statements  # the statements Registry (statements.py), shared by every connection
     cdef public int prepared_per_server  # pool.prepared_statements_per_server, as the last (re)load said
     cdef public bytes statement_mark  # the random part of the statements' server-side names (statements.py)
+    cdef public object two_phase_key  # signs two-phase commits' names (fanout/twophase.py)
+    cdef public long long transactions  # given back by a client after running on one server connection
 
 
 cdef class Endpoint:
@@ -61,8 +63,9 @@ cdef class ClientCore(Endpoint):
     cdef public double wait_started  # when it queued for a server connection; 0 when not waiting
     cdef public Py_ssize_t max_message_size
     # The routing state the loops read (placement.py keeps it).
-    cdef public list held  # BEGIN and SETs of a transaction that has not named its shard yet
-    cdef public bint held_failed  # an error inside a held transaction: only ROLLBACK/COMMIT ends it
+    cdef public list replay  # an explicit transaction's BEGIN, SETs and savepoints, for each shard it joins
+    cdef public bint tx_failed  # an error inside a transaction that holds no server yet: only its end ends it
+    cdef public bint spanning  # the batch's implicit transaction spans shards: its Sync is the proxy's to answer
     cdef public object _refusal  # the message of the statement to refuse, or "" to answer it with _local_reply
     cdef public object _local_reply
 
@@ -71,6 +74,7 @@ cdef class ClientCore(Endpoint):
     cpdef _acquire(self, PoolCore pool)
     cpdef link(self, ServerCore server)
     cpdef _server_ready(self, ServerCore server)
+    cpdef _give_back(self, ServerCore server)
     cdef bint _bind(self, buf, Py_ssize_t pos, Py_ssize_t portal_end, Py_ssize_t end, list out) except -1
     cpdef _ensure_prepared(self, statement, list out)
     cpdef _forward(self, buf)
@@ -94,6 +98,7 @@ cdef class ClientCore(Endpoint):
     cpdef _batch_member(self, buf, Py_ssize_t pos, Py_ssize_t end)
     cpdef _refuse(self, message, buf, Py_ssize_t pos, Py_ssize_t end, list out)
     cpdef _stopped(self, ServerCore server, list out)
+    cpdef _drained(self, ServerCore server)
     cpdef _linked_on_shard(self, ServerCore server)
     cpdef _follow_commit(self, ServerCore server)
     cpdef _routed_transaction_ended(self)
@@ -105,6 +110,7 @@ cdef class ServerCore(Endpoint):
     cdef public dict params, reported, param_sql
     cdef public Requests pending  # requests forwarded and not yet answered (see server.py)
     cdef public ClientCore client
+    cdef public bytes error_as  # the ErrorResponse that replaces the next one (a statement the proxy cancelled)
     cdef public bint ignoring, settings_undone
     cdef public int status, cancels
     cdef public double last_used, linked_at, created

@@ -103,6 +103,7 @@ class ServerCore(Endpoint):
     param_sql: dict[str, str]
     pending: Requests
     client: ClientCore | None
+    error_as: bytes | None
     ignoring: bool
     settings_undone: bool
     status: int

@@ -101,7 +101,7 @@ cdef bint _names_ours(const unsigned char* s, Py_ssize_t size, bytes mark) noexc
         hit = <const unsigned char*>memmem(at, end - at, m, k)
         if hit == NULL:
             return False
-        if hit - s >= 2 and hit[-2] | 32 == c's' and hit[-1] | 32 == c'p':
+        if hit - s >= 2 and (hit - 2)[0] | 32 == c's' and (hit - 1)[0] | 32 == c'p':
             return True
         at = hit + 1
 
@@ -383,7 +383,7 @@ cdef class ClientCore(Endpoint):
     ClientConnection login, Placement routing)."""
 
     def __cinit__(self):
-        self.held = []
+        self.replay = []
         self.reason = ""
         self._refusal = ""
 
@@ -419,7 +419,7 @@ cdef class ClientCore(Endpoint):
                 self.close()
                 return
             sharded = self.core.sharded
-            if self.routes != sharded and not self.held:  # a reload added or removed shards
+            if self.routes != sharded and not self.replay:  # a reload added or removed shards
                 self.routes = sharded
             if not self.routes:  # one server: the pool found at login, unless a reload drained it
                 pool = self.pool
@@ -431,7 +431,7 @@ cdef class ClientCore(Endpoint):
             if found is None:  # the statement that decides has not fully arrived
                 return
             decision, batch_end, _, standalone = found
-            if not (standalone and (decision.route.local or self.held_failed)
+            if not (standalone and (decision.route.local or self.tx_failed)
                     and self._answer_locally(decision, batch_end)):
                 # A whole batch is not routed twice: its decision serves the link's first check too.
                 self.decided = found if standalone or self.buf[batch_end - 5] == c'S' else None
@@ -465,15 +465,31 @@ cdef class ClientCore(Endpoint):
         self.decided = None
 
     cpdef _server_ready(self, ServerCore server):
-        """Transaction pooling: once the transaction is over, the connection goes back to the pool."""
-        if server.status != _IDLE or server.cancels or self.mid_batch or server.ignoring:
+        """The linked server answered everything it was sent: if forwarding stopped at a statement for another
+        server connection, routing moves on (_drained); else, in transaction pooling, once the transaction is
+        over the connection goes back to the pool."""
+        if server.cancels or server is not self.server:
             return
+        if server.ignoring:  # an error, and the client's Sync is yet to come
+            if self.stopped:  # before the statement forwarding stopped at: as PostgreSQL does, the server skips
+                self.stopped = False  # the rest of the batch
+                ClientCore.on_data(self, b"")
+            return
+        if self.stopped:
+            self._drained(server)
+        elif server.status == _IDLE and not self.mid_batch and self.transaction_pooling:
+            ClientCore._give_back(self, server)
+
+    cpdef _give_back(self, ServerCore server):
+        """The transaction is over: the connection goes back to its pool, and what the client sent meanwhile
+        starts the next one."""
         if self.wrote:  # read-your-writes: learn where this commit ends in the WAL before letting go
             self._follow_commit(server)
             return
         self.server = None
         self.peer = None
-        PoolCore.release(self.pool, server)
+        PoolCore.release(<PoolCore>server.pool, server)
+        self.core.transactions += 1
         self.mid_batch = self.stopped = False
         if self.routes:
             self._routed_transaction_ended()
@@ -547,9 +563,10 @@ cdef class ClientCore(Endpoint):
                 continue
             if pos == check:
                 check, decider, refuse, go = self._route_batch_here(buf, pos)
-                if not go:  # what came before it goes first: _stopped may add a ROLLBACK after it
+                if not go:  # what came before it goes first, with what _stopped adds after it
                     out = _add_span(out, p, span, pos)
                     span = pos
+                    self.mid_batch = executing
                     self.stopped = True
                     self._stopped(server, out)
                     break
@@ -563,8 +580,14 @@ cdef class ClientCore(Endpoint):
                     self._refuse(self._refusal, buf, pos, end, out)
                 else:  # SET/RESET shardproxy.shard_key: the proxy's own setting, never sent
                     ServerCore.enqueue_synthetic(server, self._local_reply)
-            elif t == c'B' and routes and pos != decider and (refusal := self._batch_member(buf, pos, end)):
+            elif t == c'B' and routes and pos != decider and (refusal := self._batch_member(buf, pos, end)) != "":
                 out = _add_span(out, p, span, pos)
+                if refusal is None:  # its shard's server connection continues the batch
+                    span = pos
+                    self.mid_batch = executing
+                    self.stopped = True
+                    self._stopped(server, out)
+                    break
                 span = end
                 self._refuse(refusal, buf, pos, end, out)
             elif t == c'B':
@@ -578,6 +601,13 @@ cdef class ClientCore(Endpoint):
             elif t == c'E':
                 pending.push(EXECUTE_REQ)
             elif t == c'S':
+                if self.spanning:  # the batch's transaction spans shards: the proxy ends it on each (_drained)
+                    out = _add_span(out, p, span, pos)
+                    span = pos
+                    self.mid_batch = executing
+                    self.stopped = True
+                    self._stopped(server, out)
+                    break
                 pending.push(SYNC_REQ)
                 if routes:
                     check = end  # the next batch, if in this read, is routed too
@@ -639,7 +669,7 @@ cdef class ClientCore(Endpoint):
         server.last_used = _about_now()  # query_timeout counts the server's silence from here
         if pos < n:
             self.buf = bytearray(buf[pos:])
-            if self.stopped and pending.empty() and server.status == _IDLE:
+            if self.stopped and pending.empty():
                 ClientCore._server_ready(self, server)  # stopped with nothing in flight: move on now
         elif pending.empty() and server.on_ready is not None and self.server is server:
             server.on_ready(server)  # all answered by the proxy itself (DEALLOCATE ALL): no server reply will come
@@ -712,7 +742,12 @@ cdef class ClientCore(Endpoint):
         """Make the linked server raise the refusal in place of the message at buf[pos:end]."""
 
     cpdef _stopped(self, ServerCore server, list out):
-        """Forwarding stopped at a statement for another connection."""
+        """Forwarding stopped at a statement for another connection (`out`: what goes to `server` before)."""
+
+    cpdef _drained(self, ServerCore server):
+        """Forwarding stopped, and `server` has answered all it was sent: give it back if its transaction is over."""
+        if server.status == _IDLE:
+            ClientCore._give_back(self, server)
 
     cpdef _linked_on_shard(self, ServerCore server):
         """A routed transaction got its server connection."""
@@ -847,6 +882,7 @@ cdef class ServerCore(Endpoint):
                 self.status = p[pos + 5]
                 done = True
                 self.ignoring = False
+                self.error_as = None  # (a cancel that landed too late to fail the statement)
                 if self.settings_before is not None and p[pos + 5] == c'I' and action != A_HIDE:
                     if self.settings_undone and client is not None:  # rolled back: so are the client's SETs
                         client.param_sql, self.param_sql = self.settings_before
@@ -880,6 +916,11 @@ cdef class ServerCore(Endpoint):
                     hiding = False
             if t == c'E':
                 self.settings_undone = True
+                if self.error_as is not None and not hiding:
+                    out = _add_span(out, p, span, pos)
+                    out.append(self.error_as)
+                    span = end
+                    self.error_as = None
             if hiding:
                 out = _add_span(out, p, span, pos)
                 span = end

@@ -184,8 +184,8 @@ class ClientConnection(Placement, ClientSession, Connection):
         self.connected_at = time.time()
         self.admitted = False  # authenticated, and counted against max_client_conn
         self.transaction_pooling = proxy.config.pool.mode == "transaction"  # as when the client connected
-        self.on_server_ready = self._server_ready if self.transaction_pooling else None  # see ClientCore
-        self.gives_back = self.transaction_pooling
+        self.on_server_ready = self._server_ready  # see ClientCore
+        self.gives_back = True
         self.init_placement(proxy.core.sharded)
         self.max_message_size = PRE_AUTH_MESSAGE_SIZE
         # CPython 3.11 keeps few instance attributes in a dict whose keys the class shares, and for a subclass of a
@@ -360,9 +360,12 @@ class ClientConnection(Placement, ClientSession, Connection):
 
     # -- endings ----------------------------------------------------------------------------------------
     def server_lost(self, server: ServerConnection) -> None:
-        """The linked server connection broke: the client's transaction is gone, and so is the client."""
-        if self.server is server:
-            self.server = self.peer = None
+        """A server connection of the client's transaction broke: the transaction is gone, and so is the
+        client."""
+        if self.server is server or server in self.tx.legs.values():
+            if self.server is server:
+                self.server = self.peer = None
+            self.tx.legs = {shard: leg for shard, leg in self.tx.legs.items() if leg is not server}
             self._fatal(pg.PostgresError(pg.CONNECTION_FAILURE, "shardproxy: server connection lost"))
 
     def fail(self, error: pg.PostgresError) -> None:
@@ -371,9 +374,9 @@ class ClientConnection(Placement, ClientSession, Connection):
         that can serve it (from this region's primary to a replica, say), and a write waits for a failover."""
         self.wait_started = 0.0
         pool, shard = self.pool, self.shard
-        if error.code != pg.CONNECTION_FAILURE or not self.routes or shard < 0 or self.closed:
-            self._fatal(error)
-        elif self.held:
+        if error.code != pg.CONNECTION_FAILURE or not self.routes or shard < 0 or self.closed or self.tx.legs:
+            self._fatal(error)  # (in a transaction that holds legs already, there is no moving elsewhere)
+        elif self.replay:
             self.shard = -1
             self._await_primary(shard)
         else:
@@ -404,13 +407,22 @@ class ClientConnection(Placement, ClientSession, Connection):
                             "reason": reason})
         if self.pool is not None and self.wait_started:
             self.pool.cancel_waiting(self)
-        server, self.server = self.server, None
-        if server is None:
+        if self.busy:  # the proxy runs something on the client's legs: it gives them back once done
             return
-        self.pool.unlink(server)
+        servers = {id(leg): leg for leg in [self.server, *self.tx.legs.values()] if leg is not None}
+        self.server = None
+        self.tx.clear()
+        for server in servers.values():
+            self._leave(server)
+
+    def _leave(self, server: ServerConnection) -> None:
+        """The client is gone: its server connection goes back to the pool, or is closed mid-transaction."""
+        pool = server.pool
+        server.client = self  # the hand-out is counted as this client's
+        pool.unlink(server)
         if server.pending or server.status != pg.IDLE or self.mid_batch or server.ignoring:
-            self.pool.discard(server)  # mid-transaction: closing is the sure way to roll it back
+            pool.discard(server)  # mid-transaction: closing is the sure way to roll it back
         elif not self.transaction_pooling:
-            self.pool.reset_and_release(server)
+            pool.reset_and_release(server)
         else:
-            self.pool.release(server)
+            pool.release(server)

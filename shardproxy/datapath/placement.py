@@ -1,12 +1,36 @@
-"""Where a client's transactions run, in sharded configurations: the routing half of a client connection.
+"""Where a client's statements run, in sharded configurations: the routing half of a client connection.
 
-A batch (a simple Query, or extended-protocol messages up to Sync) is routed by the router's pure decision
-for its deciding statement. Between transactions (`_batch_route`, `_answer_locally`, `_start`) the decision
-picks the pool; a BEGIN is held until a statement names its shard, and a transaction whose statements name
-none runs tentatively on the client's home shard, to move once one does. On a linked connection each new
-batch is checked (`_route_batch_here`, `_check_route`): it runs there, waits for the next transaction, or is
-refused by making the server raise the error, so that the transaction aborts there as PostgreSQL's would.
-Statements on several shards run through the fanout package.
+A batch (a simple Query, or extended-protocol messages up to Sync) is routed by the router's pure decision for its
+deciding statement (its first Bind that names a shard, or every shard); every other Bind of the batch is checked as
+it is forwarded. A transaction holds one server connection, a leg, per shard it touched (transaction.py); the
+client forwards to one of them, the active leg, and the others wait. When a statement needs another server
+connection, forwarding stops before it; once the active leg has answered everything it was sent (`_drained`), the
+client moves on: to another leg, to the pool for the next transaction, or to the end of the transaction on every
+leg. A statement that names no shard runs where the client is, so it never decides where the transaction goes.
+
+The states (columns), and what each kind of statement (rows) does in them; s is the shard a statement names:
+
+| statement             | no transaction              | BEGIN held, no leg yet | legs (one is active)            |
+|-----------------------|-----------------------------|------------------------|---------------------------------|
+| BEGIN                 | simple: held, answered here | runs with the first    | runs on the active leg          |
+|                       | extended: runs where it is  | statement              |                                 |
+| names shard s         | runs on s; the connection   | joins s                | runs on s: s becomes the active |
+|                       | goes back once it is over   |                        | leg (joining it if new)         |
+| names no shard        | runs on the home shard      | joins the home shard   | runs on the active leg          |
+| SET, SAVEPOINT,       | runs where it goes          | held with BEGIN        | runs on the active leg; logged  |
+| RELEASE, ROLLBACK TO  |                             |                        | for the others' next use        |
+| COMMIT, ROLLBACK      | PostgreSQL's warning        | answered here          | one leg: runs there; several:   |
+|                       |                             |                        | ended on each by the proxy      |
+|                       |                             |                        | (two phases if two wrote)       |
+| a Bind for shard s in | the batch goes on on s; its | -                      | the batch goes on on s          |
+| a batch on another    | implicit transaction spans  |                        |                                 |
+|                       | both, ended at its Sync     |                        |                                 |
+| on every shard        | fanout/ (writes all or      | fanout/                | refused (0A000)                 |
+|                       | nothing)                    |                        |                                 |
+
+After an error a leg's transaction is aborted: every statement goes to that leg, which answers as PostgreSQL does,
+until the transaction ends. `routing.cross_shard_transactions: refuse` keeps a transaction on the first shard it
+named: a statement for a second one gets 0A000 (legs that ran only statements naming no shard do not count).
 """
 
 from __future__ import annotations
@@ -20,10 +44,12 @@ from typing import TYPE_CHECKING, NamedTuple, Protocol
 from shardproxy.cluster.topology import NodeState, parse_lsn
 from shardproxy.config import Config
 from shardproxy.datapath import fanout
-from shardproxy.datapath._core import batch_end, bind_parameter, bind_statement, text, well_formed
+from shardproxy.datapath._core import ClientCore, batch_end, bind_parameter, bind_statement, text, well_formed
+from shardproxy.datapath.fanout.legs import Leg
 from shardproxy.datapath.pending import HIDDEN_QUERY, Action, Kind, Request
+from shardproxy.datapath.transaction import Transaction, reply, statement_messages
 from shardproxy.routing.keys import decode_key
-from shardproxy.routing.router import Decision, Route, Router
+from shardproxy.routing.router import Decision, Router
 from shardproxy.wire import protocol as pg
 from shardproxy.wire.protocol import Backend, Frontend
 
@@ -38,8 +64,13 @@ _UNPACK = pg.INT32.unpack_from
 _COMMIT_LSN = pg.query("SELECT pg_current_wal_insert_lsn()")
 _SET_DONE = Request(Kind.QUERY, Action.SYNTH, pg.command_complete("SET"))
 _RESET_DONE = Request(Kind.QUERY, Action.SYNTH, pg.command_complete("RESET"))
-_COMMITTED_ALREADY = pg.notice(pg.WARNING, "shardproxy: this statement ran on every shard and is committed there "
-                               "already; a ROLLBACK of the transaction will not undo it")
+_BEGIN_BODY = b"BEGIN\0\0\0"  # a Parse's body: the text and no parameter types
+_HIDDEN_SYNC = Request(Kind.SYNC, Action.HIDE)
+_HIDDEN_BIND = Request(Kind.BIND, Action.HIDE)
+_HIDDEN_EXECUTE = Request(Kind.EXECUTE, Action.HIDE)
+_EXECUTE_UNNAMED = pg.message(b"E", b"\0\0\0\0\0")
+_ENDS = frozenset({"commit", "rollback"})
+_LOGGED = frozenset({"savepoint", "release", "rollback_to"})  # besides SET and friends (Plan.replays)
 
 
 class PlacementHost(Protocol):
@@ -52,6 +83,8 @@ class PlacementHost(Protocol):
 
     async def wait_for_primary(self, shard: str, timeout: float) -> NodeState | None: ...
     def client_error(self, error: pg.PostgresError) -> None: ...  # counts an error the proxy sent a client
+    def transaction_ended(self, two_phase: bool) -> None: ...
+    def two_phase_took(self, seconds: float) -> None: ...
 
 
 class BatchRoute(NamedTuple):
@@ -73,10 +106,10 @@ class HereVerdict(NamedTuple):
 
 
 class Verdict(Enum):
-    """Whether a statement met on a linked connection may run there."""
+    """What a statement met on the active leg does."""
 
     GO = "go"  # it runs there
-    STOP = "stop"  # it waits for the next transaction
+    STOP = "stop"  # forwarding stops before it; once the leg is drained, it goes where it must (_drained)
     REFUSE = "refuse"  # the server raises the refusal, which aborts the transaction there
 
 
@@ -98,27 +131,23 @@ class Placement:
     def init_placement(self, sharded: bool) -> None:
         self.routes = sharded  # whether this connection's statements are routed one by one
         self.home = 0  # the shard for statements that name none: the last one used (set at login)
-        self.shard = -1  # the shard of the linked server connection
-        self.on_primary = False  # whether the linked server connection is its shard's primary
+        self.shard = -1  # the active leg's shard
+        self.on_primary = False  # whether the active leg is its shard's primary
         self.session_key: object = None  # SET shardproxy.shard_key
-        self.held: list[bytes] = []  # BEGIN and SETs of a transaction that has not named its shard yet
-        self.held_failed = False  # an error inside a held transaction: only ROLLBACK/COMMIT ends it
-        self.tentative = False  # the transaction runs on the home shard until a statement names one
-        self.begin_replay: bytes | None = None  # a tentative transaction's extended-protocol BEGIN, as a Query
-        self.switching = False  # leaving the home shard: the tentative transaction is being rolled back
-        self.stopped = False  # forwarding stopped at a statement for another connection (see _stopped)
-        self.tx_open = False  # a BEGIN went to the linked server connection in this link
-        self.busy = False  # a statement on several shards is running
+        self.tx = Transaction(self.replay)
+        self.read_only = False  # the transaction began READ ONLY
+        self.stopped = False  # forwarding stopped at a statement for another server connection (see _drained)
+        self.busy = False  # the proxy runs something for the client on several shards
         self.unnamed: Statement | None = None  # the unnamed statement, for the Bind that follows its Parse
-        self.read_only = False  # the held transaction began READ ONLY
-        self.wrote = False  # the linked transaction wrote on a shard that has replicas (read-your-writes)
+        self.wrote = False  # the active leg's transaction wrote on a shard that has replicas (read-your-writes)
         self.min_lsn: dict[int, int] = {}  # per shard: the WAL position of this client's last commit there
         self.avoid: set[str] = set()  # nodes that just refused a connection, for this transaction
         self.decided: BatchRoute | None = None  # the routing of the batch being linked
         self._refusal = ""  # the message of the statement to refuse, or "" to answer it with _local_reply
         self._local_reply = _SET_DONE
+        self._left_batch = False  # forwarding stopped within a batch: the leg's part ended with a hidden Sync
 
-    # -- between transactions: where the next one starts ------------------------------------------------
+    # -- routing a batch ----------------------------------------------------------------------------------
     def _batch_route(self, buf, start: int) -> BatchRoute | None:
         """The routing of the batch at `start`, decided by its first Bind that names a shard (or every shard),
         else by its first Bind. None while the deciding message has not fully arrived."""
@@ -182,41 +211,54 @@ class Placement:
 
         return _new_decision((router.route(plan, (), parameter, self.session_key), plan, statement.sql))
 
+    # -- without a leg: where the next transaction starts ---------------------------------------------------
     def _answer_locally(self, decision: Decision, end: int) -> bool:
-        """Simple queries the proxy answers itself between transactions: a BEGIN it holds until the
-        transaction names its shard, the end of such a transaction, the session's shard key, refusals."""
+        """Simple queries the proxy answers itself when the client holds no leg: a BEGIN it holds until the
+        transaction names a shard, the end of such a transaction, the session's shard key, refusals."""
         route, plan = decision.route, decision.plan
         kind = route.kind
-        held = bool(self.held)
-        if self.held_failed and kind not in ("commit", "rollback"):
-            reply = pg.error(pg.IN_FAILED_TRANSACTION, "current transaction is aborted, commands ignored until "
-                             "end of transaction block") + pg.READY[pg.FAILED_TRANSACTION]
+        held = bool(self.replay)
+        if self.tx_failed and kind not in _ENDS:
+            reply_ = pg.error(pg.IN_FAILED_TRANSACTION, "current transaction is aborted, commands ignored until "
+                              "end of transaction block") + pg.READY[pg.FAILED_TRANSACTION]
         elif kind == "begin" and not held:
-            self.held.append(bytes(self.buf[:end]))
+            self.replay.append(bytes(self.buf[:end]))
             self.read_only = plan.read_only
-            reply = pg.command_complete("BEGIN") + pg.READY[pg.IN_TRANSACTION]
-        elif kind in ("commit", "rollback") and held:
-            self.held.clear()
-            self.held_failed = self.read_only = False
-            reply = pg.command_complete(kind.upper()) + pg.READY[pg.IDLE]
+            reply_ = pg.command_complete("BEGIN") + pg.READY[pg.IN_TRANSACTION]
+        elif kind in _ENDS and held and not self.tx.legs:
+            self._transaction_over()
+            reply_ = pg.command_complete(kind.upper()) + pg.READY[pg.IDLE]
         elif kind in ("set_shard_key", "reset_shard_key"):
             self.session_key = plan.shard_key_value if kind == "set_shard_key" else None
             tag = "SET" if kind == "set_shard_key" else "RESET"
-            reply = pg.command_complete(tag) + pg.READY[pg.IN_TRANSACTION if held else pg.IDLE]
+            reply_ = pg.command_complete(tag) + pg.READY[pg.IN_TRANSACTION if held else pg.IDLE]
         elif route.target == "error":
-            self.held_failed = held
+            self.tx_failed = held
             refusal = pg.PostgresError(pg.FEATURE_NOT_SUPPORTED, route.message or "shardproxy: cannot route")
             self.proxy.client_error(refusal)
-            reply = refusal.to_message() + pg.READY[pg.FAILED_TRANSACTION if held else pg.IDLE]
+            reply_ = refusal.to_message() + pg.READY[pg.FAILED_TRANSACTION if held else pg.IDLE]
         else:
             return False
         del self.buf[:end]
-        self.write(reply)
+        self.write(reply_)
         return True
 
     def _start(self, decision: Decision, batch_end: int) -> None:
-        """Open the transaction where the route says: one shard's node, or several shards at once."""
+        """Open the transaction where the route says: one shard's node, or several shards at once. In a
+        transaction that holds legs, none of them active: go on on the leg the statement needs."""
         route = decision.route
+        if self.tx.legs and route.kind in _ENDS:
+            self._end(commit=route.kind == "commit" and not self._failed(), implicit=False)
+            return
+        if self.tx.legs and route.target not in ("scatter", "all") or self._failed_leg() is not None:
+            failed = self._failed_leg()
+            if failed is not None:  # it answers as PostgreSQL does, until the transaction ends
+                self._activate(next(shard for shard, leg in self.tx.legs.items() if leg is failed))
+            elif route.target == "shard":
+                self._activate(route.shard)
+            else:
+                self._activate(self.home if self.home in self.tx.legs else min(self.tx.legs))
+            return
         if route.target in ("scatter", "all"):
             if self.buf[batch_end - 5] != Frontend.SYNC and self.buf[0] != Frontend.QUERY:
                 return  # a multi-shard batch runs whole: wait for its Sync
@@ -227,15 +269,11 @@ class Placement:
             return
         # A refused extended-protocol batch goes to the home shard, whose server raises the refusal (_forward).
         shard = route.shard if route.target == "shard" else self.home
-        if route.kind == "begin" and not self.held and self.buf[0] != Frontend.QUERY:
-            # BEGIN in the extended protocol (psycopg's executemany, pipelines) runs at once on the home
-            # shard: tentatively, as a held BEGIN would, and replayed where the transaction moves.
-            self.begin_replay = pg.query(decision.sql)
-            self.read_only = decision.plan.read_only
-            self.tentative = True
-        else:
-            self.tentative = route.target != "shard" and bool(self.held)
-        write = route.write or (bool(self.held) and not self.read_only)
+        if route.kind == "begin" and not self.replay:  # an extended-protocol BEGIN: it runs in this batch
+            self.replay.append(pg.query(decision.sql))
+            self.tx.applied[shard] = 1
+            self.read_only = decision.plan.read_only if decision.plan is not None else False
+        write = route.write or (bool(self.replay) and not self.read_only)
         pool = self._pool_on(shard, write, route.force_primary)
         if pool is None:
             self._await_primary(shard)
@@ -268,33 +306,53 @@ class Placement:
             self._dispatch()
 
     async def _run_on_shards(self, decision: Decision, batch: bytes) -> None:
-        held = bool(self.held)
-        status = pg.IN_TRANSACTION if held else pg.IDLE
+        """A statement for every shard: outside a transaction on legs from the pools, given back after; inside
+        one on the transaction's own legs (joining the shards it lacks), which it keeps."""
+        in_transaction = bool(self.replay)
+        route = decision.route
+        kind = fanout.kind_of(decision)
+        legs: list[Leg] = []
+        two_phase = False
         try:
-            route = decision.route
-            pools = [self._pool_on(shard, route.target == "all", route.force_primary)
-                     for shard in range(len(self.proxy.config.shards))]
-            reply = await fanout.run(self, pools, decision, batch, status)
+            if in_transaction:
+                legs = await self.tx.every_leg(self, self._transaction_pool, len(self.proxy.config.shards), kind)
+            else:
+                pools = [self._pool_on(shard, route.target == "all", route.force_primary)
+                         for shard in range(len(self.proxy.config.shards))]
+                if None in pools:
+                    raise pg.PostgresError(pg.CANNOT_CONNECT_NOW, "shardproxy: a shard has no primary")
+                legs = [Leg(self, pool, kind) for pool in pools if pool is not None]
+            reply_, two_phase = await fanout.run(self, legs, decision, batch, in_transaction)
         except pg.PostgresError as exc:  # the proxy's own: the servers' errors are part of the reply
             self.proxy.client_error(exc)
-            reply = exc.to_message() + pg.READY[pg.FAILED_TRANSACTION if held else pg.IDLE]
+            reply_ = exc.to_message() + pg.READY[pg.FAILED_TRANSACTION if in_transaction else pg.IDLE]
         except Exception as exc:  # a bug must cost this statement, not the client's connection
             log.exception("client %d: statement on several shards failed", self.id)
             error = pg.PostgresError(pg.INTERNAL_ERROR, f"shardproxy: internal error: {exc}")
             self.proxy.client_error(error)
-            reply = error.to_message() + pg.READY[pg.FAILED_TRANSACTION if held else pg.IDLE]
-        if held and reply.endswith(pg.READY[pg.FAILED_TRANSACTION]):
-            self.held_failed = True
-        elif held and decision.route.target == "all":  # say so: a later ROLLBACK cannot undo it
-            reply = _COMMITTED_ALREADY + reply
+            reply_ = error.to_message() + pg.READY[pg.FAILED_TRANSACTION if in_transaction else pg.IDLE]
+        finally:
+            if in_transaction:
+                self.tx.detach(self, legs)
+            else:
+                for leg in legs:
+                    leg.release()
+        if in_transaction:
+            self.tx_failed = self.tx_failed or reply_.endswith(pg.READY[pg.FAILED_TRANSACTION])
+        else:
+            self.proxy.transaction_ended(two_phase)
         self.busy = False
         if not self.closed:
-            self.write(reply)
+            self.write(reply_)
             self._dispatch()
 
-    # -- on a linked connection: may the next batch run here? -----------------------------------------
+    def _transaction_pool(self, shard: int) -> Pool | None:
+        """Where a shard joins the transaction: its primary, unless the transaction is READ ONLY."""
+        return self._pool_on(shard, not self.read_only, False)
+
+    # -- on the active leg: where does the next batch run? --------------------------------------------------
     def _route_batch_here(self, buf, pos: int) -> HereVerdict:
-        """At the start of a batch on a linked connection: where it may run. Every other Bind of the batch is
+        """At the start of a batch on the active leg: whether it runs there. Every other Bind of the batch is
         checked as it is forwarded (see _batch_member)."""
         found = self.decided if pos == 0 and self.decided is not None else self._batch_route(buf, pos)
         if found is None:  # its deciding message has not arrived: it runs here
@@ -306,86 +364,227 @@ class Placement:
             self._refusal = ""
             self._local_reply = _SET_DONE if kind == "set_shard_key" else _RESET_DONE
             return _new_here((batch_end, decider, decider, True))
-        verdict = self._check_route(decision)
+        verdict = self._verdict(decision, within_batch=False)
         if verdict is _STOP:
             return _STOPS_HERE
         if verdict is _REFUSE:
-            route = decision.route
-            self._refusal = route.message if route.target == "error" else self._cross_shard_message(route)
             return _new_here((batch_end, decider, decider, True))
         return _new_here((batch_end, decider, -1, True))
 
-    def _batch_member(self, buf, pos: int, end: int) -> str:
-        """A Bind of a batch that some other message decided: why it cannot run here, or "" if it can.
-        Everything up to a Sync is one implicit transaction on one server, so a statement for another
-        shard (or for every shard) cannot be sent anywhere else: it is refused, which aborts the batch."""
-        decision = self._bind_decision(buf, pos, end, self.unnamed)
-        if self._check_route(decision) is _GO:
+    def _batch_member(self, buf, pos: int, end: int) -> str | None:
+        """A Bind of a batch that another message decided: "" if it runs on the active leg, None if the batch
+        goes on on another leg from here, else why it is refused (which aborts the batch)."""
+        verdict = self._verdict(self._bind_decision(buf, pos, end, self.unnamed), within_batch=True)
+        if verdict is _GO:
             return ""
-        route = decision.route
-        if route.target == "error":
-            return route.message or "shardproxy: cannot route"
-        return self._cross_shard_message(route)
+        if verdict is _STOP:
+            self._left_batch = True
+            return None
+        return self._refusal
 
-    def _check_route(self, decision: Decision) -> Verdict:
-        """Whether a statement met on a linked connection may run there."""
+    def _verdict(self, decision: Decision, within_batch: bool) -> Verdict:
+        """Whether a statement met on the active leg runs there; notes what it does to the transaction. A
+        refusal's message is left in _refusal."""
         route = decision.route
-        target = route.target
-        if route.kind == "begin":
-            self.tx_open = True
+        kind, target = route.kind, route.target
+        server = self.server
+        explicit = bool(self.replay)
+        in_transaction = explicit or self.spanning or within_batch or server.status != pg.IDLE
+        if server.status == pg.FAILED_TRANSACTION:  # it answers as PostgreSQL does, until the transaction ends
+            if kind in _ENDS and len(self.tx.legs) > 1:
+                return _STOP  # on every leg
+            if kind == "rollback_to":  # the other legs roll back to the savepoint too, before their next use
+                self._log(decision.sql)
+            return _GO
         if target == "error":
-            return _REFUSE
+            return self._refuse_with(route.message or "shardproxy: cannot route")
+        if kind == "begin":
+            if not explicit:  # it runs here: the other legs get it from the log
+                self._log(decision.sql)
+                self.read_only = decision.plan.read_only if decision.plan is not None else False
+            return _GO
+        if kind in _ENDS:
+            return _GO if len(self.tx.legs) <= 1 and not self.spanning else _STOP
+        if explicit and (kind in _LOGGED or (decision.plan is not None and decision.plan.replays)):
+            self._log(decision.sql)
+            return _GO
         if target == "any":
-            if self.tentative and route.kind == "session":
-                self.held.append(pg.query(decision.sql))
             return _GO
-        in_transaction = self.tx_open or self.server.status != pg.IDLE
-        if target == "shard" and route.shard == self.shard and (self.on_primary or not route.write or in_transaction):
-            self.tentative = False
-            self.wrote = self.wrote or (route.write and self.proxy.pools.tracks_writes(self.shard))
-            return _GO
-        if self.tentative or not in_transaction:
+        if target == "shard":
+            if route.shard == self.shard:
+                if route.write and not self.on_primary:
+                    if not in_transaction:
+                        return _STOP  # a write after reads on a replica: the next transaction, on the primary
+                    return self._refuse_with(f"shardproxy: this transaction runs on a replica of shard "
+                                             f"{self._shard_name(self.shard)}; a write cannot join it")
+                self.tx.data.add(self.shard)
+                self.wrote = self.wrote or (route.write and self.proxy.pools.tracks_writes(self.shard))
+                return _GO
+            if not in_transaction:
+                return _STOP
+            if self.proxy.config.routing.cross_shard_transactions == "refuse" and self.tx.data - {route.shard}:
+                return self._refuse_with(f"shardproxy: this transaction runs on shard {self._shard_name(self.shard)}; "
+                                         f"a statement for shard {self._shard_name(route.shard)} cannot join it")
+            if within_batch and not self.on_primary:
+                return self._refuse_with("shardproxy: a batch read from replicas cannot go on on another shard")
             return _STOP
+        if within_batch:
+            return self._refuse_with("shardproxy: a statement that runs on every shard must be the only one in "
+                                     "its batch (send a Sync before and after it)")
+        if in_transaction and self.proxy.config.routing.cross_shard_transactions == "refuse":
+            return self._refuse_with(f"shardproxy: a statement on every shard cannot run inside a transaction on "
+                                     f"shard {self._shard_name(self.shard)}")
+        return _STOP
+
+    def _log(self, sql: str) -> None:
+        """A statement the active leg runs now, which every other leg runs before its next use."""
+        self.replay.append(pg.query(sql))
+        self.tx.applied[self.shard] = len(self.replay)
+
+    def _refuse_with(self, message: str) -> Verdict:
+        self._refusal = message
         return _REFUSE
 
+    def _shard_name(self, shard: int) -> str:
+        return self.proxy.config.shards[shard].name
+
     def _refuse(self, message: str, buf, pos: int, end: int, out: list) -> None:
-        """Make the linked server raise the refusal, so that it also aborts the transaction there."""
+        """Make the active leg raise the refusal, so that it also aborts the transaction there."""
         self.proxy.client_error(pg.PostgresError(pg.FEATURE_NOT_SUPPORTED, message))
         self._raise(pg.FEATURE_NOT_SUPPORTED, message, buf, pos, end, out)
 
+    # -- moving between legs ---------------------------------------------------------------------------------
     def _stopped(self, server: ServerConnection, out: list) -> None:
-        """Forwarding stopped at a statement for another connection: let this transaction end first."""
-        if self.tentative:  # nothing of value ran on the home shard: roll it back and move
-            out.append(pg.query("ROLLBACK"))
-            server.pending.append(HIDDEN_QUERY)
-            self.tentative = False
-            self.switching = True
-            if self.begin_replay is not None:
-                self.held.insert(0, self.begin_replay)
-                self.begin_replay = None
+        """Forwarding stopped. Within a batch (at a Bind for another shard, or at the Sync of a batch that spans
+        shards), the leg's part of the batch ends with a hidden Sync, after a BEGIN that turns its implicit
+        transaction into one that ends with the others' (PostgreSQL allows BEGIN inside an implicit one)."""
+        if not (self._left_batch or self.spanning):
+            if server.pending:  # say a Parse sent on its own: the server answers it only once asked to flush
+                out.append(pg.FLUSH)
+            return
+        self._left_batch = True  # (until _drained)
+        if not self.replay and server.status == pg.IDLE and not server.ignoring:  # its first part of the batch
+            statement = self.core.statements.get(_BEGIN_BODY)
+            self._ensure_prepared(statement, out)
+            out.append(pg.message(b"B", b"\0" + statement.bind_prefix + b"\0\0\0\0\0\0"))
+            server.pending.append(_HIDDEN_BIND)
+            out.append(_EXECUTE_UNNAMED)
+            server.pending.append(_HIDDEN_EXECUTE)
+            self.spanning = True
+        out.append(pg.SYNC)
+        server.pending.append(_HIDDEN_SYNC)
 
-    def _cross_shard_message(self, route: Route) -> str:
-        here = self.proxy.config.shards[self.shard].name
-        if route.target == "shard" and route.shard == self.shard:
-            return f"shardproxy: this transaction runs on a replica of shard {here}; a write cannot join it"
-        if route.target == "shard":
-            there = self.proxy.config.shards[route.shard].name
-            return f"shardproxy: this transaction runs on shard {here}; a statement for shard {there} cannot join it"
-        return f"shardproxy: a statement on every shard cannot run inside a transaction on shard {here}"
+    def _drained(self, server: ServerConnection) -> None:
+        """Forwarding stopped, and the active leg has answered all it was sent: move on where the client's next
+        message must go."""
+        self.stopped = False
+        left_batch, self._left_batch = self._left_batch, False
+        if self.closed:
+            return
+        if left_batch and server.status != pg.IN_TRANSACTION:  # its part of the batch failed (else its BEGIN or
+            self.tx_failed = True  # the client's would leave it in the transaction)
+            if not self.buf or self.buf[0] != Frontend.SYNC:  # as PostgreSQL does, this leg skips the rest of
+                server.ignoring = True  # the batch, up to its Sync
+                self.on_data(b"")
+                return
+        if self.spanning and self.buf and self.buf[0] == Frontend.SYNC:  # the end of a batch that spans legs
+            self._end(commit=not self._failed(), implicit=True)
+            return
+        if not (self.replay or self.spanning or server.status != pg.IDLE):
+            ClientCore._give_back(self, server)  # its transaction is over: the next one starts anew
+            return
+        self._park()
+        self._dispatch()  # with legs and none active: _start goes on where the next statement must
 
-    # -- transaction ends -------------------------------------------------------------------------------
+    def _activate(self, shard: int) -> None:
+        """Make the shard's leg the active one, joining the shard first if the transaction has no leg there."""
+        self.shard = shard
+        server = self.tx.legs.get(shard)
+        if server is not None:
+            self.link(server)
+            return
+        pool = self._transaction_pool(shard)
+        if pool is None:
+            self._fatal(pg.PostgresError(pg.CANNOT_CONNECT_NOW,
+                                         f"shardproxy: shard {self._shard_name(shard)} has no primary"))
+            return
+        self.tx.applied[shard] = 0
+        self._acquire(pool)
+
+    def _failed_leg(self) -> ServerConnection | None:
+        """The leg whose error aborted the transaction, if any."""
+        return next((leg for leg in self.tx.legs.values() if leg.status == pg.FAILED_TRANSACTION), None)
+
+    def _failed(self) -> bool:
+        return self.tx_failed or self._failed_leg() is not None
+
+    def _park(self) -> None:
+        """The active leg, if any, waits inside the transaction while the client is elsewhere."""
+        server = self.server
+        if server is None:
+            return
+        self.server = self.peer = None
+        server.peer = None
+        server.on_ready = None
+
     def _linked_on_shard(self, server: ServerConnection) -> None:
-        """A routed transaction got its server connection: replay the BEGIN and SETs held for it."""
+        """A leg became the active one: it runs what it missed of the transaction's log (BEGIN, SETs,
+        savepoints), and, within a batch, the batch's unnamed statement, which another leg parsed."""
         self.on_primary = self.proxy.pools.is_primary(server.pool.node)
-        self.tx_open = bool(self.held)
-        for replay in self.held:
+        if self.shard not in self.tx.legs:
+            self.tx.add(self.shard, server, self.tx.applied.get(self.shard, 0))
+        for query in self.tx.missed(self.shard):
             server.pending.append(HIDDEN_QUERY)
-            server.write(replay)
+            server.write(query)
+        if self.mid_batch and self.unnamed is not None:
+            server.pending.append(Request(Kind.PARSE, Action.HIDE))
+            server.write(self.unnamed.unnamed_parse)
+
+    # -- the end of a transaction on several legs --------------------------------------------------------------
+    def _end(self, commit: bool, implicit: bool) -> None:
+        """COMMIT or ROLLBACK (or the Sync of a batch that spans legs) on every leg, run by the proxy."""
+        self._park()
+        if implicit:
+            messages, end = [(Frontend.SYNC, b"")], 5
+        else:
+            messages, end = statement_messages(self.buf)
+        del self.buf[:end]
+        self.busy = True
+        asyncio.get_running_loop().create_task(self._end_on_legs(commit, implicit, messages))
+
+    async def _end_on_legs(self, commit: bool, implicit: bool, messages: list) -> None:
+        legs = len(self.tx.legs)
+        follow = [shard for shard in self.tx.legs if commit and self.proxy.pools.tracks_writes(shard)]
+        shard_names = [shard.name for shard in self.proxy.config.shards]
+        two_phase = False
+        try:
+            ending = await self.tx.end(self, shard_names, commit, follow)
+            error, two_phase = ending.error, ending.two_phase
+            self.min_lsn.update(ending.committed_at)
+            if two_phase:
+                self.proxy.two_phase_took(ending.seconds)
+        except Exception as exc:  # a bug must cost this transaction, not the client's connection
+            log.exception("client %d: ending a transaction on several shards failed", self.id)
+            error = pg.PostgresError(pg.INTERNAL_ERROR, f"shardproxy: internal error: {exc}")
+        if legs > 1:
+            self.proxy.transaction_ended(two_phase)
+        tag = "COMMIT" if commit and error is None else "ROLLBACK"
+        self._transaction_over()
+        self.busy = False
+        if self.closed:
+            return
+        if implicit:
+            self.write((error.to_message() if error is not None else b"") + pg.READY[pg.IDLE])
+        else:
+            self.write(reply(messages, tag, error, pg.IDLE))
+        self._dispatch()
 
     def _follow_commit(self, server: ServerConnection) -> None:
-        """Read-your-writes: learn where this client's commit ends in the WAL before the connection goes."""
+        """Read-your-writes: learn where this client's commit ends in the WAL before the connection goes. The
+        transaction is over: a statement for another shard meanwhile starts the next one there."""
         self.wrote = False
-        self.tx_open = False  # over: a statement for another shard arriving meanwhile waits, is not refused
+        self.replay.clear()
+        self.tx.data.clear()
         server.pending.append(Request(Kind.QUERY, Action.HIDE, self._committed_at))
         server.write(_COMMIT_LSN)
 
@@ -396,14 +595,14 @@ class Placement:
             self.min_lsn[self.shard] = parse_lsn(bytes(body[6:6 + length]).decode())
 
     def _routed_transaction_ended(self) -> None:
+        """The active leg went back to its pool: the transaction is over (ClientCore._give_back counted it)."""
+        self._transaction_over()
+
+    def _transaction_over(self) -> None:
         if self.shard >= 0:  # statements that name no shard (say, a Parse on its own) follow the last one, so
             self.home = self.shard  # that a client at work on one shard never waits on another's nodes
         self.shard = -1
-        self.tx_open = self.tentative = False
+        self.tx.clear()
+        self.replay.clear()
+        self.tx_failed = self.read_only = self.spanning = self.mid_batch = False
         self.avoid.clear()
-        if self.switching:  # moving to another shard: the held BEGIN and SETs are replayed there
-            self.switching = False
-        else:
-            self.held.clear()
-            self.held_failed = self.read_only = False
-            self.begin_replay = None

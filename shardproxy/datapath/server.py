@@ -63,6 +63,7 @@ class ServerConnection(ServerCore, Connection):
         self.settings_before: tuple[dict[str, str], dict[str, str]] | None = None
         # After an error the server skips every message up to the client's next Sync: the connection is kept.
         self.ignoring = False
+        self.error_as: bytes | None = None  # the ErrorResponse that replaces the next one (see cancel_running)
 
     # -- login --------------------------------------------------------------------------------------
     async def login(self, user: str, password: str | None, database: str, proven: ProvenKey | None,
@@ -119,8 +120,11 @@ class ServerConnection(ServerCore, Connection):
         super().connection_lost(exc)
         self.pool.lost(self)
 
-    def cancel_running(self) -> None:
-        """Forward a client's CancelRequest; hold this connection back from reuse until it has landed."""
+    def cancel_running(self, error: pg.PostgresError | None = None) -> None:
+        """Forward a client's CancelRequest; hold this connection back from reuse until it has landed. The
+        proxy's own cancels say why in `error`, which the client gets in place of the server's 57014."""
+        if error is not None:
+            self.error_as = error.to_message()
         self.cancels += 1
         asyncio.get_running_loop().create_task(self._send_cancel())
 

@@ -87,7 +87,10 @@ class ClientSession(ClientCore):
         """Outside a transaction, Parse (of a statement some server accepted already), Close of a statement
         and Sync need no server: answer them here. Clients that prepare synchronously (pgbench -M prepared)
         would otherwise wait for a connection that another of their own sessions holds.
-        Returns whether messages that need a server remain."""
+        Returns whether messages that need a server remain. Inside a transaction every message goes to one of
+        its server connections, which answers as PostgreSQL does (an aborted transaction refuses a Parse)."""
+        if self.replay:
+            return True
         buf = self.buf
         n = len(buf)
         pos = answered = replied = 0

@@ -21,11 +21,12 @@ from shardproxy.wire import protocol as pg
 
 
 class Statement:
-    __slots__ = ("name", "parse", "bind_prefix", "verified", "sql", "param_types", "plan")
+    __slots__ = ("name", "parse", "unnamed_parse", "bind_prefix", "verified", "sql", "param_types", "plan")
 
     def __init__(self, name: bytes, body: bytes):
         self.name = name  # the server-side name
         self.parse = pg.message(b"P", name + b"\0" + body)
+        self.unnamed_parse = pg.message(b"P", b"\0" + body)  # the client's own, when it used the unnamed statement
         self.bind_prefix = name + b"\0"
         self.verified = False  # a server has accepted it: a client's Parse of it can be answered without one
         self.sql, self.param_types = parse_body(body)  # types as declared; filled in from ParameterDescription

@@ -35,7 +35,8 @@ from prometheus_client.utils import floatToGoString
 
 from shardproxy.cluster.topology import Change, Topology
 from shardproxy.config import Config
-from shardproxy.counters import DURATION_BUCKETS, Tally
+from shardproxy.counters import DURATION_BUCKETS, Spread, Tally
+from shardproxy.datapath._core import ProxyCore
 from shardproxy.datapath.pool import Pools
 from shardproxy.ops.views import Linked, NodeView, client_state, node_views
 from shardproxy.wire import protocol as pg
@@ -73,6 +74,7 @@ class MetricsHost(Protocol):
     clients: dict[int, Linked]
     logging_in: int  # connections at the login, not yet among `clients`
     pools: Pools
+    core: ProxyCore  # the data path's counters of the proxy
 
 
 def error_kind(error: pg.PostgresError) -> str:
@@ -94,8 +96,11 @@ class Metrics:
         for kind in {*_ERROR_BY_MESSAGE.values(), *_ERROR_BY_CODE.values(), _SERVER_ERROR}:
             self.errors.labels(kind)  # every kind is exported from the start, at zero
         self._tallies: dict[tuple[str, str], Tally] = {}
+        self.two_phase_commits = Spread()  # seconds each two-phase commit took
+        self.cross_shard = {"multi": 0, "two_phase": 0}  # transactions on several shards, as they ended
         self.registry.register(_StateCollector(proxy))
         self.registry.register(_EventCollector(self._tallies))
+        self.registry.register(_TransactionCollector(proxy, self))
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)
@@ -167,6 +172,27 @@ class _EventCollector(Collector):
             for family, spread in ((duration, tally.duration), (wait, tally.wait)):
                 family.add_metric([shard, role], _cumulative(spread.counts), spread.sum)
         yield from (queries, duration, wait)
+
+
+class _TransactionCollector(Collector):
+    """Client transactions by the shards they touched, and how long two-phase commits took."""
+
+    def __init__(self, proxy: MetricsHost, metrics: Metrics):
+        self.proxy = proxy
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily("shardproxy_transactions", "Client transactions by the shards they touched: "
+                                     "single (one server connection), multi (several, committed plainly or rolled "
+                                     "back), two_phase (committed in two phases)", labels=["shards"])
+        family.add_metric(["single"], self.proxy.core.transactions)
+        for label, count in self.metrics.cross_shard.items():
+            family.add_metric([label], count)
+        spread = self.metrics.two_phase_commits
+        seconds = HistogramMetricFamily("shardproxy_two_phase_commit_seconds", "Time from the commit's first "
+                                        "question to the shards until every shard committed, per two-phase commit")
+        seconds.add_metric([], _cumulative(spread.counts), spread.sum)
+        yield from (family, seconds)
 
 
 def _cumulative(counts: list[int]) -> list[tuple[str, float]]:

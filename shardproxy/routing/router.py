@@ -161,6 +161,8 @@ class Plan:
     concurrently: CREATE INDEX / DROP INDEX / REINDEX ... CONCURRENTLY, which PostgreSQL refuses
         inside a transaction block, so a fan-out must not wrap it in one.
     clears_shard_key: RESET shardproxy.shard_key, RESET ALL or DISCARD ALL.
+    replays: every statement is a SET, RESET or SET CONSTRAINTS: inside a transaction on several shards it
+        applies on each of them (the data path replays it where the transaction goes next).
     shard_key_value: the value of ``SET shardproxy.shard_key`` (kind "set_shard_key").
     """
 
@@ -181,6 +183,7 @@ class Plan:
     isolation: str | None = None
     concurrently: bool = False
     clears_shard_key: bool = False
+    replays: bool = False
     shard_key_value: Key | None = None
 
     @property
@@ -606,6 +609,7 @@ def _combine(analyses: list[_Analysis], key: str, base: int | None, hints: dict[
         isolation=next((a.isolation for a in analyses if a.isolation), None),
         concurrently=any(a.concurrently for a in analyses),
         clears_shard_key=any(a.clears_shard_key for a in analyses),
+        replays=all(a.replays for a in analyses),
         shard_key_value=main.shard_key_value,
         **hints,
     )
@@ -657,6 +661,7 @@ class _Analysis:
         self.isolation: str | None = None
         self.concurrently = False
         self.clears_shard_key = False
+        self.replays = False
         self.shard_key_value: Key | None = None
         self._handled: set[int] = set()  # IN subqueries walked as key conditions, by id
         self._expanding: set[int] = set()  # WITH queries being walked, by id: a reference inside is recursion
@@ -691,6 +696,7 @@ class _Analysis:
         elif name in _SESSION:
             self.kind = "session"
             self.clears_shard_key = name == "DiscardStmt" and body.get("target") == "DISCARD_ALL"
+            self.replays = name == "ConstraintsSetStmt"
         elif name in _DDL or name.startswith(_DDL_PREFIXES):
             self.kind = "ddl"
             self.concurrently = _concurrent(name, body)
@@ -747,6 +753,7 @@ class _Analysis:
     def _set(self, body: dict[str, Any]) -> None:
         kind = body["kind"]
         self.kind = "session"
+        self.replays = True
         if kind == "VAR_RESET_ALL":
             self.clears_shard_key = True
         if body.get("name", "").lower() != SHARD_KEY_SETTING:

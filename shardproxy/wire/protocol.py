@@ -89,13 +89,16 @@ IN_FAILED_TRANSACTION = "25P02"
 
 # Responses the proxy synthesises. Prebuilt: they are sent on the hot path.
 PARSE_COMPLETE = b"1\x00\x00\x00\x04"
+BIND_COMPLETE = b"2\x00\x00\x00\x04"
 CLOSE_COMPLETE = b"3\x00\x00\x00\x04"
+NO_DATA = b"n\x00\x00\x00\x04"
 AUTH_OK = b"R\x00\x00\x00\x08\x00\x00\x00\x00"
 IDLE, IN_TRANSACTION, FAILED_TRANSACTION = 73, 84, 69  # ReadyForQuery status bytes: I, T, E
 READY = {status: b"Z\x00\x00\x00\x05" + bytes([status]) for status in (IDLE, IN_TRANSACTION, FAILED_TRANSACTION)}
 SSL_NO = b"N"
 TERMINATE = b"X\x00\x00\x00\x04"
 SYNC = b"S\x00\x00\x00\x04"
+FLUSH = b"H\x00\x00\x00\x04"
 
 
 class ProtocolError(Exception):

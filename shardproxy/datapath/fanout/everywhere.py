@@ -25,50 +25,48 @@ from shardproxy.wire import protocol as pg
 from shardproxy.wire.protocol import Backend
 
 if TYPE_CHECKING:
-    from shardproxy.datapath.pool import Pool
+    pass
 
 ACTIVE_SQL_TRANSACTION = "25001"  # "... cannot run inside a transaction block"
+_BEGIN = pg.query("BEGIN")
 
 
 class NotTransactional(Exception):
     """The batch cannot run inside a transaction block (SQLSTATE 25001): nothing of it ran."""
 
 
-async def run_everywhere(client: ClientSession, pools: list[Pool], batch: bytes, status: int, kind: str) -> bytes:
-    """Run a write batch on every shard's primary, all-or-nothing; the client's response."""
-    legs = [Leg(client, pool, kind) for pool in pools]
-    try:
-        begin = pg.query("BEGIN")
-        setting = pg.query("SHOW max_prepared_transactions")
-        responses = [_middle(r) for r in await run_legs(legs, [begin + batch + setting] * len(legs))]
-        failed = first_error([answers for answers, _ in responses])
-        if failed is not None:
-            await run_legs(legs, [pg.query("ROLLBACK")] * len(legs))
-            if status == pg.IDLE and error_fields(failed).get("C") == ACTIVE_SQL_TRANSACTION:
-                raise NotTransactional  # VACUUM and the like: run without a transaction, once the legs are back
-            return join_messages(with_status(failed, status))
-        await commit(legs, two_phase=all(setting != "0" for _, setting in responses))
-        return join_messages(with_status(responses[0][0], status))
-    finally:
-        for leg in legs:
-            leg.release()
+async def run_everywhere(client: ClientSession, legs: list[Leg], batch: bytes) -> tuple[bytes, bool]:
+    """Outside a transaction: run a write batch on every shard's primary (a leg on each), all-or-nothing. The
+    client's response, and whether it took a two-phase commit."""
+    responses = [_after_begin(r) for r in await run_legs(legs, [_BEGIN + batch] * len(legs))]
+    failed = first_error(responses)
+    if failed is not None:
+        await run_legs(legs, [pg.query("ROLLBACK")] * len(legs))
+        if error_fields(failed).get("C") == ACTIVE_SQL_TRANSACTION:
+            raise NotTransactional  # VACUUM and the like: run without a transaction, on the same legs
+        return join_messages(with_status(failed, pg.IDLE)), False
+    outcome = await commit(legs, [leg.pool.node.shard for leg in legs], client.core.two_phase_key)
+    if outcome.error is not None:
+        return outcome.error.to_message() + pg.READY[pg.IDLE], outcome.two_phase
+    return join_messages(with_status(responses[0], pg.IDLE)), outcome.two_phase
 
 
-async def run_alone_everywhere(client: ClientSession, pools: list[Pool], batch: bytes, status: int,
-                               kind: str) -> bytes:
+async def run_in_transaction(legs: list[Leg], batch: bytes) -> bytes:
+    """Inside a transaction: run a batch on every leg of it. The first error aborts the transaction (the leg
+    that raised it says so from then on); else the first leg's answers stand for all."""
+    responses = await run_legs(legs, [batch] * len(legs))
+    return join_messages(first_error(responses) or responses[0])
+
+
+async def run_alone_everywhere(client: ClientSession, legs: list[Leg], batch: bytes, status: int) -> bytes:
     """Run a batch that cannot be inside a transaction block on every shard's primary at once, each on its
     own. Nothing can be undone afterwards, so if some shards fail, the client's error says which shards
     have it done (and PostgreSQL's SQLSTATE and detail of the first failure)."""
     if status != pg.IDLE:  # as PostgreSQL answers it inside a transaction block
         raise pg.PostgresError(ACTIVE_SQL_TRANSACTION, "shardproxy: this statement cannot run inside a "
                                "transaction block (it runs on every shard without one)")
-    legs = [Leg(client, pool, kind) for pool in pools]
-    try:
-        responses = await run_legs(legs, [batch] * len(legs))
-    finally:
-        for leg in legs:
-            leg.release()
-    names = [pool.node.shard for pool in pools]
+    responses = await run_legs(legs, [batch] * len(legs))
+    names = [leg.pool.node.shard for leg in legs]
     failed = [i for i, answers in enumerate(responses) if first_error([answers]) is not None]
     if not failed:
         return join_messages(with_status(responses[0], status))
@@ -86,17 +84,7 @@ def _shards(names: list[str]) -> str:
     return f"shard{'s' if len(names) > 1 else ''} {', '.join(names)}"
 
 
-def _middle(messages: list[Message]) -> tuple[list[Message], str]:
-    """Split `BEGIN; <batch>; SHOW max_prepared_transactions` responses: the batch's, and the setting."""
-    ready = [i for i, (t, _) in enumerate(messages) if t == Backend.READY_FOR_QUERY]
-    setting = messages[ready[-2] + 1 : ready[-1]]
-    return messages[ready[0] + 1 : ready[-2] + 1], (_data_value(setting[1]) if len(setting) > 1 else "")
-
-
-def _data_value(message: Message) -> str:
-    """The first column of a one-column DataRow, as text."""
-    t, body = message
-    if t != Backend.DATA_ROW:
-        return ""
-    (length,) = pg.INT32.unpack_from(body, 2)
-    return body[6 : 6 + length].decode()
+def _after_begin(messages: list[Message]) -> list[Message]:
+    """The answers to `BEGIN; <batch>` without the BEGIN's."""
+    first_ready = next(i for i, (t, _) in enumerate(messages) if t == Backend.READY_FOR_QUERY)
+    return messages[first_ready + 1 :]

@@ -1,12 +1,13 @@
 """In-doubt two-phase commits: prepared transactions a proxy left behind when it died, or lost a shard,
 between PREPARE TRANSACTION and COMMIT PREPARED. They hold their locks until someone finishes them.
 
-No log is needed, thanks to the order twophase.commit keeps: the gid names the first participant (the
-decider), which prepares before the others, commits before them and rolls back after them. So while the
-decider holds the gid prepared, nobody has committed: roll back everywhere. Once it does not, and another
-participant does, the decider committed: commit everywhere. While the decider cannot be reached, nothing is
-decided. Only transactions prepared more than routing.in_doubt_after ago are looked at, so commits in flight
-(of this proxy or another one) are never touched; passes by several proxies at once agree.
+No log is needed (see twophase.py): the gid names the first participant (the decider) and the decider's xid, and
+the decider commits before the others. So while the decider holds the gid prepared, nobody has committed: roll
+back everywhere. Once it does not, PostgreSQL's record of the decider's xid says whether it committed (commit
+everywhere) or aborted (its PREPARE failed or never came: roll back everywhere). While the decider cannot be
+reached, nothing is decided. Only transactions prepared more than routing.in_doubt_after ago are looked at, so
+commits in flight (of this proxy or another one) are never touched; passes by several proxies at once agree. A
+gid that is not signed with the fleet's key (twophase.read_gid) is not ours, whatever it looks like: left alone.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from shardproxy.cluster.topology import Topology
 from shardproxy.config import Config
 from shardproxy.datapath._core import ProxyCore
 from shardproxy.datapath.fanout.legs import Leg, first_error
-from shardproxy.datapath.fanout.twophase import GID_PREFIX, decider_of
+from shardproxy.datapath.fanout.twophase import GID_PREFIX, read_gid, signing_key
 from shardproxy.datapath.params import literal
 from shardproxy.wire import protocol as pg
 from shardproxy.wire.protocol import Backend
@@ -85,12 +86,23 @@ async def resolve_in_doubt(proxy: RecoveryHost) -> None:
     names = [shard.name for shard in proxy.config.shards]
     found = await asyncio.gather(*(_prepared_on(proxy, name) for name in names))
     held = {name: gids for name, gids in zip(names, found) if gids is not None}  # the shards that answered
+    key = signing_key(proxy.config)
     in_doubt = sorted({gid for gids in held.values() for gid, xact in gids.items() if xact.old})
     for gid in in_doubt:
-        decider = decider_of(gid)
-        if decider in held:  # else unreachable (or no shard of this config): not decided yet
-            holders = {name: gids[gid] for name, gids in held.items() if gid in gids}
-            await _finish(proxy, gid, gid not in held[decider], holders, decider)
+        signed = read_gid(gid, key)
+        if signed is None or signed[0] not in held:  # not ours; or its decider is unreachable: not decided yet
+            continue
+        decider, xid = signed
+        holders = {name: gids[gid] for name, gids in held.items() if gid in gids}
+        if gid in held[decider]:
+            await _finish(proxy, gid, False, holders, decider)
+            continue
+        status = await _xact_status(proxy, decider, xid)
+        if status in ("committed", "aborted"):
+            await _finish(proxy, gid, status == "committed", holders, decider)
+        elif status is None:
+            log.warning("in-doubt transaction %s: shard %s no longer knows whether xid %d committed; left for an "
+                        "operator", gid, decider, xid)
 
 
 async def _finish(proxy: RecoveryHost, gid: str, commit: bool, holders: dict[str, Prepared], decider: str) -> None:
@@ -132,6 +144,25 @@ async def _prepared_on(proxy: RecoveryHost, shard: str) -> dict[str, Prepared] |
         log.debug("in-doubt recovery: cannot ask shard %s: %s", shard, exc)
         return None
     return {row["gid"]: Prepared(row["database"], row["owner"], row["old"]) for row in rows}
+
+
+async def _xact_status(proxy: RecoveryHost, shard: str, xid: int) -> str | None:
+    """What the shard's primary records of its transaction xid: committed, aborted, in progress, or None (too
+    old to know, or the primary cannot be asked)."""
+    node = proxy.topology.primary(shard)
+    if node is None:
+        return None
+    try:
+        conn = await proxy.health.connect(node, "shardproxy recovery", proxy.health.timeout)
+        try:
+            status: str | None = await conn.fetchval("SELECT pg_xact_status($1::text::xid8)", str(xid),
+                                                     timeout=proxy.health.timeout)
+        finally:
+            conn.terminate()
+    except CHECK_ERRORS as exc:
+        log.debug("in-doubt recovery: cannot ask shard %s: %s", shard, exc)
+        return None
+    return status
 
 
 _PREPARED_SQL = ("SELECT gid, database, owner, prepared < now() - make_interval(secs => $2) AS old "

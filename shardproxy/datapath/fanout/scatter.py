@@ -21,29 +21,30 @@ from shardproxy.wire import protocol as pg
 from shardproxy.wire.protocol import Backend, Frontend
 
 if TYPE_CHECKING:
-    from shardproxy.datapath.pool import Pool
+    pass
 
 
-async def scatter(client: ClientSession, pools: list[Pool], plan: ScatterPlan, batch: bytes, status: int) -> bytes:
-    """Run a read on every shard (the plan's rewritten SQL) and merge the answers into the client's reply."""
+async def scatter(client: ClientSession, legs: list[Leg], plan: ScatterPlan, batch: bytes, status: int) -> bytes:
+    """Run a read on every shard's leg (the plan's rewritten SQL) and merge the answers into the client's reply.
+    Inside a transaction an error aborts it: the reply's ReadyForQuery says so."""
     client_messages = split_messages(batch)
     leg_batch = _scatter_batch(client, plan, client_messages)
-    legs = [Leg(client, pool, "scatter") for pool in pools]
-    try:
-        responses = await run_legs(legs, [leg_batch] * len(legs))
-    finally:
-        for leg in legs:
-            leg.release()
+    responses = await run_legs(legs, [leg_batch] * len(legs))
     failed = first_error(responses)
     try:
         if failed is not None:
             plan.check_shard_error(error_fields(failed))
             ends = (Backend.ERROR_RESPONSE, Backend.READY_FOR_QUERY)
-            return join_messages(with_status([m for m in failed if m[0] in ends], status))
+            return join_messages(with_status([m for m in failed if m[0] in ends], _failed(status)))
         description, rows, tag = _merged(plan, responses)
     except Unmergeable as exc:  # found in the shards' answers: refused as what is found in the query is
         raise pg.PostgresError(exc.sqlstate, exc.message) from None
     return join_messages(_scatter_reply(client_messages, responses[0], plan, description, rows, tag, status))
+
+
+def _failed(status: int) -> int:
+    """The client's transaction status after an error."""
+    return pg.FAILED_TRANSACTION if status != pg.IDLE else pg.IDLE
 
 
 def _merged(plan: ScatterPlan, responses: list[list[Message]]) -> tuple[bytes, list[bytes], str]:

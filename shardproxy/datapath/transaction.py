@@ -1,0 +1,216 @@
+"""A client transaction that spans shards: its legs (one server connection per shard it touched), the log of what
+every leg must have run (BEGIN, SETs, savepoints), and its end across the legs.
+
+The client forwards to one leg at a time (placement.py); the others wait, parked, inside the transaction. A leg
+that joins late, or has been parked while the client ran a SET or a SAVEPOINT elsewhere, first runs what it missed
+of the log, so every leg is in the same transaction state when it runs a statement; a ROLLBACK TO reaches each leg
+the same way, which undoes exactly the work that leg did after the savepoint. The end (COMMIT, ROLLBACK, or the
+Sync of a batch whose implicit transaction spans shards) runs on every leg here, each through a collecting session
+(fanout/legs.py), with two-phase commit where two or more legs wrote (fanout/twophase.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from shardproxy.cluster.topology import parse_lsn
+from shardproxy.datapath._core import ClientCore, PoolCore
+from shardproxy.datapath.fanout.legs import Leg, Message, split_messages
+from shardproxy.datapath.fanout.twophase import commit, error_of
+from shardproxy.datapath.session import ClientSession
+from shardproxy.wire import protocol as pg
+from shardproxy.wire.protocol import Backend, Frontend
+
+if TYPE_CHECKING:
+    from shardproxy.datapath.pool import Pool
+    from shardproxy.datapath.server import ServerConnection
+
+_ROLLBACK = pg.query("ROLLBACK")
+_COMMIT_LSN = pg.query("SELECT pg_current_wal_insert_lsn()")
+
+
+@dataclass
+class Ending:
+    """How the end of a transaction on several legs went."""
+
+    error: pg.PostgresError | None  # what the client gets; None: committed, or rolled back as asked
+    two_phase: bool = False
+    seconds: float = 0.0  # that the commit took
+    committed_at: dict[int, int] = field(default_factory=dict)  # per shard: where the commit ends in its WAL
+
+
+class Transaction:
+    """The legs of a client's transaction, by shard index, and the log each must have run."""
+
+    def __init__(self, replay: list[bytes]):
+        self.replay = replay  # the client's (ClientCore.replay): simple Queries, in order
+        self.legs: dict[int, ServerConnection] = {}
+        self.applied: dict[int, int] = {}  # per shard: how much of the log its leg has run
+        self.data: set[int] = set()  # shards whose leg ran a statement naming that shard
+        self.started = 0.0  # when its first leg joined (the youngest of a deadlock is its victim)
+
+    def add(self, shard: int, server: ServerConnection, applied: int) -> None:
+        if not self.legs:
+            self.started = time.monotonic()
+        self.legs[shard] = server
+        self.applied[shard] = applied
+
+    def missed(self, shard: int) -> list[bytes]:
+        """What of the log the shard's leg has not run; from now on it counts as run."""
+        done = self.applied.get(shard, 0)
+        self.applied[shard] = len(self.replay)
+        return self.replay[done:]
+
+    def clear(self) -> None:
+        self.legs.clear()
+        self.applied.clear()
+        self.data.clear()
+
+    def sessions(self, client: ClientSession) -> dict[int, Leg]:
+        """A collecting session on every leg (in shard order), linked in place of the client."""
+        return {shard: _attach(client, server) for shard, server in sorted(self.legs.items())}
+
+    async def every_leg(self, client: ClientSession, pool_of: Callable[[int], Pool | None], shards: int,
+                        kind: str) -> list[Leg]:
+        """A collecting session on a leg of every shard (in shard order), each caught up with the log: the
+        transaction joins the shards it has no leg on (from pool_of(shard)). kind: what each leg's part counts
+        as in queries_total. Raises PostgresError when a shard cannot join (no primary, a refused BEGIN)."""
+        sessions: dict[int, Leg] = {}
+        for shard in range(shards):
+            server = self.legs.get(shard)
+            if server is None:
+                pool = pool_of(shard)
+                if pool is None:
+                    self.detach(client, list(sessions.values()))
+                    raise pg.PostgresError(pg.CANNOT_CONNECT_NOW, "shardproxy: a shard has no primary")
+                sessions[shard] = Leg(client, pool)
+                self.applied[shard] = 0
+            else:
+                sessions[shard] = _attach(client, server)
+            sessions[shard].kind = kind
+        try:
+            failed = await self.catch_up(sessions)  # a new leg joins here: its BEGIN is the first of the log
+        finally:
+            for shard, leg in sessions.items():
+                if leg.server is not None:
+                    self.legs[shard] = leg.server
+        if failed is not None:
+            self.detach(client, list(sessions.values()))
+            raise failed
+        return list(sessions.values())
+
+    def detach(self, client: ClientCore, sessions: list[Leg]) -> None:
+        """Collecting sessions leave their legs, which stay the client's, parked."""
+        for leg in sessions:
+            server = leg.server
+            leg.server, leg.on_server_ready = None, None  # (its bound method would keep it in a cycle)
+            if server is not None:
+                server.client, server.peer, server.on_ready = client, None, None
+
+    async def catch_up(self, sessions: dict[int, Leg]) -> pg.PostgresError | None:
+        """Run on each leg what it missed of the log; the first error, if any leg refused."""
+        pending = {shard: b"".join(self.missed(shard)) for shard in sessions}
+        todo = [shard for shard, batch in pending.items() if batch]
+        answers = await asyncio.gather(*(sessions[shard].run(pending[shard]) for shard in todo))
+        return next((error for messages in answers if (error := error_of(messages)) is not None), None)
+
+    async def end(self, client: ClientSession, shard_names: list[str], commit_it: bool,
+                  follow: list[int]) -> Ending:
+        """Commit (or roll back) on every leg, then give every leg back to its pool. After a commit, the legs on
+        the shards in `follow` are asked where the commit ends in their WAL (read-your-writes)."""
+        sessions = self.sessions(client)
+        try:
+            failed = await self.catch_up(sessions)
+            if failed is not None or not commit_it:
+                await asyncio.gather(*(leg.run(_ROLLBACK) for leg in sessions.values()))
+                return Ending(failed if commit_it else None)
+            started = time.monotonic()
+            outcome = await commit(list(sessions.values()), [shard_names[s] for s in sessions],
+                                   client.core.two_phase_key)
+            ending = Ending(outcome.error, outcome.two_phase, time.monotonic() - started)
+            if outcome.error is None and follow:
+                answers = await asyncio.gather(*(sessions[shard].run(_COMMIT_LSN) for shard in follow))
+                ending.committed_at = {shard: lsn for shard, messages in zip(follow, answers)
+                                       if (lsn := _lsn(messages)) is not None}
+            return ending
+        finally:
+            self.release(client, sessions)
+
+    def release(self, client: ClientCore, sessions: dict[int, Leg]) -> None:
+        """Every leg back to its pool; one whose transaction may still be open is closed instead."""
+        for shard, server in self.legs.items():
+            leg = sessions.get(shard)
+            if leg is not None:  # (its bound method would keep it in a cycle)
+                leg.server, leg.on_server_ready = None, None
+            server.client = client  # the hand-out is counted as the client's (PoolCore.unlink)
+            pool: PoolCore = server.pool
+            if server.status == pg.IDLE and not server.pending and not server.closed:
+                pool.release(server)
+            else:
+                pool.unlink(server)
+                pool.discard(server)
+        self.clear()
+
+
+def _attach(client: ClientSession, server: ServerConnection) -> Leg:
+    """A collecting session on `server`, which leaves the client's (see Transaction.release)."""
+    leg = Leg(client, server.pool)
+    ClientCore.link(leg, server)
+    return leg
+
+
+def statement_messages(buf: bytes | bytearray) -> tuple[list[Message], int]:
+    """The messages of the statement at the start of buf, which the proxy answers itself: a simple Query, or
+    extended-protocol messages up to and including the first Execute and a Sync right after it."""
+    end = 0
+    messages: list[Message] = []
+    for t, body in split_messages(bytes(buf)):
+        messages.append((t, body))
+        end += 5 + len(body)
+        if t == Frontend.QUERY or t == Frontend.SYNC:
+            break
+        if t == Frontend.EXECUTE:
+            if len(buf) > end and buf[end] == Frontend.SYNC:
+                messages.append((Frontend.SYNC, b""))
+                end += 5
+            break
+    return messages, end
+
+
+def reply(messages: list[Message], tag: str, error: pg.PostgresError | None, status: int) -> bytes:
+    """What the server would have answered to a statement's messages that ran as `tag` (or failed with error):
+    the client's ReadyForQuery says `status`. After an error, the rest up to Sync gets no answer, as PostgreSQL
+    does."""
+    out: list[bytes] = []
+    failed = False
+    for t, _ in messages:
+        if failed and t != Frontend.SYNC and t != Frontend.QUERY:
+            continue
+        if t == Frontend.PARSE:
+            out.append(pg.PARSE_COMPLETE)
+        elif t == Frontend.BIND:
+            out.append(pg.BIND_COMPLETE)
+        elif t == Frontend.DESCRIBE:
+            out.append(pg.NO_DATA)
+        elif t == Frontend.EXECUTE or t == Frontend.QUERY:
+            if error is None:
+                out.append(pg.command_complete(tag))
+            else:
+                out.append(error.to_message())
+                failed = True
+        if t == Frontend.SYNC or t == Frontend.QUERY:
+            out.append(pg.READY[status])
+    return b"".join(out)
+
+
+def _lsn(messages: list[Message]) -> int | None:
+    """The WAL position in the answer to _COMMIT_LSN."""
+    row = next((body for t, body in messages if t == Backend.DATA_ROW), None)
+    if row is None:
+        return None
+    (length,) = pg.INT32.unpack_from(row, 2)
+    return parse_lsn(row[6 : 6 + length].decode())
