@@ -39,7 +39,7 @@ from typing import Any
 
 import psycopg
 
-from shardproxy.sandbox import DEFAULT_USERS, Sandbox, SandboxError, User
+from shardproxy.devtools.sandbox import DEFAULT_USERS, Sandbox, SandboxError, User
 
 # psycopg's test extra (pytest-randomly left out: both runs must order tests alike), the pool its tests/pool
 # covers, and the optional modules whose tests are otherwise skipped; plus per-test time limits and a report
