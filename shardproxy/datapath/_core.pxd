@@ -17,6 +17,7 @@ cdef class Requests:
     cdef object first(self)
     cdef bint empty(self) noexcept
     cpdef popleft(self)
+    cdef Py_ssize_t drop_syncs_after_first(self) except -1
 
 
 cdef class ProxyCore:
@@ -109,6 +110,8 @@ cdef class ServerCore(Endpoint):
     cdef public Requests pending  # requests forwarded and not yet answered (see server.py)
     cdef public ClientCore client
     cdef public bint ignoring, settings_undone
+    # In COPY FROM STDIN, as far as the client's messages forwarded so far go: the server ignores Sync and Flush.
+    cdef public bint copy_in
     cdef public int status, cancels
     cdef public double last_used, linked_at, created
 
@@ -118,6 +121,7 @@ cdef class ServerCore(Endpoint):
     cpdef _synthesize(self, list out)
     cpdef _skip_to_sync(self)
     cpdef _record_parameter(self, body)
+    cdef _copy_in_began(self, ClientCore client, long kind)
 
     # hooks (server.py)
     cpdef bint _unsolicited(self, int t, buf, Py_ssize_t pos, Py_ssize_t end) except -1

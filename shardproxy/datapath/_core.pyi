@@ -105,6 +105,7 @@ class ServerCore(Endpoint):
     client: ClientCore | None
     ignoring: bool
     settings_undone: bool
+    copy_in: bool
     status: int
     cancels: int
     last_used: float

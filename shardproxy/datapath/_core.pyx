@@ -249,6 +249,16 @@ cdef class Requests:
     cdef bint empty(self) noexcept:
         return self._head == self._tail
 
+    cdef Py_ssize_t drop_syncs_after_first(self) except -1:
+        """Remove the Syncs queued right behind the oldest request; returns how many there were."""
+        cdef Py_ssize_t end = self._head + 1
+        while end < self._tail and (<tuple>self._items[end])[0] == K_SYNC:
+            end += 1
+        if end > self._head + 1:
+            del self._items[self._head + 1:end]
+            self._tail -= end - self._head - 1
+        return end - self._head - 1
+
     def append(self, request) -> None:
         self.push(request)
 
@@ -575,6 +585,9 @@ cdef class ClientCore(Endpoint):
             elif t == c'E':
                 pending.push(EXECUTE_REQ)
             elif t == c'S':
+                if server.copy_in:  # ignored by a server in COPY FROM STDIN: no answer comes, no batch ends
+                    pos = end
+                    continue
                 if self.spanning:  # the batch's transaction spans shards: the proxy ends it on each (_drained)
                     out = _add_span(out, p, span, pos)
                     span = pos
@@ -615,6 +628,8 @@ cdef class ClientCore(Endpoint):
                     pending.push(DESCRIBE_REQ if t == c'D' else CLOSE_REQ)
             elif t == c'F':
                 pending.push(FUNCTION_REQ)
+            elif t == c'c' or t == c'f':  # CopyDone, CopyFail: Syncs count again from here
+                server.copy_in = False
             elif t == c'X':  # it goes once what it sent before is answered, as with PostgreSQL (ServerCore.on_data)
                 out = _add_span(out, p, span, pos)
                 span = pos = n  # nothing after it is read
@@ -644,7 +659,7 @@ cdef class ClientCore(Endpoint):
         elif pending.empty() and server.on_ready is not None and self.server is server:
             server.on_ready(server)  # all answered by the proxy itself (DEALLOCATE ALL): no server reply will come
         if self.terminating:
-            if pending.empty():
+            if pending.empty() or server.copy_in:  # mid-COPY the server waits for data: the connection closes
                 self.close()
             elif self._transport is not None:
                 self._transport.pause_reading()
@@ -797,6 +812,14 @@ cdef class ServerCore(Endpoint):
             if self.client is not None:
                 self.client.parameter_changed(name, value)
 
+    cdef _copy_in_began(self, ClientCore client, long kind):
+        """CopyInResponse: until the client's CopyDone or CopyFail the server reads copy data and ignores Sync and
+        Flush. The Syncs a client sent right after its Execute, before it knew the statement was a COPY (libpq
+        does), get no answer; the Execute's batch keeps this connection until the Sync sent after the copy."""
+        self.copy_in = True
+        if self.pending.drop_syncs_after_first() and kind == K_EXECUTE and client is not None:
+            client.mid_batch = True
+
     # -- hooks (server.py) ---------------------------------------------------------------------------------
     cpdef bint _unsolicited(self, int t, buf, Py_ssize_t pos, Py_ssize_t end) except -1:
         """A message outside any request (a notice, a notification, a parameter change, a FATAL error):
@@ -867,6 +890,8 @@ cdef class ServerCore(Endpoint):
                 done = kind == K_CLOSE
             elif t == c'S':
                 self._record_parameter(buf[pos + 5:end])
+            elif t == c'G':
+                ServerCore._copy_in_began(self, client, kind)
             elif t == c't' and arg is not None:  # a named statement's parameter types, for routing by key
                 arg.param_types = parameter_types(buf[pos + 5:end])
             elif t == c'E' and kind != K_SYNC and kind != K_QUERY and kind != K_FUNCTION:
@@ -876,6 +901,7 @@ cdef class ServerCore(Endpoint):
                     hiding = False
             if t == c'E':
                 self.settings_undone = True
+                self.copy_in = False  # an error ends COPY FROM STDIN: the server drops the rest of the data
             if hiding:
                 out = _add_span(out, p, span, pos)
                 span = end

@@ -1,0 +1,136 @@
+"""A client cannot tell the proxy from one PostgreSQL server, where pooling makes no documented difference.
+
+What psycopg's own test suite found different through the proxy (tools/PSYCOPG_SUITE.md), checked with real
+clients (psycopg, libpq through psycopg.pq, asyncpg) against real servers, in both pooling modes. What the server
+holds (locks, sessions, prepared statements) is read on a direct connection, never through the proxy. Each mode's
+proxy has one server connection, so in transaction pooling every client shares it.
+"""
+
+from __future__ import annotations
+
+import select
+import time
+from collections.abc import Callable
+
+import psycopg
+import pytest
+from psycopg import pq
+
+from shardproxy.devtools.sandbox import Cluster, ProxyProcess, Sandbox, wait_until
+from tests.support import APP_DB
+
+MODES = ["session", "transaction"]
+ANSWER_TIMEOUT = 5.0  # seconds a test waits for an answer the proxy must give at once
+
+
+# -- helpers ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def proxies(sandbox: Sandbox, pg: Cluster) -> Callable[[str], ProxyProcess]:
+    """The proxy of a pooling mode, started on first use: one server connection, and a short wait for it."""
+    started: dict[str, ProxyProcess] = {}
+
+    def proxy_of(mode: str) -> ProxyProcess:
+        if mode not in started:
+            started[mode] = sandbox.proxy(f"fidelity-{mode}", [pg],
+                                          pool={"mode": mode, "size": 1, "query_wait_timeout": "5s"})
+        return started[mode]
+
+    return proxy_of
+
+
+def connect(proxy: ProxyProcess, autocommit: bool = True, **kwargs: object) -> psycopg.Connection:
+    return psycopg.connect(proxy.dsn(dbname=APP_DB), autocommit=autocommit, connect_timeout=10, **kwargs)
+
+
+def create_table(pg: Cluster, name: str, columns: str = "id int") -> str:
+    """A fresh table owned by `app`, made directly on the server."""
+    pg.primary.sql(f"DROP TABLE IF EXISTS {name}; CREATE TABLE {name} ({columns}); ALTER TABLE {name} OWNER TO app",
+                   dbname=APP_DB)
+    return name
+
+
+def results(pgconn: pq.PGconn) -> list[pq.PGresult]:
+    """libpq's results of what was sent, up to the end of the query or the start of a COPY; fails rather than
+    waits past ANSWER_TIMEOUT."""
+    deadline = time.monotonic() + ANSWER_TIMEOUT
+    found: list[pq.PGresult] = []
+    while True:
+        pgconn.consume_input()
+        while not pgconn.is_busy():
+            result = pgconn.get_result()
+            if result is None:
+                return found
+            found.append(result)
+            if result.status in (pq.ExecStatus.COPY_IN, pq.ExecStatus.COPY_OUT):
+                return found
+        left = deadline - time.monotonic()
+        assert left > 0, "no answer"
+        select.select([pgconn.socket], [], [], left)
+
+
+def statuses(found: list[pq.PGresult]) -> list[str]:
+    return [pq.ExecStatus(result.status).name for result in found]
+
+
+def copy_in_extended(pgconn: pq.PGconn, statement: bytes) -> None:
+    """Start a COPY FROM STDIN with libpq's extended protocol (PQsendQueryParams): Parse, Bind, Describe,
+    Execute and Sync go out together, before the client knows the statement is a COPY."""
+    pgconn.send_query_params(statement, None)
+    assert statuses(results(pgconn)) == ["COPY_IN"]
+
+
+def copy_in_simple(pgconn: pq.PGconn, statement: bytes) -> None:
+    pgconn.send_query(statement)
+    assert statuses(results(pgconn)) == ["COPY_IN"]
+
+
+def assert_nothing_holds(pg: Cluster, table: str) -> None:
+    """No server session is left in a COPY into the table, and no lock on it is held."""
+    copying = f"SELECT count(*) FROM pg_stat_activity WHERE query ILIKE 'copy {table} %' AND state = 'active'"
+    assert wait_until(lambda: pg.primary.sql(copying, dbname=APP_DB) == [(0,)], ANSWER_TIMEOUT), \
+        "a server session is still in the COPY"
+    pg.primary.sql(f"BEGIN; SET LOCAL lock_timeout = '2s'; LOCK TABLE {table}; COMMIT", dbname=APP_DB)
+
+
+# -- COPY begun with the extended protocol ---------------------------------------------------------------------
+def test_a_copy_begun_with_the_extended_protocol_ends_and_gives_the_server_connection_back(
+        proxies: Callable[[str], ProxyProcess], pg: Cluster) -> None:
+    # The server ignores the Sync sent with the Execute: only the one after the data is answered. Transaction
+    # pooling, one server connection: the next client gets it while the first stays connected.
+    table = create_table(pg, "fidelity_copy_extended")
+    proxy = proxies("transaction")
+    with connect(proxy) as copier, connect(proxy) as other:
+        copy_in_extended(copier.pgconn, f"COPY {table} FROM STDIN".encode())
+        copier.pgconn.put_copy_data(b"1\n2\n3\n")
+        copier.pgconn.put_copy_end()
+        done = results(copier.pgconn)
+        assert statuses(done) == ["COMMAND_OK"] and done[0].command_status == b"COPY 3"
+        assert other.execute(f"SELECT sum(id) FROM {table}").fetchone() == (6,)
+        assert copier.execute(f"SELECT count(*) FROM {table}").fetchone() == (3,)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_client_that_leaves_mid_copy_leaves_no_session_behind(proxies: Callable[[str], ProxyProcess],
+                                                                pg: Cluster, mode: str) -> None:
+    # psycopg refuses a COPY given to execute() once the server has started it, and the client then closes.
+    table = create_table(pg, f"fidelity_copy_left_{mode}")
+    conn = connect(proxies(mode), autocommit=False)
+    with pytest.raises(psycopg.ProgrammingError, match="COPY cannot be used"):
+        conn.execute(f"COPY {table} FROM STDIN")
+    conn.close()
+    assert_nothing_holds(pg, table)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("start", [copy_in_simple, copy_in_extended], ids=["simple", "extended"])
+def test_a_client_that_terminates_mid_copy_leaves_no_session_behind(proxies: Callable[[str], ProxyProcess],
+                                                                    pg: Cluster, mode: str,
+                                                                    start: Callable[[pq.PGconn, bytes], None]) -> None:
+    table = create_table(pg, f"fidelity_copy_quit_{mode}_{start.__name__}")
+    conn = connect(proxies(mode))
+    start(conn.pgconn, f"COPY {table} FROM STDIN".encode())
+    conn.pgconn.put_copy_data(b"1\n")
+    conn.pgconn.finish()  # Terminate, then the socket closes
+    assert_nothing_holds(pg, table)
+    with connect(proxies(mode)) as after:  # the pool has its connection (again)
+        assert after.execute(f"SELECT count(*) FROM {table}").fetchone() == (0,)
