@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import psycopg
 import pytest
-from psycopg import pq
+from psycopg import errors, pq
 
 from shardproxy.devtools.sandbox import Cluster, ProxyProcess, Sandbox, wait_until
 from tests.support import APP_DB
@@ -134,3 +134,25 @@ def test_a_client_that_terminates_mid_copy_leaves_no_session_behind(proxies: Cal
     assert_nothing_holds(pg, table)
     with connect(proxies(mode)) as after:  # the pool has its connection (again)
         assert after.execute(f"SELECT count(*) FROM {table}").fetchone() == (0,)
+
+
+# -- a session ended by the server -------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", MODES)
+def test_idle_in_transaction_session_timeout_reaches_the_client_as_the_server_said_it(
+        proxies: Callable[[str], ProxyProcess], mode: str) -> None:
+    with connect(proxies(mode), autocommit=False) as conn:
+        conn.execute("SET idle_in_transaction_session_timeout = 100")
+        time.sleep(0.5)
+        with pytest.raises(errors.IdleInTransactionSessionTimeout):
+            conn.execute("SELECT 1")
+        assert conn.closed
+
+
+def test_idle_session_timeout_reaches_the_client_as_the_server_said_it(
+        proxies: Callable[[str], ProxyProcess]) -> None:
+    # Session pooling: the server session is the client's; in transaction pooling it is idle in the pool.
+    with connect(proxies("session")) as conn:
+        conn.execute("SET idle_session_timeout = 100")
+        time.sleep(0.5)
+        with pytest.raises(errors.IdleSessionTimeout):
+            conn.execute("SELECT 1")

@@ -231,12 +231,18 @@ class ClientConnection(Placement, ClientSession, Connection):
     # -- endings ----------------------------------------------------------------------------------------
     def server_lost(self, server: ServerConnection) -> None:
         """A server connection of the client's transaction broke: the transaction is gone, and so is the
-        client."""
+        client. If the server ended the session with a FATAL error, the client has had it: it goes without
+        another."""
         if self.server is server or server in self.tx.legs.values():
             if self.server is server:
                 self.server = self.peer = None
             self.tx.legs = {shard: leg for shard, leg in self.tx.legs.items() if leg is not server}
-            self._fatal(pg.PostgresError(pg.CONNECTION_FAILURE, "shardproxy: server connection lost"))
+            if server.ended is None:
+                self._fatal(pg.PostgresError(pg.CONNECTION_FAILURE, "shardproxy: server connection lost"))
+                return
+            self.proxy.client_error(server.ended)
+            self.reason = self.reason or f"the server ended the session: {server.ended.message}"
+            self.close()
 
     def fail(self, error: pg.PostgresError) -> None:
         """Waiting for a server connection failed (timeout, server down). Before any byte of the

@@ -27,6 +27,7 @@ from shardproxy.wire.protocol import Backend
 log = logging.getLogger("shardproxy.server")
 
 CANCEL_TIMEOUT = 10.0  # seconds for a cancel request to reach the server
+_SESSION_ENDINGS = frozenset(("FATAL", "PANIC"))  # the severities after which a server closes the connection
 
 
 class ServerPool(Protocol):
@@ -62,6 +63,8 @@ class ServerConnection(ServerCore, Connection):
         self.settings_before: tuple[dict[str, str], dict[str, str]] | None = None
         # After an error the server skips every message up to the client's next Sync: the connection is kept.
         self.ignoring = False
+        # The FATAL error the server ended its session with, passed on to the linked client (who was told why).
+        self.ended: pg.PostgresError | None = None
 
     # -- login --------------------------------------------------------------------------------------
     async def login(self, user: str, password: str | None, database: str, proven: ProvenKey | None = None) -> None:
@@ -91,7 +94,13 @@ class ServerConnection(ServerCore, Connection):
         if t == Backend.PARAMETER_STATUS:
             self._record_parameter(buf[pos + 5 : end])
         elif t == Backend.ERROR_RESPONSE:
-            log.warning("server %s: %s", self.pool.node_label, pg.parse_fields(buf[pos + 5 : end]).get("M", ""))
+            error = pg.PostgresError.from_body(bytes(buf[pos + 5 : end]))
+            log.warning("server %s: %s", self.pool.node_label, error.message)
+            if self.client is not None and error.fields.get("V", error.severity) in _SESSION_ENDINGS:
+                # It ends the session of the linked client (idle_in_transaction_session_timeout, idle_session_timeout,
+                # a terminated backend): the client hears the server's own words, and goes when the server closes.
+                self.ended = error
+                return True
             self.pool.discard(self)
             return False
         return self.client is not None
