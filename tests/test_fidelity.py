@@ -156,3 +156,19 @@ def test_idle_session_timeout_reaches_the_client_as_the_server_said_it(
         time.sleep(0.5)
         with pytest.raises(errors.IdleSessionTimeout):
             conn.execute("SELECT 1")
+
+
+# -- parameters reported at login ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("given, reported", [("latin1", "LATIN1"), ("euc-jp", "EUC_JP"), ("utf_8", "UTF8"),
+                                             ("Windows-1251", "WIN1251"), ("iso_8859_5", "ISO_8859_5")])
+def test_client_encoding_is_reported_by_postgresql_s_name_for_it(proxies: Callable[[str], ProxyProcess],
+                                                                 mode: str, given: str, reported: str) -> None:
+    with connect(proxies(mode), client_encoding=given) as conn:
+        assert conn.info.parameter_status("client_encoding") == reported
+        assert conn.execute("SHOW client_encoding").fetchone() == (reported,)
+
+
+def test_an_unknown_client_encoding_is_refused_at_login(proxies: Callable[[str], ProxyProcess]) -> None:
+    with pytest.raises(psycopg.OperationalError, match='invalid value for parameter "client_encoding": "klingon"'):
+        connect(proxies("transaction"), client_encoding="klingon")

@@ -217,6 +217,10 @@ class ClientConnection(Placement, ClientSession, Connection):
             return
         self.pool, defaults = await self.proxy.login(self.database, self.user)
         values, self.param_sql = session_params.startup_values(startup)
+        encoding = values.get("client_encoding")
+        if encoding is not None and session_params.encoding_name(encoding) is None:  # refused as PostgreSQL does
+            raise pg.PostgresError(pg.INVALID_PARAMETER_VALUE,
+                                   f'invalid value for parameter "client_encoding": "{encoding}"')
         reported = {k: v for k, v in defaults.items() if k in session_params.REPORTED}
         self.params = session_params.shared(reported | values)
         self.pid, self.secret = self.proxy.register(self)
