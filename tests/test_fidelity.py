@@ -8,10 +8,12 @@ proxy has one server connection, so in transaction pooling every client shares i
 
 from __future__ import annotations
 
+import asyncio
 import select
 import time
 from collections.abc import Callable
 
+import asyncpg
 import psycopg
 import pytest
 from psycopg import errors, pq
@@ -134,6 +136,103 @@ def test_a_client_that_terminates_mid_copy_leaves_no_session_behind(proxies: Cal
     assert_nothing_holds(pg, table)
     with connect(proxies(mode)) as after:  # the pool has its connection (again)
         assert after.execute(f"SELECT count(*) FROM {table}").fetchone() == (0,)
+
+
+# -- prepared statements after the objects they name changed ------------------------------------------------------
+@pytest.mark.parametrize("mode", MODES)
+def test_a_statement_prepared_again_after_deallocate_all_sees_new_columns(proxies: Callable[[str], ProxyProcess],
+                                                                        pg: Cluster, mode: str) -> None:
+    # psycopg sends DEALLOCATE ALL after an ALTER and prepares its statements again.
+    table = create_table(pg, f"fidelity_alter_{mode}", "id int, data text")
+    with connect(proxies(mode), autocommit=False, prepare_threshold=0) as conn:
+        conn.execute(f"INSERT INTO {table} VALUES (1, 'a')")
+        assert conn.execute(f"SELECT * FROM {table}").fetchall() == [(1, "a")]
+        conn.execute(f"ALTER TABLE {table} ADD more int DEFAULT 7")
+        assert conn.execute(f"SELECT * FROM {table}").fetchall() == [(1, "a", 7)]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_statement_prepared_again_after_its_type_was_made_again_works(proxies: Callable[[str], ProxyProcess],
+                                                                      mode: str) -> None:
+    insert = "INSERT INTO fidelity_typed (tags) VALUES (%s::fidelity_tag[])"
+    with connect(proxies(mode), autocommit=False, prepare_threshold=0) as conn:
+        for _ in range(2):  # DROP: psycopg deallocates its statements, and prepares the INSERT again
+            conn.execute("DROP TABLE IF EXISTS fidelity_typed")
+            conn.execute("DROP TYPE IF EXISTS fidelity_tag")
+            conn.execute("CREATE TYPE fidelity_tag AS ENUM ('a', 'b')")
+            conn.execute("CREATE TABLE fidelity_typed (tags fidelity_tag[])")
+            conn.execute(insert, [["a", "b"]])
+        assert conn.execute("SELECT tags::text FROM fidelity_typed").fetchall() == [("{a,b}",)]
+        conn.rollback()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_discard_all_in_the_extended_protocol_forgets_the_statements(proxies: Callable[[str], ProxyProcess],
+                                                                     mode: str) -> None:
+    with connect(proxies(mode), prepare_threshold=0) as conn:  # DISCARD ALL too goes as a prepared statement
+        assert conn.execute("SELECT %s::int", [1]).fetchone() == (1,)
+        conn.execute("DISCARD ALL")
+        assert conn.execute("SELECT %s::int", [2]).fetchone() == (2,)
+        assert conn.execute("SELECT %s::int + 1", [2]).fetchone() == (3,)
+
+
+def test_a_new_client_sees_the_columns_a_table_has_now(proxies: Callable[[str], ProxyProcess], pg: Cluster) -> None:
+    # Transaction pooling: the first client's statement stays prepared on the one server connection.
+    table = create_table(pg, "fidelity_new_client", "id int")
+    pg.primary.sql(f"INSERT INTO {table} VALUES (1)", dbname=APP_DB)
+    proxy = proxies("transaction")
+    with connect(proxy, prepare_threshold=0) as first:
+        assert first.execute(f"SELECT * FROM {table}").fetchall() == [(1,)]
+        pg.primary.sql(f"ALTER TABLE {table} ADD data text DEFAULT 'x'", dbname=APP_DB)
+        with connect(proxy, prepare_threshold=0) as second:
+            assert second.execute(f"SELECT * FROM {table}").fetchall() == [(1, "x")]
+
+        async def prepare_fetch() -> list[tuple[object, ...]]:  # asyncpg asks for the columns when it prepares
+            conn = await asyncpg.connect(proxy.dsn(dbname=APP_DB))
+            try:
+                return [tuple(row) for row in await conn.fetch(f"SELECT * FROM {table}")]
+            finally:
+                await conn.close()
+
+        assert asyncio.run(prepare_fetch()) == [(1, "x")]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_asyncpg_prepares_again_after_a_change_as_it_does_on_postgresql(proxies: Callable[[str], ProxyProcess],
+                                                                        pg: Cluster, mode: str) -> None:
+    # asyncpg knows its statement's columns: the change fails it, and asyncpg prepares it again outside a
+    # transaction (and lets the error through inside one), as with PostgreSQL.
+    table = create_table(pg, f"fidelity_asyncpg_{mode}", "id int")
+    pg.primary.sql(f"INSERT INTO {table} VALUES (1)", dbname=APP_DB)
+
+    async def run() -> None:
+        conn = await asyncpg.connect(proxies(mode).dsn(dbname=APP_DB))
+        try:
+            assert [tuple(row) for row in await conn.fetch(f"SELECT * FROM {table}")] == [(1,)]
+            pg.primary.sql(f"ALTER TABLE {table} ADD data text DEFAULT 'x'", dbname=APP_DB)
+            assert [tuple(row) for row in await conn.fetch(f"SELECT * FROM {table}")] == [(1, "x")]
+            pg.primary.sql(f"ALTER TABLE {table} ADD more int DEFAULT 7", dbname=APP_DB)
+            with pytest.raises(asyncpg.InvalidCachedStatementError):
+                async with conn.transaction():
+                    await conn.fetch(f"SELECT * FROM {table}")
+            assert [tuple(row) for row in await conn.fetch(f"SELECT * FROM {table}")] == [(1, "x", 7)]
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+def test_pg_prepared_statements_lists_what_the_client_has_prepared(proxies: Callable[[str], ProxyProcess]) -> None:
+    # Session pooling: the server session is the client's. (Names are the proxy's: see the README.)
+    listed = "SELECT statement FROM pg_prepared_statements ORDER BY prepare_time"
+    with connect(proxies("session"), prepare_threshold=0) as conn:
+        conn.prepared_max = 2  # psycopg closes the least recently used statement past two
+        for number in range(1, 4):
+            conn.execute(f"SELECT {number}")
+        assert conn.execute(listed, prepare=False).fetchall() == [("SELECT 2",), ("SELECT 3",)]
+        conn.execute("DEALLOCATE ALL")
+        assert conn.execute(listed, prepare=False).fetchall() == []
+        assert conn.execute("SELECT %s::int", [5]).fetchone() == (5,)
 
 
 # -- a session ended by the server -------------------------------------------------------------------------------

@@ -77,6 +77,7 @@ class ClientConnection(Placement, ClientSession, Connection):
         self.connected_at = time.time()
         self.admitted = False  # counted against max_client_conn
         self.transaction_pooling = proxy.config.pool.mode == "transaction"  # as when the client connected
+        self.owns_server = not self.transaction_pooling
         self.on_server_ready = self._server_ready  # see ClientCore
         self.gives_back = True
         self.init_placement(proxy.core.sharded)
