@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import select
+import socket
 import time
 from collections.abc import Callable
 
 import asyncpg
 import psycopg
 import pytest
+import uvloop
 from psycopg import errors, pq
 
+from shardproxy.datapath.connection import Connection
 from shardproxy.devtools.sandbox import Cluster, ProxyProcess, Sandbox, wait_until
 from tests.support import APP_DB
 
@@ -109,6 +112,41 @@ def test_a_copy_begun_with_the_extended_protocol_ends_and_gives_the_server_conne
         assert statuses(done) == ["COMMAND_OK"] and done[0].command_status == b"COPY 3"
         assert other.execute(f"SELECT sum(id) FROM {table}").fetchone() == (6,)
         assert copier.execute(f"SELECT count(*) FROM {table}").fetchone() == (3,)
+
+
+def test_what_is_sent_after_a_message_that_came_in_several_reads_keeps_its_place() -> None:
+    # A message longer than a read (a large COPY row) is joined in a bytearray and written through the transport;
+    # bytes sent after it, once the socket has room again, must not overtake what the transport still holds
+    # (the server saw a CopyDone inside a row: "invalid byte sequence for encoding UTF8: 0x00").
+    async def run() -> bytes:
+        near, far = socket.socketpair()
+        far.setblocking(False)
+        _, endpoint = await asyncio.get_running_loop().connect_accepted_socket(Connection, near)
+        endpoint.send_directly()
+        endpoint.write(b"head")  # sent at once: nothing waits in the transport
+        endpoint.write(bytearray(b"x" * (8 << 20)))  # more than the socket takes
+        received = await receive(far, 1 << 20)  # room again, while the transport still holds the rest
+        endpoint.write(b"tail")
+        received += await receive(far, (8 << 20) + 8 - len(received))
+        endpoint.close()
+        far.close()
+        return received
+
+    received = uvloop.run(run())
+    assert received == b"head" + b"x" * (8 << 20) + b"tail"
+
+
+async def receive(sock: socket.socket, size: int) -> bytes:
+    """At least `size` bytes from a non-blocking socket."""
+    received = bytearray()
+    deadline = time.monotonic() + ANSWER_TIMEOUT
+    while len(received) < size:
+        assert time.monotonic() < deadline, "nothing more came"
+        try:
+            received += sock.recv(1 << 20)
+        except BlockingIOError:
+            await asyncio.sleep(0.001)
+    return bytes(received)
 
 
 @pytest.mark.parametrize("mode", MODES)

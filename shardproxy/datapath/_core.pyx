@@ -343,7 +343,9 @@ cdef class Endpoint:
 
     cdef _send(self, object data):
         """Send what the socket takes now; the rest goes through the transport, which buffers it and tells
-        a slow peer's reader to pause (pause_writing). A failed send leaves the error to the transport."""
+        a slow peer's reader to pause (pause_writing). A failed send leaves the error to the transport. What is
+        not bytes (a message that arrived over several reads, joined in a bytearray) goes through the transport
+        too, and bytes sent after it wait their turn there."""
         cdef Py_ssize_t sent, n
         if self.closed or self._write is None:
             return
@@ -356,7 +358,7 @@ cdef class Endpoint:
                     return
                 if sent > 0:
                     data = data[sent:]
-            self._queued = True
+        self._queued = True
         self._write(data)
 
     cpdef close(self):
