@@ -114,6 +114,26 @@ def test_a_copy_begun_with_the_extended_protocol_ends_and_gives_the_server_conne
         assert copier.execute(f"SELECT count(*) FROM {table}").fetchone() == (3,)
 
 
+def test_a_copy_that_fails_midway_ends_and_gives_the_server_connection_back(
+        proxies: Callable[[str], ProxyProcess], pg: Cluster) -> None:
+    # The server fails the COPY at a bad row while the client still sends data: it drops the rest, up to the
+    # client's Sync. Transaction pooling, one server connection.
+    table = create_table(pg, "fidelity_copy_failed")
+    proxy = proxies("transaction")
+    with connect(proxy) as copier, connect(proxy) as other:
+        copy_in_extended(copier.pgconn, f"COPY {table} FROM STDIN".encode())
+        copier.pgconn.put_copy_data(b"1\nnot a number\n")
+        copier.pgconn.flush()
+        assert wait_until(lambda: select.select([copier.pgconn.socket], [], [], 0)[0], ANSWER_TIMEOUT)
+        copier.pgconn.put_copy_data(b"3\n")
+        copier.pgconn.put_copy_end()
+        failed = results(copier.pgconn)
+        assert statuses(failed) == ["FATAL_ERROR"]
+        assert failed[0].error_field(pq.DiagnosticField.SQLSTATE) == b"22P02"
+        assert other.execute(f"SELECT count(*) FROM {table}").fetchone() == (0,)
+        assert copier.execute(f"SELECT count(*) FROM {table}").fetchone() == (0,)
+
+
 def test_what_is_sent_after_a_message_that_came_in_several_reads_keeps_its_place() -> None:
     # A message longer than a read (a large COPY row) is joined in a bytearray and written through the transport;
     # bytes sent after it, once the socket has room again, must not overtake what the transport still holds
