@@ -256,6 +256,23 @@ def test_a_new_client_sees_the_columns_a_table_has_now(proxies: Callable[[str], 
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_a_statement_out_of_date_outside_a_transaction_runs_on_a_fresh_plan(proxies: Callable[[str], ProxyProcess],
+                                                                         pg: Cluster, mode: str) -> None:
+    # psycopg never asks for a statement's columns, it reads each result's: the batch runs again, unseen (where
+    # PostgreSQL fails it once: the README says why), and the client's own server session keeps one statement.
+    table = create_table(pg, f"fidelity_out_of_date_{mode}", "id int")
+    pg.primary.sql(f"INSERT INTO {table} VALUES (1)", dbname=APP_DB)
+    query = f"SELECT * FROM {table}"
+    with connect(proxies(mode), prepare_threshold=0) as conn:
+        assert conn.execute(query).fetchall() == [(1,)]
+        pg.primary.sql(f"ALTER TABLE {table} ADD data text DEFAULT 'x'", dbname=APP_DB)
+        assert conn.execute(query).fetchall() == [(1, "x")]
+        if mode == "session":
+            listed = "SELECT count(*) FROM pg_prepared_statements WHERE statement = %s"
+            assert conn.execute(listed, [query], prepare=False).fetchone() == (1,)
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_asyncpg_prepares_again_after_a_change_as_it_does_on_postgresql(proxies: Callable[[str], ProxyProcess],
                                                                         pg: Cluster, mode: str) -> None:
     # asyncpg knows its statement's columns: the change fails it, and asyncpg prepares it again outside a

@@ -19,6 +19,7 @@ cdef class Requests:
     cdef bint empty(self) noexcept
     cpdef popleft(self)
     cdef Py_ssize_t drop_syncs_after_first(self) except -1
+    cdef long long next_number(self) noexcept
     cdef bint proxy_only(self) except -1
 
 

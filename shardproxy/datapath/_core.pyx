@@ -259,6 +259,10 @@ cdef class Requests:
             self._tail -= end - self._head - 1
         return end - self._head - 1
 
+    cdef long long next_number(self) noexcept:
+        """The number the next request pushed gets (the oldest one's is `popped`)."""
+        return self.popped + self._tail - self._head
+
     cdef bint proxy_only(self) except -1:
         """Whether every request in flight is the proxy's own (hidden, or answered by the proxy)."""
         cdef Py_ssize_t i
@@ -375,7 +379,8 @@ cdef inline bint _fresh_batch(ServerCore server) except -1:
 
 cdef inline bint _wipes_statements(const unsigned char* tag, Py_ssize_t size) noexcept:
     """Whether a CommandComplete tag says the server dropped every prepared statement of its session."""
-    return size == 11 and memcmp(tag, b"DISCARD ALL", 11) == 0 or size == 14 and memcmp(tag, b"DEALLOCATE ALL", 14) == 0
+    return (size == 11 and memcmp(tag, b"DISCARD ALL", 11) == 0
+            or size == 14 and memcmp(tag, b"DEALLOCATE ALL", 14) == 0)
 
 
 cdef inline object _joined(Endpoint connection, object data):
@@ -521,7 +526,7 @@ cdef class ClientCore(Endpoint):
         cdef bint fresh = _fresh_batch(self.server)
         ClientCore._ensure_prepared(self, statement, out)
         if fresh:
-            ClientCore._note_retry(self, buf, pos, pending.popped + len(pending))
+            ClientCore._note_retry(self, buf, pos, pending.next_number())
         request = statement.bind_request  # it names the statement, should the server find its plan out of date
         if request is None:
             request = statement.bind_request = _new_request(Request, (Kind.BIND, Action.FORWARD, statement, None))
@@ -663,7 +668,7 @@ cdef class ClientCore(Endpoint):
                     fresh = t == c'D' and _fresh_batch(server)
                     self._statement_message(t, bytes(buf[pos + 6:end - 1]), out)
                     if fresh:  # (its request is the last one recorded)
-                        ClientCore._note_retry(self, buf, pos, pending.popped + len(pending) - 1)
+                        ClientCore._note_retry(self, buf, pos, pending.next_number() - 1)
                 elif t == c'D' and p[pos + 5] == c'S' and routes:  # the unnamed statement: learn its types
                     pending.push(_new_request(Request, (Kind.DESCRIBE, Action.FORWARD, self.unnamed, None)))
                 else:

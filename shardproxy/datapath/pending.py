@@ -42,7 +42,7 @@ class Action(IntEnum):
 class Request(NamedTuple):
     kind: Kind
     action: Action
-    arg: Any = None  # a Statement (Parse, Describe), the reply (SYNTH), or a call that reads the answer (HIDE)
+    arg: Any = None  # a Statement (Parse, Bind, Describe), the reply (SYNTH), or a call that reads the answer (HIDE)
     undo: tuple[Any, ...] | None = None  # (call, *args) that takes back a change to the books, should it be skipped
 
 

@@ -161,6 +161,10 @@ class ClientSession(ClientCore):
         self.statements[name] = self.core.statements.get(statement.body)
         log.info("client %d: statement %s out of date on server %s; prepared again as %s", self.id,
                  statement.name.decode(), server.pool.node_label, self.statements[name].name.decode())
+        closing: list[bytes] = []
+        self._drop(statement, closing)  # (from a server connection of the client's own, if no name holds it)
+        if closing:
+            server.write(b"".join(closing))
         ClientCore._forward(self, data)
         self.retry_buf = None  # at most once
         return True
