@@ -27,6 +27,7 @@ from shardproxy.ops.admin.socket import AdminSocket, ask
 from shardproxy.ops.metrics import Metrics
 from shardproxy.routing.ring import fraction_moved
 from shardproxy.routing.router import Decision, Route, Router
+from shardproxy.tasks import spawn
 from shardproxy.wire import protocol as pg
 from shardproxy.wire.auth import ProvenKey, ScramSecret
 from shardproxy.wire.dial import Dialer
@@ -109,8 +110,7 @@ class Proxy:
 
     def request_shutdown(self) -> None:
         if not self.core.shutting_down:
-            loop = asyncio.get_running_loop()
-            loop.create_task(self.shutdown())
+            spawn(self.shutdown())
 
     async def shutdown(self) -> None:
         """Stop accepting; clients between transactions leave now, the others when theirs ends or at the timeout."""
@@ -165,7 +165,7 @@ class Proxy:
         self.pools.configure(config, dialer)
         for client in self.clients.values():
             client.home %= len(config.shards)
-        asyncio.get_running_loop().create_task(self.health.apply_config(config))
+        spawn(self.health.apply_config(config))
         self._scram.clear()
         log.info("reloaded %s: %.2f%% of the key space moved to another shard", config.path, self.ring_moved * 100,
                  extra={"event": "reload"})

@@ -31,6 +31,7 @@ from shardproxy.config import Config
 from shardproxy.ops.admin.replies import AdminError, Table
 from shardproxy.ops.admin.socket import AdminSocket, ask, claim_socket
 from shardproxy.ops.metrics import serve_metrics
+from shardproxy.tasks import spawn
 from shardproxy.worker import admin_path, cancel_path, supervisor_path
 
 log = logging.getLogger("shardproxy.workers")
@@ -101,7 +102,7 @@ class Supervisor:
         for process in self.processes:
             if process is not None and process.returncode is None:
                 process.send_signal(signal.SIGTERM)
-        asyncio.get_running_loop().create_task(self._await_workers())
+        spawn(self._await_workers())
 
     async def _await_workers(self) -> None:
         await asyncio.gather(*(p.wait() for p in self.processes if p is not None))

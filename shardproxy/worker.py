@@ -16,6 +16,7 @@ import secrets
 from collections.abc import Callable
 from contextlib import suppress
 
+from shardproxy.tasks import spawn
 from shardproxy.wire import protocol as pg
 
 log = logging.getLogger("shardproxy.workers")
@@ -42,7 +43,6 @@ class Worker:
         self.count = count
         self.runtime_dir = runtime_dir  # the supervisor's private directory of internal sockets
         self._cancels: asyncio.AbstractServer | None = None
-        self._forwards: set[asyncio.Task] = set()
         self.orphaned = False  # the supervisor died: nobody else will clean the runtime directory up
 
     @property
@@ -92,9 +92,7 @@ class Worker:
 
     def forward_cancel(self, pid: int, secret: int) -> None:
         log.debug("cancel request for pid %d forwarded to worker %d", pid, pid % self.count)
-        task = asyncio.get_running_loop().create_task(self._forward_cancel(pid, secret))
-        self._forwards.add(task)  # the loop keeps only weak references to tasks
-        task.add_done_callback(self._forwards.discard)
+        spawn(self._forward_cancel(pid, secret))
 
     async def _forward_cancel(self, pid: int, secret: int) -> None:
         with suppress(OSError):  # the owner is gone, and its clients with it

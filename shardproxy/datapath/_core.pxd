@@ -12,11 +12,15 @@ from shardproxy.counters cimport Load, PoolStats
 cdef class Requests:
     cdef list _items
     cdef Py_ssize_t _head, _tail
+    cdef public long long popped  # how many were taken off the front: the oldest request's number
 
     cdef int push(self, request) except -1
     cdef object first(self)
     cdef bint empty(self) noexcept
     cpdef popleft(self)
+    cdef Py_ssize_t drop_syncs_after_first(self) except -1
+    cdef long long next_number(self) noexcept
+    cdef bint proxy_only(self) except -1
 
 
 cdef class ProxyCore:
@@ -68,6 +72,11 @@ cdef class ClientCore(Endpoint):
     cdef public bint spanning  # the batch's implicit transaction spans shards: its Sync is the proxy's to answer
     cdef public object _refusal  # the message of the statement to refuse, or "" to answer it with _local_reply
     cdef public object _local_reply
+    # The batch that may run again should the server find its first statement's plan out of date (session.py):
+    # the read it came in, where it starts, and the number its first request has in the server's queue.
+    cdef public object retry_buf
+    cdef public Py_ssize_t retry_pos
+    cdef public long long retry_request
 
     cpdef on_data(self, data)
     cpdef _dispatch(self)
@@ -76,6 +85,7 @@ cdef class ClientCore(Endpoint):
     cpdef _server_ready(self, ServerCore server)
     cpdef _give_back(self, ServerCore server)
     cdef bint _bind(self, buf, Py_ssize_t pos, Py_ssize_t portal_end, Py_ssize_t end, list out) except -1
+    cdef _note_retry(self, buf, Py_ssize_t pos, long long request)
     cpdef _ensure_prepared(self, statement, list out)
     cpdef _forward(self, buf)
 
@@ -90,6 +100,8 @@ cdef class ClientCore(Endpoint):
     cpdef _session_statement(self, bytes message, list out)
     cpdef _names_proxy_statements(self, buf, Py_ssize_t pos, Py_ssize_t end, list out)
     cpdef _track_set(self, sql, server)
+    cpdef bint _statement_failed(self, ServerCore server, body) except -1
+    cpdef _statements_dropped(self, bint discard)
     # hooks: routing, called only when `routes` (placement.py)
     cpdef _batch_route(self, buf, Py_ssize_t start)
     cpdef bint _answer_locally(self, decision, Py_ssize_t end) except -1
@@ -112,6 +124,8 @@ cdef class ServerCore(Endpoint):
     cdef public ClientCore client
     cdef public bytes error_as  # the ErrorResponse that replaces the next one (a statement the proxy cancelled)
     cdef public bint ignoring, settings_undone
+    # In COPY FROM STDIN, as far as the client's messages forwarded so far go: the server ignores Sync and Flush.
+    cdef public bint copy_in
     cdef public int status, cancels
     cdef public double last_used, linked_at, created
 
@@ -121,6 +135,8 @@ cdef class ServerCore(Endpoint):
     cpdef _synthesize(self, list out)
     cpdef _skip_to_sync(self)
     cpdef _record_parameter(self, body)
+    cdef _copy_in_began(self, ClientCore client, long kind)
+    cdef _statements_dropped(self, ClientCore client, bint discard)
 
     # hooks (server.py)
     cpdef bint _unsolicited(self, int t, buf, Py_ssize_t pos, Py_ssize_t end) except -1

@@ -19,7 +19,7 @@ cimport cython
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_CheckExact, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_DecodeUTF8
-from libc.string cimport memchr, memcpy
+from libc.string cimport memchr, memcmp, memcpy
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 cdef extern from "<string.h>":
@@ -270,6 +270,28 @@ cdef class Requests:
     cdef bint empty(self) noexcept:
         return self._head == self._tail
 
+    cdef Py_ssize_t drop_syncs_after_first(self) except -1:
+        """Remove the Syncs queued right behind the oldest request; returns how many there were."""
+        cdef Py_ssize_t end = self._head + 1
+        while end < self._tail and (<tuple>self._items[end])[0] == K_SYNC:
+            end += 1
+        if end > self._head + 1:
+            del self._items[self._head + 1:end]
+            self._tail -= end - self._head - 1
+        return end - self._head - 1
+
+    cdef long long next_number(self) noexcept:
+        """The number the next request pushed gets (the oldest one's is `popped`)."""
+        return self.popped + self._tail - self._head
+
+    cdef bint proxy_only(self) except -1:
+        """Whether every request in flight is the proxy's own (hidden, or answered by the proxy)."""
+        cdef Py_ssize_t i
+        for i in range(self._head, self._tail):
+            if (<tuple>self._items[i])[1] == A_FORWARD:
+                return False
+        return True
+
     def append(self, request) -> None:
         self.push(request)
 
@@ -279,6 +301,7 @@ cdef class Requests:
         request = self._items[self._head]
         self._items[self._head] = None
         self._head += 1
+        self.popped += 1
         if self._head == self._tail:
             self._head = self._tail = 0
         elif self._head >= 64 and self._head * 2 >= self._tail:  # a pipeline that never lets it empty
@@ -345,7 +368,9 @@ cdef class Endpoint:
 
     cdef _send(self, object data):
         """Send what the socket takes now; the rest goes through the transport, which buffers it and tells
-        a slow peer's reader to pause (pause_writing). A failed send leaves the error to the transport."""
+        a slow peer's reader to pause (pause_writing). A failed send leaves the error to the transport. What is
+        not bytes (a message that arrived over several reads, joined in a bytearray) goes through the transport
+        too, and bytes sent after it wait their turn there."""
         cdef Py_ssize_t sent, n
         if self.closed or self._write is None:
             return
@@ -358,7 +383,7 @@ cdef class Endpoint:
                     return
                 if sent > 0:
                     data = data[sent:]
-            self._queued = True
+        self._queued = True
         self._write(data)
 
     cpdef close(self):
@@ -366,6 +391,17 @@ cdef class Endpoint:
             self.closed = True
             if self._transport is not None:
                 self._transport.close()
+
+
+cdef inline bint _fresh_batch(ServerCore server) except -1:
+    """Whether a batch starting now starts outside a transaction block, with nothing of its client's in flight."""
+    return server.status == _IDLE and server.pending.proxy_only()
+
+
+cdef inline bint _wipes_statements(const unsigned char* tag, Py_ssize_t size) noexcept:
+    """Whether a CommandComplete tag says the server dropped every prepared statement of its session."""
+    return (size == 11 and memcmp(tag, b"DISCARD ALL", 11) == 0
+            or size == 14 and memcmp(tag, b"DEALLOCATE ALL", 14) == 0)
 
 
 cdef inline object _joined(Endpoint connection, object data):
@@ -499,19 +535,28 @@ cdef class ClientCore(Endpoint):
             ClientCore.on_data(self, b"")
 
     cdef bint _bind(self, buf, Py_ssize_t pos, Py_ssize_t portal_end, Py_ssize_t end, list out) except -1:
-        """A Bind of a named statement, to the server-side name (prepared there first if it lacks it). Returns
-        False if the message was malformed (the client is gone)."""
+        """A Bind of a named statement, to the server-side name (prepared there first if it lacks it), recorded in
+        the queue. Returns False if the message was malformed (the client is gone)."""
         cdef const unsigned char* p = _chars(buf)
         cdef const unsigned char* name = p + portal_end + 1
         cdef const unsigned char* name_end = <const unsigned char*>memchr(name, 0, end - portal_end - 1)
         if name_end == NULL:
             self._fatal(pg.PostgresError(pg.PROTOCOL_VIOLATION, "invalid message format"))
             return False
+        cdef Requests pending = self.server.pending
         statement = self.statements.get(PyBytes_FromStringAndSize(<const char*>name, name_end - name))
         if statement is None:  # unknown to us: let the server say so, in its own words
             out.append(buf[pos:end])
+            pending.push(BIND_REQ)
             return True
+        cdef bint fresh = _fresh_batch(self.server)
         ClientCore._ensure_prepared(self, statement, out)
+        if fresh:
+            ClientCore._note_retry(self, buf, pos, pending.next_number())
+        request = statement.bind_request  # it names the statement, should the server find its plan out of date
+        if request is None:
+            request = statement.bind_request = _new_request(Request, (Kind.BIND, Action.FORWARD, statement, None))
+        pending.push(request)
         cdef bytes server_name = statement.bind_prefix  # the name and its NUL
         cdef Py_ssize_t portal = portal_end + 1 - (pos + 5), rest = end - (name_end + 1 - p)
         cdef Py_ssize_t size = 1 + 4 + portal + len(server_name) + rest
@@ -524,6 +569,14 @@ cdef class ClientCore(Endpoint):
         memcpy(m + 5 + portal + len(server_name), name_end + 1, rest)
         out.append(message)
         return True
+
+    cdef _note_retry(self, buf, Py_ssize_t pos, long long request):
+        """The batch at buf[pos] starts with a Bind or Describe of a named statement (request number `request`),
+        outside a transaction block: it can run again should that statement's plan be out of date (see
+        ClientSession._statement_failed)."""
+        self.retry_buf = buf
+        self.retry_pos = pos
+        self.retry_request = request
 
     cpdef _ensure_prepared(self, statement, list out):
         """Prepare the statement on the linked server first if it lacks it, hiding the ParseComplete."""
@@ -543,7 +596,7 @@ cdef class ClientCore(Endpoint):
         cdef Py_ssize_t n = len(buf), pos = 0, span = 0, end, length, check, refuse = -1, decider = -1, name_end, portal_end
         cdef Py_ssize_t max_size = self.max_message_size
         cdef unsigned char t
-        cdef bint routes = self.routes, executing = self.mid_batch, go
+        cdef bint routes = self.routes, executing = self.mid_batch, go, fresh
         cdef ServerCore server = self.server
         cdef Requests pending = server.pending
         cdef list out = None  # made when what is written differs from what was read
@@ -595,12 +648,16 @@ cdef class ClientCore(Endpoint):
                 if portal_end + 1 < end and p[portal_end + 1]:  # a named statement: use its server-side name
                     out = _add_span(out, p, span, pos)
                     span = end
-                    if not ClientCore._bind(self, buf, pos, portal_end, end, out):
+                    if not ClientCore._bind(self, buf, pos, portal_end, end, out):  # (it records the request)
                         return
-                pending.push(BIND_REQ)
+                else:
+                    pending.push(BIND_REQ)
             elif t == c'E':
                 pending.push(EXECUTE_REQ)
             elif t == c'S':
+                if server.copy_in:  # ignored by a server in COPY FROM STDIN: no answer comes, no batch ends
+                    pos = end
+                    continue
                 if self.spanning:  # the batch's transaction spans shards: the proxy ends it on each (_drained)
                     out = _add_span(out, p, span, pos)
                     span = pos
@@ -638,13 +695,18 @@ cdef class ClientCore(Endpoint):
                 if p[pos + 5] == c'S' and p[pos + 6]:
                     out = _add_span(out, p, span, pos)
                     span = end
+                    fresh = t == c'D' and _fresh_batch(server)
                     self._statement_message(t, bytes(buf[pos + 6:end - 1]), out)
+                    if fresh:  # (its request is the last one recorded)
+                        ClientCore._note_retry(self, buf, pos, pending.next_number() - 1)
                 elif t == c'D' and p[pos + 5] == c'S' and routes:  # the unnamed statement: learn its types
                     pending.push(_new_request(Request, (Kind.DESCRIBE, Action.FORWARD, self.unnamed, None)))
                 else:
                     pending.push(DESCRIBE_REQ if t == c'D' else CLOSE_REQ)
             elif t == c'F':
                 pending.push(FUNCTION_REQ)
+            elif t == c'c' or t == c'f':  # CopyDone, CopyFail: Syncs count again from here
+                server.copy_in = False
             elif t == c'X':  # it goes once what it sent before is answered, as with PostgreSQL (ServerCore.on_data)
                 out = _add_span(out, p, span, pos)
                 span = pos = n  # nothing after it is read
@@ -674,7 +736,7 @@ cdef class ClientCore(Endpoint):
         elif pending.empty() and server.on_ready is not None and self.server is server:
             server.on_ready(server)  # all answered by the proxy itself (DEALLOCATE ALL): no server reply will come
         if self.terminating:
-            if pending.empty():
+            if pending.empty() or server.copy_in:  # mid-COPY the server waits for data: the connection closes
                 self.close()
             elif self._transport is not None:
                 self._transport.pause_reading()
@@ -718,6 +780,15 @@ cdef class ClientCore(Endpoint):
         """A Query or Parse whose text names the proxy's server-side statements."""
         out.append(buf[pos:end])
         self.server.pending.push(QUERY_REQ if buf[pos] == c'Q' else PARSE_REQ)
+
+    cpdef bint _statement_failed(self, ServerCore server, body) except -1:
+        """The server refused a Bind or Describe of a named statement (the oldest request of its queue) with the
+        ErrorResponse `body`: whether the client sent the batch again in its place (then the error is hidden,
+        and the client has skipped the queue to the Sync, hidden too)."""
+        return False
+
+    cpdef _statements_dropped(self, bint discard):
+        """The linked server dropped every prepared statement (DEALLOCATE ALL), and its settings (DISCARD ALL)."""
 
     cpdef _batch_route(self, buf, Py_ssize_t start):
         """(decision, batch end, deciding message, standalone) of the batch at start; None: not all there."""
@@ -832,6 +903,23 @@ cdef class ServerCore(Endpoint):
             if self.client is not None:
                 self.client.parameter_changed(name, value)
 
+    cdef _copy_in_began(self, ClientCore client, long kind):
+        """CopyInResponse: until the client's CopyDone or CopyFail the server reads copy data and ignores Sync and
+        Flush. The Syncs a client sent right after its Execute, before it knew the statement was a COPY (libpq
+        does), get no answer; the Execute's batch keeps this connection until the Sync sent after the copy."""
+        self.copy_in = True
+        if self.pending.drop_syncs_after_first() and kind == K_EXECUTE and client is not None:
+            client.mid_batch = True
+
+    cdef _statements_dropped(self, ClientCore client, bint discard):
+        """The server ran DEALLOCATE ALL, or DISCARD ALL (which resets its settings too)."""
+        self.prepared.clear()
+        self.newest = None
+        if discard:
+            self.param_sql.clear()
+        if client is not None:
+            client._statements_dropped(discard)
+
     # -- hooks (server.py) ---------------------------------------------------------------------------------
     cpdef bint _unsolicited(self, int t, buf, Py_ssize_t pos, Py_ssize_t end) except -1:
         """A message outside any request (a notice, a notification, a parameter change, a FATAL error):
@@ -894,6 +982,8 @@ cdef class ServerCore(Endpoint):
                     arg(self, t, bytes(buf[pos + 5:end - 1]))
                 if t == c'C' and self.settings_before is not None and buf[pos + 5:end - 1] == b"ROLLBACK":
                     self.settings_undone = True
+                if t == c'C' and _wipes_statements(p + pos + 5, end - pos - 6):
+                    ServerCore._statements_dropped(self, client, p[pos + 6] == c'I')  # DISCARD ALL: settings too
             elif t == c'T' or t == c'n':
                 done = kind == K_DESCRIBE
             elif t == c'2':
@@ -906,16 +996,23 @@ cdef class ServerCore(Endpoint):
                 done = kind == K_CLOSE
             elif t == c'S':
                 self._record_parameter(buf[pos + 5:end])
+            elif t == c'G':
+                ServerCore._copy_in_began(self, client, kind)
             elif t == c't' and arg is not None:  # a named statement's parameter types, for routing by key
                 arg.param_types = parameter_types(buf[pos + 5:end])
             elif t == c'E' and kind != K_SYNC and kind != K_QUERY and kind != K_FUNCTION:
-                self._request_failed(buf[pos + 5:end])
-                ServerCore._skip_to_sync(self)
+                if (kind == K_BIND or kind == K_DESCRIBE) and arg is not None and client is not None \
+                        and client._statement_failed(self, buf[pos + 5:end]):
+                    hiding = True  # its batch runs again on a fresh statement (the client skipped to the Sync)
+                else:
+                    self._request_failed(buf[pos + 5:end])
+                    ServerCore._skip_to_sync(self)
                 self.ignoring = pending.empty()  # no Sync sent yet (after a Flush): the server waits for the client's
                 if hiding and kind == K_PARSE:  # the client must learn that its statement does not exist
                     hiding = False
             if t == c'E':
                 self.settings_undone = True
+                self.copy_in = False  # an error ends COPY FROM STDIN: the server drops the rest of the data
                 if self.error_as is not None and not hiding:
                     out = _add_span(out, p, span, pos)
                     out.append(self.error_as)

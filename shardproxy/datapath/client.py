@@ -24,6 +24,7 @@ from shardproxy.datapath._core import ProxyCore
 from shardproxy.datapath.connection import Connection
 from shardproxy.datapath.placement import Placement, PlacementHost
 from shardproxy.datapath.session import ClientSession
+from shardproxy.tasks import spawn
 from shardproxy.wire import protocol as pg
 from shardproxy.wire.auth import (
     ProvenKey,
@@ -184,6 +185,7 @@ class ClientConnection(Placement, ClientSession, Connection):
         self.connected_at = time.time()
         self.admitted = False  # authenticated, and counted against max_client_conn
         self.transaction_pooling = proxy.config.pool.mode == "transaction"  # as when the client connected
+        self.owns_server = not self.transaction_pooling
         self.on_server_ready = self._server_ready  # see ClientCore
         self.gives_back = True
         self.init_placement(proxy.core.sharded)
@@ -200,7 +202,7 @@ class ClientConnection(Placement, ClientSession, Connection):
         self.host = str(peer[0]) if isinstance(peer, tuple) else "unix"
         self.address = f"{self.host}:{peer[1]}" if isinstance(peer, tuple) else "unix"
         self.expect_startup_packet()
-        asyncio.get_running_loop().create_task(self._login())
+        spawn(self._login())
 
     async def _login(self) -> None:
         try:
@@ -347,6 +349,10 @@ class ClientConnection(Placement, ClientSession, Connection):
             return
         self.pool, defaults = await self.proxy.login(self.database, self.user)
         values, self.param_sql = session_params.startup_values(startup)
+        encoding = values.get("client_encoding")
+        if encoding is not None and session_params.encoding_name(encoding) is None:  # refused as PostgreSQL does
+            raise pg.PostgresError(pg.INVALID_PARAMETER_VALUE,
+                                   f'invalid value for parameter "client_encoding": "{encoding}"')
         reported = {k: v for k, v in defaults.items() if k in session_params.REPORTED}
         self.params = session_params.shared(reported | values)
         self.pid, self.secret = self.proxy.register(self)
@@ -361,12 +367,18 @@ class ClientConnection(Placement, ClientSession, Connection):
     # -- endings ----------------------------------------------------------------------------------------
     def server_lost(self, server: ServerConnection) -> None:
         """A server connection of the client's transaction broke: the transaction is gone, and so is the
-        client."""
+        client. If the server ended the session with a FATAL error, the client has had it: it goes without
+        another."""
         if self.server is server or server in self.tx.legs.values():
             if self.server is server:
                 self.server = self.peer = None
             self.tx.legs = {shard: leg for shard, leg in self.tx.legs.items() if leg is not server}
-            self._fatal(pg.PostgresError(pg.CONNECTION_FAILURE, "shardproxy: server connection lost"))
+            if server.ended is None:
+                self._fatal(pg.PostgresError(pg.CONNECTION_FAILURE, "shardproxy: server connection lost"))
+                return
+            self.proxy.client_error(server.ended)
+            self.reason = self.reason or f"the server ended the session: {server.ended.message}"
+            self.close()
 
     def fail(self, error: pg.PostgresError) -> None:
         """Waiting for a server connection failed (timeout, server down). Before any byte of the

@@ -30,7 +30,25 @@ _CANONICAL = {name.lower(): name for name in (*REPORTED, *UNREPORTED)}
 _SET = re.compile(r"""\s*(?:set\s+(?:session\s+)?(\w+)\s*(?:to|=)\s*((?:'(?:[^'\\]|'')*'|"(?:[^"]|"")*"|[^'";\\$])+?)"""
                   r"|reset\s+(\w+))\s*(?:;|\Z)", re.I | re.S)
 _RESET_ALL = re.compile(r"\s*reset\s+all\s*(?:;|\Z)", re.I)
-_UTF8_NAMES = {"utf8", "utf-8", "unicode"}
+
+# PostgreSQL's encodings by the names it reports, and the other names it takes for each. A name is looked up as
+# PostgreSQL does: lower case, with everything but letters and digits left out ("EUC-JP", "euc_jp" are "eucjp").
+_ENCODING_NAMES = {
+    "SQL_ASCII": (), "UTF8": ("unicode",), "MULE_INTERNAL": (), "EUC_JP": (), "EUC_CN": (), "EUC_KR": (),
+    "EUC_TW": (), "EUC_JIS_2004": (), "SJIS": ("shiftjis", "mskanji", "win932", "windows932"),
+    "SHIFT_JIS_2004": (), "BIG5": ("win950", "windows950"), "GBK": ("win936", "windows936"), "GB18030": (),
+    "UHC": ("win949", "windows949"), "JOHAB": (), "KOI8R": ("koi8",), "KOI8U": (),
+    "LATIN1": ("iso88591",), "LATIN2": ("iso88592",), "LATIN3": ("iso88593",), "LATIN4": ("iso88594",),
+    "LATIN5": ("iso88599",), "LATIN6": ("iso885910",), "LATIN7": ("iso885913",), "LATIN8": ("iso885914",),
+    "LATIN9": ("iso885915",), "LATIN10": ("iso885916",), "ISO_8859_5": (), "ISO_8859_6": (), "ISO_8859_7": (),
+    "ISO_8859_8": (), "WIN866": ("alt", "windows866"), "WIN874": ("windows874",),
+    "WIN1250": ("windows1250",), "WIN1251": ("win", "windows1251"), "WIN1252": ("windows1252",),
+    "WIN1253": ("windows1253",), "WIN1254": ("windows1254",), "WIN1255": ("windows1255",),
+    "WIN1256": ("windows1256",), "WIN1257": ("windows1257",),
+    "WIN1258": ("windows1258", "abc", "tcvn", "tcvn5712", "vscii"),
+}
+_ENCODINGS = {re.sub(r"[^a-z0-9]", "", alias): name for name, aliases in _ENCODING_NAMES.items()
+              for alias in (name.lower(), *aliases)}
 
 
 # Reported values -> their one shared dict. Bounded: values unique to each client (application_name) would grow it
@@ -71,8 +89,8 @@ def startup_values(startup: dict[str, str]) -> tuple[dict[str, str], dict[str, s
         name = canonical_name(key) or key
         if not _PARAMETER_NAME.fullmatch(name):
             raise pg.PostgresError(pg.INVALID_NAME, f'invalid configuration parameter name "{name}"')
-        if name == "client_encoding" and value.lower() in _UTF8_NAMES:
-            values[name] = "UTF8"  # as the server will report it
+        if name == "client_encoding":
+            values[name] = encoding_name(value) or value  # as the server will report it
         elif name in REPORTED:
             values[name] = value
         elif name == "search_path":
@@ -80,6 +98,11 @@ def startup_values(startup: dict[str, str]) -> tuple[dict[str, str], dict[str, s
         else:
             statements[name] = f"SET {identifier(name)} TO {literal(value)}"
     return values, statements
+
+
+def encoding_name(name: str) -> str | None:
+    """The name PostgreSQL reports for an encoding it knows by this name (`euc-jp`: `EUC_JP`), else None."""
+    return _ENCODINGS.get(re.sub(r"[^a-z0-9]", "", name.lower()))
 
 
 _CONNECTION_KEYS = {"user", "database", "options", "replication"}

@@ -6,7 +6,8 @@ injected (a Parse for a statement the server lacks, a SET that brings the sessio
 answer requests it handled itself in their proper place (SYNTH), and know when the server is free again: nothing
 pending and ReadyForQuery said idle. A request that changed the proxy's books on statements (a client's name given
 or closed, a statement closed here to make room) carries the call that takes the change back, made if the server
-skips the request after an error (up to the next Sync).
+skips the request after an error (up to the next Sync). A Sync that the server ignores, because it came during a
+COPY FROM STDIN, is no request: no answer comes.
 
 The compiled loops (_core.pyx) read these tuples by position; Kind and Action there are C enums of the same values.
 """
@@ -41,7 +42,7 @@ class Action(IntEnum):
 class Request(NamedTuple):
     kind: Kind
     action: Action
-    arg: Any = None  # a Statement (Parse, Describe), the reply (SYNTH), or a call that reads the answer (HIDE)
+    arg: Any = None  # a Statement (Parse, Bind, Describe), the reply (SYNTH), or a call that reads the answer (HIDE)
     undo: tuple[Any, ...] | None = None  # (call, *args) that takes back a change to the books, should it be skipped
 
 

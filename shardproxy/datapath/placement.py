@@ -35,7 +35,6 @@ named: a statement for a second one gets 0A000 (legs that ran only statements na
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from enum import Enum
 from functools import partial
@@ -50,6 +49,7 @@ from shardproxy.datapath.pending import HIDDEN_QUERY, Action, Kind, Request
 from shardproxy.datapath.transaction import Transaction, reply, statement_messages
 from shardproxy.routing.keys import decode_key
 from shardproxy.routing.router import Decision, Router
+from shardproxy.tasks import spawn
 from shardproxy.wire import protocol as pg
 from shardproxy.wire.protocol import Backend, Frontend
 
@@ -265,7 +265,7 @@ class Placement:
             batch = bytes(self.buf[:batch_end])
             del self.buf[:batch_end]
             self.busy = True
-            asyncio.get_running_loop().create_task(self._run_on_shards(decision, batch))
+            spawn(self._run_on_shards(decision, batch))
             return
         # A refused extended-protocol batch goes to the home shard, whose server raises the refusal (_forward).
         shard = route.shard if route.target == "shard" else self.home
@@ -290,7 +290,7 @@ class Placement:
     def _await_primary(self, shard: int) -> None:
         """No primary for the shard: hold the transaction (not fail it) while a failover may bring one."""
         self.busy = True
-        asyncio.get_running_loop().create_task(self._held_for_failover(shard))
+        spawn(self._held_for_failover(shard))
 
     async def _held_for_failover(self, shard: int) -> None:
         name = self.proxy.config.shards[shard].name
@@ -550,7 +550,7 @@ class Placement:
             messages, end = statement_messages(self.buf)
         del self.buf[:end]
         self.busy = True
-        asyncio.get_running_loop().create_task(self._end_on_legs(commit, implicit, messages))
+        spawn(self._end_on_legs(commit, implicit, messages))
 
     async def _end_on_legs(self, commit: bool, implicit: bool, messages: list) -> None:
         legs = len(self.tx.legs)

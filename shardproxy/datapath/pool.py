@@ -25,6 +25,7 @@ from shardproxy.counters import PoolStats, Tally
 from shardproxy.datapath._core import PoolCore
 from shardproxy.datapath.pending import HIDDEN_QUERY
 from shardproxy.datapath.server import ServerConnection
+from shardproxy.tasks import spawn
 from shardproxy.wire import protocol as pg
 from shardproxy.wire.auth import ProvenKey
 from shardproxy.wire.dial import Dialer
@@ -128,7 +129,7 @@ class Pool(PoolCore):
         while not self.paused and len(self.waiting) > self.opening and \
                 len(self.servers) + self.opening < self.size:
             self.opening += 1
-            asyncio.get_running_loop().create_task(self._open_for_waiters())
+            spawn(self._open_for_waiters())
 
     async def _open_for_waiters(self) -> None:
         try:
@@ -203,7 +204,7 @@ class Pool(PoolCore):
                 surplus -= 1
         if not self.paused and len(self.servers) + self.opening < settings.min_size:
             self.opening += 1
-            asyncio.get_running_loop().create_task(self._open_for_waiters())
+            spawn(self._open_for_waiters())
 
     def close(self) -> None:
         for server in list(self.servers):

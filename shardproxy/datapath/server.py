@@ -20,6 +20,7 @@ from shardproxy.datapath import params as session_params
 from shardproxy.datapath._core import ServerCore
 from shardproxy.datapath.connection import Connection
 from shardproxy.datapath.statements import SERVER_NAME
+from shardproxy.tasks import spawn
 from shardproxy.wire import protocol as pg
 from shardproxy.wire.auth import ProvenKey, ServerAuthPolicy, ServerLogin
 from shardproxy.wire.dial import Dialer
@@ -28,6 +29,7 @@ from shardproxy.wire.protocol import Backend
 log = logging.getLogger("shardproxy.server")
 
 CANCEL_TIMEOUT = 10.0  # seconds for a cancel request to reach the server
+_SESSION_ENDINGS = frozenset(("FATAL", "PANIC"))  # the severities after which a server closes the connection
 
 
 class ServerPool(Protocol):
@@ -64,6 +66,8 @@ class ServerConnection(ServerCore, Connection):
         # After an error the server skips every message up to the client's next Sync: the connection is kept.
         self.ignoring = False
         self.error_as: bytes | None = None  # the ErrorResponse that replaces the next one (see cancel_running)
+        # The FATAL error the server ended its session with, passed on to the linked client (who was told why).
+        self.ended: pg.PostgresError | None = None
 
     # -- login --------------------------------------------------------------------------------------
     async def login(self, user: str, password: str | None, database: str, proven: ProvenKey | None,
@@ -95,7 +99,13 @@ class ServerConnection(ServerCore, Connection):
         if t == Backend.PARAMETER_STATUS:
             self._record_parameter(buf[pos + 5 : end])
         elif t == Backend.ERROR_RESPONSE:
-            log.warning("server %s: %s", self.pool.node_label, pg.parse_fields(buf[pos + 5 : end]).get("M", ""))
+            error = pg.PostgresError.from_body(bytes(buf[pos + 5 : end]))
+            log.warning("server %s: %s", self.pool.node_label, error.message)
+            if self.client is not None and error.fields.get("V", error.severity) in _SESSION_ENDINGS:
+                # It ends the session of the linked client (idle_in_transaction_session_timeout, idle_session_timeout,
+                # a terminated backend): the client hears the server's own words, and goes when the server closes.
+                self.ended = error
+                return True
             self.pool.discard(self)
             return False
         return self.client is not None
@@ -126,7 +136,7 @@ class ServerConnection(ServerCore, Connection):
         if error is not None:
             self.error_as = error.to_message()
         self.cancels += 1
-        asyncio.get_running_loop().create_task(self._send_cancel())
+        spawn(self._send_cancel())
 
     async def _send_cancel(self) -> None:
         node = self.pool.node

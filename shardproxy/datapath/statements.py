@@ -1,9 +1,13 @@
 """Protocol-level prepared statements across pooled server connections.
 
 A client's named statement is known by its Parse body (query text and parameter types). Every distinct body
-gets one server-side name for the life of the process, so a server connection that prepared it for one client
-serves the next client without preparing it again; a connection that lacks it gets the Parse injected just
-before first use.
+gets one server-side name, so a server connection that prepared it for one client serves the next client without
+preparing it again; a connection that lacks it gets the Parse injected just before first use.
+
+PostgreSQL plans a statement when it is prepared, and a statement prepared again after a table or type changed
+sees the change. So when a client drops a statement (Close, DEALLOCATE, DISCARD ALL), or a server finds a
+statement's plan out of date, the statement is retired: the next Parse of its text gets a new server-side name,
+prepared afresh wherever it runs, while clients that still hold the old one keep it, as they would on PostgreSQL.
 
 The names carry a random mark of the process (`sp<12 digits>_<n>`) that clients cannot guess, and a client's
 Query or Parse that names them anyway (they show in pg_prepared_statements) is refused (session.py), so that one
@@ -21,7 +25,8 @@ from shardproxy.wire import protocol as pg
 
 
 class Statement:
-    __slots__ = ("name", "parse", "unnamed_parse", "bind_prefix", "verified", "sql", "param_types", "plan")
+    __slots__ = ("name", "parse", "unnamed_parse", "bind_prefix", "verified", "sql", "param_types", "plan",
+                 "bind_request")
 
     def __init__(self, name: bytes, body: bytes):
         self.name = name  # the server-side name
@@ -31,6 +36,12 @@ class Statement:
         self.verified = False  # a server has accepted it: a client's Parse of it can be answered without one
         self.sql, self.param_types = parse_body(body)  # types as declared; filled in from ParameterDescription
         self.plan: object | None = None  # the router's plan, made on first use
+        self.bind_request: object | None = None  # what a Bind of it records in a server's queue (made by _core)
+
+    @property
+    def body(self) -> bytes:
+        """The Parse body it was made from: the query text and the parameter types."""
+        return self.parse[6 + len(self.name):]
 
 
 def parse_body(body: bytes) -> tuple[str, list[int]]:
@@ -75,6 +86,16 @@ class Registry:
     def _new(self, body: bytes) -> Statement:
         return Statement(self.prefix + b"%d" % next(self._names), body)
 
+    def retire(self, statement: Statement) -> None:
+        """The next Parse of the statement's text gets a new statement (those who hold this one keep it)."""
+        if self._by_body.peek(statement.body) is statement:
+            self._by_body.discard(statement.body)
+
+    def renewed(self, statement: Statement) -> Statement:
+        """A new statement in place of this one."""
+        self.retire(statement)
+        return self.get(statement.body)
+
     def known(self, body: bytes) -> Statement | None:
         """The statement for this body if a server has accepted it before."""
         statement = self._by_body.peek(body)
@@ -85,7 +106,6 @@ class Registry:
 
 
 _DEALLOCATE = re.compile(r'\s*deallocate\s+(?:prepare\s+)?(?:(all)|"?([^";\s]+)"?)\s*;?\s*\Z', re.I)
-_DISCARD_ALL = re.compile(r"\s*discard\s+all\s*;?\s*\Z", re.I)
 
 
 def deallocate_target(sql: str) -> str | None:
@@ -95,6 +115,3 @@ def deallocate_target(sql: str) -> str | None:
         return None
     return "" if match.group(1) else match.group(2)
 
-
-def is_discard_all(sql: str) -> bool:
-    return _DISCARD_ALL.match(sql) is not None

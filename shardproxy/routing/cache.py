@@ -41,6 +41,11 @@ class SizedLru(Generic[K, V]):
         """The entry of `key`, if kept, without making it the most recent."""
         return self._entries.get(key)
 
+    def discard(self, key: K) -> None:
+        """Forget the entry of `key`, if kept."""
+        if self._entries.pop(key, None) is not None:
+            self.bytes -= self._size(key)
+
     def _trim(self) -> None:
         entries = self._entries
         while len(entries) > self.max_entries or self.bytes > self.max_bytes:

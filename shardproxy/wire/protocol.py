@@ -86,6 +86,7 @@ WARNING = "01000"
 INTERNAL_ERROR = "XX000"
 IDLE_IN_TRANSACTION_TIMEOUT = "25P03"
 IN_FAILED_TRANSACTION = "25P02"
+INVALID_PARAMETER_VALUE = "22023"
 
 # Responses the proxy synthesises. Prebuilt: they are sent on the hot path.
 PARSE_COMPLETE = b"1\x00\x00\x00\x04"

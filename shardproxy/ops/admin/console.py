@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import struct
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from shardproxy import __version__
 from shardproxy.ops.admin.replies import AdminError, Table, Value, text
+from shardproxy.tasks import spawn
 from shardproxy.wire import protocol as pg
 from shardproxy.wire.protocol import Frontend
 
@@ -46,7 +46,7 @@ class Console:
     def open_session(self, client: ConsoleClient) -> None:
         """Serve a logged-in client of the admin database (its cancel key issued already)."""
         client.write(_SESSION_PARAMETERS + pg.backend_key_data(client.pid, client.secret) + pg.READY[pg.IDLE])
-        asyncio.get_running_loop().create_task(self._session(client))
+        spawn(self._session(client))
 
     async def _session(self, client: ConsoleClient) -> None:
         skipping = False  # after a refused extended-protocol message, until Sync, as PostgreSQL does
