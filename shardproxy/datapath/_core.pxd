@@ -127,6 +127,7 @@ cdef class ServerCore(Endpoint):
     # In COPY FROM STDIN, as far as the client's messages forwarded so far go: the server ignores Sync and Flush.
     cdef public bint copy_in
     cdef public int status, cancels
+    cdef public int commands  # statements answered (CommandComplete or ErrorResponse) since linked, for metrics
     cdef public double last_used, linked_at, created
 
     cpdef bint reuse_prepared(self, name) except -1

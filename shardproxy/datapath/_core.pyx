@@ -978,6 +978,8 @@ cdef class ServerCore(Endpoint):
                 self.settings_undone = False
             elif t == c'C' or t == c'I' or t == c's':
                 done = kind == K_EXECUTE
+                if t == c'C' and action != A_HIDE:
+                    self.commands += 1
                 if arg is not None and kind == K_QUERY and t == c'C':
                     arg(self, t, bytes(buf[pos + 5:end - 1]))
                 if t == c'C' and self.settings_before is not None and buf[pos + 5:end - 1] == b"ROLLBACK":
@@ -1011,6 +1013,7 @@ cdef class ServerCore(Endpoint):
                 if hiding and kind == K_PARSE:  # the client must learn that its statement does not exist
                     hiding = False
             if t == c'E':
+                self.commands += 1
                 self.settings_undone = True
                 self.copy_in = False  # an error ends COPY FROM STDIN: the server drops the rest of the data
                 if self.error_as is not None and not hiding:
@@ -1110,7 +1113,8 @@ cdef class PoolCore:
         cdef double seconds
         if client is not None:
             seconds = (now or _now()) - server.linked_at
-            self.stats.transaction(seconds, client.kind)
+            self.stats.transaction(seconds, client.kind, server.commands)
+            server.commands = 0
             self.load.outstanding -= 1
             # Per transaction (per session in session pooling): the time from hand-out to give-back, so one
             # comparison per transaction, never per statement.

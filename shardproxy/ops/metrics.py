@@ -158,7 +158,7 @@ class _EventCollector(Collector):
         self.tallies = tallies
 
     def collect(self) -> Iterator[Metric]:
-        queries = CounterMetricFamily("shardproxy_queries", "Transactions by shard, node role and kind: a shard's "
+        queries = CounterMetricFamily("shardproxy_queries", "Statements by shard, node role and kind: a shard's "
                                       "part of a statement on every shard as scatter, ddl or write, any other "
                                       "as read on a replica, else write", labels=["shard", "role", "kind"])
         duration = HistogramMetricFamily("shardproxy_query_duration_seconds",

@@ -87,12 +87,16 @@ class Leg(ClientSession):
     async def run(self, batch: bytes) -> list[Message]:
         """Send a batch and wait for every response to it."""
         self._answered = asyncio.get_running_loop().create_future()
+        counted = 0
         if self.server is None:
             self.buf = bytearray(batch)
             self.pool.acquire(self)
         else:
+            counted = self.server.commands
             self._forward(batch)
         await self._answered
+        if self.server is not None:  # in queries_total: a shard's part of a statement is one, the proxy's own none
+            self.server.commands = 1 if self.kind is not None else counted
         if self.error is not None:
             raise self.error
         return self.transport.take()
