@@ -1093,6 +1093,11 @@ cdef class PoolCore:
         server.last_used = now
         if server.closed:
             return
+        if server.status != _IDLE or not server.pending.empty():  # never hand out a transaction or a batch begun
+            _pool_log.warning("server connection to %s given back %s: closed", self.node_label,
+                              "inside a transaction" if server.status != _IDLE else "with answers pending")
+            self.discard(server)
+            return
         if self.paused:  # PAUSE: connections close as their transactions end
             self.discard(server)
             return
