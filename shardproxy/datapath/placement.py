@@ -250,7 +250,7 @@ class Placement:
         if self.tx.legs and route.kind in _ENDS:
             self._end(commit=route.kind == "commit" and not self._failed(), implicit=False)
             return
-        if self.tx.legs and route.target not in ("scatter", "all") or self._failed_leg() is not None:
+        if self.tx.legs and (route.target not in ("scatter", "all") or self._failed_leg() is not None):
             failed = self._failed_leg()
             if failed is not None:  # it answers as PostgreSQL does, until the transaction ends
                 self._activate(next(shard for shard, leg in self.tx.legs.items() if leg is failed))
