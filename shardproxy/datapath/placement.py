@@ -70,6 +70,7 @@ _HIDDEN_BIND = Request(Kind.BIND, Action.HIDE)
 _HIDDEN_EXECUTE = Request(Kind.EXECUTE, Action.HIDE)
 _EXECUTE_UNNAMED = pg.message(b"E", b"\0\0\0\0\0")
 _ENDS = frozenset({"commit", "rollback"})
+_EVERY_SHARD = frozenset({"scatter", "all", "each"})  # route targets run by fanout/
 _LOGGED = frozenset({"savepoint", "release", "rollback_to"})  # besides SET and friends (Plan.replays)
 
 
@@ -250,7 +251,7 @@ class Placement:
         if self.tx.legs and route.kind in _ENDS:
             self._end(commit=route.kind == "commit" and not self._failed(), implicit=False)
             return
-        if self.tx.legs and route.target not in ("scatter", "all") or self._failed_leg() is not None:
+        if self.tx.legs and route.target not in _EVERY_SHARD or self._failed_leg() is not None:
             failed = self._failed_leg()
             if failed is not None:  # it answers as PostgreSQL does, until the transaction ends
                 self._activate(next(shard for shard, leg in self.tx.legs.items() if leg is failed))
@@ -259,7 +260,7 @@ class Placement:
             else:
                 self._activate(self.home if self.home in self.tx.legs else min(self.tx.legs))
             return
-        if route.target in ("scatter", "all"):
+        if route.target in _EVERY_SHARD:
             if self.buf[batch_end - 5] != Frontend.SYNC and self.buf[0] != Frontend.QUERY:
                 return  # a multi-shard batch runs whole: wait for its Sync
             batch = bytes(self.buf[:batch_end])
@@ -317,7 +318,7 @@ class Placement:
             if in_transaction:
                 legs = await self.tx.every_leg(self, self._transaction_pool, len(self.proxy.config.shards), kind)
             else:
-                pools = [self._pool_on(shard, route.target == "all", route.force_primary)
+                pools = [self._pool_on(shard, route.target != "scatter", route.force_primary)
                          for shard in range(len(self.proxy.config.shards))]
                 if None in pools:
                     raise pg.PostgresError(pg.CANNOT_CONNECT_NOW, "shardproxy: a shard has no primary")

@@ -61,7 +61,7 @@ Kind = Literal[
     "prepare_transaction", "commit_prepared", "rollback_prepared",
     "set_shard_key", "reset_shard_key", "session", "utility",
 ]  # fmt: skip
-Target = Literal["shard", "any", "all", "scatter", "error"]
+Target = Literal["shard", "any", "all", "each", "scatter", "error"]
 Params = Callable[[int], object] | Sequence[object]
 
 SHARD_KEY_SETTING = "shardproxy.shard_key"
@@ -147,8 +147,9 @@ class Plan:
     strong: a ``routing.strong_tables`` table is touched: reads go to the primary.
     keys: where the shard key comes from; every one must map to the same shard. Empty when some
         sharded table reference is not pinned by a key (see the module docstring).
-    unkeyed: the target when no key is known: "scatter" (a lone SELECT), "any" (EXPLAIN, or no
-        sharded table) or "error" (with ``unkeyed_error`` as the message).
+    unkeyed: the target when no key is known: "scatter" (a lone SELECT), "each" (an UPDATE or DELETE that
+        ``routing.keyless_writes`` lets run on every shard), "any" (EXPLAIN, or no sharded table) or "error"
+        (with ``unkeyed_error`` as the message).
     unkeyed_error: the error message when ``unkeyed`` is "error".
     error: set when the statement can never be routed (the route is always this error).
     comment_key: the value of a ``/* shard_key: ... */`` comment; it overrides ``keys``.
@@ -197,7 +198,9 @@ class Route:
     """Where one execution of a plan goes.
 
     target: "shard" (``shard`` is the ring index), "any" (one shard, whichever), "all" (every
-    shard's primary), "scatter" (every shard, results merged) or "error" (``message`` starts with
+    shard's primary, each shard's answer standing for all: DDL, reference-table writes), "each" (every
+    shard's primary, each writing its own rows: row counts summed, RETURNING rows of all), "scatter" (every
+    shard, results merged) or "error" (``message`` starts with
     ``shardproxy:``; answer with SQLSTATE 0A000 and touch nothing).
     write: the statement needs a primary. force_primary: a target comment or a strong table asks for
     the primary even for a read. For kinds "set_shard_key"/"reset_shard_key" the proxy answers
@@ -364,6 +367,7 @@ class _Settings(NamedTuple):
     key: str
     reference: frozenset[str]
     strong: frozenset[str]
+    keyless_writes: bool  # an UPDATE or DELETE with no key runs on every shard (else it is refused)
 
 
 class Router:
@@ -378,6 +382,7 @@ class Router:
             self.key_column,
             _table_names(config.sharding.reference_tables),
             _table_names(config.routing.strong_tables),
+            config.routing.keyless_writes == "all_shards",
         )
         # Per-instance caches: a reloaded config gets a new Router and so fresh plans.
         memory = config.pool.statement_cache_bytes
@@ -667,6 +672,7 @@ class _Analysis:
         self._expanding: set[int] = set()  # WITH queries being walked, by id: a reference inside is recursion
         self._levels = 0
         self._written_node: int | None = None  # the instance of the table written, if sharded
+        self.unkeyed_write = False  # that instance is not pinned by a key
 
     # -- statements --------------------------------------------------------------------------
 
@@ -728,7 +734,7 @@ class _Analysis:
             self.kind = "read"  # nothing is executed
         if self.kind == "read":
             self.unkeyed = "any"  # a plan from any shard shows how each one runs the query
-            self.apart = None
+            self.apart, self.unkeyed_write = None, False
         self.verb = "EXPLAIN"
 
     def _copy(self, body: dict[str, Any]) -> None:
@@ -776,15 +782,22 @@ class _Analysis:
         pinned = placement.pinned()
         self.covered = len(pinned) == len(placement.labels)
         self.keys = placement.pins if self.covered else []
-        unkeyed_write = self._written_node is not None and self._written_node not in pinned
-        self.apart = None if self.covered or unkeyed_write else placement.apart()
+        self.unkeyed_write = self._written_node is not None and self._written_node not in pinned
+        self.apart = None if self.covered else placement.apart()
 
     def _finish(self) -> None:
-        """Keys matter only for sharded tables; unless every reference is pinned none of them decides."""
+        """Keys matter only for sharded tables; unless every reference is pinned none of them decides. A write
+        whose own table has no key is told it needs one first, unless it may run on every shard: an UPDATE or
+        DELETE whose rows combine only on equal keys, so that each shard's part is exact."""
         if not self.tables or not self.covered:
             self.keys = []
-        if self.apart is not None:
+        each = self.unkeyed_write and self.settings.keyless_writes and self.verb in ("UPDATE", "DELETE")
+        if self.unkeyed_write and not each:
+            self.unkeyed, self.unkeyed_error = "error", self._needs_key_message()
+        elif self.apart is not None:
             self.unkeyed, self.unkeyed_error = "error", self._apart_message(*self.apart)
+        elif each:
+            self.unkeyed = "each"
         elif self.kind == "write" or (self.tables and self.unkeyed == "error"):
             self.unkeyed = "error"
             self.unkeyed_error = self._needs_key_message()

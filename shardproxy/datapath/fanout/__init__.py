@@ -1,5 +1,6 @@
 """Statements that run on several shards at once: scatter reads (scatter.py), and writes or DDL on every shard
-(everywhere.py, committed in two phases by twophase.py), each shard served by a Leg (legs.py), a session on one
+(everywhere.py, committed in two phases by twophase.py; writes of each shard's own rows answer with the row
+counts of all, combine.py), each shard served by a Leg (legs.py), a session on one
 server connection. Outside a transaction the legs are taken from the pools for the statement; inside one they are
 the transaction's own (datapath/transaction.py), so the statement sees the transaction's writes and its writes
 commit with the transaction. Two-phase commits left in doubt by a proxy that died are finished by recovery.py.
@@ -7,8 +8,10 @@ commit with the transaction. Two-phase commits left in doubt by a proxy that die
 
 from __future__ import annotations
 
+from shardproxy.datapath.fanout.combine import combined
 from shardproxy.datapath.fanout.everywhere import (
     NotTransactional,
+    first_stands,
     run_alone_everywhere,
     run_everywhere,
     run_in_transaction,
@@ -25,7 +28,7 @@ from shardproxy.wire.protocol import Frontend
 def kind_of(decision: Decision) -> str:
     """What each shard's part counts as in shardproxy_queries_total."""
     route = decision.route
-    if route.target != "all":
+    if route.target == "scatter":
         return "scatter"
     return "ddl" if route.kind == "ddl" else "write"
 
@@ -40,13 +43,15 @@ async def run(client: ClientSession, legs: list[Leg], decision: Decision, batch:
         raise pg.PostgresError(pg.FEATURE_NOT_SUPPORTED, "shardproxy: a statement that runs on every shard "
                                "must be the only one in its batch (send a Sync before and after it)")
     status = pg.IN_TRANSACTION if in_transaction else pg.IDLE
-    if route.target == "all":
+    if route.target == "all" or route.target == "each":
+        batches = [batch] * len(legs)
+        answer = combined if route.target == "each" else first_stands
         if in_transaction:
-            return await run_in_transaction(legs, batch), False
+            return await run_in_transaction(legs, batches, answer), False
         if decision.plan is not None and decision.plan.concurrently:
             return await run_alone_everywhere(client, legs, batch, status), False
         try:
-            return await run_everywhere(client, legs, batch)
+            return await run_everywhere(client, legs, batches, answer)
         except NotTransactional:
             return await run_alone_everywhere(client, legs, batch, status), False
     try:

@@ -1,0 +1,237 @@
+"""Writes that name no single shard, against three real shards and one unsharded server that holds the same rows
+(the differential check): an UPDATE or DELETE with no shard key runs on every shard's primary, all-or-nothing,
+and answers with the row count and RETURNING rows of all shards; a multi-row INSERT whose rows belong to several
+shards is split, each shard getting its own rows. Every outcome is read on direct connections to the shards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+
+import asyncpg
+import psycopg
+import pytest
+
+from shardproxy.devtools.sandbox import wait_until
+from tests.support import APP_DB
+from tests.support.admin import table
+from tests.support.ring import owner
+
+SHARDS = 3
+USERS = range(1, 31)
+WALLETS = "CREATE TABLE wallets (user_id bigint NOT NULL, n int NOT NULL, amount int CHECK (amount < 1000), " \
+          "PRIMARY KEY (user_id, n))"
+
+
+# -- fixtures --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def shards(sandbox):
+    clusters = [sandbox.cluster(f"split{i}") for i in range(SHARDS)]
+    for cluster in clusters:
+        cluster.primary.sql(f"CREATE DATABASE {APP_DB} OWNER app")
+    return clusters
+
+
+@pytest.fixture(scope="module")
+def names(shards):
+    return [c.name for c in shards]
+
+
+@pytest.fixture(scope="module")
+def proxy(sandbox, shards):
+    proxy = sandbox.proxy("split", shards, pool={"size": 4, "query_wait_timeout": "20s"},
+                          sharding={"key": "user_id", "reference_tables": ["countries"]})
+    with connect(proxy, autocommit=True) as conn:
+        conn.execute(WALLETS)
+        conn.execute("CREATE TABLE countries (code text PRIMARY KEY, name text)")
+    return proxy
+
+
+@pytest.fixture(scope="module")
+def refusing(sandbox, shards, proxy):
+    """routing.keyless_writes: refuse, on the same shards."""
+    return sandbox.proxy("split-refuse", shards, sharding={"key": "user_id"}, routing={"keyless_writes": "refuse"})
+
+
+@pytest.fixture(scope="module")
+def reference(sandbox):
+    """One unsharded server, for the differential checks."""
+    cluster = sandbox.cluster("splitref")
+    cluster.primary.sql(f"CREATE DATABASE {APP_DB} OWNER app")
+    cluster.primary.sql(WALLETS, dbname=APP_DB)
+    return cluster
+
+
+@pytest.fixture()
+def wallets(shards, names, reference):
+    """Three wallets per user, each row on its user's shard, and all of them on the unsharded server."""
+    for cluster in shards:
+        rows = ", ".join(f"({u}, {n}, {u})" for u in USERS for n in range(3) if owner(u, names) == cluster.name)
+        direct(cluster, f"TRUNCATE wallets; INSERT INTO wallets VALUES {rows}")
+    rows = ", ".join(f"({u}, {n}, {u})" for u in USERS for n in range(3))
+    reference.primary.sql(f"TRUNCATE wallets; INSERT INTO wallets VALUES {rows}", dbname=APP_DB)
+
+
+# -- helpers ---------------------------------------------------------------------------------------------------
+def connect(proxy, **kwargs) -> psycopg.Connection:
+    return psycopg.connect(proxy.dsn(dbname=APP_DB), connect_timeout=10, **kwargs)
+
+
+def direct(cluster, query: str) -> list[tuple]:
+    return cluster.primary.sql(query, dbname=APP_DB)
+
+
+def placed(shards, names, query: str = "SELECT user_id, n, amount FROM wallets") -> list[tuple]:
+    """Every shard's rows of the query, each checked to be on its user's shard, sorted."""
+    rows = []
+    for cluster in shards:
+        for row in direct(cluster, query):
+            assert owner(row[0], names) == cluster.name, (row, cluster.name)
+            rows.append(row)
+    return sorted(rows)
+
+
+def on_reference(reference, query: str) -> list[tuple]:
+    return sorted(reference.primary.sql(query, dbname=APP_DB))
+
+
+def psql(proxy, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PGPASSWORD": "secret", "PGCONNECT_TIMEOUT": "10"}
+    command = ["psql", "-X", "-v", "ON_ERROR_STOP=1", "-h", proxy.host, "-p", str(proxy.port), "-U", "app",
+               "-d", APP_DB, *args]
+    return subprocess.run(command, input=stdin, capture_output=True, text=True, env=env, timeout=60, check=False)
+
+
+def differential(conn: psycopg.Connection, reference, query: str, params: tuple = ()) -> list[tuple]:
+    """Run a statement through the proxy and on the unsharded server: the same status, the same rows (sorted)."""
+    cursor = conn.execute(query, params)
+    rows = sorted(cursor.fetchall()) if cursor.description else []
+    with psycopg.connect(reference.primary.dsn(dbname=APP_DB), autocommit=True) as plain:
+        expected = plain.execute(query, params)
+        assert cursor.statusmessage == expected.statusmessage, query
+        assert rows == (sorted(expected.fetchall()) if expected.description else []), query
+    return rows
+
+
+def assert_clean(proxy, shards) -> None:
+    """Once its clients left: no server connection held, none left inside a transaction, no prepared transaction
+    behind."""
+    assert wait_until(lambda: all(row["state"] == "idle" for row in table(proxy, "SHOW SERVERS")), 10)
+    for cluster in shards:
+        states = direct(cluster, "SELECT state FROM pg_stat_activity WHERE datname = current_database() "
+                                 "AND state LIKE 'idle in transaction%'")
+        assert states == [], cluster.name
+        assert direct(cluster, "SELECT gid FROM pg_prepared_xacts") == []
+
+
+# -- UPDATE and DELETE with no shard key ---------------------------------------------------------------------
+@pytest.mark.parametrize("prepare_threshold", [None, 0], ids=["unnamed", "prepared"])
+def test_keyless_update_and_delete_match_one_server(proxy, shards, names, reference, wallets, prepare_threshold):
+    with connect(proxy, autocommit=True, prepare_threshold=prepare_threshold) as conn:
+        differential(conn, reference, "UPDATE wallets SET amount = amount + 1 WHERE n = 0")
+        differential(conn, reference, "UPDATE wallets SET amount = amount * 2 WHERE n = %s AND amount > %s", (1, 9))
+        assert differential(conn, reference, "DELETE FROM wallets WHERE n = 2 RETURNING user_id, amount") == [
+            (u, u) for u in USERS]
+        rows = differential(conn, reference, "UPDATE wallets SET amount = 7 WHERE amount < 5 RETURNING *")
+        assert len(rows) == 7
+        differential(conn, reference, "DELETE FROM wallets WHERE user_id > 1000")  # no row anywhere: DELETE 0
+    assert placed(shards, names) == on_reference(reference, "SELECT user_id, n, amount FROM wallets")
+    assert_clean(proxy, shards)
+
+
+def test_keyless_update_in_the_simple_protocol(proxy, shards, names, reference, wallets):
+    done = psql(proxy, "-c", "UPDATE wallets SET amount = 0 WHERE n = 1")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"UPDATE {len(USERS)}"
+    done = psql(proxy, "-c", "DELETE FROM wallets WHERE amount = 0 RETURNING n")
+    assert done.stdout.splitlines()[-1] == f"DELETE {len(USERS)}"
+    assert placed(shards, names, "SELECT user_id, n FROM wallets WHERE n = 1") == []
+    assert len(placed(shards, names)) == 2 * len(USERS)
+
+
+def test_keyless_update_through_asyncpg(proxy, shards, names, wallets):
+    async def main() -> None:
+        conn = await asyncpg.connect(proxy.dsn(dbname=APP_DB), timeout=10)
+        try:
+            assert await conn.execute("UPDATE wallets SET amount = amount + $1 WHERE n = $2", 100, 0) == \
+                f"UPDATE {len(USERS)}"
+            rows = await conn.fetch("DELETE FROM wallets WHERE n = $1 RETURNING user_id", 2)
+            assert sorted(r["user_id"] for r in rows) == list(USERS)
+        finally:
+            await conn.close()
+
+    asyncio.run(main())
+    assert placed(shards, names, "SELECT user_id, amount FROM wallets WHERE n = 0") == [(u, u + 100) for u in USERS]
+    assert placed(shards, names, "SELECT user_id FROM wallets WHERE n = 2") == []
+
+
+def test_keyless_writes_inside_a_transaction(proxy, shards, names, wallets):
+    before = placed(shards, names)
+    with connect(proxy) as conn:  # psycopg's default: every statement inside a transaction
+        conn.execute("INSERT INTO wallets (user_id, n, amount) VALUES (%s, 9, 1)", (USERS[0],))
+        cursor = conn.execute("UPDATE wallets SET amount = amount + 1 WHERE n = 9 OR n = 0")
+        assert cursor.rowcount == len(USERS) + 1  # its own uncommitted row too
+        assert conn.execute("DELETE FROM wallets WHERE n = 1").rowcount == len(USERS)
+        conn.rollback()  # undone on every shard
+        assert placed(shards, names) == before
+        conn.execute("UPDATE wallets SET amount = amount + 1 WHERE n = 0")
+        conn.execute("DELETE FROM wallets WHERE n = 1")
+        conn.commit()
+    assert placed(shards, names, "SELECT user_id, amount FROM wallets WHERE n = 0") == [(u, u + 1) for u in USERS]
+    assert placed(shards, names, "SELECT user_id FROM wallets WHERE n = 1") == []
+    assert_clean(proxy, shards)
+
+
+def test_a_keyless_write_that_fails_on_one_shard_changes_none(proxy, shards, names, wallets):
+    before = placed(shards, names)
+    with connect(proxy, autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.CheckViolation):  # the server's own error: only user 30's rows fail
+            conn.execute("UPDATE wallets SET amount = amount + 970")
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    with connect(proxy) as conn:
+        conn.execute("UPDATE wallets SET amount = 0 WHERE n = 0")
+        with pytest.raises(psycopg.errors.CheckViolation):
+            conn.execute("UPDATE wallets SET amount = amount + 970")
+        with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+            conn.execute("SELECT 1")
+        conn.rollback()
+    assert placed(shards, names) == before
+    assert_clean(proxy, shards)
+
+
+def test_keyless_writes_combining_shards_rows_are_refused(proxy, shards, names, wallets):
+    before = placed(shards, names)
+    with connect(proxy, autocommit=True) as conn:
+        for query in ("UPDATE wallets w SET amount = 0 FROM wallets v WHERE v.n = w.n AND v.amount > 20",
+                      "DELETE FROM wallets w USING wallets v WHERE v.amount = w.amount + 1",
+                      "UPDATE wallets SET amount = (SELECT max(amount) FROM wallets)"):
+            with pytest.raises(psycopg.errors.FeatureNotSupported, match="^shardproxy: .* combines rows of"):
+                conn.execute(query)
+        # on equal keys each shard holds every pair: it runs
+        conn.execute("UPDATE wallets w SET amount = v.amount + 1 FROM wallets v WHERE v.user_id = w.user_id "
+                     "AND v.n = 0 AND w.n = 1")
+    assert placed(shards, names, "SELECT user_id, amount FROM wallets WHERE n = 1") == [(u, u + 1) for u in USERS]
+    assert placed(shards, names, "SELECT user_id, amount FROM wallets WHERE n <> 1") == [
+        row[::2] for row in before if row[1] != 1]
+    assert_clean(proxy, shards)
+
+
+def test_keyless_writes_refused_by_config(refusing, shards, names, wallets):
+    before = placed(shards, names)
+    with connect(refusing, autocommit=True) as conn:
+        for query in ("UPDATE wallets SET amount = 0", "DELETE FROM wallets WHERE n = 1"):
+            with pytest.raises(psycopg.errors.FeatureNotSupported, match="needs user_id = <value>"):
+                conn.execute(query)
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert placed(shards, names) == before
+    assert_clean(refusing, shards)
+
+
+def test_a_reference_table_write_counts_once(proxy, shards):
+    with connect(proxy, autocommit=True) as conn:
+        conn.execute("DELETE FROM countries")
+        assert conn.execute("INSERT INTO countries VALUES ('FR', 'France'), ('JP', 'Japan')").rowcount == 2
+        assert conn.execute("UPDATE countries SET name = upper(name)").rowcount == 2
+    assert [direct(c, "SELECT name FROM countries ORDER BY 1") for c in shards] == [[("FRANCE",), ("JAPAN",)]] * 3
