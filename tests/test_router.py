@@ -634,10 +634,16 @@ def test_multi_row_insert(router: Router) -> None:
     a, same, other = keys_on_two_shards(router)
     sql = "INSERT INTO orders (user_id, x) VALUES ($1, 1), ($2, 2)"
     assert route(router, sql, [a, same]) == Route("shard", "write", shard_of(router, a), write=True)
-    result = route(router, sql, [a, other])
-    assert result.target == "error"
-    assert error_of(result).startswith("shardproxy: INSERT rows belong to different shards")
-    assert route(router, f"INSERT INTO orders (user_id) VALUES ({a}), ({other})").target == "error"
+    rows = (shard_of(router, a), shard_of(router, other))
+    assert route(router, sql, [a, other]) == Route("split", "write", write=True, rows=rows)
+    assert route_simple(router, f"INSERT INTO orders (user_id) VALUES ({a}), ({other}), ({a})").rows == (*rows, rows[0])
+    assert error_of(route(router, sql, [a, None])) == "shardproxy: the shard key is NULL"
+    # rows are split only where each shard's part is the same statement on its own rows
+    for sql in (f"WITH s AS (SELECT 1) INSERT INTO orders (user_id) VALUES ({a}), ({other})",
+                f"INSERT INTO orders (user_id, x) VALUES ({a}, (SELECT x FROM items WHERE user_id = {a})), "
+                f"({other}, 1)",
+                f"INSERT INTO orders (user_id) VALUES ({a}); INSERT INTO orders (user_id) VALUES ({other})"):
+        assert error_of(route(router, sql)).startswith("shardproxy: "), sql
     # A row whose key is not a literal or parameter leaves the whole INSERT without a key.
     assert route(router, f"INSERT INTO orders (user_id) VALUES ({a}), (DEFAULT)").target == "error"
     assert route(router, f"INSERT INTO orders (user_id) VALUES ({a}), ({a} + 1)").target == "error"
@@ -650,7 +656,7 @@ def test_insert_select_from_values(router: Router) -> None:
            "FROM (VALUES ($1::BIGINT, $2::VARCHAR, 0), ($3::BIGINT, $4::VARCHAR, 1)) AS imp_sen(p0, p1, sen_counter) "
            "ORDER BY sen_counter RETURNING orders.id")
     assert route(router, sql, [str(a), "x", str(same), "y"]) == Route("shard", "write", shard_of(router, a), write=True)
-    assert error_of(route(router, sql, [a, "x", other, "y"])).startswith("shardproxy: INSERT rows belong to different")
+    assert route(router, sql, [a, "x", other, "y"]).rows == (shard_of(router, a), shard_of(router, other))
     values = f"VALUES ('x', {a}), ('y', {same})"
     assert route_simple(router, f"INSERT INTO orders (item, user_id) SELECT i, k FROM ({values}) AS v(i, k)").shard \
         == shard_of(router, a)

@@ -13,6 +13,8 @@ import subprocess
 import asyncpg
 import psycopg
 import pytest
+import sqlalchemy as sa
+from sqlalchemy import orm
 
 from shardproxy.devtools.sandbox import wait_until
 from tests.support import APP_DB
@@ -235,3 +237,152 @@ def test_a_reference_table_write_counts_once(proxy, shards):
         assert conn.execute("INSERT INTO countries VALUES ('FR', 'France'), ('JP', 'Japan')").rowcount == 2
         assert conn.execute("UPDATE countries SET name = upper(name)").rowcount == 2
     assert [direct(c, "SELECT name FROM countries ORDER BY 1") for c in shards] == [[("FRANCE",), ("JAPAN",)]] * 3
+
+
+# -- a multi-row INSERT whose rows belong to several shards -----------------------------------------------------
+def spread(names, count: int, start: int = 1000) -> list[int]:
+    """Users from start on, as many as count, on at least two shards (in key order)."""
+    users = list(range(start, start + count))
+    assert len({owner(u, names) for u in users}) > 1
+    return users
+
+
+def test_insert_split_in_the_simple_protocol(proxy, shards, names, wallets):
+    users = spread(names, 9)
+    values = ", ".join(f"({u}, 7, {u % 5})" for u in users)
+    done = psql(proxy, "-A", "-t", "-c", f"INSERT INTO wallets (user_id, n, amount) VALUES {values} RETURNING user_id")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [str(u) for u in users] + [f"INSERT 0 {len(users)}"]  # in the VALUES order
+    assert placed(shards, names, "SELECT user_id, amount FROM wallets WHERE n = 7") == [(u, u % 5) for u in users]
+
+
+@pytest.mark.parametrize("prepare_threshold", [None, 0], ids=["unnamed", "prepared"])
+def test_insert_split_through_psycopg(proxy, shards, names, reference, wallets, prepare_threshold):
+    query = "INSERT INTO wallets (user_id, n, amount) VALUES (%s, %s, 1), (%s, %s, 2), (%s, %s, 3), (%s, %s, 4) " \
+            "RETURNING user_id, n, amount"
+    with connect(proxy, autocommit=True, prepare_threshold=prepare_threshold) as conn:
+        users = spread(names, 4, 1100)
+        for n in range(10, 14):  # one pattern of rows to shards, again and again (a prepared statement past 0)
+            params = [x for u in users for x in (u, n)]
+            cursor = conn.execute(query, params)
+            assert cursor.fetchall() == [(u, n, i + 1) for i, u in enumerate(users)]
+            assert cursor.statusmessage == "INSERT 0 4"
+        differential(conn, reference, query.replace("RETURNING user_id, n, amount", ""), [1, 20, 2, 20, 3, 20, 4, 20])
+    assert len(placed(shards, names, "SELECT user_id FROM wallets WHERE n BETWEEN 10 AND 13")) == 16
+    assert placed(shards, names, "SELECT user_id, n, amount FROM wallets WHERE n = 20") == \
+        on_reference(reference, "SELECT user_id, n, amount FROM wallets WHERE n = 20")
+    assert_clean(proxy, shards)
+
+
+def test_insert_split_through_asyncpg(proxy, shards, names, wallets):
+    users = spread(names, 6, 2000)
+
+    async def main() -> None:
+        conn = await asyncpg.connect(proxy.dsn(dbname=APP_DB), timeout=10)
+        try:
+            query = "INSERT INTO wallets (user_id, n, amount) VALUES " + ", ".join(
+                f"(${2 * i + 1}, 30, ${2 * i + 2})" for i in range(len(users))) + " RETURNING user_id, amount"
+            args = [x for u in users for x in (u, u % 7)]
+            for _ in range(2):  # asyncpg prepares the statement, then binds it (binary int8 keys)
+                rows = await conn.fetch(query, *args)
+                assert [tuple(r) for r in rows] == [(u, u % 7) for u in users]
+                await conn.execute("DELETE FROM wallets WHERE n = 30")
+            status = await conn.execute(query.replace(" RETURNING user_id, amount", ""), *args)
+            assert status == f"INSERT 0 {len(users)}"
+        finally:
+            await conn.close()
+
+    asyncio.run(main())
+    assert placed(shards, names, "SELECT user_id, amount FROM wallets WHERE n = 30") == [(u, u % 7) for u in users]
+
+
+def test_insert_split_on_conflict_matches_one_server(proxy, shards, names, reference, wallets):
+    rows = [(u, n, 100 + u) for u in (1, 2, 3, 40, 41, 42) for n in (0, 5)]
+    values = ", ".join(f"({u}, {n}, {a})" for u, n, a in rows)
+    with connect(proxy, autocommit=True) as conn:
+        for conflict in ("DO NOTHING RETURNING user_id, n", "(user_id, n) DO UPDATE SET amount = EXCLUDED.amount "
+                         "RETURNING user_id, n, amount, xmax = 0 AS inserted"):
+            differential(conn, reference, f"INSERT INTO wallets VALUES {values} ON CONFLICT {conflict}"
+                         .replace("VALUES", "(user_id, n, amount) VALUES", 1))
+    assert placed(shards, names) == on_reference(reference, "SELECT user_id, n, amount FROM wallets")
+
+
+def test_a_failing_row_leaves_no_row_anywhere(proxy, shards, names, wallets):
+    users = spread(names, 8, 3000)
+    values = ", ".join(f"({u}, 0, 1)" for u in users) + f", ({USERS[-1]}, 0, 1)"  # that row is there already
+    before = placed(shards, names)
+    with connect(proxy, autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.UniqueViolation):  # the shard's own error, SQLSTATE 23505
+            conn.execute(f"INSERT INTO wallets (user_id, n, amount) VALUES {values}")
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            conn.execute("INSERT INTO wallets (user_id, n, amount) VALUES (%s, 0, 1), (%s, 0, 1)", (users[0], 1))
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    with connect(proxy) as conn:
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            conn.execute(f"INSERT INTO wallets (user_id, n, amount) VALUES {values}")
+        with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+            conn.execute("SELECT 1")
+        conn.rollback()
+    assert placed(shards, names) == before
+    assert_clean(proxy, shards)
+
+
+def test_insert_split_inside_a_transaction(proxy, shards, names, wallets):
+    a = USERS[0]
+    b = next(u for u in USERS if owner(u, names) != owner(a, names))
+    idle = [c for c in shards if c.name not in (owner(a, names), owner(b, names))]
+    query = "INSERT INTO wallets (user_id, n, amount) VALUES (%s, 8, 1), (%s, 8, 2)"
+    with connect(proxy) as conn:
+        assert conn.execute(query, (a, b)).rowcount == 2
+        # legs on the two shards of the rows only
+        in_transaction = "SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in transaction%'"
+        assert [direct(c, in_transaction) for c in idle] == [[(0,)]] * len(idle)
+        assert conn.execute("SELECT count(*) FROM wallets WHERE n = 8").fetchone() == (2,)  # its own rows
+        conn.rollback()
+        assert placed(shards, names, "SELECT user_id FROM wallets WHERE n = 8") == []
+        conn.execute(query, (a, b))
+        conn.execute("UPDATE wallets SET amount = amount * 10 WHERE n = 8")
+        conn.commit()
+    assert placed(shards, names, "SELECT user_id, amount FROM wallets WHERE n = 8") == sorted([(a, 10), (b, 20)])
+    assert_clean(proxy, shards)
+
+
+class Base(orm.DeclarativeBase):
+    pass
+
+
+class Note(Base):
+    """A server-generated key (each shard's own sequence): the ORM inserts several rows at once as
+    INSERT ... SELECT ... FROM (VALUES ...) ... RETURNING id, and matches the ids to its objects by their order."""
+
+    __tablename__ = "split_notes"
+    id: orm.Mapped[int] = orm.mapped_column(sa.BigInteger, sa.Identity(), primary_key=True)
+    user_id: orm.Mapped[int] = orm.mapped_column(sa.BigInteger)
+    text: orm.Mapped[str] = orm.mapped_column(sa.String(50))
+
+
+def test_sqlalchemy_orm_bulk_add_across_shards(proxy, shards, names):
+    url = sa.engine.make_url(proxy.dsn(dbname=APP_DB)).set(drivername="postgresql+psycopg")
+    engine = sa.create_engine(url, pool_size=2, max_overflow=0)
+    sent: list[str] = []
+    sa.event.listen(engine, "before_cursor_execute", lambda _c, _cur, statement, *_: sent.append(statement))
+    users = spread(names, 12, 4000)
+    try:
+        Base.metadata.create_all(engine)
+        for i, cluster in enumerate(shards):  # ids apart on each shard, as the ORM keys its objects by id alone
+            direct(cluster, f"ALTER TABLE split_notes ALTER COLUMN id RESTART WITH {1 + 1_000_000 * i}")
+        with orm.Session(engine) as session:
+            notes = [Note(user_id=u, text=f"note {u}") for u in users]
+            session.add_all(notes)
+            session.commit()
+            made = {(note.user_id, note.id, note.text) for note in notes}
+        with orm.Session(engine) as session:  # again: the same pattern of rows to shards, once more
+            session.add_all([Note(user_id=u, text=f"again {u}") for u in users])
+            session.commit()
+    finally:
+        engine.dispose()
+    assert sum("FROM (VALUES" in statement for statement in sent) == 2  # each flush, one INSERT of all rows
+    # every object got the id its own row has on its own shard
+    assert made <= set(placed(shards, names, "SELECT user_id, id, text FROM split_notes"))
+    assert len(placed(shards, names, "SELECT user_id FROM split_notes")) == 2 * len(users)
+    assert_clean(proxy, shards)

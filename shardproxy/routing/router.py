@@ -61,7 +61,7 @@ Kind = Literal[
     "prepare_transaction", "commit_prepared", "rollback_prepared",
     "set_shard_key", "reset_shard_key", "session", "utility",
 ]  # fmt: skip
-Target = Literal["shard", "any", "all", "each", "scatter", "error"]
+Target = Literal["shard", "any", "all", "each", "split", "scatter", "error"]
 Params = Callable[[int], object] | Sequence[object]
 
 SHARD_KEY_SETTING = "shardproxy.shard_key"
@@ -165,6 +165,8 @@ class Plan:
     replays: every statement is a SET, RESET or SET CONSTRAINTS: inside a transaction on several shards it
         applies on each of them (the data path replays it where the transaction goes next).
     shard_key_value: the value of ``SET shardproxy.shard_key`` (kind "set_shard_key").
+    rows: the key of each row of a multi-row ``INSERT ... VALUES`` (or ``INSERT ... SELECT ... FROM (VALUES ...)``)
+        whose rows may be split by shard: one statement, no WITH, its target the only sharded table in it.
     """
 
     kind: Kind
@@ -186,6 +188,7 @@ class Plan:
     clears_shard_key: bool = False
     replays: bool = False
     shard_key_value: Key | None = None
+    rows: tuple[KeyRef, ...] = ()
 
     @property
     def scatters(self) -> bool:
@@ -199,9 +202,9 @@ class Route:
 
     target: "shard" (``shard`` is the ring index), "any" (one shard, whichever), "all" (every
     shard's primary, each shard's answer standing for all: DDL, reference-table writes), "each" (every
-    shard's primary, each writing its own rows: row counts summed, RETURNING rows of all), "scatter" (every
-    shard, results merged) or "error" (``message`` starts with
-    ``shardproxy:``; answer with SQLSTATE 0A000 and touch nothing).
+    shard's primary, each writing its own rows: row counts summed, RETURNING rows of all), "split" (an INSERT's
+    rows split by shard: ``rows`` has each row's shard), "scatter" (every shard, results merged) or "error"
+    (``message`` starts with ``shardproxy:``; answer with SQLSTATE 0A000 and touch nothing).
     write: the statement needs a primary. force_primary: a target comment or a strong table asks for
     the primary even for a read. For kinds "set_shard_key"/"reset_shard_key" the proxy answers
     itself; transaction control and session statements run on the session's server.
@@ -213,6 +216,7 @@ class Route:
     write: bool = False
     force_primary: bool = False
     message: str | None = None
+    rows: tuple[int, ...] = ()
     # Whether a simple Query of it may be answered by the proxy between transactions (a BEGIN held, its end, the
     # session's shard key, a refusal): only then is routing._answer_locally asked (and inside a failed held one).
     local: bool = dataclasses.field(init=False, compare=False)
@@ -441,6 +445,8 @@ class Router:
         try:
             shard = self._shard(plan, literals, params, session_key)
         except ShardKeyError as exc:
+            if plan.rows and plan.comment_key is None:
+                return self._split(plan, literals, params, force)
             return Route("error", kind, message=str(exc))
         if shard is not None:
             return self._made("shard", kind, shard, write, force)
@@ -449,6 +455,14 @@ class Router:
         if plan.unkeyed == "error":
             return Route("error", kind, message=plan.unkeyed_error)
         return self._made(plan.unkeyed, kind, None, write, force)
+
+    def _split(self, plan: Plan, literals: Sequence[object], params: Params | None, force: bool) -> Route:
+        """An INSERT whose rows belong to several shards: each row's shard."""
+        try:
+            rows = tuple(self.ring.owner_index(_resolve(ref, literals, params)) for ref in plan.rows)
+        except ShardKeyError as exc:
+            return Route("error", plan.kind, message=str(exc))
+        return Route("split", plan.kind, None, True, force, rows=rows)
 
     def _route_other(self, plan: Plan, session_key: object) -> Route:
         """Transaction control, session statements and utilities: the session's server, except that
@@ -498,7 +512,8 @@ class Router:
         names = self.ring.names
         where = f"{self.key_column} {key!s} is on {names[shard]}, {other_key!s} on {names[other]}"
         if plan.verb == "INSERT":
-            return f"shardproxy: INSERT rows belong to different shards ({where}); send one INSERT per shard"
+            return (f"shardproxy: INSERT rows belong to different shards ({where}); an INSERT is split by shard only "
+                    "when its target is the only sharded table in it and it has no WITH: send one INSERT per shard")
         return f"shardproxy: {plan.verb or 'the query'} has shard keys on different shards ({where})"
 
     def _plan_text(self, sql: str) -> Plan:
@@ -616,6 +631,7 @@ def _combine(analyses: list[_Analysis], key: str, base: int | None, hints: dict[
         clears_shard_key=any(a.clears_shard_key for a in analyses),
         replays=all(a.replays for a in analyses),
         shard_key_value=main.shard_key_value,
+        rows=tuple(main.rows) if len(analyses) == 1 and len(main.placement.labels) == 1 else (),
         **hints,
     )
 
@@ -673,6 +689,7 @@ class _Analysis:
         self._levels = 0
         self._written_node: int | None = None  # the instance of the table written, if sharded
         self.unkeyed_write = False  # that instance is not pinned by a key
+        self.rows: list[KeyRef] = []  # each row's key, of an INSERT whose rows may go to several shards
 
     # -- statements --------------------------------------------------------------------------
 
@@ -711,6 +728,8 @@ class _Analysis:
 
     def _query(self, name: str, body: dict[str, Any]) -> None:
         self._level(name, body, None, {})
+        if name != "InsertStmt" or "withClause" in body:
+            self.rows = []  # a data-modifying WITH query's rows are not the statement's
         self._place()
         self.kind = "write" if self.write else "read"
         self.verb = _VERBS[name]
@@ -928,6 +947,7 @@ class _Analysis:
         if rows:
             refs = [self._value(_item(row["List"]["items"], position)) for row in rows]
             if None not in refs:
+                self.rows = refs  # type: ignore[assignment]
                 for ref in refs:
                     self.placement.pin(target, ref, target)
             self._scan(rows, level)
@@ -936,6 +956,8 @@ class _Analysis:
         value = _target_at(select, position)
         constant = self._value(value)
         given = [constant] if constant is not None else self._values_keys(select, value)
+        if given and constant is None:
+            self.rows = given
         if given:
             for ref in given:
                 self.placement.pin(target, ref, target)

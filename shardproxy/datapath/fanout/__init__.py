@@ -1,9 +1,10 @@
 """Statements that run on several shards at once: scatter reads (scatter.py), and writes or DDL on every shard
 (everywhere.py, committed in two phases by twophase.py; writes of each shard's own rows answer with the row
-counts of all, combine.py), each shard served by a Leg (legs.py), a session on one
-server connection. Outside a transaction the legs are taken from the pools for the statement; inside one they are
-the transaction's own (datapath/transaction.py), so the statement sees the transaction's writes and its writes
-commit with the transaction. Two-phase commits left in doubt by a proxy that died are finished by recovery.py.
+counts of all, combine.py), an INSERT's rows split by shard (split.py), each shard served by a Leg (legs.py),
+a session on one server connection. Outside a transaction the legs are taken from the pools for the statement;
+inside one they are the transaction's own (datapath/transaction.py), so the statement sees the transaction's
+writes and its writes commit with the transaction. Two-phase commits left in doubt by a proxy that died are
+finished by recovery.py.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from shardproxy.datapath.fanout.everywhere import (
 )
 from shardproxy.datapath.fanout.legs import Leg, split_messages
 from shardproxy.datapath.fanout.scatter import scatter, scatter_plan
+from shardproxy.datapath.fanout.split import run_split
 from shardproxy.datapath.session import ClientSession
 from shardproxy.routing.merge import Unmergeable
 from shardproxy.routing.router import Decision
@@ -35,7 +37,7 @@ def kind_of(decision: Decision) -> str:
 
 async def run(client: ClientSession, legs: list[Leg], decision: Decision, batch: bytes,
               in_transaction: bool) -> tuple[bytes, bool]:
-    """A statement for every shard, one leg on each: writes and DDL all-or-nothing, reads merged. The client's
+    """A statement for several shards, one leg on each: writes and DDL all-or-nothing, reads merged. The client's
     reply, and whether it took a two-phase commit (outside a transaction, which then ends with the statement)."""
     route = decision.route
     if batch[0] != Frontend.QUERY and sum(t == Frontend.BIND for t, _ in split_messages(batch)) > 1:
@@ -43,6 +45,8 @@ async def run(client: ClientSession, legs: list[Leg], decision: Decision, batch:
         raise pg.PostgresError(pg.FEATURE_NOT_SUPPORTED, "shardproxy: a statement that runs on every shard "
                                "must be the only one in its batch (send a Sync before and after it)")
     status = pg.IN_TRANSACTION if in_transaction else pg.IDLE
+    if route.target == "split":
+        return await run_split(client, legs, decision, batch, in_transaction)
     if route.target == "all" or route.target == "each":
         batches = [batch] * len(legs)
         answer = combined if route.target == "each" else first_stands

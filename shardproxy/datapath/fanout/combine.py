@@ -14,7 +14,10 @@ from shardproxy.wire.protocol import Backend
 def combined(responses: list[list[Message]], order: Sequence[int] = ()) -> list[Message]:
     """The first shard's answers, with every shard's rows in place of its own and the summed count in its
     CommandComplete. order: for each row the statement was given, the index of the response it went to; when
-    every shard returned one row per row it was given, the rows come back in that order (else shard by shard)."""
+    every shard returned one row per row it was given, the rows come back in that order (else shard by shard).
+    Given a failed shard's answers alone, they stand as they are."""
+    if any(t == Backend.ERROR_RESPONSE for t, _ in responses[0]):
+        return responses[0]
     rows = [[body for t, body in answers if t == Backend.DATA_ROW] for answers in responses]
     total = sum(_count(answers) for answers in responses)
     out: list[Message] = []

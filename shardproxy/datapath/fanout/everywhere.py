@@ -30,8 +30,8 @@ if TYPE_CHECKING:
 
 ACTIVE_SQL_TRANSACTION = "25001"  # "... cannot run inside a transaction block"
 _BEGIN = pg.query("BEGIN")
-# From every leg's answers, the client's: the first leg's stand for all (DDL, a reference table's write), or
-# they are combined (a write of each shard's own rows, combine.py).
+# From every leg's answers (or a failed leg's alone), the client's: the first leg's stand for all (DDL, a
+# reference table's write), or they are combined (a write of each shard's own rows, combine.py).
 Answer = Callable[[list[list[Message]]], list[Message]]
 
 
@@ -53,7 +53,7 @@ async def run_everywhere(client: ClientSession, legs: list[Leg], batches: list[b
         await run_legs(legs, [pg.query("ROLLBACK")] * len(legs))
         if error_fields(failed).get("C") == ACTIVE_SQL_TRANSACTION:
             raise NotTransactional  # VACUUM and the like: run without a transaction, on the same legs
-        return join_messages(with_status(failed, pg.IDLE)), False
+        return join_messages(with_status(answer([failed]), pg.IDLE)), False
     outcome = await commit(legs, [leg.pool.node.shard for leg in legs], client.core.two_phase_key)
     if outcome.error is not None:
         return outcome.error.to_message() + pg.READY[pg.IDLE], outcome.two_phase
@@ -64,7 +64,8 @@ async def run_in_transaction(legs: list[Leg], batches: list[bytes], answer: Answ
     """Inside a transaction: run a batch on each of its legs. The first error aborts the transaction (the leg
     that raised it says so from then on)."""
     responses = await run_legs(legs, batches)
-    return join_messages(first_error(responses) or answer(responses))
+    failed = first_error(responses)
+    return join_messages(answer([failed] if failed is not None else responses))
 
 
 async def run_alone_everywhere(client: ClientSession, legs: list[Leg], batch: bytes, status: int) -> bytes:
