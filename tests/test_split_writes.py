@@ -386,3 +386,29 @@ def test_sqlalchemy_orm_bulk_add_across_shards(proxy, shards, names):
     assert made <= set(placed(shards, names, "SELECT user_id, id, text FROM split_notes"))
     assert len(placed(shards, names, "SELECT user_id FROM split_notes")) == 2 * len(users)
     assert_clean(proxy, shards)
+
+
+def test_a_split_insert_described_in_its_own_batch_is_refused(proxy, shards, names, wallets):
+    """libpq's pipeline: Parse, Describe of the statement, Bind, Describe of the portal, Execute, Sync in one batch.
+    Each shard's statement has other parameters than the client's: the Describe cannot be answered exactly."""
+    a = 5000
+    b = next(u for u in range(a + 1, a + 1000) if owner(u, names) != owner(a, names))
+    with connect(proxy, autocommit=True) as conn:
+        pgconn = conn.pgconn
+        pgconn.enter_pipeline_mode()
+        pgconn.send_prepare(b"described", b"INSERT INTO wallets (user_id, n, amount) VALUES ($1, 6, 1), ($2, 6, 2)")
+        pgconn.send_describe_prepared(b"described")
+        pgconn.send_query_prepared(b"described", [str(a).encode(), str(b).encode()])
+        pgconn.pipeline_sync()
+        results = []
+        while not results or results[-1][0] != psycopg.pq.ExecStatus.PIPELINE_SYNC:
+            result = pgconn.get_result()
+            if result is not None:
+                results.append((result.status, result.error_field(psycopg.pq.DiagnosticField.SQLSTATE)))
+        pgconn.exit_pipeline_mode()
+        assert results[0] == (psycopg.pq.ExecStatus.FATAL_ERROR, b"0A000")
+        assert {status for status, _ in results[1:-1]} == {psycopg.pq.ExecStatus.PIPELINE_ABORTED}
+        assert conn.execute("INSERT INTO wallets (user_id, n, amount) VALUES (%s, 6, 1), (%s, 6, 2)",
+                            (a, b)).rowcount == 2  # described in batches of their own (psycopg does not)
+    assert placed(shards, names, "SELECT user_id, amount FROM wallets WHERE n = 6") == [(a, 1), (b, 2)]
+    assert_clean(proxy, shards)
