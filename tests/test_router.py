@@ -642,7 +642,8 @@ def test_multi_row_insert(router: Router) -> None:
     for sql in (f"WITH s AS (SELECT 1) INSERT INTO orders (user_id) VALUES ({a}), ({other})",
                 f"INSERT INTO orders (user_id, x) VALUES ({a}, (SELECT x FROM items WHERE user_id = {a})), "
                 f"({other}, 1)",
-                f"INSERT INTO orders (user_id) VALUES ({a}); INSERT INTO orders (user_id) VALUES ({other})"):
+                f"INSERT INTO orders (user_id) VALUES ({a}); INSERT INTO orders (user_id) VALUES ({other})",
+                f"EXPLAIN ANALYZE INSERT INTO orders (user_id) VALUES ({a}), ({other})"):
         assert error_of(route(router, sql)).startswith("shardproxy: "), sql
     # A row whose key is not a literal or parameter leaves the whole INSERT without a key.
     assert route(router, f"INSERT INTO orders (user_id) VALUES ({a}), (DEFAULT)").target == "error"

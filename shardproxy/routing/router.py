@@ -445,7 +445,7 @@ class Router:
         try:
             shard = self._shard(plan, literals, params, session_key)
         except ShardKeyError as exc:
-            if plan.rows and plan.comment_key is None:
+            if plan.rows:
                 return self._split(plan, literals, params, force)
             return Route("error", kind, message=str(exc))
         if shard is not None:
@@ -631,9 +631,17 @@ def _combine(analyses: list[_Analysis], key: str, base: int | None, hints: dict[
         clears_shard_key=any(a.clears_shard_key for a in analyses),
         replays=all(a.replays for a in analyses),
         shard_key_value=main.shard_key_value,
-        rows=tuple(main.rows) if len(analyses) == 1 and len(main.placement.labels) == 1 else (),
+        rows=_split_rows(analyses),
         **hints,
     )
+
+
+def _split_rows(analyses: list[_Analysis]) -> tuple[KeyRef, ...]:
+    """The keys of an INSERT's rows, if it may be split by shard: one INSERT (not under EXPLAIN), its target the
+    only sharded table in it."""
+    if len(analyses) != 1 or analyses[0].verb != "INSERT" or len(analyses[0].placement.labels) != 1:
+        return ()
+    return tuple(analyses[0].rows)
 
 
 class _TooLarge(Exception):
@@ -946,9 +954,10 @@ class _Analysis:
         rows = select.get("valuesLists")
         if rows:
             refs = [self._value(_item(row["List"]["items"], position)) for row in rows]
-            if None not in refs:
-                self.rows = refs  # type: ignore[assignment]
-                for ref in refs:
+            keyed = [ref for ref in refs if ref is not None]
+            if len(keyed) == len(refs):
+                self.rows = keyed
+                for ref in keyed:
                     self.placement.pin(target, ref, target)
             self._scan(rows, level)
             return
