@@ -70,6 +70,7 @@ _HIDDEN_BIND = Request(Kind.BIND, Action.HIDE)
 _HIDDEN_EXECUTE = Request(Kind.EXECUTE, Action.HIDE)
 _EXECUTE_UNNAMED = pg.message(b"E", b"\0\0\0\0\0")
 _ENDS = frozenset({"commit", "rollback"})
+_EVERY_SHARD = frozenset({"scatter", "all", "each", "split"})  # route targets run on several shards by fanout/
 _LOGGED = frozenset({"savepoint", "release", "rollback_to"})  # besides SET and friends (Plan.replays)
 
 
@@ -250,7 +251,7 @@ class Placement:
         if self.tx.legs and route.kind in _ENDS:
             self._end(commit=route.kind == "commit" and not self._failed(), implicit=False)
             return
-        if self.tx.legs and (route.target not in ("scatter", "all") or self._failed_leg() is not None):
+        if self.tx.legs and (route.target not in _EVERY_SHARD or self._failed_leg() is not None):
             failed = self._failed_leg()
             if failed is not None:  # it answers as PostgreSQL does, until the transaction ends
                 self._activate(next(shard for shard, leg in self.tx.legs.items() if leg is failed))
@@ -259,7 +260,7 @@ class Placement:
             else:
                 self._activate(self.home if self.home in self.tx.legs else min(self.tx.legs))
             return
-        if route.target in ("scatter", "all"):
+        if route.target in _EVERY_SHARD:
             if self.buf[batch_end - 5] != Frontend.SYNC and self.buf[0] != Frontend.QUERY:
                 return  # a multi-shard batch runs whole: wait for its Sync
             batch = bytes(self.buf[:batch_end])
@@ -306,19 +307,20 @@ class Placement:
             self._dispatch()
 
     async def _run_on_shards(self, decision: Decision, batch: bytes) -> None:
-        """A statement for every shard: outside a transaction on legs from the pools, given back after; inside
-        one on the transaction's own legs (joining the shards it lacks), which it keeps."""
+        """A statement for every shard (or an INSERT for the shards of its rows): outside a transaction on legs
+        from the pools, given back after; inside one on the transaction's own legs (joining the shards it lacks),
+        which it keeps."""
         in_transaction = bool(self.replay)
         route = decision.route
         kind = fanout.kind_of(decision)
         legs: list[Leg] = []
         two_phase = False
+        shards = sorted(set(route.rows)) if route.rows else range(len(self.proxy.config.shards))
         try:
             if in_transaction:
-                legs = await self.tx.every_leg(self, self._transaction_pool, len(self.proxy.config.shards), kind)
+                legs = await self.tx.every_leg(self, self._transaction_pool, shards, kind)
             else:
-                pools = [self._pool_on(shard, route.target == "all", route.force_primary)
-                         for shard in range(len(self.proxy.config.shards))]
+                pools = [self._pool_on(shard, route.target != "scatter", route.force_primary) for shard in shards]
                 if None in pools:
                     raise pg.PostgresError(pg.CANNOT_CONNECT_NOW, "shardproxy: a shard has no primary")
                 legs = [Leg(self, pool, kind) for pool in pools if pool is not None]

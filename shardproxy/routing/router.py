@@ -61,7 +61,7 @@ Kind = Literal[
     "prepare_transaction", "commit_prepared", "rollback_prepared",
     "set_shard_key", "reset_shard_key", "session", "utility",
 ]  # fmt: skip
-Target = Literal["shard", "any", "all", "scatter", "error"]
+Target = Literal["shard", "any", "all", "each", "split", "scatter", "error"]
 Params = Callable[[int], object] | Sequence[object]
 
 SHARD_KEY_SETTING = "shardproxy.shard_key"
@@ -147,8 +147,9 @@ class Plan:
     strong: a ``routing.strong_tables`` table is touched: reads go to the primary.
     keys: where the shard key comes from; every one must map to the same shard. Empty when some
         sharded table reference is not pinned by a key (see the module docstring).
-    unkeyed: the target when no key is known: "scatter" (a lone SELECT), "any" (EXPLAIN, or no
-        sharded table) or "error" (with ``unkeyed_error`` as the message).
+    unkeyed: the target when no key is known: "scatter" (a lone SELECT), "each" (an UPDATE or DELETE that
+        ``routing.keyless_writes`` lets run on every shard), "any" (EXPLAIN, or no sharded table) or "error"
+        (with ``unkeyed_error`` as the message).
     unkeyed_error: the error message when ``unkeyed`` is "error".
     error: set when the statement can never be routed (the route is always this error).
     comment_key: the value of a ``/* shard_key: ... */`` comment; it overrides ``keys``.
@@ -164,6 +165,8 @@ class Plan:
     replays: every statement is a SET, RESET or SET CONSTRAINTS: inside a transaction on several shards it
         applies on each of them (the data path replays it where the transaction goes next).
     shard_key_value: the value of ``SET shardproxy.shard_key`` (kind "set_shard_key").
+    rows: the key of each row of a multi-row ``INSERT ... VALUES`` (or ``INSERT ... SELECT ... FROM (VALUES ...)``)
+        whose rows may be split by shard: one statement, no WITH, its target the only sharded table in it.
     """
 
     kind: Kind
@@ -185,6 +188,7 @@ class Plan:
     clears_shard_key: bool = False
     replays: bool = False
     shard_key_value: Key | None = None
+    rows: tuple[KeyRef, ...] = ()
 
     @property
     def scatters(self) -> bool:
@@ -197,8 +201,10 @@ class Route:
     """Where one execution of a plan goes.
 
     target: "shard" (``shard`` is the ring index), "any" (one shard, whichever), "all" (every
-    shard's primary), "scatter" (every shard, results merged) or "error" (``message`` starts with
-    ``shardproxy:``; answer with SQLSTATE 0A000 and touch nothing).
+    shard's primary, each shard's answer standing for all: DDL, reference-table writes), "each" (every
+    shard's primary, each writing its own rows: row counts summed, RETURNING rows of all), "split" (an INSERT's
+    rows split by shard: ``rows`` has each row's shard), "scatter" (every shard, results merged) or "error"
+    (``message`` starts with ``shardproxy:``; answer with SQLSTATE 0A000 and touch nothing).
     write: the statement needs a primary. force_primary: a target comment or a strong table asks for
     the primary even for a read. For kinds "set_shard_key"/"reset_shard_key" the proxy answers
     itself; transaction control and session statements run on the session's server.
@@ -210,6 +216,7 @@ class Route:
     write: bool = False
     force_primary: bool = False
     message: str | None = None
+    rows: tuple[int, ...] = ()
     # Whether a simple Query of it may be answered by the proxy between transactions (a BEGIN held, its end, the
     # session's shard key, a refusal): only then is routing._answer_locally asked (and inside a failed held one).
     local: bool = dataclasses.field(init=False, compare=False)
@@ -364,6 +371,7 @@ class _Settings(NamedTuple):
     key: str
     reference: frozenset[str]
     strong: frozenset[str]
+    keyless_writes: bool  # an UPDATE or DELETE with no key runs on every shard (else it is refused)
 
 
 class Router:
@@ -378,6 +386,7 @@ class Router:
             self.key_column,
             _table_names(config.sharding.reference_tables),
             _table_names(config.routing.strong_tables),
+            config.routing.keyless_writes == "all_shards",
         )
         # Per-instance caches: a reloaded config gets a new Router and so fresh plans.
         memory = config.pool.statement_cache_bytes
@@ -436,6 +445,8 @@ class Router:
         try:
             shard = self._shard(plan, literals, params, session_key)
         except ShardKeyError as exc:
+            if plan.rows:
+                return self._split(plan, literals, params, force)
             return Route("error", kind, message=str(exc))
         if shard is not None:
             return self._made("shard", kind, shard, write, force)
@@ -444,6 +455,14 @@ class Router:
         if plan.unkeyed == "error":
             return Route("error", kind, message=plan.unkeyed_error)
         return self._made(plan.unkeyed, kind, None, write, force)
+
+    def _split(self, plan: Plan, literals: Sequence[object], params: Params | None, force: bool) -> Route:
+        """An INSERT whose rows belong to several shards: each row's shard."""
+        try:
+            rows = tuple(self.ring.owner_index(_resolve(ref, literals, params)) for ref in plan.rows)
+        except ShardKeyError as exc:
+            return Route("error", plan.kind, message=str(exc))
+        return Route("split", plan.kind, None, True, force, rows=rows)
 
     def _route_other(self, plan: Plan, session_key: object) -> Route:
         """Transaction control, session statements and utilities: the session's server, except that
@@ -493,7 +512,8 @@ class Router:
         names = self.ring.names
         where = f"{self.key_column} {key!s} is on {names[shard]}, {other_key!s} on {names[other]}"
         if plan.verb == "INSERT":
-            return f"shardproxy: INSERT rows belong to different shards ({where}); send one INSERT per shard"
+            return (f"shardproxy: INSERT rows belong to different shards ({where}); an INSERT is split by shard only "
+                    "when its target is the only sharded table in it and it has no WITH: send one INSERT per shard")
         return f"shardproxy: {plan.verb or 'the query'} has shard keys on different shards ({where})"
 
     def _plan_text(self, sql: str) -> Plan:
@@ -611,8 +631,17 @@ def _combine(analyses: list[_Analysis], key: str, base: int | None, hints: dict[
         clears_shard_key=any(a.clears_shard_key for a in analyses),
         replays=all(a.replays for a in analyses),
         shard_key_value=main.shard_key_value,
+        rows=_split_rows(analyses),
         **hints,
     )
+
+
+def _split_rows(analyses: list[_Analysis]) -> tuple[KeyRef, ...]:
+    """The keys of an INSERT's rows, if it may be split by shard: one INSERT (not under EXPLAIN), its target the
+    only sharded table in it."""
+    if len(analyses) != 1 or analyses[0].verb != "INSERT" or len(analyses[0].placement.labels) != 1:
+        return ()
+    return tuple(analyses[0].rows)
 
 
 class _TooLarge(Exception):
@@ -667,6 +696,8 @@ class _Analysis:
         self._expanding: set[int] = set()  # WITH queries being walked, by id: a reference inside is recursion
         self._levels = 0
         self._written_node: int | None = None  # the instance of the table written, if sharded
+        self.unkeyed_write = False  # that instance is not pinned by a key
+        self.rows: list[KeyRef] = []  # each row's key, of an INSERT whose rows may go to several shards
 
     # -- statements --------------------------------------------------------------------------
 
@@ -705,6 +736,8 @@ class _Analysis:
 
     def _query(self, name: str, body: dict[str, Any]) -> None:
         self._level(name, body, None, {})
+        if name != "InsertStmt" or "withClause" in body:
+            self.rows = []  # a data-modifying WITH query's rows are not the statement's
         self._place()
         self.kind = "write" if self.write else "read"
         self.verb = _VERBS[name]
@@ -728,7 +761,7 @@ class _Analysis:
             self.kind = "read"  # nothing is executed
         if self.kind == "read":
             self.unkeyed = "any"  # a plan from any shard shows how each one runs the query
-            self.apart = None
+            self.apart, self.unkeyed_write = None, False
         self.verb = "EXPLAIN"
 
     def _copy(self, body: dict[str, Any]) -> None:
@@ -776,15 +809,22 @@ class _Analysis:
         pinned = placement.pinned()
         self.covered = len(pinned) == len(placement.labels)
         self.keys = placement.pins if self.covered else []
-        unkeyed_write = self._written_node is not None and self._written_node not in pinned
-        self.apart = None if self.covered or unkeyed_write else placement.apart()
+        self.unkeyed_write = self._written_node is not None and self._written_node not in pinned
+        self.apart = None if self.covered else placement.apart()
 
     def _finish(self) -> None:
-        """Keys matter only for sharded tables; unless every reference is pinned none of them decides."""
+        """Keys matter only for sharded tables; unless every reference is pinned none of them decides. A write
+        whose own table has no key is told it needs one first, unless it may run on every shard: an UPDATE or
+        DELETE whose rows combine only on equal keys, so that each shard's part is exact."""
         if not self.tables or not self.covered:
             self.keys = []
-        if self.apart is not None:
+        each = self.unkeyed_write and self.settings.keyless_writes and self.verb in ("UPDATE", "DELETE")
+        if self.unkeyed_write and not each:
+            self.unkeyed, self.unkeyed_error = "error", self._needs_key_message()
+        elif self.apart is not None:
             self.unkeyed, self.unkeyed_error = "error", self._apart_message(*self.apart)
+        elif each:
+            self.unkeyed = "each"
         elif self.kind == "write" or (self.tables and self.unkeyed == "error"):
             self.unkeyed = "error"
             self.unkeyed_error = self._needs_key_message()
@@ -914,8 +954,10 @@ class _Analysis:
         rows = select.get("valuesLists")
         if rows:
             refs = [self._value(_item(row["List"]["items"], position)) for row in rows]
-            if None not in refs:
-                for ref in refs:
+            keyed = [ref for ref in refs if ref is not None]
+            if len(keyed) == len(refs):
+                self.rows = keyed
+                for ref in keyed:
                     self.placement.pin(target, ref, target)
             self._scan(rows, level)
             return
@@ -923,6 +965,8 @@ class _Analysis:
         value = _target_at(select, position)
         constant = self._value(value)
         given = [constant] if constant is not None else self._values_keys(select, value)
+        if given and constant is None:
+            self.rows = given
         if given:
             for ref in given:
                 self.placement.pin(target, ref, target)
