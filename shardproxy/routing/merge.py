@@ -22,8 +22,12 @@ UPDATE/SHARE, SELECT INTO, WITH RECURSIVE or data-modifying WITH, subqueries tha
 limit, LIMIT/OFFSET with `$n` parameters (the plan would depend on Bind), non-C COLLATE in sort or group keys,
 and at merge time any type the proxy cannot compare or add (see TYPES and ADDERS).
 
-`Merger` works on raw wire message bodies (RowDescription, DataRow) in text or binary format, decoding values
-by type OID only where it must compare or add them; every other cell is passed through as the shard sent it.
+`StreamMerge` combines the shards' rows as they arrive (the data path feeds it the rows it asks for and passes on
+what it gives out), holding only what the plan needs: one row per shard for a sorted merge, the groups, the rows
+DISTINCT has seen; that much is counted against a byte limit (SQLSTATE 54000 past it). `Merger` runs it over
+results that are all there already. Both work on raw wire message bodies (RowDescription, DataRow) in text or
+binary format, decoding values by type OID only where they must compare or add them; every other cell is passed
+through as the shard sent it.
 
 Caveats:
 - Text compares by its bytes, which is PostgreSQL's "C" collation for UTF-8 data (the sandbox's servers use C).
