@@ -9,6 +9,8 @@ reference every answer is compared with. Keyed queries use the ids whose owner o
 from __future__ import annotations
 
 import hashlib
+import os
+import socket
 import statistics
 import threading
 import time
@@ -222,6 +224,32 @@ def test_a_client_gone_mid_read_stops_every_shards_part(proxy: ProxyProcess, sha
     assert wait_until(lambda: nothing_running(shards), 5)
     with connect(proxy, autocommit=True) as other:
         assert other.execute("SELECT count(*) FROM big WHERE user_id <= 3").fetchone() == (3,)
+
+
+def test_a_client_that_stops_reading_holds_the_shards_back(proxy: ProxyProcess, shards: list[Cluster]) -> None:
+    """It sends the read and never reads the answer: the shards wait to send (ClientWrite) rather than the proxy
+    filling up; once the client leaves, their parts stop."""
+    pid = proxy.process.pid
+    with connect(proxy, autocommit=True) as other:
+        other.execute("SELECT count(*) FROM big WHERE user_id < 10")
+        idle = rss_kb(pid)
+        stuck = connect(proxy, autocommit=True)
+        with socket.socket(fileno=os.dup(stuck.pgconn.socket)) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.pgconn.send_query(b"SELECT user_id, payload FROM big ORDER BY payload")
+        waiting = RUNNING + " AND wait_event = 'ClientWrite'"
+        try:
+            assert wait_until(lambda: all(c.primary.sql(waiting, dbname=APP_DB) == [(1,)] for c in shards), 15)
+            samples = []
+            for _ in range(5):
+                time.sleep(0.3)
+                samples.append(rss_kb(pid))
+                assert other.execute("SELECT count(*) FROM big WHERE user_id <= 3").fetchone() == (3,)
+            print(f"stuck reader: RSS idle {idle} kB, then {samples} kB")
+            assert max(samples) - idle < RSS_BOUND_KB
+        finally:
+            stuck.close()
+        assert wait_until(lambda: nothing_running(shards), 5)
 
 
 def test_other_clients_are_served_during_a_big_read(proxy: ProxyProcess, shards: list[Cluster]) -> None:

@@ -257,7 +257,7 @@ class StreamMerge:
         self._distinct = [_Column(output, i, "de-duplicate") for i in range(self._visible)] if plan.distinct else []
         self._sorted = bool(plan.sort) and not plan.grouped
         self._key = _sort_key(plan.sort, output) if plan.sort else None
-        self._heads: list[tuple[_Ordered, int, Row]] = []  # each shard's next row, while merging sorted rows
+        self._heads: list[tuple[_Ordered, int, Row, bytes]] = []  # each shard's next row, when merging sorted rows
         self._last: dict[int, _Ordered] = {}  # per shard: the key of the row it offered last
         self._needed = set(self._live) if self._sorted else set()  # shards whose next row the merge waits for
 
@@ -291,7 +291,7 @@ class StreamMerge:
         if self._groups is not None:
             self._groups.add(_parse_data_row(data_row))
         elif self._sorted:
-            self._offer(shard, _parse_data_row(data_row))
+            self._offer(shard, _parse_data_row(data_row), data_row)
         else:
             self._give(data_row, None)
 
@@ -319,7 +319,7 @@ class StreamMerge:
             taken, self._ready = self._ready[:count], self._ready[count:]
         return taken
 
-    def _offer(self, shard: int, row: Row) -> None:
+    def _offer(self, shard: int, row: Row, data_row: bytes) -> None:
         assert self._key is not None
         key = self._key(row)
         last = self._last.get(shard)
@@ -329,24 +329,26 @@ class StreamMerge:
                 "(a column with a non-C collation?); this ORDER BY cannot be merged across shards"
             )
         self._last[shard] = key
-        heapq.heappush(self._heads, (key, shard, row))
+        heapq.heappush(self._heads, (key, shard, row, data_row))
         self._needed.discard(shard)
         self._merge_heads()
 
     def _merge_heads(self) -> None:
         """Give out the smallest head while every live shard has offered one."""
         while self._heads and not self._needed and self._left != 0:
-            _, shard, row = heapq.heappop(self._heads)
+            _, shard, row, data_row = heapq.heappop(self._heads)
             if shard in self._live:
                 self._needed.add(shard)
-            self._give(None, row)
+            self._give(data_row, row)
         if self._left == 0:
             self._heads.clear()
 
     def _give(self, data_row: bytes | None, row: Row | None) -> None:
         """One row for the client, in order (as a DataRow body, or parsed): past DISTINCT, OFFSET and LIMIT."""
         if self._distinct:
-            row = row if row is not None else _parse_data_row(data_row or b"")
+            if row is None:
+                assert data_row is not None
+                row = _parse_data_row(data_row)
             values = tuple(column.key(row[column.index]) for column in self._distinct)
             if values in self._seen:
                 return
