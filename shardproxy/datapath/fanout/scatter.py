@@ -27,11 +27,12 @@ from shardproxy.wire.protocol import Backend, Frontend
 if TYPE_CHECKING:
     from shardproxy.datapath.statements import Statement
 
-SLICE_ROWS = 1000  # merged rows between two turns of the event loop
+SLICE_ROWS = 500  # merged rows between two turns of the event loop (a few milliseconds)
 SLICE_BYTES = 256 * 1024  # concatenated rows passed on between two turns of the event loop
 DRAIN_TIMEOUT = 10.0  # seconds for a leg to finish its answer (or take a cancel) before its connection is closed
 _HEAD_ENDS = frozenset((Backend.DATA_ROW, Backend.COMMAND_COMPLETE, Backend.EMPTY_QUERY_RESPONSE,
-                        Backend.ERROR_RESPONSE, Backend.READY_FOR_QUERY))
+                        Backend.READY_FOR_QUERY))
+_CANCELED = "canceling statement due to user request"  # PostgreSQL's words
 
 
 class _HasConfig(Protocol):
@@ -61,7 +62,7 @@ class _ShardFailed(Exception):
 
 
 class _ClientGone(Exception):
-    pass
+    """The client left during the read."""
 
 
 async def scatter(client: ScatterClient, legs: list[Leg], plan: ScatterPlan, batch: bytes, status: int) -> bytes:
@@ -100,6 +101,8 @@ async def _stream(client: ScatterClient, run: _Run, plan: ScatterPlan, client_me
     merge = StreamMerge(plan, descriptions, client.proxy.config.routing.scatter_memory_limit)
     head = _scatter_reply(client_messages, run.heads[0], plan, merge.description, "", 0)[0]
     client.write(join_messages(head))
+    if not any(t == Frontend.QUERY or t == Frontend.EXECUTE for t, _ in client_messages):
+        return ""  # a batch that only describes: the shards' rows are drained unseen
     if plan.streaming:
         return f"SELECT {await run.concatenate(client)}"
     await run.merge(merge, client)
@@ -126,7 +129,7 @@ class _Run:
         """The client's CancelRequest: every shard still running cancels its part (and says so)."""
         self.cancelled = True
         for stream in self.streams:
-            _cancel(stream.leg, pg.PostgresError(pg.QUERY_CANCELED, "canceling statement due to user request"))
+            _cancel(stream.leg, pg.PostgresError(pg.QUERY_CANCELED, _CANCELED))
 
     async def head(self, stream: LegStream) -> list[Message]:
         """A shard's answers before its first row (or its end)."""
@@ -137,7 +140,7 @@ class _Run:
                 self._check_ended(stream)
                 await self.wakeup.wait()
                 continue
-            if t in _HEAD_ENDS and t != Backend.ERROR_RESPONSE:
+            if t in _HEAD_ENDS:
                 return head
             message = stream.message()
             assert message is not None
@@ -164,7 +167,7 @@ class _Run:
             if size:
                 client.write(b"".join(out))
                 await _flow(client)
-            elif all(stream.peek() is None for stream in live):
+            elif live and all(stream.peek() is None for stream in live):
                 for stream in live:
                     self._check_ended(stream)
                 await self.wakeup.wait()
@@ -222,16 +225,16 @@ class _Run:
         if stream.done:
             failure = stream.failure()
             if failure is None and self.cancelled:
-                failure = pg.PostgresError(pg.QUERY_CANCELED, "canceling statement due to user request")
+                failure = pg.PostgresError(pg.QUERY_CANCELED, _CANCELED)
             raise failure or pg.PostgresError(pg.PROTOCOL_VIOLATION, "shardproxy: a shard's answer ended early")
 
     async def finish(self, cancel: bool) -> None:
         """Every leg done with the read: those still running cancelled (unless the read succeeded and only needs
         their rest), the rest of their answers dropped, and their connections settled; a leg that does not
         settle in time loses its connection."""
+        stop = pg.PostgresError(pg.QUERY_CANCELED, "shardproxy: the read across shards stopped")
         for stream in self.streams:
             leg = stream.leg
-            stop = pg.PostgresError(pg.QUERY_CANCELED, "shardproxy: the read across shards stopped")
             if leg.server is None:
                 leg.stop_waiting(stop)
             elif cancel:
