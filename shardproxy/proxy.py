@@ -219,6 +219,8 @@ class Proxy:
         server = client.server
         if server is not None and (server.pending or server.status != pg.IDLE):
             server.cancel_running()
+        elif client.interrupt is not None:  # a read on every shard
+            client.interrupt()
 
     def auth_failed(self, client: ClientConnection) -> None:  # counted in errors_total{kind="auth"} (metrics.py)
         self.failed_logins.failed(client.host)

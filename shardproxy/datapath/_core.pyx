@@ -166,6 +166,19 @@ def batch_end(buf, Py_ssize_t pos) -> int:
     return pos
 
 
+def data_rows_end(buf, Py_ssize_t pos) -> int:
+    """Just past the run of complete DataRow messages that starts at pos in buf: a scatter read passes such runs
+    on to its client whole, without a Python step per row."""
+    cdef const unsigned char* p = _chars(buf)
+    cdef Py_ssize_t n = len(buf), end
+    while n - pos >= 5 and p[pos] == c'D':
+        end = pos + 1 + _length(p + pos + 1)
+        if end > n:
+            break
+        pos = end
+    return pos
+
+
 def bind_statement(buf, Py_ssize_t pos, Py_ssize_t end):
     """The statement name of the Bind at buf[pos:end] (b"" for the unnamed one); None if malformed."""
     cdef const unsigned char* p = _chars(buf)

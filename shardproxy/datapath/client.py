@@ -15,6 +15,7 @@ import os
 import ssl
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -187,6 +188,7 @@ class ClientConnection(Placement, ClientSession, Connection):
         self.transaction_pooling = proxy.config.pool.mode == "transaction"  # as when the client connected
         self.owns_server = not self.transaction_pooling
         self.on_server_ready = self._server_ready  # see ClientCore
+        self.interrupt: Callable[[], None] | None = None  # cancels a read the proxy runs on several shards for it
         self.gives_back = True
         self.init_placement(proxy.core.sharded)
         self.max_message_size = PRE_AUTH_MESSAGE_SIZE
