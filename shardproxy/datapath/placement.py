@@ -25,8 +25,9 @@ The states (columns), and what each kind of statement (rows) does in them; s is 
 | a Bind for shard s in | the batch goes on on s; its | -                      | the batch goes on on s          |
 | a batch on another    | implicit transaction spans  |                        |                                 |
 |                       | both, ended at its Sync     |                        |                                 |
-| on every shard        | fanout/ (writes all or      | fanout/                | refused (0A000)                 |
-|                       | nothing)                    |                        |                                 |
+| on several shards     | fanout/ (writes all or      | fanout/, on a leg on   | fanout/, on the legs it needs   |
+| (scatter, DDL, split  | nothing, in two phases)     | each shard it needs    | (joining those it lacks)        |
+| INSERT, keyless write)|                             |                        |                                 |
 
 After an error a leg's transaction is aborted: every statement goes to that leg, which answers as PostgreSQL does,
 until the transaction ends. `routing.cross_shard_transactions: refuse` keeps a transaction on the first shard it
