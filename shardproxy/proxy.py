@@ -16,6 +16,7 @@ from shardproxy.config import Config, ConfigError, UserSettings, load_config
 from shardproxy.datapath._core import ProxyCore
 from shardproxy.datapath.client import ClientConnection, FailedLogins, LoginSlots
 from shardproxy.datapath.deadlocks import Deadlocks
+from shardproxy.datapath.fanout.copy import Columns
 from shardproxy.datapath.fanout.recovery import Recovery
 from shardproxy.datapath.fanout.twophase import signing_key
 from shardproxy.datapath.pool import Pool, Pools
@@ -52,6 +53,7 @@ class Proxy:
         self.core.two_phase_key = signing_key(config)
         self.topology = Topology(config)
         self.router = Router(config)
+        self.copy_columns = Columns()
         self.any_decision = Decision(Route("any", "utility"), None, "")  # for batches that name no statement
         self.health = HealthChecker(self.topology, config, *health_login(config))
         self.metrics = Metrics(self)
@@ -256,6 +258,9 @@ class Proxy:
 
     def two_phase_took(self, seconds: float) -> None:
         self.metrics.two_phase_commits.observe(seconds)
+
+    def rows_copied(self, shard: str, rows: int) -> None:
+        self.metrics.copy_rows.labels(shard).inc(rows)
 
     def in_doubt_resolved(self, decision: str) -> None:
         self.metrics.in_doubt_resolved.labels(decision).inc()

@@ -44,6 +44,7 @@ from shardproxy.cluster.topology import NodeState, parse_lsn
 from shardproxy.config import Config
 from shardproxy.datapath import fanout
 from shardproxy.datapath._core import ClientCore, batch_end, bind_parameter, bind_statement, text, well_formed
+from shardproxy.datapath.fanout import copy
 from shardproxy.datapath.fanout.legs import Leg
 from shardproxy.datapath.pending import HIDDEN_QUERY, Action, Kind, Request
 from shardproxy.datapath.transaction import Transaction, reply, statement_messages
@@ -71,6 +72,7 @@ _HIDDEN_EXECUTE = Request(Kind.EXECUTE, Action.HIDE)
 _EXECUTE_UNNAMED = pg.message(b"E", b"\0\0\0\0\0")
 _ENDS = frozenset({"commit", "rollback"})
 _LOGGED = frozenset({"savepoint", "release", "rollback_to"})  # besides SET and friends (Plan.replays)
+_ON_EVERY_SHARD = frozenset({"scatter", "all", "copy"})
 
 
 class PlacementHost(Protocol):
@@ -80,11 +82,13 @@ class PlacementHost(Protocol):
     router: Router
     any_decision: Decision  # for batches that name no statement
     pools: Pools
+    copy_columns: copy.Columns  # what COPY learnt of tables' columns
 
     async def wait_for_primary(self, shard: str, timeout: float) -> NodeState | None: ...
     def client_error(self, error: pg.PostgresError) -> None: ...  # counts an error the proxy sent a client
     def transaction_ended(self, two_phase: bool) -> None: ...
     def two_phase_took(self, seconds: float) -> None: ...
+    def rows_copied(self, shard: str, rows: int) -> None: ...
 
 
 class BatchRoute(NamedTuple):
@@ -250,7 +254,7 @@ class Placement:
         if self.tx.legs and route.kind in _ENDS:
             self._end(commit=route.kind == "commit" and not self._failed(), implicit=False)
             return
-        if self.tx.legs and route.target not in ("scatter", "all") or self._failed_leg() is not None:
+        if self.tx.legs and route.target not in _ON_EVERY_SHARD or self._failed_leg() is not None:
             failed = self._failed_leg()
             if failed is not None:  # it answers as PostgreSQL does, until the transaction ends
                 self._activate(next(shard for shard, leg in self.tx.legs.items() if leg is failed))
@@ -259,7 +263,7 @@ class Placement:
             else:
                 self._activate(self.home if self.home in self.tx.legs else min(self.tx.legs))
             return
-        if route.target in ("scatter", "all"):
+        if route.target in _ON_EVERY_SHARD:
             if self.buf[batch_end - 5] != Frontend.SYNC and self.buf[0] != Frontend.QUERY:
                 return  # a multi-shard batch runs whole: wait for its Sync
             batch = bytes(self.buf[:batch_end])
@@ -317,12 +321,17 @@ class Placement:
             if in_transaction:
                 legs = await self.tx.every_leg(self, self._transaction_pool, len(self.proxy.config.shards), kind)
             else:
-                pools = [self._pool_on(shard, route.target == "all", route.force_primary)
+                pools = [self._pool_on(shard, route.target == "all" or route.write, route.force_primary)
                          for shard in range(len(self.proxy.config.shards))]
                 if None in pools:
                     raise pg.PostgresError(pg.CANNOT_CONNECT_NOW, "shardproxy: a shard has no primary")
                 legs = [Leg(self, pool, kind) for pool in pools if pool is not None]
-            reply_, two_phase = await fanout.run(self, legs, decision, batch, in_transaction)
+            if route.target == "copy":
+                reply_, two_phase = await copy.run(self, legs, decision, batch, in_transaction)
+            else:
+                reply_, two_phase = await fanout.run(self, legs, decision, batch, in_transaction)
+            if route.kind == "ddl":  # tables' columns may have changed
+                self.proxy.copy_columns.clear()
         except pg.PostgresError as exc:  # the proxy's own: the servers' errors are part of the reply
             self.proxy.client_error(exc)
             reply_ = exc.to_message() + pg.READY[pg.FAILED_TRANSACTION if in_transaction else pg.IDLE]
@@ -342,7 +351,9 @@ class Placement:
         else:
             self.proxy.transaction_ended(two_phase)
         self.busy = False
-        if not self.closed:
+        if self.closed:  # it left meanwhile: what its transaction holds goes, as when it leaves between statements
+            self._leave_all()
+        else:
             self.write(reply_)
             self._dispatch()
 
