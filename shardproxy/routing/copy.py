@@ -19,6 +19,8 @@ import pglast
 from pglast import ast
 from pglast.stream import RawStream
 
+from shardproxy._hash import HashRing
+from shardproxy.routing._copyrows import route_lines, route_tuples
 from shardproxy.routing.keys import Key, ShardKeyError, decode_key
 
 NOT_NULL_VIOLATION = "23502"
@@ -32,7 +34,11 @@ BINARY_HEADER = BINARY_SIGNATURE + b"\0\0\0\0\0\0\0\0"  # no flags, no header ex
 BINARY_TRAILER = b"\xff\xff"
 _END_OF_DATA = (b"\\.", b"\\.\r")  # a line that ends the data, in text and csv
 _INT_TYPES = frozenset({20, 21, 23, 26})  # int8, int2, int4, oid
+_SIGNED_TYPES = frozenset({20, 21, 23})  # in binary, a big-endian signed integer
 _TEXT_TYPES = frozenset({25, 1043, 1042, 19})  # text, varchar, bpchar, name: the key is the field's bytes
+# How the compiled loop reads a key (_copyrows.pyx): its bytes, a canonical integer's text, a binary integer, or
+# not at all (the row goes the careful way).
+TEXT_KEY, INTEGER_KEY, BINARY_INT_KEY, OTHER_KEY = range(4)
 _CANONICAL_INT = re.compile(rb"-?[1-9][0-9]*|0")
 _UNSIGNED16 = struct.Struct("!H")
 _SIGNED32 = struct.Struct("!i")
@@ -135,23 +141,25 @@ class RowSplitter:
     """Cuts a client's COPY data into rows and sorts them by the shard that owns each row's key.
 
     `feed` takes the payload of CopyData messages as they come, `end` the end of the data; both return, per
-    shard, the bytes to send it (b"" for none). Raises CopyError for a row whose key is NULL, missing or not a
-    valid key; the row's line number is in the message.
+    shard, the bytes to send it (empty for none). Plain rows are routed by the compiled loop (_copyrows.pyx);
+    the others, one at a time, here. Raises CopyError for a row whose key is NULL, missing or not a valid key;
+    the row's line number is in the message.
     """
 
-    def __init__(self, fmt: CopyFormat, key_index: int, key_type: int, owner: Callable[[object], int], shards: int,
-                 table: str, key_name: str) -> None:
+    def __init__(self, fmt: CopyFormat, key_index: int, key_type: int, ring: HashRing, table: str,
+                 key_name: str) -> None:
         self.format = fmt
         self.key_index = key_index
         self.key_type = key_type
-        self.owner = owner  # the ring's owner_index: a key (int, str, UUID, or canonical bytes) to a shard
-        self.shards = shards
+        self.ring = ring
         self.table = table
         self.key_name = key_name
         self.rows = 0  # rows routed so far
         self.done = False  # the end-of-data line, or the binary trailer, was read: the rest is ignored
         self._tail = b""  # the start of a row whose end has not arrived
         self._started = False  # the header (csv HEADER's line, binary's signature) went to every shard
+        self._kind = _key_kind(key_type, fmt.binary)
+        self._special = fmt.quote if fmt.csv else b"\\"  # what makes a row one for the careful path
         self._convert = self._converter()
         self._key = self._key_reader()
         if fmt.csv:
@@ -162,75 +170,69 @@ class RowSplitter:
         elif not fmt.binary:
             self._text_field = re.compile(rb"((?:[^\\" + re.escape(fmt.delimiter) + rb"]|\\.)*)", re.DOTALL)
 
-    def feed(self, data: bytes) -> list[bytes]:
-        out: list[list[bytes]] = [[] for _ in range(self.shards)]
+    def feed(self, data: bytes) -> list[bytearray]:
+        out = [bytearray() for _ in self.ring.names]
         if not self.done:
             buf = self._tail + data if self._tail else data
             self._tail = b""
-            if self.format.binary:
-                self._tail = buf[self._binary(buf, out):]
-            else:
-                self._tail = buf[self._lines(buf, out):]
-        return [b"".join(rows) for rows in out]
+            self._tail = buf[self._binary(buf, out) if self.format.binary else self._lines(buf, out):]
+        return out
 
-    def end(self) -> list[bytes]:
+    def end(self) -> list[bytearray]:
         """The end of the data: a last line without its newline is a row too (as PostgreSQL reads it). What
         cannot be read (a cut binary tuple, an open csv quote) goes to the first shard, whose server says why."""
-        out: list[list[bytes]] = [[] for _ in range(self.shards)]
+        out = [bytearray() for _ in self.ring.names]
         tail, self._tail = self._tail, b""
         if self.format.binary:
             if not self._started:
-                out = [[tail] for _ in range(self.shards)]  # nothing read: every server says what is wrong
+                out = [bytearray(tail) for _ in self.ring.names]  # nothing read: every server says what is wrong
             elif tail and not self.done:
-                out[0].append(tail)
+                out[0] += tail
         elif tail and not self.done:
             line = tail + (b"\r\n" if tail.endswith(b"\r") else b"\n")
             if self._lines(line, out) < len(line):
-                out[0].append(tail)
-        return [b"".join(rows) for rows in out]
+                out[0] += tail
+        return out
 
     # -- text and csv ----------------------------------------------------------------------------------------
-    def _lines(self, buf: bytes, out: list[list[bytes]]) -> int:
+    def _lines(self, buf: bytes, out: list[bytearray]) -> int:
         """Route the complete lines at the start of buf; returns where the incomplete rest starts."""
         cut = buf.rfind(b"\n") + 1
-        if cut == 0:
-            return 0
-        fmt = self.format
-        if buf.find(fmt.quote if fmt.csv else b"\\\n", 0, cut) >= 0:
-            return self._careful_lines(buf, cut, out)
-        rows = buf[:cut].split(b"\n")
-        rows.pop()  # (after the last newline)
-        self._route_lines(rows, out)
-        return cut
-
-    def _route_lines(self, rows: list[bytes], out: list[list[bytes]]) -> None:
-        if not self._started:
-            self._started = True
-            if self.format.header and rows:
-                header = rows.pop(0) + b"\n"
-                for shard in out:
-                    shard.append(header)
-        key, owner, rows_before = self._key, self.owner, self.rows
-        for number, row in enumerate(rows, rows_before + 1):
-            if row in _END_OF_DATA:
-                self.done = True
-                self.rows = number - 1
-                return
-            out[owner(key(row, number))].append(row + b"\n")
-        self.rows = rows_before + len(rows)
-
-    def _careful_lines(self, buf: bytes, cut: int, out: list[list[bytes]]) -> int:
-        """Lines that hold a quoted csv field (which may span lines) or an escaped text newline: one at a time."""
-        rows: list[bytes] = []
         pos = 0
-        while pos < cut and not self.done:
-            end = self._row_end(buf, pos, cut)
-            if end < 0:
-                break
-            rows.append(buf[pos:end - 1])
-            pos = end
-        self._route_lines(rows, out)
-        return pos
+        if cut and not self._started:
+            pos = self._header(buf, cut, out)
+        fmt = self.format
+        while 0 <= pos < cut and not self.done:
+            rows, pos = route_lines(buf, pos, cut, out, self.ring, fmt.delimiter, self.key_index, fmt.null,
+                                    self._kind, self._special)
+            self.rows += rows
+            if pos < cut:
+                end = self._row_end(buf, pos, cut)
+                if end < 0:
+                    break
+                self._route_row(buf[pos:end - 1], out)
+                pos = end
+        return max(pos, 0)
+
+    def _header(self, buf: bytes, cut: int, out: list[bytearray]) -> int:
+        """The start of the data: a header line goes to every shard, whose server skips or checks it."""
+        if not self.format.header:
+            self._started = True
+            return 0
+        end = self._row_end(buf, 0, cut)
+        if end > 0:
+            self._started = True
+            for shard in out:
+                shard += buf[:end]
+        return end
+
+    def _route_row(self, row: bytes, out: list[bytearray]) -> None:
+        """One row the compiled loop left (row: without its newline)."""
+        if row in _END_OF_DATA:
+            self.done = True
+            return
+        self.rows += 1
+        out[self.ring.owner_index(self._key(row, self.rows))] += row + b"\n"
 
     def _row_end(self, buf: bytes, pos: int, cut: int) -> int:
         """Just past the newline that ends the row at pos, or -1 if it does not end before cut."""
@@ -327,50 +329,63 @@ class RowSplitter:
                         else part for part in parts)
 
     # -- binary ----------------------------------------------------------------------------------------------
-    def _binary(self, buf: bytes, out: list[list[bytes]]) -> int:
+    def _binary(self, buf: bytes, out: list[bytearray]) -> int:
         """Route the complete tuples at the start of buf; returns where the incomplete rest starts."""
-        pos = 0
-        if not self._started:
-            if len(buf) < len(BINARY_HEADER):
-                return 0
-            (extension,) = _SIGNED32.unpack_from(buf, 15)
-            if buf[:11] != BINARY_SIGNATURE or extension < 0:
-                raise CopyError(BAD_COPY_FILE_FORMAT, "COPY file signature not recognized")
-            pos = len(BINARY_HEADER) + extension
-            if len(buf) < pos:
-                return 0
-            for shard in out:
-                shard.append(buf[:pos])
-            self._started = True
-        n = len(buf)
-        index = self.key_index
-        while n - pos >= 2:
-            (count,) = _UNSIGNED16.unpack_from(buf, pos)
-            if count == 0xFFFF:  # the trailer
-                for shard in out:
-                    shard.append(BINARY_TRAILER)
-                self.done = True
-                return n
-            end = pos + 2
-            key: bytes | None = None
-            for field in range(count):
-                if n - end < 4:
-                    return pos
-                (length,) = _SIGNED32.unpack_from(buf, end)
-                end += 4
-                if field == index and length >= 0:
-                    key = buf[end:end + length]
-                end += max(length, 0)
-            if end > n:
-                return pos
-            self.rows += 1
-            if count <= index:
-                raise self._missing(self.rows)
-            if key is None:
-                raise self._null(self.rows)
-            out[self.owner(self._decoded(key, 1, self.rows))].append(buf[pos:end])
-            pos = end
+        pos = 0 if self._started else self._signature(buf, out)
+        while 0 <= pos < len(buf) and not self.done:
+            rows, pos = route_tuples(buf, pos, out, self.ring, self.key_index, self._kind)
+            self.rows += rows
+            after = self._tuple(buf, pos, out)
+            if after < 0:
+                break
+            pos = after
+        return len(buf) if self.done else max(pos, 0)
+
+    def _signature(self, buf: bytes, out: list[bytearray]) -> int:
+        """The file header, to every shard; where the tuples start, or -1 while it has not all arrived."""
+        if len(buf) < len(BINARY_HEADER):
+            return -1
+        (extension,) = _SIGNED32.unpack_from(buf, 15)
+        if buf[:11] != BINARY_SIGNATURE or extension < 0:
+            raise CopyError(BAD_COPY_FILE_FORMAT, "COPY file signature not recognized")
+        pos: int = len(BINARY_HEADER) + extension
+        if len(buf) < pos:
+            return -1
+        for shard in out:
+            shard += buf[:pos]
+        self._started = True
         return pos
+
+    def _tuple(self, buf: bytes, pos: int, out: list[bytearray]) -> int:
+        """One tuple the compiled loop left, or the trailer; past it, or -1 if it has not all arrived."""
+        n = len(buf)
+        if n - pos < 2:
+            return -1
+        (count,) = _UNSIGNED16.unpack_from(buf, pos)
+        if count == 0xFFFF:
+            for shard in out:
+                shard += BINARY_TRAILER
+            self.done = True
+            return n
+        end = pos + 2
+        key: bytes | None = None
+        for field in range(count):
+            if n - end < 4:
+                return -1
+            (length,) = _SIGNED32.unpack_from(buf, end)
+            end += 4
+            if field == self.key_index and length >= 0:
+                key = buf[end:end + length]
+            end += max(length, 0)
+        if end > n:
+            return -1
+        self.rows += 1
+        if count <= self.key_index:
+            raise self._missing(self.rows)
+        if key is None:
+            raise self._null(self.rows)
+        out[self.ring.owner_index(self._decoded(key, 1, self.rows))] += buf[pos:end]
+        return end
 
     # -- errors ------------------------------------------------------------------------------------------------
     def _where(self, number: int) -> str:
@@ -383,6 +398,14 @@ class RowSplitter:
     def _missing(self, number: int) -> CopyError:
         return CopyError(BAD_COPY_FILE_FORMAT, f"shardproxy: missing data for the shard key {self.key_name} "
                                                f"({self._where(number)})")
+
+
+def _key_kind(key_type: int, binary: bool) -> int:
+    if key_type in _TEXT_TYPES:
+        return TEXT_KEY
+    if binary:
+        return BINARY_INT_KEY if key_type in _SIGNED_TYPES else OTHER_KEY
+    return INTEGER_KEY if key_type in _INT_TYPES else OTHER_KEY
 
 
 def _matched(pattern: re.Pattern[bytes], row: bytes, pos: int) -> re.Match[bytes]:

@@ -189,8 +189,7 @@ async def _splitter(client: CopyClient, leg: Leg, spec: CopySpec) -> RowSplitter
     if key not in names:
         raise pg.PostgresError(pg.FEATURE_NOT_SUPPORTED, f"shardproxy: COPY into sharded table {spec.table} needs "
                                f"the shard key {key} among its columns, to send each row to its shard")
-    return RowSplitter(spec.format, names.index(key), types.get(key, 0), proxy.router.ring.owner_index,
-                       len(proxy.config.shards), spec.table, key)
+    return RowSplitter(spec.format, names.index(key), types.get(key, 0), proxy.router.ring, spec.table, key)
 
 
 async def _refused(legs: list[Leg], error: pg.PostgresError, before: bytes, in_transaction: bool) -> bytes:
