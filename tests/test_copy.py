@@ -11,15 +11,19 @@ import asyncio
 import io
 import os
 import socket
+import struct
 import subprocess
 import urllib.request
+import uuid
 
 import asyncpg
 import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from shardproxy._hash import HashRing
 from shardproxy.devtools.sandbox import LOOPBACK, wait_until
+from shardproxy.routing.copy import BINARY_HEADER, CopyError, RowSplitter, copy_spec
 from tests.support import APP_DB
 from tests.support.ring import owner
 
@@ -121,6 +125,63 @@ def no_server_left_busy(shards) -> bool:
     sql = ("SELECT state, query FROM pg_stat_activity WHERE usename = 'app' AND "
            "(state <> 'idle' OR query ILIKE 'COPY%')")
     return all(cluster.primary.sql(sql) == [] for cluster in shards)
+
+
+# -- the splitter alone: every row to the owner of its key, however the data is cut --------------------------------
+RING_NAMES = ("copy0", "copy1", "copy2")
+
+
+def split(fmt_sql: str, data: bytes, key_index: int, key_type: int, piece: int) -> list[bytes]:
+    """What each shard gets of data sent in pieces of `piece` bytes."""
+    splitter = RowSplitter(copy_spec(fmt_sql).format, key_index, key_type,
+                           HashRing([(name, 1) for name in RING_NAMES], 256), "t", "user_id")
+    parts = [b""] * len(RING_NAMES)
+    for start in range(0, len(data), piece):
+        parts = [part + bytes(more) for part, more in zip(parts, splitter.feed(data[start:start + piece]))]
+    return [part + bytes(more) for part, more in zip(parts, splitter.end())]
+
+
+def expected_lines(rows: list[tuple[object, bytes]], header: bytes = b"") -> list[bytes]:
+    """Per shard: the header, then the lines of the rows whose key it owns."""
+    return [header + b"".join(line for key, line in rows if owner(key, RING_NAMES) == name) for name in RING_NAMES]
+
+
+@pytest.mark.parametrize("piece", [1, 5, 64, 100_000])
+def test_text_rows_split_whatever_the_cut(piece):
+    rows = [(n, b"%d\tname %d\\ with \\N\t%d\n" % (n, n, n)) for n in range(-30, 300)]
+    rows += [(7, b"007\tleading zeros\t1\n"), (5, b"5\tline\\\nbreak\t2\r\n"), (8, b"\\x38\thex key\t3\n")]
+    data = b"".join(line for _, line in rows)
+    assert split("COPY t FROM STDIN", data, 0, 20, piece) == expected_lines(rows)
+
+
+@pytest.mark.parametrize("piece", [1, 7, 100_000])
+def test_csv_rows_split_whatever_the_cut(piece):
+    rows = [(f"user-{n}", b'x;"a;b\n%d "" q";user-%d\n' % (n, n)) for n in range(200)]
+    rows += [("plain", b"y;z;plain\n"), ("quoted key", b'y;z;"quoted key"\n'), ("", b'y;z;""\n')]
+    data = b"".join(line for _, line in rows)
+    sql = "COPY t FROM STDIN (FORMAT csv, HEADER, DELIMITER ';')"
+    assert split(sql, b"a;b;c\n" + data, 2, 25, piece) == expected_lines(rows, header=b"a;b;c\n")
+
+
+def test_binary_tuples_split_whatever_the_cut():
+    keys = [uuid.uuid4() for _ in range(100)]
+    tuples = [(key, struct.pack("!hi", 2, 3) + b"abc" + struct.pack("!i", 16) + key.bytes) for key in keys]
+    data = BINARY_HEADER + b"".join(t for _, t in tuples) + b"\xff\xff"
+    for piece in (1, 9, 100_000):
+        parts = split("COPY t FROM STDIN (FORMAT binary)", data, 1, 2950, piece)
+        assert parts == [BINARY_HEADER + rows + b"\xff\xff" for rows in expected_lines(tuples)]
+
+
+def test_rows_without_a_key_are_refused_with_their_line():
+    for data, code in ((b"x\t1\ny\t\\N\n", "23502"), (b"x\t1\ny\n", "22P04"), (b"x\t1\ny\tabc\n", "22P02")):
+        with pytest.raises(CopyError) as raised:
+            split("COPY t FROM STDIN", data, 1, 20, 3)
+        assert raised.value.sqlstate == code
+        assert raised.value.message.startswith("shardproxy:") and "line 2" in raised.value.message
+
+
+def test_the_end_of_data_line_ends_the_rows():
+    assert split("COPY t FROM STDIN", b"1\ta\n\\.\n2\tb\n", 0, 20, 4) == expected_lines([(1, b"1\ta\n")])
 
 
 # -- COPY FROM STDIN: formats ----------------------------------------------------------------------------------
@@ -374,10 +435,10 @@ def test_psql_copy_loads_as_into_one_server(proxy, single, shards, names, tmp_pa
         "\t".join(map(str, row)) for row in expected)
 
 
-def test_pg_dump_data_only_replays_as_into_one_server(session_proxy, single, shards, names):
+def test_pg_dump_data_only_replays_as_into_one_server(sandbox, shards, single, names):
     """A data-only dump of an unsharded database, replayed with psql through the proxy: the same rows, each on the
-    shard that owns it. (Session pooling: a dump empties search_path with set_config(), which transaction pooling
-    would leave on the pooled server connections.)"""
+    shard that owns it. (Through a proxy of its own: a dump empties search_path with set_config(), which stays on
+    the server connections that ran it.)"""
     source = single.primary
     with psycopg.connect(source.dsn("app", dbname=APP_DB), autocommit=True) as conn, conn.cursor() as cursor:
         with cursor.copy("COPY users FROM STDIN") as copy:
@@ -392,14 +453,14 @@ def test_pg_dump_data_only_replays_as_into_one_server(session_proxy, single, sha
     assert "COPY public.users" in dump
     expected = {table: sorted(source.sql(f"SELECT * FROM {table}", dbname=APP_DB))
                 for table in ("users", "events", "countries")}
-    replayed = run_psql(session_proxy.dsn(dbname=APP_DB), stdin=dump)
+    replayed = run_psql(start_proxy(sandbox, shards, "copy-restore", "transaction").dsn(dbname=APP_DB), stdin=dump)
     assert replayed.stderr == ""
     assert_placed(shards, names, "users", expected["users"])
     assert_placed(shards, names, "events", expected["events"], key_column=2)
     assert on_shards(shards, "SELECT * FROM countries") == [expected["countries"]] * SHARDS
 
 
-def test_extended_protocol_copy_answers_as_a_server(proxy, single, shards, names):
+def test_extended_protocol_copy_answers_as_a_server(any_proxy, single, shards, names):
     """libpq's PQsendQueryParams runs a COPY in the extended protocol (Parse, Bind, Describe, Execute, Sync): the
     proxy answers it as a server does, in and out."""
     data = "".join(f"{n}\tuser {n}\t{n}\n" for n in range(1, 101)).encode()
@@ -424,7 +485,7 @@ def test_extended_protocol_copy_answers_as_a_server(proxy, single, shards, names
             return [began.status, ended.status, ended.command_status, out_began.status, sorted(rows),
                     out_ended.status, out_ended.command_status, conn.info.transaction_status]
 
-    assert conversation(proxy.dsn(dbname=APP_DB)) == conversation(single.primary.dsn("app", dbname=APP_DB))
+    assert conversation(any_proxy.dsn(dbname=APP_DB)) == conversation(single.primary.dsn("app", dbname=APP_DB))
     assert_placed(shards, names, "users", [(n, f"user {n}", n) for n in range(1, 101)])
 
 
