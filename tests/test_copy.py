@@ -19,6 +19,7 @@ import uuid
 import asyncpg
 import psycopg
 import pytest
+from psycopg import pq
 from prometheus_client.parser import text_string_to_metric_families
 
 from shardproxy._hash import HashRing
@@ -482,8 +483,12 @@ def test_extended_protocol_copy_answers_as_a_server(any_proxy, single, shards, n
                 rows.append(bytes(row[1]))
             out_ended = pgconn.get_result()
             assert pgconn.get_result() is None
+            pgconn.send_query_params(b"COPY no_such_table FROM STDIN", None)
+            refused = pgconn.get_result()
+            assert pgconn.get_result() is None
             return [began.status, ended.status, ended.command_status, out_began.status, sorted(rows),
-                    out_ended.status, out_ended.command_status, conn.info.transaction_status]
+                    out_ended.status, out_ended.command_status, refused.status,
+                    refused.error_field(pq.DiagnosticField.SQLSTATE), conn.info.transaction_status]
 
     assert conversation(any_proxy.dsn(dbname=APP_DB)) == conversation(single.primary.dsn("app", dbname=APP_DB))
     assert_placed(shards, names, "users", [(n, f"user {n}", n) for n in range(1, 101)])

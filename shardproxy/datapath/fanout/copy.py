@@ -160,7 +160,9 @@ async def _copy_in(client: CopyClient, legs: list[Leg], spec: CopySpec, decision
         if decision.plan is not None and decision.plan.tables:  # a sharded table (else a reference table)
             splitter = await _splitter(client, legs[0], spec)
     except pg.PostgresError as error:
-        return await _refused(legs, error, before, in_transaction), False
+        if not in_transaction:
+            await run_legs(legs, [_ROLLBACK] * len(legs))
+        return before + _failed(error, in_transaction, ready=True), False
     copy = CopyIn(client, legs, splitter)
     error = await copy.run(pg.query(decision.sql), before)
     two_phase = False
@@ -169,8 +171,9 @@ async def _copy_in(client: CopyClient, legs: list[Leg], spec: CopySpec, decision
         error, two_phase = outcome.error, outcome.two_phase
     elif error is not None and not in_transaction:
         await run_legs(legs, [_ROLLBACK] * len(legs))
-    if error is not None:
-        return _failed(error, in_transaction, extended), two_phase
+    if error is not None:  # (once the client is in COPY, in the extended protocol its Sync gets ReadyForQuery)
+        ready = not (extended and copy.streamed)
+        return (b"" if copy.streamed else before) + _failed(error, in_transaction, ready), two_phase
     for leg, rows in zip(legs, copy.counts):
         client.proxy.rows_copied(leg.pool.node.shard, rows)
     total = sum(copy.counts) if splitter is not None else max(copy.counts, default=0)
@@ -192,18 +195,10 @@ async def _splitter(client: CopyClient, leg: Leg, spec: CopySpec) -> RowSplitter
     return RowSplitter(spec.format, names.index(key), types.get(key, 0), proxy.router.ring, spec.table, key)
 
 
-async def _refused(legs: list[Leg], error: pg.PostgresError, before: bytes, in_transaction: bool) -> bytes:
-    """Before any leg began the COPY: nothing to undo but the proxy's own transaction. The error comes where the
-    Execute's answer would, and ReadyForQuery at once (the batch's Sync, in the extended protocol)."""
-    if not in_transaction:
-        await run_legs(legs, [_ROLLBACK] * len(legs))
-    return before + _failed(error, in_transaction, extended=False)
-
-
-def _failed(error: pg.PostgresError, in_transaction: bool, extended: bool) -> bytes:
-    """The error, then (in the simple protocol) ReadyForQuery: in the extended one the client's Sync gets it."""
+def _failed(error: pg.PostgresError, in_transaction: bool, ready: bool) -> bytes:
+    """The error, then ReadyForQuery if the client's Sync (or Query) has not had one yet."""
     message = error.to_message()
-    return message if extended else message + pg.READY[pg.FAILED_TRANSACTION if in_transaction else pg.IDLE]
+    return message + pg.READY[pg.FAILED_TRANSACTION if in_transaction else pg.IDLE] if ready else message
 
 
 class _Gate:
@@ -273,6 +268,7 @@ class CopyIn:
         self.error: pg.PostgresError | None = None
         self.counts = [0] * len(legs)
         self.gate = _Gate(client)
+        self.streamed = False  # the client got the CopyInResponse: it is in COPY
         self._servers: list[ServerConnection | None] = []
 
     async def run(self, statement: bytes, before: bytes) -> pg.PostgresError | None:
@@ -304,6 +300,7 @@ class CopyIn:
             if server is not None:
                 server.peer = self.gate
         client.write(response)
+        self.streamed = True
         client.copy_feed = self.feed
         self.feed()  # (what came with the COPY statement)
 
