@@ -19,8 +19,8 @@ import uuid
 import asyncpg
 import psycopg
 import pytest
-from psycopg import pq
 from prometheus_client.parser import text_string_to_metric_families
+from psycopg import pq
 
 from shardproxy._hash import HashRing
 from shardproxy.devtools.sandbox import LOOPBACK, wait_until

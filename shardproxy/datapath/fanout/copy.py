@@ -24,6 +24,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
 from shardproxy.config import Config
+from shardproxy.datapath._core import ProxyCore
 from shardproxy.datapath.fanout.legs import Collector, Leg, Message, run_legs, split_messages
 from shardproxy.datapath.fanout.twophase import commit, error_of
 from shardproxy.datapath.params import literal
@@ -66,13 +67,14 @@ class CopyClient(Protocol):
     """What COPY needs of the client connection (placement.py's)."""
 
     proxy: CopyProxy
+    core: ProxyCore  # (its two_phase_key)
     buf: bytearray
     copy_feed: Callable[[], None] | None
     closed: bool
     peer: object
     database: object
     param_sql: dict
-    transport: object
+    transport: asyncio.Transport | None
     max_message_size: int
 
     def write(self, data: bytes) -> None: ...
@@ -218,9 +220,10 @@ class _Gate:
             _reading(self.client, pause=True)
 
     def resume_reading(self) -> None:
-        self.full -= 1
-        if self.full == 0:
-            _reading(self.client, pause=False)
+        if self.full > 0:  # (none after open())
+            self.full -= 1
+            if self.full == 0:
+                _reading(self.client, pause=False)
 
     def open(self) -> None:
         """The COPY is over: the client reads again, whatever the servers' state."""
@@ -231,8 +234,12 @@ class _Gate:
 
 def _reading(client: CopyClient, pause: bool) -> None:
     transport = client.transport
-    if transport is not None and not client.closed:
-        transport.pause_reading() if pause else transport.resume_reading()  # type: ignore[attr-defined]
+    if transport is None or client.closed:
+        return
+    if pause:
+        transport.pause_reading()
+    else:
+        transport.resume_reading()
 
 
 class _Answers:
