@@ -79,7 +79,7 @@ def main() -> None:
         proxy = box.proxy("bench-copy", shards)
         assert proxy.process is not None
         direct_dsn, proxy_dsn = single.primary.dsn("app"), proxy.dsn()
-        copy(proxy_dsn, pieces[:2], args.format)  # warm: the pools, the catalog
+        copy(proxy_dsn, data(1000, args.format), args.format)  # warm: the pools, the catalog
         direct, through = [], []
         sampler = RssSampler(proxy.process.pid)
         sampler.start()

@@ -218,9 +218,10 @@ class Proxy:
         client = self.clients.get(pid)
         if client is None or not secrets.compare_digest(client.secret.to_bytes(4, "big"), secret.to_bytes(4, "big")):
             return
-        server = client.server
-        if server is not None and (server.pending or server.status != pg.IDLE):
-            server.cancel_running()
+        servers = [client.server] if client.server is not None else [leg.server for leg in client.fanout_legs]
+        for server in servers:  # (a statement on several shards runs on a leg of each)
+            if server is not None and (server.pending or server.status != pg.IDLE):
+                server.cancel_running()
 
     def auth_failed(self, client: ClientConnection) -> None:  # counted in errors_total{kind="auth"} (metrics.py)
         self.failed_logins.failed(client.host)

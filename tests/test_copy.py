@@ -13,6 +13,8 @@ import os
 import socket
 import struct
 import subprocess
+import threading
+import time
 import urllib.request
 import uuid
 
@@ -123,8 +125,7 @@ def nothing_anywhere(shards) -> bool:
 
 def no_server_left_busy(shards) -> bool:
     """No session of the app on any shard is in a COPY or a transaction."""
-    sql = ("SELECT state, query FROM pg_stat_activity WHERE usename = 'app' AND "
-           "(state <> 'idle' OR query ILIKE 'COPY%')")
+    sql = "SELECT state, query FROM pg_stat_activity WHERE usename = 'app' AND state <> 'idle'"  # (COPY: active)
     return all(cluster.primary.sql(sql) == [] for cluster in shards)
 
 
@@ -387,6 +388,25 @@ def test_copy_to_stdout_joins_every_shard(any_proxy, shards, names):
             cursor.execute("COPY (SELECT * FROM users ORDER BY user_id LIMIT 3) TO STDOUT")
         with cursor.copy("COPY (SELECT * FROM users WHERE user_id = 7) TO STDOUT") as copy:  # one shard's
             assert [tuple(row) for row in copy.rows()] == [("7", "user 7", "7")]
+
+
+def test_a_cancel_request_stops_a_copy_on_every_shard(proxy, shards):
+    """A client's cancel reaches the shards' legs: the COPY TO ends with 57014 and the connection goes on."""
+    with connect(proxy) as conn, conn.cursor() as cursor:
+        with cursor.copy("COPY users FROM STDIN") as copy:
+            for row in user_rows(200):
+                copy.write_row(row)
+        timer = threading.Timer(0.5, conn.cancel)
+        timer.start()
+        started = time.monotonic()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            with cursor.copy("COPY (SELECT user_id, pg_sleep(0.05) FROM users) TO STDOUT") as copy:
+                for _ in copy:
+                    pass
+        timer.join()
+        assert time.monotonic() - started < 4  # (200 rows of 50 ms would take 10 s)
+        assert conn.execute("SELECT count(*) FROM users").fetchone() == (200,)
+    assert wait_until(lambda: no_server_left_busy(shards))
 
 
 # -- drivers and tools -----------------------------------------------------------------------------------------

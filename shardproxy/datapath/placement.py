@@ -142,6 +142,7 @@ class Placement:
         self.read_only = False  # the transaction began READ ONLY
         self.stopped = False  # forwarding stopped at a statement for another server connection (see _drained)
         self.busy = False  # the proxy runs something for the client on several shards
+        self.fanout_legs: list[Leg] = []  # its legs meanwhile, which a cancel request reaches
         self.unnamed: Statement | None = None  # the unnamed statement, for the Bind that follows its Parse
         self.wrote = False  # the active leg's transaction wrote on a shard that has replicas (read-your-writes)
         self.min_lsn: dict[int, int] = {}  # per shard: the WAL position of this client's last commit there
@@ -326,6 +327,7 @@ class Placement:
                 if None in pools:
                     raise pg.PostgresError(pg.CANNOT_CONNECT_NOW, "shardproxy: a shard has no primary")
                 legs = [Leg(self, pool, kind) for pool in pools if pool is not None]
+            self.fanout_legs = legs
             if route.target == "copy":
                 reply_, two_phase = await copy.run(self, legs, decision, batch, in_transaction)
             else:
@@ -341,6 +343,7 @@ class Placement:
             self.proxy.client_error(error)
             reply_ = error.to_message() + pg.READY[pg.FAILED_TRANSACTION if in_transaction else pg.IDLE]
         finally:
+            self.fanout_legs = []
             if in_transaction:
                 self.tx.detach(self, legs)
             else:
