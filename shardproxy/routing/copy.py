@@ -4,8 +4,9 @@ row of the data a client sends (`RowSplitter`).
 Data arrives in CopyData messages cut anywhere, so a row may span several. The splitter keeps the incomplete end
 of each piece for the next one, reads the shard-key field of every complete row and hands back, per shard, the
 rows that shard owns, byte for byte as they came: each server parses its rows again, so the proxy reads only row
-ends and one field. A header (csv HEADER, binary's signature) goes to every shard, whose server checks it; so do
-the binary trailer and the end-of-data line `\\.`. Pure: the data path feeds it (datapath/fanout/copy.py).
+ends and one field (plain rows in a compiled loop, _copyrows.pyx). A header (csv HEADER, binary's signature) and
+the binary trailer go to every shard, whose server checks them; the end-of-data line `\\.` ends the data, as it
+does for PostgreSQL. Pure: the data path feeds it (datapath/fanout/copy.py).
 """
 
 from __future__ import annotations
