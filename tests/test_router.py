@@ -320,7 +320,7 @@ def test_unkeyed_writes_are_errors(router: Router) -> None:
     )
     for sql in (
         "SELECT * FROM orders FOR UPDATE",
-        "COPY orders FROM STDIN",
+        "COPY orders FROM '/tmp/orders.csv'",
         "WITH d AS (DELETE FROM orders RETURNING *) SELECT 1",
         "MERGE INTO orders o USING src s ON o.id = s.id WHEN MATCHED THEN DELETE",
         "INSERT INTO orders VALUES (1, 2)",
@@ -332,10 +332,20 @@ def test_unkeyed_writes_are_errors(router: Router) -> None:
 
 
 def test_reads_that_cannot_scatter_need_a_key(router: Router) -> None:
-    for sql in ("COPY orders TO STDOUT", "DECLARE c CURSOR FOR SELECT * FROM orders"):
+    for sql in ("COPY orders TO '/tmp/orders.csv'", "DECLARE c CURSOR FOR SELECT * FROM orders"):
         result = route(router, sql)
         assert error_of(result).startswith("shardproxy:"), sql
     assert route(router, "/* shard_key: 4 */ COPY orders TO STDOUT").shard == shard_of(router, "4")
+
+
+def test_copy_with_the_client_runs_on_every_shard_without_a_key(router: Router) -> None:
+    for sql, write in (("COPY orders FROM STDIN", True), ("COPY orders (user_id, id) FROM STDIN (FORMAT csv)", True),
+                       ("COPY orders TO STDOUT", False), ("COPY (SELECT * FROM orders) TO STDOUT", False)):
+        result = route(router, sql)
+        assert (result.target, result.write) == ("copy", write), sql
+    assert route(router, "COPY orders FROM STDIN", session_key=7).shard == shard_of(router, 7)
+    assert route(router, "COPY countries FROM STDIN").target == "copy"  # a reference table: every shard
+    assert route(router, "COPY countries TO STDOUT").target == "any"
 
 
 def test_explain_without_key_runs_on_any_shard(router: Router) -> None:

@@ -60,6 +60,7 @@ class ClientCore(Endpoint):
     wrote: bool
     gives_back: bool
     terminating: bool
+    copy_feed: Callable[[], None] | None
     wait_started: float
     max_message_size: int
     held: list[bytes]

@@ -444,6 +444,9 @@ cdef class ClientCore(Endpoint):
             ClientCore._forward(self, _joined(self, data))
             return
         self.buf += data
+        if self.copy_feed is not None:
+            self.copy_feed()
+            return
         ClientCore._dispatch(self)
 
     cpdef _dispatch(self):

@@ -421,8 +421,14 @@ class ClientConnection(Placement, ClientSession, Connection):
                             "reason": reason})
         if self.pool is not None and self.wait_started:
             self.pool.cancel_waiting(self)
+        if self.copy_feed is not None:  # a COPY on several shards learns that no more data comes
+            self.copy_feed()
         if self.busy:  # the proxy runs something on the client's legs: it gives them back once done
             return
+        self._leave_all()
+
+    def _leave_all(self) -> None:
+        """The client is gone: so are its server connections."""
         servers = {id(leg): leg for leg in [self.server, *self.tx.legs.values()] if leg is not None}
         self.server = None
         self.tx.clear()

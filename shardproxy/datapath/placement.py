@@ -45,6 +45,7 @@ from shardproxy.cluster.topology import NodeState, parse_lsn
 from shardproxy.config import Config
 from shardproxy.datapath import fanout
 from shardproxy.datapath._core import ClientCore, batch_end, bind_parameter, bind_statement, text, well_formed
+from shardproxy.datapath.fanout import copy
 from shardproxy.datapath.fanout.legs import Leg
 from shardproxy.datapath.pending import HIDDEN_QUERY, Action, Kind, Request
 from shardproxy.datapath.transaction import Transaction, reply, statement_messages
@@ -71,7 +72,7 @@ _HIDDEN_BIND = Request(Kind.BIND, Action.HIDE)
 _HIDDEN_EXECUTE = Request(Kind.EXECUTE, Action.HIDE)
 _EXECUTE_UNNAMED = pg.message(b"E", b"\0\0\0\0\0")
 _ENDS = frozenset({"commit", "rollback"})
-_EVERY_SHARD = frozenset({"scatter", "all", "each", "split"})  # route targets run on several shards by fanout/
+_EVERY_SHARD = frozenset({"scatter", "all", "each", "split", "copy"})  # route targets run on several shards by fanout/
 _LOGGED = frozenset({"savepoint", "release", "rollback_to"})  # besides SET and friends (Plan.replays)
 
 
@@ -82,11 +83,13 @@ class PlacementHost(Protocol):
     router: Router
     any_decision: Decision  # for batches that name no statement
     pools: Pools
+    copy_columns: copy.Columns  # what COPY learnt of tables' columns
 
     async def wait_for_primary(self, shard: str, timeout: float) -> NodeState | None: ...
     def client_error(self, error: pg.PostgresError) -> None: ...  # counts an error the proxy sent a client
     def transaction_ended(self, two_phase: bool) -> None: ...
     def two_phase_took(self, seconds: float) -> None: ...
+    def rows_copied(self, shard: str, rows: int) -> None: ...
 
 
 class BatchRoute(NamedTuple):
@@ -140,6 +143,7 @@ class Placement:
         self.read_only = False  # the transaction began READ ONLY
         self.stopped = False  # forwarding stopped at a statement for another server connection (see _drained)
         self.busy = False  # the proxy runs something for the client on several shards
+        self.fanout_legs: list[Leg] = []  # its legs meanwhile, which a cancel request reaches
         self.unnamed: Statement | None = None  # the unnamed statement, for the Bind that follows its Parse
         self.wrote = False  # the active leg's transaction wrote on a shard that has replicas (read-your-writes)
         self.min_lsn: dict[int, int] = {}  # per shard: the WAL position of this client's last commit there
@@ -321,11 +325,18 @@ class Placement:
             if in_transaction:
                 legs = await self.tx.every_leg(self, self._transaction_pool, shards, kind)
             else:
-                pools = [self._pool_on(shard, route.target != "scatter", route.force_primary) for shard in shards]
+                write = route.write or route.target not in ("scatter", "copy")  # a COPY TO may read replicas
+                pools = [self._pool_on(shard, write, route.force_primary) for shard in shards]
                 if None in pools:
                     raise pg.PostgresError(pg.CANNOT_CONNECT_NOW, "shardproxy: a shard has no primary")
                 legs = [Leg(self, pool, kind) for pool in pools if pool is not None]
-            reply_, two_phase = await fanout.run(self, legs, decision, batch, in_transaction)
+            self.fanout_legs = legs
+            if route.target == "copy":
+                reply_, two_phase = await copy.run(self, legs, decision, batch, in_transaction)
+            else:
+                reply_, two_phase = await fanout.run(self, legs, decision, batch, in_transaction)
+            if route.kind == "ddl":  # tables' columns may have changed
+                self.proxy.copy_columns.clear()
         except pg.PostgresError as exc:  # the proxy's own: the servers' errors are part of the reply
             self.proxy.client_error(exc)
             reply_ = exc.to_message() + pg.READY[pg.FAILED_TRANSACTION if in_transaction else pg.IDLE]
@@ -335,6 +346,7 @@ class Placement:
             self.proxy.client_error(error)
             reply_ = error.to_message() + pg.READY[pg.FAILED_TRANSACTION if in_transaction else pg.IDLE]
         finally:
+            self.fanout_legs = []
             if in_transaction:
                 self.tx.detach(self, legs)
             else:
@@ -345,7 +357,9 @@ class Placement:
         else:
             self.proxy.transaction_ended(two_phase)
         self.busy = False
-        if not self.closed:
+        if self.closed:  # it left meanwhile: what its transaction holds goes, as when it leaves between statements
+            self._leave_all()
+        else:
             self.write(reply_)
             self._dispatch()
 

@@ -91,6 +91,8 @@ class Metrics:
                                  ["shard"], registry=self.registry)
         self.in_doubt_resolved = CounterMetric("shardproxy_in_doubt_resolved_total", "Prepared transactions left "
                                                "in doubt, finished by recovery", ["decision"], registry=self.registry)
+        self.copy_rows = CounterMetric("shardproxy_copy_rows_total", "Rows a COPY across shards moved to or from "
+                                       "each shard, once it succeeded", ["shard"], registry=self.registry)
         for decision in ("commit", "rollback"):
             self.in_doubt_resolved.labels(decision)
         for kind in {*_ERROR_BY_MESSAGE.values(), *_ERROR_BY_CODE.values(), _SERVER_ERROR}:
@@ -124,6 +126,7 @@ class Metrics:
         """Bind the counters to the topology; unless `serve` is off (a worker: its supervisor serves), serve."""
         for shard in self.proxy.config.shards:
             self.failovers.labels(shard.name)
+            self.copy_rows.labels(shard.name)
         settings = self.proxy.config.metrics
         if settings.port and serve:
             self._server = await serve_metrics(settings.host, settings.port, self.exposition)

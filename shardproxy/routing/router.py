@@ -61,7 +61,7 @@ Kind = Literal[
     "prepare_transaction", "commit_prepared", "rollback_prepared",
     "set_shard_key", "reset_shard_key", "session", "utility",
 ]  # fmt: skip
-Target = Literal["shard", "any", "all", "each", "split", "scatter", "error"]
+Target = Literal["shard", "any", "all", "each", "split", "scatter", "copy", "error"]
 Params = Callable[[int], object] | Sequence[object]
 
 SHARD_KEY_SETTING = "shardproxy.shard_key"
@@ -148,8 +148,8 @@ class Plan:
     keys: where the shard key comes from; every one must map to the same shard. Empty when some
         sharded table reference is not pinned by a key (see the module docstring).
     unkeyed: the target when no key is known: "scatter" (a lone SELECT), "each" (an UPDATE or DELETE that
-        ``routing.keyless_writes`` lets run on every shard), "any" (EXPLAIN, or no sharded table) or "error"
-        (with ``unkeyed_error`` as the message).
+        ``routing.keyless_writes`` lets run on every shard), "copy" (COPY to or from the client), "any" (EXPLAIN,
+        or no sharded table) or "error" (with ``unkeyed_error`` as the message).
     unkeyed_error: the error message when ``unkeyed`` is "error".
     error: set when the statement can never be routed (the route is always this error).
     comment_key: the value of a ``/* shard_key: ... */`` comment; it overrides ``keys``.
@@ -167,6 +167,8 @@ class Plan:
     shard_key_value: the value of ``SET shardproxy.shard_key`` (kind "set_shard_key").
     rows: the key of each row of a multi-row ``INSERT ... VALUES`` (or ``INSERT ... SELECT ... FROM (VALUES ...)``)
         whose rows may be split by shard: one statement, no WITH, its target the only sharded table in it.
+    copies: a COPY whose data comes from or goes to the client (STDIN, STDOUT): without a key it runs on every
+        shard, its rows split or joined by the data path.
     """
 
     kind: Kind
@@ -189,6 +191,7 @@ class Plan:
     replays: bool = False
     shard_key_value: Key | None = None
     rows: tuple[KeyRef, ...] = ()
+    copies: bool = False
 
     @property
     def scatters(self) -> bool:
@@ -201,10 +204,12 @@ class Route:
     """Where one execution of a plan goes.
 
     target: "shard" (``shard`` is the ring index), "any" (one shard, whichever), "all" (every
+    target: "shard" (``shard`` is the ring index), "any" (one shard, whichever), "all" (every
     shard's primary, each shard's answer standing for all: DDL, reference-table writes), "each" (every
     shard's primary, each writing its own rows: row counts summed, RETURNING rows of all), "split" (an INSERT's
-    rows split by shard: ``rows`` has each row's shard), "scatter" (every shard, results merged) or "error"
-    (``message`` starts with ``shardproxy:``; answer with SQLSTATE 0A000 and touch nothing).
+    rows split by shard: ``rows`` has each row's shard), "scatter" (every shard, results merged), "copy" (a COPY
+    on every shard, its rows split or joined) or "error" (``message`` starts with ``shardproxy:``; answer with
+    SQLSTATE 0A000 and touch nothing).
     write: the statement needs a primary. force_primary: a target comment or a strong table asks for
     the primary even for a read. For kinds "set_shard_key"/"reset_shard_key" the proxy answers
     itself; transaction control and session statements run on the session's server.
@@ -441,7 +446,7 @@ class Router:
             if plan.tables:
                 message = f"shardproxy: {plan.verb} writes a reference table and sharded tables together"
                 return Route("error", kind, message=message)
-            return self._made("all", kind, None, True, force)
+            return self._made("copy" if plan.copies else "all", kind, None, True, force)
         try:
             shard = self._shard(plan, literals, params, session_key)
         except ShardKeyError as exc:
@@ -632,6 +637,7 @@ def _combine(analyses: list[_Analysis], key: str, base: int | None, hints: dict[
         replays=all(a.replays for a in analyses),
         shard_key_value=main.shard_key_value,
         rows=_split_rows(analyses),
+        copies=any(a.copies for a in analyses),
         **hints,
     )
 
@@ -692,6 +698,7 @@ class _Analysis:
         self.clears_shard_key = False
         self.replays = False
         self.shard_key_value: Key | None = None
+        self.copies = False
         self._handled: set[int] = set()  # IN subqueries walked as key conditions, by id
         self._expanding: set[int] = set()  # WITH queries being walked, by id: a reference inside is recursion
         self._levels = 0
@@ -765,13 +772,17 @@ class _Analysis:
         self.verb = "EXPLAIN"
 
     def _copy(self, body: dict[str, Any]) -> None:
+        """COPY from or to the client runs on every shard without a key (the data path splits or joins its rows);
+        COPY of a server's file or program needs a key."""
+        self.copies = "filename" not in body and not body.get("is_program")
         if "query" in body:
             self._query_of("COPY", body["query"])
-            return
-        writes = bool(body.get("is_from"))
-        self._table(body["relation"], _Level(None, {}), written=writes)
-        self.kind, self.verb, self.unkeyed = ("write" if writes else "read"), "COPY", "error"
-        self._place()
+        else:
+            writes = bool(body.get("is_from"))
+            self._table(body["relation"], _Level(None, {}), written=writes)
+            self.kind, self.verb = ("write" if writes else "read"), "COPY"
+            self._place()
+        self.unkeyed = "copy" if self.copies else "error"
 
     def _transaction(self, body: dict[str, Any]) -> None:
         self.kind = _TRANSACTIONS.get(body["kind"], "utility")
@@ -819,13 +830,13 @@ class _Analysis:
         if not self.tables or not self.covered:
             self.keys = []
         each = self.unkeyed_write and self.settings.keyless_writes and self.verb in ("UPDATE", "DELETE")
-        if self.unkeyed_write and not each:
+        if self.unkeyed_write and not each and not self.copies:
             self.unkeyed, self.unkeyed_error = "error", self._needs_key_message()
         elif self.apart is not None:
             self.unkeyed, self.unkeyed_error = "error", self._apart_message(*self.apart)
         elif each:
             self.unkeyed = "each"
-        elif self.kind == "write" or (self.tables and self.unkeyed == "error"):
+        elif self.kind == "write" and not self.copies or (self.tables and self.unkeyed == "error"):
             self.unkeyed = "error"
             self.unkeyed_error = self._needs_key_message()
 

@@ -30,6 +30,8 @@ from shardproxy.wire.protocol import Frontend
 def kind_of(decision: Decision) -> str:
     """What each shard's part counts as in shardproxy_queries_total."""
     route = decision.route
+    if route.target == "copy":
+        return "write" if route.write else "scatter"
     if route.target == "scatter":
         return "scatter"
     return "ddl" if route.kind == "ddl" else "write"

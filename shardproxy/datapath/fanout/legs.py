@@ -128,7 +128,8 @@ class Leg(ClientSession):
         server, self.server = self.server, None
         if server is not None:
             self.pool.unlink(server)
-            if server.status == pg.IDLE and not server.pending:
+            # (A cancel in flight would reach the next client's query.)
+            if server.status == pg.IDLE and not server.pending and not server.cancels:
                 self.pool.release(server)
             else:
                 self.pool.discard(server)
