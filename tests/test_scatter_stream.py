@@ -33,13 +33,13 @@ ROWS = 1_000_000
 RSS_BOUND_KB = 64 * 1024
 MEMORY_LIMIT = "8MB"
 TABLE = "CREATE TABLE big (user_id bigint NOT NULL, payload text)"
-BIG_READER = """
+BIG_READER = f"""
 import sys, psycopg
 with psycopg.connect(sys.argv[1], autocommit=True) as conn:
     rows = sum(1 for _ in conn.cursor().stream("SELECT user_id, payload FROM big ORDER BY payload"))
-sys.exit(0 if rows == 1_000_000 else 1)
+sys.exit(0 if rows == {ROWS} else 1)
 """
-RUNNING = ("SELECT count(*) FROM pg_stat_activity WHERE datname = 'appdb' AND state <> 'idle' "
+RUNNING = (f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{APP_DB}' AND state <> 'idle' "
            "AND query LIKE '%FROM big%' AND pid <> pg_backend_pid()")
 
 

@@ -257,8 +257,8 @@ class StreamMerge:
         self._distinct = [_Column(output, i, "de-duplicate") for i in range(self._visible)] if plan.distinct else []
         self._sorted = bool(plan.sort) and not plan.grouped
         self._key = _sort_key(plan.sort, output) if plan.sort else None
-        self._heads: list[tuple[_Ordered, int, Row, bytes]] = []  # each shard's next row, when merging sorted rows
-        self._last: dict[int, _Ordered] = {}  # per shard: the key of the row it offered last
+        self._heads: list[tuple[OrderKey, int, Row, bytes]] = []  # each shard's next row, when merging sorted rows
+        self._last: dict[int, OrderKey] = {}  # per shard: the key of the row it offered last
         self._needed = set(self._live) if self._sorted else set()  # shards whose next row the merge waits for
 
     @property
@@ -890,28 +890,43 @@ def _unsupported_aggregate(kind: str, field_: _Field) -> Unmergeable:
     return _refuse(f'{kind}() of column "{name}" (type oid {field_.type_oid})')
 
 
-def _sort_key(keys: tuple[SortKey, ...], fields: list[_Field]) -> Callable[[Row], _Ordered]:
-    columns = [_Column(fields, key.column, "sort by") for key in keys]
-    return lambda row: _Ordered([column.key(row[column.index]) for column in columns], keys)
+OrderKey = tuple[Any, ...]
+_NULLS_FIRST: OrderKey = (0,)
+_NULLS_LAST: OrderKey = (2,)
 
 
-class _Ordered:
-    """A row's ORDER BY values, ordered as the ORDER BY clause orders them."""
+def _sort_key(keys: tuple[SortKey, ...], fields: list[_Field]) -> Callable[[Row], OrderKey]:
+    """A row's ORDER BY values as a tuple that Python orders as the ORDER BY clause does (compared in C)."""
+    columns = [(_Column(fields, key.column, "sort by"), key) for key in keys]
 
-    __slots__ = ("keys", "values")
+    def key(row: Row) -> OrderKey:
+        return tuple(_ordered(column.key(row[column.index]), key) for column, key in columns)
 
-    def __init__(self, values: list[Any], keys: tuple[SortKey, ...]) -> None:
-        self.values = values
-        self.keys = keys
+    return key
 
-    def __lt__(self, other: _Ordered) -> bool:
-        for a, b, key in zip(self.values, other.values, self.keys, strict=True):
-            if a == b:
-                continue
-            if a is None or b is None:
-                return (a is None) == key.nulls_first
-            return bool(b < a) if key.descending else bool(a < b)
-        return False
+
+def _ordered(value: Any, key: SortKey) -> OrderKey:
+    """One ORDER BY value: NULLs before or after every value, a descending value reversed."""
+    if value is None:
+        return _NULLS_FIRST if key.nulls_first else _NULLS_LAST
+    return (1, _Descending(value) if key.descending else value)
+
+
+class _Descending:
+    """A value ordered the other way round."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __lt__(self, other: _Descending) -> bool:
+        return bool(other.value < self.value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Descending) and bool(self.value == other.value)
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 # --- wire messages --------------------------------------------------------------------------------------------

@@ -245,7 +245,7 @@ class _Run:
         for stream, result in zip(self.streams, results):
             server = stream.leg.server
             if isinstance(result, TimeoutError) and server is not None:
-                stream.leg.pool.discard(server)
+                server.close()  # its pool, and whoever holds it then, learn of it as of any lost connection
 
 
 def _cancel(leg: Leg, error: pg.PostgresError) -> None:
