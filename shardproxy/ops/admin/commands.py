@@ -42,7 +42,7 @@ class AdminHost(Protocol):
     clients: dict[int, ClientConnection]  # by the cancel key's pid
     ring_moved: float
 
-    def reload(self) -> Config: ...
+    def reload(self, force: bool = False) -> Config: ...
     def request_shutdown(self) -> None: ...
     async def exposition(self) -> bytes: ...
 
@@ -74,7 +74,8 @@ class Admin:
             Command("SHOW VERSION", "the proxy's version", self._show_version),
             Command("HELP", "this list", self._help),
             Command("ROUTE <key>", "the shard, read node and write node a key goes to now", self._route),
-            Command("RELOAD", "re-read the config file; live clients keep working", self._reload),
+            Command("RELOAD [FORCE]", "re-read the config file; live clients keep working; FORCE: even if keys "
+                    "change owner (no row moves)", self._reload),
             Command("PAUSE [shard]", "hold new transactions; returns once running ones have ended", self._pause),
             Command("RESUME [shard]", "let held and new transactions run", self._resume),
             Command("BAN <host:port>", "take a node out of rotation", self._ban),
@@ -203,8 +204,10 @@ class Admin:
         return Table(["key", "shard", "read_node", "write_node"], [[args[0], shard, read, write]])
 
     async def _reload(self, args: list[str]) -> Table:
+        if args and args[0].upper() != "FORCE":
+            raise AdminError("usage: RELOAD [FORCE]", SYNTAX_ERROR)
         try:
-            new = self.proxy.reload()
+            new = self.proxy.reload(force=bool(args))
         except ConfigError as exc:
             raise AdminError("reload rejected, the running config stays: " + "; ".join(exc.problems)) from None
         # The share of the key space whose shard changed: transactions that start from now on use the new ring.
