@@ -61,7 +61,7 @@ Kind = Literal[
     "prepare_transaction", "commit_prepared", "rollback_prepared",
     "set_shard_key", "reset_shard_key", "session", "utility",
 ]  # fmt: skip
-Target = Literal["shard", "any", "all", "scatter", "error"]
+Target = Literal["shard", "any", "all", "scatter", "error", "held"]
 Params = Callable[[int], object] | Sequence[object]
 
 SHARD_KEY_SETTING = "shardproxy.shard_key"
@@ -134,6 +134,10 @@ class KeyRef:
     negate: bool = False
 
 
+class KeyHeld(Exception):
+    """A key whose rows are moving to another shard (Router.held): its statement waits for the cut-over."""
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class Plan:
     """What one statement text does, independent of its parameter and literal values.
@@ -197,8 +201,9 @@ class Route:
     """Where one execution of a plan goes.
 
     target: "shard" (``shard`` is the ring index), "any" (one shard, whichever), "all" (every
-    shard's primary), "scatter" (every shard, results merged) or "error" (``message`` starts with
-    ``shardproxy:``; answer with SQLSTATE 0A000 and touch nothing).
+    shard's primary), "scatter" (every shard, results merged), "error" (``message`` starts with
+    ``shardproxy:``; answer with SQLSTATE 0A000 and touch nothing) or "held" (the key's rows are moving to
+    another shard: wait for RESHARD's cut-over, then route again).
     write: the statement needs a primary. force_primary: a target comment or a strong table asks for
     the primary even for a read. For kinds "set_shard_key"/"reset_shard_key" the proxy answers
     itself; transaction control and session statements run on the session's server.
@@ -383,6 +388,8 @@ class Router:
         memory = config.pool.statement_cache_bytes
         self._plans: SizedLru[str, Plan] = SizedLru(cache_size, memory, len)
         self._templates: SizedLru[tuple[str, int], Plan | None] = SizedLru(cache_size, memory, _template_size)
+        # RESHARD's cut-over: whether a key's transactions wait (its rows are moving), or None.
+        self.held: Callable[[Key], bool] | None = None
         # Routes are immutable and few (target x kind x shard x flags), so each is built once.
         self._routes: dict[tuple[Target, Kind, int | None, bool, bool], Route] = {}
 
@@ -437,6 +444,8 @@ class Router:
             shard = self._shard(plan, literals, params, session_key)
         except ShardKeyError as exc:
             return Route("error", kind, message=str(exc))
+        except KeyHeld:
+            return self._made("held", kind, None, write, force)
         if shard is not None:
             return self._made("shard", kind, shard, write, force)
         if not plan.tables:
@@ -454,6 +463,8 @@ class Router:
                 shard = self._explicit_shard(plan.comment_key, session_key)
             except ShardKeyError as exc:
                 return Route("error", kind, message=str(exc))
+            except KeyHeld:
+                return self._made("held", kind, None, True, plan.force_primary)
             if shard is None and plan.verb == "EXECUTE" and len(self.ring.names) > 1:
                 # Its statement (PREPARE'd on one shard) is out of sight: on any shard its rows would land astray.
                 return Route("error", kind, message=_EXECUTE_ERROR)
@@ -477,7 +488,7 @@ class Router:
             return self._explicit_shard(plan.comment_key, session_key)
         first_ref = plan.keys[0]
         first_key = _resolve(first_ref, literals, params)
-        shard = self.ring.owner_index(first_key)
+        shard = self._owner(first_key)
         for ref in plan.keys[1:]:
             key = _resolve(ref, literals, params)
             other = self.ring.owner_index(key)
@@ -487,7 +498,13 @@ class Router:
 
     def _explicit_shard(self, comment_key: str | None, session_key: object) -> int | None:
         key = comment_key if comment_key is not None else session_key
-        return None if key is None else self.ring.owner_index(canonical(key, None, False))
+        return None if key is None else self._owner(canonical(key, None, False))
+
+    def _owner(self, key: Key) -> int:
+        """The ring index of the key's shard; raises KeyHeld while its rows move to another shard."""
+        if self.held is not None and self.held(key):
+            raise KeyHeld(key)
+        return self.ring.owner_index(key)
 
     def _conflict(self, plan: Plan, key: Key, shard: int, other_key: Key, other: int) -> str:
         names = self.ring.names
