@@ -252,11 +252,11 @@ class Config(_Model):
                 user["password"] = "***"
         if data["routing"]["two_phase_secret"] is not None:
             data["routing"]["two_phase_secret"] = "***"
-        data["fleet"] = [_redact_dsn(dsn) for dsn in data["fleet"]]
+        data["fleet"] = [redact_dsn(dsn) for dsn in data["fleet"]]
         return data
 
 
-def _redact_dsn(dsn: str) -> str:
+def redact_dsn(dsn: str) -> str:
     """A DSN with its password, if any, as ``***``."""
     return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", dsn)
 

@@ -25,6 +25,7 @@ from shardproxy.ops.admin.console import Console
 from shardproxy.ops.admin.replies import AdminError, Table
 from shardproxy.ops.admin.socket import AdminSocket, ask
 from shardproxy.ops.metrics import Metrics
+from shardproxy.ops.reshard import Resharding
 from shardproxy.routing.ring import Ring, fraction_moved
 from shardproxy.routing.router import Decision, Route, Router
 from shardproxy.tasks import spawn
@@ -71,8 +72,9 @@ class Proxy:
         self.recovery = Recovery(self)  # of two-phase commits left in doubt
         self.deadlocks = Deadlocks(self)  # wait cycles across shards
         self._stopped = asyncio.Event()
+        self.reshard = Resharding(self)  # RESHARD's job, and the hold of moving keys at its cut-over
         self.admin = Admin(self)
-        self.console = Console(self._execute_for_all)
+        self.console = Console(self.execute_for_all)
         self._admin_socket: AdminSocket | None = None
 
     # -- start and stop ---------------------------------------------------------------------------------
@@ -266,6 +268,13 @@ class Proxy:
     async def exposition(self) -> bytes:
         return await self.metrics.exposition()
 
+    # -- resharding -------------------------------------------------------------------------------------------
+    async def cutover_passed(self) -> None:
+        await self.reshard.passed()
+
+    def reshard_rows(self, phase: str, count: int) -> None:
+        self.metrics.reshard_rows.labels(phase).inc(count)
+
     # -- the admin console --------------------------------------------------------------------------------
     def open_admin_session(self, client: ClientConnection) -> None:
         """Serve a logged-in client of the admin database; raises PostgresError for users not allowed."""
@@ -275,7 +284,7 @@ class Proxy:
         client.pid, client.secret = self.register(client)
         self.console.open_session(client)
 
-    async def _execute_for_all(self, line: str) -> Table:
+    async def execute_for_all(self, line: str) -> Table:
         """The admin database answers for all workers: with several, the supervisor merges their replies."""
         if self.worker is None:
             return await self.admin.execute(line)

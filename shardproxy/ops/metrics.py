@@ -91,6 +91,10 @@ class Metrics:
                                  ["shard"], registry=self.registry)
         self.in_doubt_resolved = CounterMetric("shardproxy_in_doubt_resolved_total", "Prepared transactions left "
                                                "in doubt, finished by recovery", ["decision"], registry=self.registry)
+        self.reshard_rows = CounterMetric("shardproxy_reshard_rows", "Rows RESHARD wrote or deleted, by phase",
+                                          ["phase"], registry=self.registry)
+        for phase in ("copy", "stream", "cleanup"):
+            self.reshard_rows.labels(phase)
         for decision in ("commit", "rollback"):
             self.in_doubt_resolved.labels(decision)
         for kind in {*_ERROR_BY_MESSAGE.values(), *_ERROR_BY_CODE.values(), _SERVER_ERROR}:
