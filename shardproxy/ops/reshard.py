@@ -453,6 +453,7 @@ class Job:
                 await slot.holder.close()
             await data.drop_slot(self.login, slot.node, slot.database.name, slot.name)
         self.slots = []
+        self.progress.lag_bytes = 0
 
     async def _fail(self, exc: Exception) -> None:
         message = data.reason(exc) if isinstance(exc, (psycopg.Error, data.ReshardError)) else repr(exc)
