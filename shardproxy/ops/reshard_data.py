@@ -28,6 +28,7 @@ from shardproxy.wire.tls import config_path
 SLOT_PREFIX = "shardproxy_reshard"
 PUBLICATION = "shardproxy_reshard"
 CHANGES_PER_PASS = 5000  # changes read from a slot at once (whole transactions: it may return more)
+COPY_CHUNK = 64 * 1024  # bytes of COPY rows sent to a new owner at once
 _COPY_ESCAPES = {b"b": b"\b", b"f": b"\f", b"n": b"\n", b"r": b"\r", b"t": b"\t", b"v": b"\v", b"\\": b"\\"}
 _ESCAPE = re.compile(rb"\\([bfnrtv\\]|[0-7]{1,3}|x[0-9a-fA-F]{1,2})")
 
@@ -303,13 +304,21 @@ async def copy_rows(source: psycopg.AsyncConnection[Any], table: Table,
     copied = 0
     select = sql.SQL("COPY (SELECT {} FROM {}) TO STDOUT").format(table.column_list(), table.ident)
     insert = sql.SQL("COPY {} ({}) FROM STDIN").format(table.ident, table.column_list())
+    pending = {shard: bytearray() for shard in sinks}  # rows go on in chunks: a write per row costs more
     async with _copies(sinks, insert) as writers, source.cursor().copy(select) as reader:
         async for chunk in reader:
             line = bytes(chunk)
             key = key_text(line, table.key_index) if table.key_index is not None else None
             for shard in targets(key):
-                await writers[shard].write(line)
+                buffer = pending[shard]
+                buffer += line
                 copied += 1
+                if len(buffer) >= COPY_CHUNK:
+                    await writers[shard].write(bytes(buffer))
+                    buffer.clear()
+        for shard, buffer in pending.items():
+            if buffer:
+                await writers[shard].write(bytes(buffer))
     return copied
 
 
