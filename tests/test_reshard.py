@@ -261,6 +261,7 @@ def test_reshard_two_shards_to_three_under_writes_from_two_proxies(sandbox: Sand
         table(first, "RESHARD")
         # The first source's ITEMS is copied, from its slot's snapshot: what changes there now is streamed.
         assert wait_until(lambda: table(first, "SHOW RESHARD")[0]["rows_copied"] > 0, 30)
+        assert admin(first, "RESHARD")["error"] == "a RESHARD job is running; see SHOW RESHARD"
         rekeyed = rekey(clusters[0], old, new)
         lock.close()
         report = finished(first)
@@ -317,6 +318,28 @@ def test_reshard_two_shards_to_three_under_writes_from_two_proxies(sandbox: Sand
 
 
 # -- faults ---------------------------------------------------------------------------------------------------
+@pytest.mark.usefixtures("fresh_data")
+def test_a_sharded_table_without_the_key_in_its_primary_key_is_refused(
+        sandbox: Sandbox, clusters: list[Cluster]) -> None:
+    old, new = rings(clusters)
+    for cluster in clusters[:2]:
+        cluster.primary.sql("CREATE TABLE rs_loose (user_id bigint, note text)")
+    proxy = start_proxy(sandbox, "rs-loose", clusters)
+    try:
+        add_third_shard(proxy, clusters)
+        report = reshard(proxy)
+        assert report["phase"] == "failed"
+        assert report["error"] == ("table postgres.public.rs_loose needs a primary key that includes user_id for "
+                                   "RESHARD: its changes are applied by that key on the new owner")
+        moving = next(key for key in PRELOADED_KEYS if old.owner(key) != new.owner(key))
+        assert owner_on(proxy, moving) == old.owner(moving)
+        assert not has_table(clusters[2], ITEMS)  # it stopped before anything was made
+    finally:
+        proxy.stop()
+        for cluster in clusters[:2]:
+            cluster.primary.sql("DROP TABLE rs_loose")
+
+
 @pytest.mark.usefixtures("fresh_data")
 def test_an_unreachable_fleet_member_means_nobody_switches(sandbox: Sandbox, clusters: list[Cluster]) -> None:
     old, new = rings(clusters)
