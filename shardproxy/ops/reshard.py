@@ -43,7 +43,7 @@ from shardproxy.tasks import spawn
 log = logging.getLogger("shardproxy.reshard")
 
 COLUMNS = ["phase", "tables", "rows_copied", "rows_streamed", "lag_bytes", "moved_share", "elapsed", "error"]
-CAUGHT_UP = 1000  # changes per catch-up pass below which the cut-over starts
+CAUGHT_UP = 1000  # messages per catch-up pass below which the cut-over starts
 DRAIN_POLL = 0.005
 RETRY_DELAY = 1.0  # between attempts at the cut-over
 
@@ -375,15 +375,15 @@ class Job:
         return conn
 
     async def _stream_pass(self, upto: dict[int, str] | None = None) -> int:
-        """Apply what each slot holds (up to a position per stream); returns the changes read."""
-        changes = 0
+        """Apply what each slot holds (up to a position per stream); returns the messages read."""
+        messages = 0
         for i, stream in enumerate(self.streams):
             applied = await stream.apply(upto.get(i) if upto else None)
-            changes += applied.changes
+            messages += applied.messages
             self.progress.rows_streamed += applied.rows
             self.host.reshard_rows("stream", applied.rows)
         self.progress.lag_bytes = sum([await data.slot_lag(s.conn, s.slot.name) for s in self.streams])
-        return changes
+        return messages
 
     async def _catch_up(self) -> None:
         while await self._stream_pass() >= CAUGHT_UP:

@@ -342,9 +342,8 @@ async def _nested(managers: list[Any]) -> AsyncIterator[list[Any]]:
 # -- streaming -------------------------------------------------------------------------------------------------
 @dataclass
 class Applied:
-    changes: int  # the changes read
-    rows: int  # the rows written or deleted on other shards
-    lsn: str | None  # where the slot now stands, None when nothing was read
+    messages: int  # read from the slot: none means it has nothing more (up to the position asked)
+    rows: int  # written or deleted on other shards
 
 
 class Stream:
@@ -366,15 +365,13 @@ class Stream:
             "SELECT lsn::text, data FROM pg_logical_slot_peek_binary_changes(%s, %s::pg_lsn, %s, 'proto_version', "
             "'1', 'publication_names', %s)", (self.slot.name, upto, CHANGES_PER_PASS, PUBLICATION))).fetchall()
         if not rows:
-            return Applied(0, 0, None)
+            return Applied(0, 0)
         work: dict[str, list[tuple[sql.Composable, list[Any]]]] = {}
-        changes = 0
         for _, data in rows:
             message = pgoutput.decode(bytes(data))
             if isinstance(message, pgoutput.Relation):
                 self._relation(message)
             elif isinstance(message, pgoutput.Change):
-                changes += 1
                 for shard, statement in self._statements(message):
                     work.setdefault(shard, []).append(statement)
             elif isinstance(message, pgoutput.Truncate):
@@ -382,7 +379,7 @@ class Stream:
         written = sum(await asyncio.gather(*(self._run(shard, statements) for shard, statements in work.items())))
         last = rows[-1][0]
         await self.conn.execute("SELECT pg_replication_slot_advance(%s, %s::pg_lsn)", (self.slot.name, last))
-        return Applied(changes, written, last)
+        return Applied(len(rows), written)
 
     def _relation(self, relation: pgoutput.Relation) -> None:
         table = self.tables.get(f"{relation.schema}.{relation.name}")
