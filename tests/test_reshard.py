@@ -182,6 +182,26 @@ class Writer(threading.Thread):
         self.statements += 1
 
 
+class ReferenceWriter(threading.Thread):
+    """A client appending a dot to a reference table's rows in turn (each write goes to every shard)."""
+
+    def __init__(self, proxy: ProxyProcess, stop: threading.Event):
+        super().__init__(daemon=True)
+        self.proxy, self.stop = proxy, stop
+        self.dots = dict.fromkeys(range(1, 6), 0)  # id -> dots acknowledged
+        self.errors: list[BaseException] = []
+
+    def run(self) -> None:
+        try:
+            with psycopg.connect(self.proxy.dsn(), autocommit=True) as conn:
+                while not self.stop.is_set():
+                    ident = 1 + sum(self.dots.values()) % 5
+                    conn.execute(f"UPDATE {PLANS} SET name = name || '.' WHERE id = %s", (ident,))
+                    self.dots[ident] += 1
+        except BaseException as exc:  # the test reports it
+            self.errors.append(exc)
+
+
 def rekey(cluster: Cluster, old: Ring, new: Ring) -> dict[tuple[int, int], tuple[int, int]]:
     """Updates of the key column, on the shard itself (the router refuses them): a row that stays moves onto a
     key that moves, and a row that moves onto a key that stays. Returns old (user_id, id) -> new."""
@@ -254,6 +274,8 @@ def test_reshard_two_shards_to_three_under_writes_from_two_proxies(sandbox: Sand
     before = {c.name: xmins(c) for c in clusters[:2]}
     lock = stall_copy(clusters)
     writers, stop = start_writers([first, second], old)
+    plans = ReferenceWriter(second, stop)
+    plans.start()
     try:
         time.sleep(1)
         for proxy in (first, second):
@@ -282,6 +304,7 @@ def test_reshard_two_shards_to_three_under_writes_from_two_proxies(sandbox: Sand
     finally:
         lock.close()
         stop_writers(writers, stop)
+        plans.join(30)
         first.stop()
         second.stop()
     assert report["phase"] == "done", report
@@ -314,7 +337,11 @@ def test_reshard_two_shards_to_three_under_writes_from_two_proxies(sandbox: Sand
                 assert still[row] == xmin, row
     assert len(rows_by_shard(clusters, MORE)[clusters[2].name]) == sum(
         1 for key in PRELOADED_KEYS if new.owner(key) == clusters[2].name)
-    assert clusters[2].primary.sql(f"SELECT count(*) FROM {PLANS}") == [(5,)]  # the reference table, whole
+    # The reference table, whole on the new shard, with every write made to it during the job.
+    assert not plans.errors and sum(plans.dots.values()) > 5
+    written = [(i, f"plan {i}" + "." * dots) for i, dots in plans.dots.items()]
+    for cluster in clusters:
+        assert cluster.primary.sql(f"SELECT id, name FROM {PLANS} ORDER BY id") == written, cluster.name
 
 
 # -- faults ---------------------------------------------------------------------------------------------------

@@ -61,6 +61,7 @@ class ReshardHost(Protocol):
     pools: Pools
 
     def reload(self, force: bool = False) -> Config: ...
+    async def wait_for_primary(self, shard: str, timeout: float) -> Any: ...
     async def execute_for_all(self, line: str) -> Table: ...  # every worker of this proxy
     def reshard_rows(self, phase: str, count: int) -> None: ...  # shardproxy_reshard_rows_total
 
@@ -101,7 +102,7 @@ class Resharding:
         if step == "HOLD" and len(args) == 2:
             await self.hold(args[1])
         elif step == "SWITCH" and len(args) == 2:
-            self.switch(args[1])
+            await self.switch(args[1])
         elif step == "RELEASE" and len(args) == 1:
             self.release()
         elif not args:
@@ -151,14 +152,21 @@ class Resharding:
             self.release()
             raise AdminError(f"transactions still running after {timeout:g}s")
 
-    def switch(self, digest: str) -> None:
+    async def switch(self, digest: str) -> None:
         if self._held != digest:
             raise AdminError("no hold for this ring: RESHARD HOLD first")
+        held = self.host.router.held
         try:
-            self.host.reload(force=True)  # a new router, which holds nothing
+            config = self.host.reload(force=True)
         except ConfigError as exc:
             self.release()
             raise AdminError("reload failed: " + "; ".join(exc.problems)) from None
+        # The new router holds too, until health checks have found the new shards' primaries: a write to a
+        # reference table, which goes to every shard at once, would fail on a shard without one.
+        self.host.router.held = held
+        timeout = config.routing.failover_timeout
+        await asyncio.gather(*(self.host.wait_for_primary(shard.name, timeout) for shard in config.shards))
+        self.host.router.held = None
         self._end_hold()
         log.info("switched to the new ring (RESHARD)", extra={"event": "reshard_switch"})
 

@@ -203,7 +203,8 @@ class Route:
     target: "shard" (``shard`` is the ring index), "any" (one shard, whichever), "all" (every
     shard's primary), "scatter" (every shard, results merged), "error" (``message`` starts with
     ``shardproxy:``; answer with SQLSTATE 0A000 and touch nothing) or "held" (the key's rows are moving to
-    another shard: wait for RESHARD's cut-over, then route again).
+    another shard, or a reference table is written while they do: wait for RESHARD's cut-over, then route
+    again).
     write: the statement needs a primary. force_primary: a target comment or a strong table asks for
     the primary even for a read. For kinds "set_shard_key"/"reset_shard_key" the proxy answers
     itself; transaction control and session statements run on the session's server.
@@ -388,7 +389,8 @@ class Router:
         memory = config.pool.statement_cache_bytes
         self._plans: SizedLru[str, Plan] = SizedLru(cache_size, memory, len)
         self._templates: SizedLru[tuple[str, int], Plan | None] = SizedLru(cache_size, memory, _template_size)
-        # RESHARD's cut-over: whether a key's transactions wait (its rows are moving), or None.
+        # RESHARD's cut-over: whether a key's transactions wait (its rows are moving), or None when none wait.
+        # While set, writes to reference tables wait too.
         self.held: Callable[[Key], bool] | None = None
         # Routes are immutable and few (target x kind x shard x flags), so each is built once.
         self._routes: dict[tuple[Target, Kind, int | None, bool, bool], Route] = {}
@@ -439,7 +441,8 @@ class Router:
             if plan.tables:
                 message = f"shardproxy: {plan.verb} writes a reference table and sharded tables together"
                 return Route("error", kind, message=message)
-            return self._made("all", kind, None, True, force)
+            # At RESHARD's cut-over a new shard takes reference rows from a slot: a write waits for the new ring.
+            return self._made("all" if self.held is None else "held", kind, None, True, force)
         try:
             shard = self._shard(plan, literals, params, session_key)
         except ShardKeyError as exc:
