@@ -285,7 +285,12 @@ def test_reshard_two_shards_to_three_under_writes_from_two_proxies(sandbox: Sand
         assert wait_until(lambda: table(first, "SHOW RESHARD")[0]["rows_copied"] > 0, 30)
         assert admin(first, "RESHARD")["error"] == "a RESHARD job is running; see SHOW RESHARD"
         rekeyed = rekey(clusters[0], old, new)
-        lock.close()
+        # A transaction on a moving key, open as the job goes on to its cut-over, which waits for it to end.
+        open_key = next(key for key in range(20_000, 21_000) if old.owner(key) != new.owner(key))
+        with psycopg.connect(first.dsn()) as open_tx:
+            open_tx.execute(f"INSERT INTO {ITEMS} (user_id, id, n) VALUES (%s, 1, 7)", (open_key,))
+            lock.close()
+            time.sleep(1)
         report = finished(first)
         time.sleep(1)  # writes go on on the new ring
         moving = [key for key in PRELOADED_KEYS if old.owner(key) != new.owner(key) and (key, 1) not in rekeyed][:20]
@@ -325,6 +330,7 @@ def test_reshard_two_shards_to_three_under_writes_from_two_proxies(sandbox: Sand
     for before_key, after_key in rekeyed.items():
         del expected[before_key]
         expected[after_key] = 0
+    expected[open_key, 1] = 7
     for writer in writers:
         expected.update(writer.rows)
     actual = {(user_id, ident): n for found in rows.values() for user_id, ident, n, _ in found}

@@ -39,6 +39,7 @@ from shardproxy.ops.admin.replies import AdminError, Table, Value
 from shardproxy.routing.ring import Ring, fraction_moved, moves
 from shardproxy.routing.router import Router
 from shardproxy.tasks import spawn
+from shardproxy.wire import protocol as pg
 
 log = logging.getLogger("shardproxy.reshard")
 
@@ -186,13 +187,14 @@ class Resharding:
         self._passed.set()
 
     async def _running_end(self, timeout: float) -> bool:
-        """Wait until every transaction running now has ended (its server connection given back or relinked)."""
+        """Wait until every transaction running now has ended: its server connection is idle, given back or
+        linked anew (a session's, in session pooling, idles between transactions)."""
         running = [(server, server.linked_at) for pool in self.host.pools for server in pool.servers
-                   if server.client is not None]
+                   if _in_transaction(server)]
         deadline = time.monotonic() + timeout
         while running:
             running = [(server, linked) for server, linked in running
-                       if server.client is not None and server.linked_at == linked and not server.closed]
+                       if _in_transaction(server) and server.linked_at == linked and not server.closed]
             if time.monotonic() > deadline:
                 return False
             if running:
@@ -497,6 +499,10 @@ class Job:
         for conn in self.connections:
             await _quietly(conn.close())
         self.connections = []
+
+
+def _in_transaction(server: Any) -> bool:
+    return server.client is not None and (bool(server.pending) or server.status != pg.IDLE)
 
 
 def _always(shards: list[str]) -> Callable[[bytes | str | None], list[str]]:

@@ -382,9 +382,10 @@ class Stream:
         return Applied(len(rows), written)
 
     def _relation(self, relation: pgoutput.Relation) -> None:
-        table = self.tables.get(f"{relation.schema}.{relation.name}")
-        if table is None:
-            raise ReshardError(f"changes of an unknown table {relation.schema}.{relation.name}")
+        name = f"{relation.schema}.{relation.name}"
+        table = self.tables.get(name)
+        if table is None or not set(relation.columns) <= set(table.columns):
+            raise ReshardError(f"table {name} changed during RESHARD (DDL): the new shards do not have it as it is")
         self.relations[relation.relid] = (relation, table)
 
     def _statements(self, change: pgoutput.Change) -> Iterable[tuple[str, tuple[sql.Composable, list[Any]]]]:
