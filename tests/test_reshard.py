@@ -20,7 +20,7 @@ import psycopg
 import pytest
 
 from shardproxy.devtools.sandbox import Cluster, ProxyProcess, Sandbox, wait_until
-from shardproxy.ops.reshard_data import key_text
+from shardproxy.ops.reshard.data import key_text
 from shardproxy.routing.ring import Ring, fraction_moved
 from tests.support.admin import admin, table
 
