@@ -95,7 +95,7 @@ def _check_nodes(config: Config) -> int:
     """Each node once, as health checks log in: its role, or why the check failed (exit 1 if any did)."""
     import asyncio
 
-    from shardproxy.cluster.health import HealthChecker, health_login
+    from shardproxy.cluster.health import NO_TWO_PHASE, HealthChecker, health_login
     from shardproxy.cluster.topology import Topology
 
     user, password = health_login(config)
@@ -111,6 +111,8 @@ def _check_nodes(config: Config) -> int:
             print(f"{where}: the health check as user {user} failed: {seen}", file=sys.stderr)
         else:
             print(f"{where}: {'replica' if seen.in_recovery else 'primary'}, timeline {seen.timeline}")
+            if not seen.in_recovery and not seen.prepared_transactions:
+                print(f"{where}: warning: {NO_TWO_PHASE}", file=sys.stderr)
     return 1 if failed else 0
 
 

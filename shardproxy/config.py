@@ -164,6 +164,8 @@ class RoutingSettings(_Model):
     keyless_writes: Literal["all_shards", "refuse"] = "all_shards"  # UPDATE/DELETE without a shard key
     deadlock_timeout: Duration = Field(default=1.0, gt=0)  # a wait this long across shards is checked for a cycle
     two_phase_secret: str | None = Field(default=None, repr=False)  # signs two-phase commits' names (gids)
+    # What a read on every shard may hold in the proxy (its groups, the rows DISTINCT has seen) before it fails.
+    scatter_memory_limit: Size = Field(default=64 * 1024**2, ge=1)
 
 
 class TlsSettings(_Model):

@@ -29,7 +29,7 @@ cdef class PoolStats:
     cdef _set_role(self, role)
     cdef Tally tally(self)
     cdef assigned(self, double waited)
-    cdef transaction(self, double seconds, object kind)
+    cdef transaction(self, double seconds, object kind, int statements)
 
 
 cdef class Load:

@@ -41,7 +41,7 @@ cdef class Tally:
 
     @property
     def queries(self) -> dict:
-        """Transactions by kind (QUERY_KINDS)."""
+        """Statements by kind (QUERY_KINDS)."""
         return {kind: self._queries[i] for i, kind in enumerate(QUERY_KINDS)}
 
 
@@ -74,13 +74,13 @@ cdef class PoolStats:
             self.wait_time += waited
             self.tally().wait.observe(waited)
 
-    cdef transaction(self, double seconds, object kind):
-        """A transaction ended. It counts as one query of its kind: a shard's part of a statement on every shard
-        (scatter, ddl, write) says so; any other is a read on a replica, else a write."""
+    cdef transaction(self, double seconds, object kind, int statements):
+        """A transaction of `statements` statements ended. They count as queries of its kind: a shard's part of a
+        statement on every shard (scatter, ddl, write) says so; any other is a read on a replica, else a write."""
         cdef Tally tally = self.tally()
         self.transactions += 1
         self.transaction_time += seconds
-        tally._queries[self._kind if kind is None else <int>_KIND_INDEX[kind]] += 1
+        tally._queries[self._kind if kind is None else <int>_KIND_INDEX[kind]] += statements
         tally.duration.observe(seconds)
 
 

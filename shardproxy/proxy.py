@@ -16,6 +16,7 @@ from shardproxy.config import Config, ConfigError, UserSettings, load_config
 from shardproxy.datapath._core import ProxyCore
 from shardproxy.datapath.client import ClientConnection, FailedLogins, LoginSlots
 from shardproxy.datapath.deadlocks import Deadlocks
+from shardproxy.datapath.fanout.copy import Columns
 from shardproxy.datapath.fanout.recovery import Recovery
 from shardproxy.datapath.fanout.twophase import signing_key
 from shardproxy.datapath.pool import Pool, Pools
@@ -53,6 +54,7 @@ class Proxy:
         self.core.two_phase_key = signing_key(config)
         self.topology = Topology(config)
         self.router = Router(config)
+        self.copy_columns = Columns()
         self.any_decision = Decision(Route("any", "utility"), None, "")  # for batches that name no statement
         self.health = HealthChecker(self.topology, config, *health_login(config))
         self.metrics = Metrics(self)
@@ -224,6 +226,12 @@ class Proxy:
         server = client.server
         if server is not None and (server.pending or server.status != pg.IDLE):
             server.cancel_running()
+        elif client.interrupt is not None:  # a read on every shard, streamed
+            client.interrupt()
+        else:  # another statement on several shards: it runs on a leg of each
+            for leg in client.fanout_legs:
+                if leg.server is not None and (leg.server.pending or leg.server.status != pg.IDLE):
+                    leg.server.cancel_running()
 
     def auth_failed(self, client: ClientConnection) -> None:  # counted in errors_total{kind="auth"} (metrics.py)
         self.failed_logins.failed(client.host)
@@ -261,6 +269,9 @@ class Proxy:
 
     def two_phase_took(self, seconds: float) -> None:
         self.metrics.two_phase_commits.observe(seconds)
+
+    def rows_copied(self, shard: str, rows: int) -> None:
+        self.metrics.copy_rows.labels(shard).inc(rows)
 
     def in_doubt_resolved(self, decision: str) -> None:
         self.metrics.in_doubt_resolved.labels(decision).inc()

@@ -384,6 +384,20 @@ def test_metrics_follow_the_contract_and_count_traffic(proxy: ProxyProcess, repl
             assert lint.returncode == 0, lint.stdout + lint.stderr
 
 
+def test_queries_total_counts_statements_not_transactions(proxy: ProxyProcess) -> None:
+    """A transaction of five statements (BEGIN and COMMIT included), then one of three (BEGIN, a failing
+    statement, and the COMMIT that leaving the block sends), are eight queries, not two."""
+    before = total(scrape(proxy), "shardproxy_queries_total")
+    with psycopg.connect(proxy.dsn()) as conn:  # psycopg's default: BEGIN before the first statement
+        for n in range(3):
+            conn.execute("SELECT %s::int", [n])
+        conn.commit()
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            conn.execute("SELECT 1 / 0")
+    assert wait_until(lambda: total(scrape(proxy), "shardproxy_queries_total") == before + 8, 5), \
+        total(scrape(proxy), "shardproxy_queries_total") - before
+
+
 def test_statements_on_every_shard_count_as_their_kind(replicated: ProxyProcess, replicas: Cluster) -> None:
     """A DDL statement counts as ddl on each shard's primary, a read with no key as scatter, not by node role."""
     def count(text: str, kind: str) -> float:

@@ -7,6 +7,7 @@ tests have their own pair of shards: the first with a replica in the proxy's reg
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 from collections.abc import Iterator
@@ -246,6 +247,34 @@ def longest_gap(loop: Loop, start: float, end: float) -> float:
     """The longest time without a completed read in [start, end]."""
     moments = [start, *(done for _, _, done, _ in loop.ok if start < done < end), end]
     return max(b - a for a, b in zip(moments, moments[1:]))
+
+
+def test_a_refused_batch_leaves_no_server_connection_mid_batch(sandbox: Sandbox,
+                                                              replicated: dict[str, Cluster]) -> None:
+    """A pipeline whose reads ran on shard A's replica and shard B's primary, then a statement the proxy refuses:
+    every server connection the batch touched ends it (Sync) before it goes back to the pool. None stays inside a
+    transaction, which on a replica would hold back WAL replay, and so every client's reads there."""
+    replica = replicated["stall-a"].replicas[0]
+    proxy = sandbox.proxy("faults-refused-batch", list(replicated.values()), region=replica.region,
+                          regions=regions("300ms"), sharding={"key": "user_id"})
+    busy = ("usename = 'app' AND backend_type = 'client backend' AND pid <> pg_backend_pid() "
+            "AND application_name NOT LIKE 'shardproxy%' AND state <> 'idle'")
+    try:
+        keys = keys_by_shard(proxy, 1)
+        nodes = [replica, *(cluster.primary for cluster in replicated.values())]
+        for pipeline in (True, False):
+            with psycopg.connect(proxy.dsn(dbname=APP_DB), autocommit=True) as conn:
+                with pytest.raises(psycopg.errors.FeatureNotSupported, match="^shardproxy:"):
+                    with conn.pipeline() if pipeline else contextlib.nullcontext():
+                        conn.execute(read_key(keys["stall-a"][0]))
+                        conn.execute(read_key(keys["stall-b"][0]))
+                        conn.execute(f"SELECT user_id, row_number() OVER () FROM {TABLE}")
+                assert conn.execute(read_key(keys["stall-a"][0])).fetchone()[0] == replica.port
+                assert wait_until(lambda: all(node.sql(f"SELECT count(*) FROM pg_stat_activity WHERE {busy}")
+                                              == [(0,)] for node in nodes), 3), \
+                    [node.sql(f"SELECT state, query FROM pg_stat_activity WHERE {busy}") for node in nodes]
+    finally:
+        proxy.stop()
 
 
 def test_stalled_replica_fails_its_reads_quickly_then_they_move_to_the_primary(

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from shardproxy.devtools.sandbox import Node, Sandbox
-from shardproxy.routing.merge import Merger, ScatterPlan, Unmergeable, plan_scatter
+from shardproxy.routing.merge import Merger, ScatterPlan, StreamMerge, Unmergeable, plan_scatter
 from shardproxy.wire.protocol import HEADER, SYNC, PostgresError, cstring, message, startup_message
 
 SHARDS = 3
@@ -489,3 +489,46 @@ def test_group_keys_compare_by_value() -> None:
     _, rows, tag = merger.result()
     assert tag == "SELECT 2"
     assert rows == [_row(b"1.0", b"x ", b"-0", b"5"), _row(b"NaN", b"y", b"NaN", b"5")]
+
+
+def test_sorted_rows_come_out_while_shards_still_send() -> None:
+    """A k-way merge gives out a row as soon as every shard still sending has offered its next one, so it holds
+    one row per shard, and asks for the shard whose row it gave out."""
+    description = _description(("a", 23, TEXT))
+    merge = StreamMerge(plan_scatter("SELECT a FROM t ORDER BY a"), [description, description])
+    merge.add(0, _row(b"1"))
+    assert merge.take(None) == [] and merge.wanted() == 1
+    merge.add(1, _row(b"2"))
+    assert merge.take(None) == [_row(b"1")] and merge.wanted() == 0
+    merge.add(0, _row(b"3"))
+    assert merge.take(None) == [_row(b"2")] and merge.wanted() == 1
+    merge.end(1)
+    assert merge.take(None) == [_row(b"3")] and merge.wanted() == 0
+    merge.end(0)
+    assert merge.finished and merge.wanted() is None and merge.tag == "SELECT 3"
+
+
+def test_concatenated_rows_and_limits_come_out_at_once() -> None:
+    description = _description(("a", 23, TEXT))
+    merge = StreamMerge(plan_scatter("SELECT a FROM t LIMIT 2 OFFSET 1"), [description, description])
+    merge.add(1, _row(b"9"))
+    merge.add(0, _row(b"8"))
+    assert merge.take(None) == [_row(b"8")] and not merge.finished
+    merge.add(0, _row(b"7"))
+    assert merge.take(None) == [_row(b"7")]
+    assert merge.finished and merge.wanted() is None  # the rest of either shard is not needed
+
+
+def test_what_a_merge_must_hold_is_limited() -> None:
+    """Groups are held until every shard has ended: past the byte limit, 54000 (program_limit_exceeded)."""
+    description = _description(("g", 23, TEXT), ("count", 20, TEXT))
+    merge = StreamMerge(plan_scatter("SELECT g, count(*) FROM t GROUP BY g"), [description], memory_limit=10_000)
+    with pytest.raises(Unmergeable, match="scatter_memory_limit") as refused:
+        for group in range(1000):
+            merge.add(0, _row(str(group).encode(), b"1"))
+    assert refused.value.sqlstate == "54000"
+    assert 10 < group < 100
+    merge = StreamMerge(plan_scatter("SELECT DISTINCT g FROM t"), [_description(("g", 23, TEXT))], memory_limit=10_000)
+    for _ in range(1000):  # one value, held once
+        merge.add(0, _row(b"1"))
+    assert merge.take(None) == [_row(b"1")]

@@ -128,20 +128,21 @@ def test_first_participant_down_decides_nothing_until_it_is_back(proxy, shards):
 
 
 def test_young_transactions_are_left_to_their_commit(sandbox, proxy, shards):
-    """A proxy that waits 3s: a pass that resolves an old gid leaves a younger one alone."""
+    """A proxy that waits 5s: a pass that resolves an old gid leaves a younger one alone."""
     proxy.stop()
     patient = None
     try:
         old = decide(proxy, shards[0], "d-old", "PREPARE")
         for cluster in shards[1:]:
             prepare(cluster, old, "d-old")
-        time.sleep(3.5)
+        time.sleep(5.5)
         young = decide(proxy, shards[0], "d-young", "PREPARE")
         for cluster in shards[1:]:
             prepare(cluster, young, "d-young")
-        patient = start_proxy(sandbox, shards, "recovery-patient", {**SHORT, "in_doubt_after": "3s"})
+        prepared = time.monotonic()
+        patient = start_proxy(sandbox, shards, "recovery-patient", {**SHORT, "in_doubt_after": "5s"})
         wait_resolved(shards, old)
-        assert len(holders(shards, young)) == 3
+        assert len(holders(shards, young)) == 3 or time.monotonic() - prepared > 5, "resolved while young"
         wait_resolved(shards, young)  # once it is old
     finally:
         if patient is not None:

@@ -283,19 +283,44 @@ def test_writing_reference_and_sharded_tables_together_is_an_error(router: Route
     assert error_of(result).startswith("shardproxy:")
 
 
-def test_unkeyed_writes_are_errors(router: Router) -> None:
+def test_keyless_updates_and_deletes_run_on_each_shard(router: Router) -> None:
+    for sql in ("UPDATE orders SET x = 1 WHERE id = 5", "DELETE FROM orders", "DELETE FROM orders RETURNING *",
+                "UPDATE orders o SET x = 1 FROM countries c WHERE c.code = o.code",
+                "UPDATE orders o SET x = 1 FROM items i WHERE i.user_id = o.user_id AND i.id = 3",
+                "DELETE FROM orders o WHERE EXISTS (SELECT 1 FROM items i WHERE i.user_id = o.user_id)"):
+        assert route(router, sql) == Route("each", "write", write=True), sql
+    assert route(router, "UPDATE orders SET x = 1", session_key=7).shard == shard_of(router, 7)
+    assert route(router, "/* shard_key: 7 */ DELETE FROM orders").shard == shard_of(router, "7")
+    assert route(router, "UPDATE countries SET name = 'x'").target == "all"  # each shard holds every row
+
+
+def test_keyless_writes_that_combine_shards_rows_are_refused(router: Router) -> None:
+    message = error_of(route(router, "UPDATE orders o SET x = 1 FROM items i WHERE i.id = o.id"))
+    assert message.startswith("shardproxy: UPDATE combines rows of orders o and items i")
+    message = error_of(route(router, "DELETE FROM orders o USING items i WHERE i.region = o.region"))
+    assert message.startswith("shardproxy: DELETE combines rows of orders o and items i")
+    sql = "UPDATE orders SET x = (SELECT max(x) FROM items)"
+    assert error_of(route(router, sql)).startswith("shardproxy: UPDATE combines rows of orders and items")
+
+
+def test_keyless_writes_refused_by_config() -> None:
+    router = Router(parse_config(CONFIG.replace("routing: {", "routing: {keyless_writes: refuse, ")))
     result = route(router, "UPDATE orders SET x = 1 WHERE id = 5")
-    assert result.target == "error"
     assert error_of(result).startswith("shardproxy: UPDATE on sharded table orders needs user_id")
     assert "WHERE" in error_of(result)
+    assert error_of(route(router, "DELETE FROM orders")).startswith("shardproxy: DELETE on sharded table orders")
+    message = error_of(route(router, "UPDATE orders o SET x = 1 FROM items i WHERE i.id = o.id"))
+    assert message.startswith("shardproxy: UPDATE on sharded table orders needs user_id = <value>")
+
+
+def test_unkeyed_writes_are_errors(router: Router) -> None:
     result = route(router, "INSERT INTO orders (id, total) VALUES (1, 2)")
     assert error_of(result).startswith(
         "shardproxy: INSERT on sharded table orders needs user_id in its column list"
     )
     for sql in (
-        "DELETE FROM orders",
         "SELECT * FROM orders FOR UPDATE",
-        "COPY orders FROM STDIN",
+        "COPY orders FROM '/tmp/orders.csv'",
         "WITH d AS (DELETE FROM orders RETURNING *) SELECT 1",
         "MERGE INTO orders o USING src s ON o.id = s.id WHEN MATCHED THEN DELETE",
         "INSERT INTO orders VALUES (1, 2)",
@@ -307,10 +332,20 @@ def test_unkeyed_writes_are_errors(router: Router) -> None:
 
 
 def test_reads_that_cannot_scatter_need_a_key(router: Router) -> None:
-    for sql in ("COPY orders TO STDOUT", "DECLARE c CURSOR FOR SELECT * FROM orders"):
+    for sql in ("COPY orders TO '/tmp/orders.csv'", "DECLARE c CURSOR FOR SELECT * FROM orders"):
         result = route(router, sql)
         assert error_of(result).startswith("shardproxy:"), sql
     assert route(router, "/* shard_key: 4 */ COPY orders TO STDOUT").shard == shard_of(router, "4")
+
+
+def test_copy_with_the_client_runs_on_every_shard_without_a_key(router: Router) -> None:
+    for sql, write in (("COPY orders FROM STDIN", True), ("COPY orders (user_id, id) FROM STDIN (FORMAT csv)", True),
+                       ("COPY orders TO STDOUT", False), ("COPY (SELECT * FROM orders) TO STDOUT", False)):
+        result = route(router, sql)
+        assert (result.target, result.write) == ("copy", write), sql
+    assert route(router, "COPY orders FROM STDIN", session_key=7).shard == shard_of(router, 7)
+    assert route(router, "COPY countries FROM STDIN").target == "copy"  # a reference table: every shard
+    assert route(router, "COPY countries TO STDOUT").target == "any"
 
 
 def test_explain_without_key_runs_on_any_shard(router: Router) -> None:
@@ -551,8 +586,6 @@ def test_a_refused_combination_runs_where_the_client_names_the_shard(router: Rou
 
 
 def test_a_write_without_a_key_of_its_own_is_told_so_first(router: Router) -> None:
-    message = error_of(route(router, "UPDATE orders o SET x = 1 FROM items i WHERE i.id = o.id"))
-    assert message.startswith("shardproxy: UPDATE on sharded table orders needs user_id = <value>")
     message = error_of(route(router, "INSERT INTO orders SELECT 1, 2 FROM staging WHERE user_id = 42"))
     assert message.startswith("shardproxy: INSERT on sharded table orders needs user_id in its column list")
     # WHEN NOT MATCHED BY SOURCE acts on the target rows that ON does not match: ON holds none of them to a key
@@ -568,8 +601,7 @@ def test_several_statements_with_a_refused_combination(router: Router) -> None:
 
 def test_a_dml_target_is_never_a_with_query(router: Router) -> None:
     """WITH names are not visible to INSERT/UPDATE/DELETE targets: this deletes every row of the table orders."""
-    result = route(router, "WITH orders AS (SELECT 1) DELETE FROM orders")
-    assert error_of(result).startswith("shardproxy: DELETE on sharded table orders needs user_id")
+    assert route(router, "WITH orders AS (SELECT 1) DELETE FROM orders").target == "each"
     assert route(router, "WITH orders AS (SELECT 1) SELECT * FROM orders").target == "any"
 
 
@@ -585,9 +617,8 @@ def test_statements_too_large_to_walk_are_refused(router: Router) -> None:
 
 
 @pytest.mark.parametrize("sql", [s.replace("SELECT *", "DELETE", 1) for s in UNKEYED_READS[:12]])
-def test_no_key_writes_are_errors(router: Router, sql: str) -> None:
-    result = route(router, sql, [[42]])
-    assert error_of(result).startswith("shardproxy: DELETE on sharded table orders")
+def test_no_key_deletes_run_on_each_shard(router: Router, sql: str) -> None:
+    assert route(router, sql, [[42]]).target == "each"
 
 
 def test_data_modifying_cte_needs_its_own_key(router: Router) -> None:
@@ -613,10 +644,17 @@ def test_multi_row_insert(router: Router) -> None:
     a, same, other = keys_on_two_shards(router)
     sql = "INSERT INTO orders (user_id, x) VALUES ($1, 1), ($2, 2)"
     assert route(router, sql, [a, same]) == Route("shard", "write", shard_of(router, a), write=True)
-    result = route(router, sql, [a, other])
-    assert result.target == "error"
-    assert error_of(result).startswith("shardproxy: INSERT rows belong to different shards")
-    assert route(router, f"INSERT INTO orders (user_id) VALUES ({a}), ({other})").target == "error"
+    rows = (shard_of(router, a), shard_of(router, other))
+    assert route(router, sql, [a, other]) == Route("split", "write", write=True, rows=rows)
+    assert route_simple(router, f"INSERT INTO orders (user_id) VALUES ({a}), ({other}), ({a})").rows == (*rows, rows[0])
+    assert error_of(route(router, sql, [a, None])) == "shardproxy: the shard key is NULL"
+    # rows are split only where each shard's part is the same statement on its own rows
+    for sql in (f"WITH s AS (SELECT 1) INSERT INTO orders (user_id) VALUES ({a}), ({other})",
+                f"INSERT INTO orders (user_id, x) VALUES ({a}, (SELECT x FROM items WHERE user_id = {a})), "
+                f"({other}, 1)",
+                f"INSERT INTO orders (user_id) VALUES ({a}); INSERT INTO orders (user_id) VALUES ({other})",
+                f"EXPLAIN ANALYZE INSERT INTO orders (user_id) VALUES ({a}), ({other})"):
+        assert error_of(route(router, sql)).startswith("shardproxy: "), sql
     # A row whose key is not a literal or parameter leaves the whole INSERT without a key.
     assert route(router, f"INSERT INTO orders (user_id) VALUES ({a}), (DEFAULT)").target == "error"
     assert route(router, f"INSERT INTO orders (user_id) VALUES ({a}), ({a} + 1)").target == "error"
@@ -629,7 +667,7 @@ def test_insert_select_from_values(router: Router) -> None:
            "FROM (VALUES ($1::BIGINT, $2::VARCHAR, 0), ($3::BIGINT, $4::VARCHAR, 1)) AS imp_sen(p0, p1, sen_counter) "
            "ORDER BY sen_counter RETURNING orders.id")
     assert route(router, sql, [str(a), "x", str(same), "y"]) == Route("shard", "write", shard_of(router, a), write=True)
-    assert error_of(route(router, sql, [a, "x", other, "y"])).startswith("shardproxy: INSERT rows belong to different")
+    assert route(router, sql, [a, "x", other, "y"]).rows == (shard_of(router, a), shard_of(router, other))
     values = f"VALUES ('x', {a}), ('y', {same})"
     assert route_simple(router, f"INSERT INTO orders (item, user_id) SELECT i, k FROM ({values}) AS v(i, k)").shard \
         == shard_of(router, a)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -319,6 +321,25 @@ def test_refuse_mode_keeps_a_transaction_on_one_shard(sandbox, shards, names, pr
     finally:
         refusing.stop()
     assert notes(shards, "half") == [[], []]
+
+
+def test_servers_without_prepared_transactions_are_named_at_startup_and_by_check(sandbox, shards):
+    """Two-phase commit needs max_prepared_transactions > 0: the startup log and `shardproxy check --connect`
+    name the primary that lacks it (and only that one)."""
+    plain = sandbox.cluster("txn-no2pc", settings={"max_prepared_transactions": "0"})
+    proxy = sandbox.proxy("txn-no2pc", [plain, shards[0]])
+    try:
+        lacking, fine = f"{LOOPBACK}:{plain.primary.port}", f"{LOOPBACK}:{shards[0].primary.port}"
+        assert wait_until(lambda: f"{lacking}: max_prepared_transactions is 0" in proxy.log(), 10), proxy.log()
+        done = subprocess.run([sys.executable, "-m", "shardproxy", "check", "-c", proxy.config_path, "--connect"],
+                              capture_output=True, text=True, timeout=30, check=False)
+        assert done.returncode == 0, done.stderr
+        warnings = [line for line in done.stderr.splitlines() if "max_prepared_transactions is 0" in line]
+        assert len(warnings) == 1 and lacking in warnings[0], done.stderr
+        assert f"{fine}: max_prepared_transactions" not in proxy.log()
+    finally:
+        proxy.stop()
+        plain.primary.stop()
 
 
 # -- what it costs, in metrics -------------------------------------------------------------------------------------

@@ -52,9 +52,13 @@ SELECT
   END AS timeline,
   CASE WHEN in_recovery
        THEN EXISTS (SELECT FROM pg_stat_wal_receiver WHERE coalesce(status = 'streaming', true))
-  END AS receiving
+  END AS receiving,
+  current_setting('max_prepared_transactions')::int AS prepared_transactions
 FROM r
 """
+
+NO_TWO_PHASE = ("max_prepared_transactions is 0: a transaction that writes on several shards cannot commit in "
+                "two phases, and commits on each shard plainly (not all-or-nothing if a shard fails mid-commit)")
 
 # What a failed check raises: the node is unreachable, refuses us, or is slow.
 CHECK_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
@@ -94,6 +98,7 @@ class HealthChecker:
         self._wake: dict[str, asyncio.Event] = {}
         self._hurry_until: dict[str, float] = {}
         self._conns: dict[str, asyncpg.Connection] = {}
+        self._warned: set[str] = set()  # primaries without prepared transactions, warned about once
         self._checked = asyncio.Condition()
 
     async def start(self) -> None:
@@ -241,6 +246,10 @@ class HealthChecker:
                 )
         else:
             self.topology.report(address, probe, self.rise)
+            if not probe.in_recovery and not probe.prepared_transactions and address not in self._warned:
+                self._warned.add(address)  # once per node: the setting changes only with a restart
+                log.warning("%s: %s", address, NO_TWO_PHASE,
+                            extra={"event": "no_two_phase", "shard": node.shard, "node": address})
             if node.healthy and not was_healthy:
                 log.info("%s is up as %s", address, node.role,
                          extra={"event": "node_up", "shard": node.shard, "node": address})
@@ -260,6 +269,7 @@ class HealthChecker:
             timeline=row["timeline"],
             replay_age=row["replay_age"],
             receiving=row["receiving"],
+            prepared_transactions=row["prepared_transactions"],
             sent=sent,
             received=time.monotonic(),
             at=time.time(),

@@ -52,6 +52,7 @@ class Probe:
     received: float  # monotonic time the answer arrived
     at: float  # wall time, for display
     receiving: bool | None  # a replica's WAL receiver streams; None on a primary
+    prepared_transactions: int | None = None  # max_prepared_transactions: 0 means no two-phase commit
 
 
 @dataclass(frozen=True)

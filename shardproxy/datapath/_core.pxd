@@ -64,6 +64,7 @@ cdef class ClientCore(Endpoint):
     cdef public bint routes, mid_batch, stopped, busy, transaction_pooling, wrote
     cdef public bint gives_back  # on_server_ready is its _server_ready (not a fanout leg's, nor None)
     cdef public bint terminating  # sent Terminate: it closes once the server has answered what came before
+    cdef public object copy_feed  # during a COPY FROM STDIN across shards: takes what the client sends (fanout/copy.py)
     cdef public double wait_started  # when it queued for a server connection; 0 when not waiting
     cdef public Py_ssize_t max_message_size
     # The routing state the loops read (placement.py keeps it).
@@ -127,6 +128,7 @@ cdef class ServerCore(Endpoint):
     # In COPY FROM STDIN, as far as the client's messages forwarded so far go: the server ignores Sync and Flush.
     cdef public bint copy_in
     cdef public int status, cancels
+    cdef public int commands  # statements answered (CommandComplete or ErrorResponse) since linked, for metrics
     cdef public double last_used, linked_at, created
 
     cpdef bint reuse_prepared(self, name) except -1

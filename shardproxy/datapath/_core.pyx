@@ -166,6 +166,19 @@ def batch_end(buf, Py_ssize_t pos) -> int:
     return pos
 
 
+def data_rows_end(buf, Py_ssize_t pos) -> int:
+    """Just past the run of complete DataRow messages that starts at pos in buf: a scatter read passes such runs
+    on to its client whole, without a Python step per row."""
+    cdef const unsigned char* p = _chars(buf)
+    cdef Py_ssize_t n = len(buf), end
+    while n - pos >= 5 and p[pos] == c'D':
+        end = pos + 1 + _length(p + pos + 1)
+        if end > n:
+            break
+        pos = end
+    return pos
+
+
 def bind_statement(buf, Py_ssize_t pos, Py_ssize_t end):
     """The statement name of the Bind at buf[pos:end] (b"" for the unnamed one); None if malformed."""
     cdef const unsigned char* p = _chars(buf)
@@ -431,6 +444,9 @@ cdef class ClientCore(Endpoint):
             ClientCore._forward(self, _joined(self, data))
             return
         self.buf += data
+        if self.copy_feed is not None:
+            self.copy_feed()
+            return
         ClientCore._dispatch(self)
 
     cpdef _dispatch(self):
@@ -978,6 +994,8 @@ cdef class ServerCore(Endpoint):
                 self.settings_undone = False
             elif t == c'C' or t == c'I' or t == c's':
                 done = kind == K_EXECUTE
+                if t == c'C' and action != A_HIDE:
+                    self.commands += 1
                 if arg is not None and kind == K_QUERY and t == c'C':
                     arg(self, t, bytes(buf[pos + 5:end - 1]))
                 if t == c'C' and self.settings_before is not None and buf[pos + 5:end - 1] == b"ROLLBACK":
@@ -1011,6 +1029,7 @@ cdef class ServerCore(Endpoint):
                 if hiding and kind == K_PARSE:  # the client must learn that its statement does not exist
                     hiding = False
             if t == c'E':
+                self.commands += 1
                 self.settings_undone = True
                 self.copy_in = False  # an error ends COPY FROM STDIN: the server drops the rest of the data
                 if self.error_as is not None and not hiding:
@@ -1090,6 +1109,11 @@ cdef class PoolCore:
         server.last_used = now
         if server.closed:
             return
+        if server.status != _IDLE or not server.pending.empty():  # never hand out a transaction or a batch begun
+            _pool_log.warning("server connection to %s given back %s: closed", self.node_label,
+                              "inside a transaction" if server.status != _IDLE else "with answers pending")
+            self.discard(server)
+            return
         if self.paused:  # PAUSE: connections close as their transactions end
             self.discard(server)
             return
@@ -1110,7 +1134,8 @@ cdef class PoolCore:
         cdef double seconds
         if client is not None:
             seconds = (now or _now()) - server.linked_at
-            self.stats.transaction(seconds, client.kind)
+            self.stats.transaction(seconds, client.kind, server.commands)
+            server.commands = 0
             self.load.outstanding -= 1
             # Per transaction (per session in session pooling): the time from hand-out to give-back, so one
             # comparison per transaction, never per statement.

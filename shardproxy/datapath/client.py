@@ -15,6 +15,7 @@ import os
 import ssl
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -187,6 +188,7 @@ class ClientConnection(Placement, ClientSession, Connection):
         self.transaction_pooling = proxy.config.pool.mode == "transaction"  # as when the client connected
         self.owns_server = not self.transaction_pooling
         self.on_server_ready = self._server_ready  # see ClientCore
+        self.interrupt: Callable[[], None] | None = None  # cancels a read the proxy runs on several shards for it
         self.gives_back = True
         self.init_placement(proxy.core.sharded)
         self.max_message_size = PRE_AUTH_MESSAGE_SIZE
@@ -419,8 +421,14 @@ class ClientConnection(Placement, ClientSession, Connection):
                             "reason": reason})
         if self.pool is not None and self.wait_started:
             self.pool.cancel_waiting(self)
+        if self.copy_feed is not None:  # a COPY on several shards learns that no more data comes
+            self.copy_feed()
         if self.busy:  # the proxy runs something on the client's legs: it gives them back once done
             return
+        self._leave_all()
+
+    def _leave_all(self) -> None:
+        """The client is gone: so are its server connections."""
         servers = {id(leg): leg for leg in [self.server, *self.tx.legs.values()] if leg is not None}
         self.server = None
         self.tx.clear()

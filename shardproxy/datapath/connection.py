@@ -32,6 +32,8 @@ class Connection(Endpoint, asyncio.Protocol):
         self._logging_in = True
         self._login_paused = False  # the login reads slower than the peer sends
         self._lost: BaseException | None = None
+        self.writing_paused = False  # the transport's buffer is over its high-water mark
+        self._writer: asyncio.Future[None] | None = None  # drained() waits on it
 
     # -- asyncio callbacks ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -42,6 +44,7 @@ class Connection(Endpoint, asyncio.Protocol):
         self.closed = True
         self._lost = exc or ConnectionResetError("connection closed")
         self._wake()
+        self._wake_writer()
 
     def data_received(self, data: bytes) -> None:
         if self._logging_in:
@@ -54,16 +57,31 @@ class Connection(Endpoint, asyncio.Protocol):
             self.on_data(data)
 
     def pause_writing(self) -> None:
+        self.writing_paused = True
         peer = self.peer
         if peer is not None and peer.transport is not None:
             peer.transport.pause_reading()
             peer.reading_paused = True
 
     def resume_writing(self) -> None:
+        self.writing_paused = False
+        self._wake_writer()
         peer = self.peer
         if peer is not None and peer.transport is not None and not peer.closed:
             peer.transport.resume_reading()
             peer.reading_paused = False
+
+    async def drained(self) -> None:
+        """Wait while the transport holds more than it takes unsent (writes the proxy makes itself, with no peer
+        to pause: a scatter read's merged rows)."""
+        while self.writing_paused and not self.closed:
+            self._writer = asyncio.get_running_loop().create_future()
+            await self._writer
+
+    def _wake_writer(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None and not writer.done():
+            writer.set_result(None)
 
     # -- the hot path is the compiled subclass's: on_data frames and handles what arrived --------------------
     def end_login(self) -> None:

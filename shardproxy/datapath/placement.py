@@ -25,8 +25,9 @@ The states (columns), and what each kind of statement (rows) does in them; s is 
 | a Bind for shard s in | the batch goes on on s; its | -                      | the batch goes on on s          |
 | a batch on another    | implicit transaction spans  |                        |                                 |
 |                       | both, ended at its Sync     |                        |                                 |
-| on every shard        | fanout/ (writes all or      | fanout/                | refused (0A000)                 |
-|                       | nothing)                    |                        |                                 |
+| on several shards     | fanout/ (writes all or      | fanout/, on a leg on   | fanout/, on the legs it needs   |
+| (scatter, DDL, split  | nothing, in two phases)     | each shard it needs    | (joining those it lacks)        |
+| INSERT, keyless write)|                             |                        |                                 |
 
 After an error a leg's transaction is aborted: every statement goes to that leg, which answers as PostgreSQL does,
 until the transaction ends. `routing.cross_shard_transactions: refuse` keeps a transaction on the first shard it
@@ -44,6 +45,7 @@ from shardproxy.cluster.topology import NodeState, parse_lsn
 from shardproxy.config import Config
 from shardproxy.datapath import fanout
 from shardproxy.datapath._core import ClientCore, batch_end, bind_parameter, bind_statement, text, well_formed
+from shardproxy.datapath.fanout import copy
 from shardproxy.datapath.fanout.legs import Leg
 from shardproxy.datapath.pending import HIDDEN_QUERY, Action, Kind, Request
 from shardproxy.datapath.transaction import Transaction, reply, statement_messages
@@ -70,6 +72,7 @@ _HIDDEN_BIND = Request(Kind.BIND, Action.HIDE)
 _HIDDEN_EXECUTE = Request(Kind.EXECUTE, Action.HIDE)
 _EXECUTE_UNNAMED = pg.message(b"E", b"\0\0\0\0\0")
 _ENDS = frozenset({"commit", "rollback"})
+_EVERY_SHARD = frozenset({"scatter", "all", "each", "split", "copy"})  # route targets run on several shards by fanout/
 _LOGGED = frozenset({"savepoint", "release", "rollback_to"})  # besides SET and friends (Plan.replays)
 
 
@@ -80,12 +83,14 @@ class PlacementHost(Protocol):
     router: Router
     any_decision: Decision  # for batches that name no statement
     pools: Pools
+    copy_columns: copy.Columns  # what COPY learnt of tables' columns
 
     async def wait_for_primary(self, shard: str, timeout: float) -> NodeState | None: ...
     async def cutover_passed(self) -> None: ...  # returns once RESHARD holds no key (router.held is None)
     def client_error(self, error: pg.PostgresError) -> None: ...  # counts an error the proxy sent a client
     def transaction_ended(self, two_phase: bool) -> None: ...
     def two_phase_took(self, seconds: float) -> None: ...
+    def rows_copied(self, shard: str, rows: int) -> None: ...
 
 
 class BatchRoute(NamedTuple):
@@ -139,6 +144,7 @@ class Placement:
         self.read_only = False  # the transaction began READ ONLY
         self.stopped = False  # forwarding stopped at a statement for another server connection (see _drained)
         self.busy = False  # the proxy runs something for the client on several shards
+        self.fanout_legs: list[Leg] = []  # its legs meanwhile, which a cancel request reaches
         self.unnamed: Statement | None = None  # the unnamed statement, for the Bind that follows its Parse
         self.wrote = False  # the active leg's transaction wrote on a shard that has replicas (read-your-writes)
         self.min_lsn: dict[int, int] = {}  # per shard: the WAL position of this client's last commit there
@@ -255,7 +261,7 @@ class Placement:
         if self.tx.legs and route.kind in _ENDS:
             self._end(commit=route.kind == "commit" and not self._failed(), implicit=False)
             return
-        if self.tx.legs and route.target not in ("scatter", "all") or self._failed_leg() is not None:
+        if self.tx.legs and (route.target not in _EVERY_SHARD or self._failed_leg() is not None):
             failed = self._failed_leg()
             if failed is not None:  # it answers as PostgreSQL does, until the transaction ends
                 self._activate(next(shard for shard, leg in self.tx.legs.items() if leg is failed))
@@ -264,7 +270,7 @@ class Placement:
             else:
                 self._activate(self.home if self.home in self.tx.legs else min(self.tx.legs))
             return
-        if route.target in ("scatter", "all"):
+        if route.target in _EVERY_SHARD:
             if self.buf[batch_end - 5] != Frontend.SYNC and self.buf[0] != Frontend.QUERY:
                 return  # a multi-shard batch runs whole: wait for its Sync
             batch = bytes(self.buf[:batch_end])
@@ -317,23 +323,31 @@ class Placement:
         self._dispatch()
 
     async def _run_on_shards(self, decision: Decision, batch: bytes) -> None:
-        """A statement for every shard: outside a transaction on legs from the pools, given back after; inside
-        one on the transaction's own legs (joining the shards it lacks), which it keeps."""
+        """A statement for every shard (or an INSERT for the shards of its rows): outside a transaction on legs
+        from the pools, given back after; inside one on the transaction's own legs (joining the shards it lacks),
+        which it keeps."""
         in_transaction = bool(self.replay)
         route = decision.route
         kind = fanout.kind_of(decision)
         legs: list[Leg] = []
         two_phase = False
+        shards = sorted(set(route.rows)) if route.rows else range(len(self.proxy.config.shards))
         try:
             if in_transaction:
-                legs = await self.tx.every_leg(self, self._transaction_pool, len(self.proxy.config.shards), kind)
+                legs = await self.tx.every_leg(self, self._transaction_pool, shards, kind)
             else:
-                pools = [self._pool_on(shard, route.target == "all", route.force_primary)
-                         for shard in range(len(self.proxy.config.shards))]
+                write = route.write or route.target not in ("scatter", "copy")  # a COPY TO may read replicas
+                pools = [self._pool_on(shard, write, route.force_primary) for shard in shards]
                 if None in pools:
                     raise pg.PostgresError(pg.CANNOT_CONNECT_NOW, "shardproxy: a shard has no primary")
                 legs = [Leg(self, pool, kind) for pool in pools if pool is not None]
-            reply_, two_phase = await fanout.run(self, legs, decision, batch, in_transaction)
+            self.fanout_legs = legs
+            if route.target == "copy":
+                reply_, two_phase = await copy.run(self, legs, decision, batch, in_transaction)
+            else:
+                reply_, two_phase = await fanout.run(self, legs, decision, batch, in_transaction)
+            if route.kind == "ddl":  # tables' columns may have changed
+                self.proxy.copy_columns.clear()
         except pg.PostgresError as exc:  # the proxy's own: the servers' errors are part of the reply
             self.proxy.client_error(exc)
             reply_ = exc.to_message() + pg.READY[pg.FAILED_TRANSACTION if in_transaction else pg.IDLE]
@@ -343,6 +357,7 @@ class Placement:
             self.proxy.client_error(error)
             reply_ = error.to_message() + pg.READY[pg.FAILED_TRANSACTION if in_transaction else pg.IDLE]
         finally:
+            self.fanout_legs = []
             if in_transaction:
                 self.tx.detach(self, legs)
             else:
@@ -353,7 +368,9 @@ class Placement:
         else:
             self.proxy.transaction_ended(two_phase)
         self.busy = False
-        if not self.closed:
+        if self.closed:  # it left meanwhile: what its transaction holds goes, as when it leaves between statements
+            self._leave_all()
+        else:
             self.write(reply_)
             self._dispatch()
 

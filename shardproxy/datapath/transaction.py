@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -74,13 +74,13 @@ class Transaction:
         """A collecting session on every leg (in shard order), linked in place of the client."""
         return {shard: _attach(client, server) for shard, server in sorted(self.legs.items())}
 
-    async def every_leg(self, client: ClientSession, pool_of: Callable[[int], Pool | None], shards: int,
+    async def every_leg(self, client: ClientSession, pool_of: Callable[[int], Pool | None], shards: Iterable[int],
                         kind: str) -> list[Leg]:
-        """A collecting session on a leg of every shard (in shard order), each caught up with the log: the
+        """A collecting session on a leg of each of the shards (in their order), each caught up with the log: the
         transaction joins the shards it has no leg on (from pool_of(shard)). kind: what each leg's part counts
         as in queries_total. Raises PostgresError when a shard cannot join (no primary, a refused BEGIN)."""
         sessions: dict[int, Leg] = {}
-        for shard in range(shards):
+        for shard in shards:
             server = self.legs.get(shard)
             if server is None:
                 pool = pool_of(shard)

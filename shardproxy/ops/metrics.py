@@ -91,6 +91,8 @@ class Metrics:
                                  ["shard"], registry=self.registry)
         self.in_doubt_resolved = CounterMetric("shardproxy_in_doubt_resolved_total", "Prepared transactions left "
                                                "in doubt, finished by recovery", ["decision"], registry=self.registry)
+        self.copy_rows = CounterMetric("shardproxy_copy_rows_total", "Rows a COPY across shards moved to or from "
+                                       "each shard, once it succeeded", ["shard"], registry=self.registry)
         self.reshard_rows = CounterMetric("shardproxy_reshard_rows", "Rows RESHARD wrote or deleted, by phase",
                                           ["phase"], registry=self.registry)
         for phase in ("copy", "stream", "cleanup"):
@@ -128,6 +130,7 @@ class Metrics:
         """Bind the counters to the topology; unless `serve` is off (a worker: its supervisor serves), serve."""
         for shard in self.proxy.config.shards:
             self.failovers.labels(shard.name)
+            self.copy_rows.labels(shard.name)
         settings = self.proxy.config.metrics
         if settings.port and serve:
             self._server = await serve_metrics(settings.host, settings.port, self.exposition)
@@ -162,7 +165,7 @@ class _EventCollector(Collector):
         self.tallies = tallies
 
     def collect(self) -> Iterator[Metric]:
-        queries = CounterMetricFamily("shardproxy_queries", "Transactions by shard, node role and kind: a shard's "
+        queries = CounterMetricFamily("shardproxy_queries", "Statements by shard, node role and kind: a shard's "
                                       "part of a statement on every shard as scatter, ddl or write, any other "
                                       "as read on a replica, else write", labels=["shard", "role", "kind"])
         duration = HistogramMetricFamily("shardproxy_query_duration_seconds",

@@ -22,8 +22,12 @@ UPDATE/SHARE, SELECT INTO, WITH RECURSIVE or data-modifying WITH, subqueries tha
 limit, LIMIT/OFFSET with `$n` parameters (the plan would depend on Bind), non-C COLLATE in sort or group keys,
 and at merge time any type the proxy cannot compare or add (see TYPES and ADDERS).
 
-`Merger` works on raw wire message bodies (RowDescription, DataRow) in text or binary format, decoding values
-by type OID only where it must compare or add them; every other cell is passed through as the shard sent it.
+`StreamMerge` combines the shards' rows as they arrive (the data path feeds it the rows it asks for and passes on
+what it gives out), holding only what the plan needs: one row per shard for a sorted merge, the groups, the rows
+DISTINCT has seen; that much is counted against a byte limit (SQLSTATE 54000 past it). `Merger` runs it over
+results that are all there already. Both work on raw wire message bodies (RowDescription, DataRow) in text or
+binary format, decoding values by type OID only where they must compare or add them; every other cell is passed
+through as the shard sent it.
 
 Caveats:
 - Text compares by its bytes, which is PostgreSQL's "C" collation for UTF-8 data (the sandbox's servers use C).
@@ -45,11 +49,10 @@ import heapq
 import math
 import re
 import struct
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal
 from functools import partial
-from itertools import chain, islice, pairwise
 from typing import Any, TypeGuard
 
 import pglast
@@ -189,46 +192,211 @@ def plan_scatter(sql: str) -> ScatterPlan:
 
 
 class Merger:
-    """Collects each shard's result for one ScatterPlan, then produces the client's result."""
+    """Collects each shard's whole result for one ScatterPlan, then produces the client's result (StreamMerge over
+    rows that are all there already)."""
 
     def __init__(self, plan: ScatterPlan) -> None:
         self.plan = plan
-        self._fields: list[_Field] | None = None
-        self._shards: list[list[Row]] = []
+        self._descriptions: list[bytes] = []
+        self._shards: list[list[bytes]] = []
 
     def add_shard_result(self, row_description: bytes, data_rows: list[bytes]) -> None:
         """One shard's RowDescription body and DataRow bodies, as they came off the wire."""
-        fields = _parse_row_description(row_description)
-        if self._fields is None:
-            self._fields = fields
-        elif [(f.type_oid, f.format) for f in fields] != [(f.type_oid, f.format) for f in self._fields]:
-            raise Unmergeable("shardproxy: shards returned different column types for the same query")
-        self._shards.append([_parse_data_row(body) for body in data_rows])
+        if self._descriptions:
+            _same_columns(_parse_row_description(self._descriptions[0]), _parse_row_description(row_description))
+        self._descriptions.append(row_description)
+        self._shards.append(data_rows)
 
     def result(self) -> tuple[bytes, list[bytes], str]:
         """The client's RowDescription body, DataRow bodies and CommandComplete tag."""
-        if self._fields is None:
+        if not self._descriptions:
             raise ValueError("no shard result was added")
-        plan = self.plan
-        fields = plan._output_fields(self._fields)
-        rows: Iterable[Row]
-        if plan.grouped:
-            rows = _combine_groups(plan, self._fields, chain.from_iterable(self._shards))
-            if plan.sort:
-                rows = sorted(rows, key=_sort_key(plan.sort, fields))
-        elif plan.sort:
-            key = _sort_key(plan.sort, fields)
-            for shard in self._shards:
-                _check_sorted(shard, key)
-            rows = heapq.merge(*self._shards, key=key)
+        merge = StreamMerge(self.plan, self._descriptions)
+        rows = [iter(shard) for shard in self._shards]
+        bodies: list[bytes] = []
+        while (shard := merge.wanted()) is not None:
+            body = next(rows[shard], None)
+            if body is None:
+                merge.end(shard)
+            else:
+                merge.add(shard, body)
+            bodies += merge.take(None)
+        bodies += merge.take(None)
+        return merge.description, bodies, merge.tag
+
+
+class StreamMerge:
+    """Combines the shards' rows for one ScatterPlan as they arrive, and gives out the client's rows as soon as
+    they are known: concatenated rows at once; sorted rows once every shard still sending has offered its next
+    row (a k-way merge that holds one row per shard); groups once every shard has ended. Rows cut by OFFSET, or
+    repeated under DISTINCT, are dropped on the way.
+
+    What it must hold (the groups, the rows DISTINCT has seen) counts against `memory_limit` bytes, past which
+    `add` raises Unmergeable with SQLSTATE 54000.
+    """
+
+    def __init__(self, plan: ScatterPlan, row_descriptions: list[bytes], memory_limit: int | None = None) -> None:
+        """row_descriptions: every shard's RowDescription body, in shard order."""
+        fields = _parse_row_description(row_descriptions[0])
+        for other in row_descriptions[1:]:
+            _same_columns(fields, _parse_row_description(other))
+        self.plan = plan
+        self._fields = fields
+        output = plan._output_fields(fields)
+        self._visible = len(fields) - plan.hidden
+        self.description = _encode_row_description(output[: self._visible])
+        self._memory = _Memory(memory_limit)
+        self._live = set(range(len(row_descriptions)))  # shards that may still send rows
+        self._skip = plan.offset
+        self._left = plan.limit  # rows the client may still get; None: no LIMIT
+        self._ready: list[bytes] = []  # the client's next DataRow bodies
+        self._tail: Iterator[Row] | None = None  # the combined groups, given out once every shard has ended
+        self.rows = 0  # rows given to the client so far
+        self._groups = _Groups(plan, fields, self._memory) if plan.grouped else None
+        self._seen: set[tuple[Any, ...]] = set()
+        self._distinct = [_Column(output, i, "de-duplicate") for i in range(self._visible)] if plan.distinct else []
+        self._sorted = bool(plan.sort) and not plan.grouped
+        self._key = _sort_key(plan.sort, output) if plan.sort else None
+        self._heads: list[tuple[_Ordered, int, Row, bytes]] = []  # each shard's next row, when merging sorted rows
+        self._last: dict[int, _Ordered] = {}  # per shard: the key of the row it offered last
+        self._needed = set(self._live) if self._sorted else set()  # shards whose next row the merge waits for
+
+    @property
+    def tag(self) -> str:
+        return f"SELECT {self.rows}"
+
+    @property
+    def finished(self) -> bool:
+        """Nothing more can reach the client: LIMIT is met, or every row has been given out."""
+        return self._left == 0 or (not self._live and not self._ready and not self._heads and self._tail is None)
+
+    def wanted(self) -> int | None:
+        """The shard whose next row (or end) the merge needs before it can give out more; None once finished.
+        Sorted rows need a particular shard's; otherwise any live shard may offer (the first is named)."""
+        if self._left == 0 or not self._live:
+            return None
+        if self._sorted:
+            return min(self._needed) if self._needed else None
+        return min(self._live)
+
+    @property
+    def any_shard(self) -> bool:
+        """Whether rows may come from any live shard, in any order (not a sorted merge)."""
+        return not self._sorted
+
+    def add(self, shard: int, data_row: bytes) -> None:
+        """A DataRow body from a shard."""
+        if self._left == 0:
+            return
+        if self._groups is not None:
+            self._groups.add(_parse_data_row(data_row))
+        elif self._sorted:
+            self._offer(shard, _parse_data_row(data_row), data_row)
         else:
-            rows = chain.from_iterable(self._shards)
-        visible = len(fields) - plan.hidden
-        if plan.distinct:
-            rows = _unique(rows, [_Column(fields, i, "de-duplicate") for i in range(visible)])
-        stop = None if plan.limit is None else plan.offset + plan.limit
-        bodies = [_encode_data_row(row[:visible]) for row in islice(rows, plan.offset, stop)]
-        return _encode_row_description(fields[:visible]), bodies, f"SELECT {len(bodies)}"
+            self._give(data_row, None)
+
+    def end(self, shard: int) -> None:
+        """A shard has sent all its rows."""
+        self._live.discard(shard)
+        self._needed.discard(shard)
+        if self._sorted:
+            self._merge_heads()
+        elif not self._live and self._groups is not None:
+            groups = self._groups.rows()
+            self._tail = iter(sorted(groups, key=self._key) if self._key is not None else groups)
+
+    def take(self, count: int | None) -> list[bytes]:
+        """Up to `count` (None: all) of the client's next DataRow bodies."""
+        while self._tail is not None and (count is None or len(self._ready) < count) and self._left != 0:
+            row = next(self._tail, None)
+            if row is None:
+                self._tail = None
+            else:
+                self._give(None, row)
+        if count is None or count >= len(self._ready):
+            taken, self._ready = self._ready, []
+        else:
+            taken, self._ready = self._ready[:count], self._ready[count:]
+        return taken
+
+    def _offer(self, shard: int, row: Row, data_row: bytes) -> None:
+        assert self._key is not None
+        key = self._key(row)
+        last = self._last.get(shard)
+        if last is not None and key < last:
+            raise Unmergeable(
+                "shardproxy: a shard sorted its rows differently from the proxy's byte-order comparison "
+                "(a column with a non-C collation?); this ORDER BY cannot be merged across shards"
+            )
+        self._last[shard] = key
+        heapq.heappush(self._heads, (key, shard, row, data_row))
+        self._needed.discard(shard)
+        self._merge_heads()
+
+    def _merge_heads(self) -> None:
+        """Give out the smallest head while every live shard has offered one."""
+        while self._heads and not self._needed and self._left != 0:
+            _, shard, row, data_row = heapq.heappop(self._heads)
+            if shard in self._live:
+                self._needed.add(shard)
+            self._give(data_row, row)
+        if self._left == 0:
+            self._heads.clear()
+
+    def _give(self, data_row: bytes | None, row: Row | None) -> None:
+        """One row for the client, in order (as a DataRow body, or parsed): past DISTINCT, OFFSET and LIMIT."""
+        if self._distinct:
+            if row is None:
+                assert data_row is not None
+                row = _parse_data_row(data_row)
+            values = tuple(column.key(row[column.index]) for column in self._distinct)
+            if values in self._seen:
+                return
+            self._seen.add(values)
+            self._memory.hold(_row_bytes(row))
+        if self._skip:
+            self._skip -= 1
+            return
+        if self._left is not None:
+            self._left -= 1
+        if data_row is None or self.plan.hidden:
+            assert row is not None
+            data_row = _encode_data_row(row[: self._visible])
+        self._ready.append(data_row)
+        self.rows += 1
+
+
+def _same_columns(fields: list[_Field], other: list[_Field]) -> None:
+    if [(f.type_oid, f.format) for f in fields] != [(f.type_oid, f.format) for f in other]:
+        raise Unmergeable("shardproxy: shards returned different column types for the same query")
+
+
+PROGRAM_LIMIT_EXCEEDED = "54000"
+CELL_OVERHEAD = 64  # bytes the proxy spends on a held value besides its own bytes (its object, its key)
+ROW_OVERHEAD = 128  # and on a held row (its list, its place in a dict or set)
+
+
+def _row_bytes(row: Row) -> int:
+    """About what holding a row costs the proxy."""
+    return ROW_OVERHEAD + sum(CELL_OVERHEAD + (len(cell) if cell is not None else 0) for cell in row)
+
+
+class _Memory:
+    """What a merge holds, against its limit (None: no limit)."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def hold(self, size: int) -> None:
+        self.held += size
+        if self.limit is not None and self.held > self.limit:
+            raise Unmergeable(
+                f"shardproxy: this query across shards holds more than routing.scatter_memory_limit "
+                f"({self.limit} bytes) in the proxy: its groups or DISTINCT rows must be held until every shard "
+                "has answered; add a shard key, or group or de-duplicate less",
+                PROGRAM_LIMIT_EXCEEDED,
+            )
 
 
 # --- planning -------------------------------------------------------------------------------------------------
@@ -637,25 +805,36 @@ def _count(node: ast.Node | None, clause: str) -> int | None:
 # --- combining rows -------------------------------------------------------------------------------------------
 
 
-def _combine_groups(plan: ScatterPlan, fields: list[_Field], rows: Iterable[Row]) -> list[Row]:
-    """One row per group: aggregates combined, other columns as the first shard row of the group had them."""
-    keys = [_Column(fields, i, "group by") for i in plan.group_columns]
-    combiners = [combiner for aggregate in plan.aggregates for combiner in _combiners(aggregate, fields)]
-    groups: dict[tuple[Any, ...], Row] = {}
-    for row in rows:
-        group = tuple(key.key(row[key.index]) for key in keys)
-        merged = groups.get(group)
+class _Groups:
+    """One row per group, folded as shard rows arrive: aggregates combined, other columns as the first shard row
+    of the group had them."""
+
+    def __init__(self, plan: ScatterPlan, fields: list[_Field], memory: _Memory) -> None:
+        self._plan, self._fields, self._memory = plan, fields, memory
+        self._keys = [_Column(fields, i, "group by") for i in plan.group_columns]
+        self._combiners = [combiner for aggregate in plan.aggregates for combiner in _combiners(aggregate, fields)]
+        self._groups: dict[tuple[Any, ...], Row] = {}
+
+    def add(self, row: Row) -> None:
+        group = tuple(key.key(row[key.index]) for key in self._keys)
+        merged = self._groups.get(group)
         if merged is None:
-            groups[group] = list(row)
-            continue
-        for column, combine in combiners:
+            self._memory.hold(2 * _row_bytes(row))  # the row, and its key
+            self._groups[group] = row
+            return
+        for column, combine in self._combiners:
             a, b = merged[column], row[column]
             merged[column] = a if b is None else b if a is None else combine(a, b)
-    averages = [aggregate for aggregate in plan.aggregates if aggregate.kind == "avg"]
-    for merged in groups.values():
-        for aggregate in averages:
-            merged[aggregate.column] = _average(fields, aggregate, merged)
-    return list(groups.values())
+
+    def rows(self) -> list[Row]:
+        """The combined groups, avg columns divided out."""
+        groups = list(self._groups.values())
+        self._groups = {}
+        averages = [aggregate for aggregate in self._plan.aggregates if aggregate.kind == "avg"]
+        for merged in groups:
+            for aggregate in averages:
+                merged[aggregate.column] = _average(self._fields, aggregate, merged)
+        return groups
 
 
 def _combiners(aggregate: Aggregate, fields: list[_Field]) -> list[tuple[int, Callable[[bytes, bytes], bytes]]]:
@@ -733,26 +912,6 @@ class _Ordered:
                 return (a is None) == key.nulls_first
             return bool(b < a) if key.descending else bool(a < b)
         return False
-
-
-def _check_sorted(rows: list[Row], key: Callable[[Row], _Ordered]) -> None:
-    """A shard's rows must already be in the proxy's order, or merging them would interleave them wrongly."""
-    keys = [key(row) for row in rows]
-    if any(later < earlier for earlier, later in pairwise(keys)):
-        raise Unmergeable(
-            "shardproxy: a shard sorted its rows differently from the proxy's byte-order comparison "
-            "(a column with a non-C collation?); this ORDER BY cannot be merged across shards"
-        )
-
-
-def _unique(rows: Iterable[Row], columns: list[_Column]) -> Iterator[Row]:
-    """The rows with distinct visible values, first occurrences in order."""
-    seen: set[tuple[Any, ...]] = set()
-    for row in rows:
-        values = tuple(column.key(row[column.index]) for column in columns)
-        if values not in seen:
-            seen.add(values)
-            yield row
 
 
 # --- wire messages --------------------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ Kind = Literal[
     "prepare_transaction", "commit_prepared", "rollback_prepared",
     "set_shard_key", "reset_shard_key", "session", "utility",
 ]  # fmt: skip
-Target = Literal["shard", "any", "all", "scatter", "error", "held"]
+Target = Literal["shard", "any", "all", "each", "split", "scatter", "copy", "error", "held"]
 Params = Callable[[int], object] | Sequence[object]
 
 SHARD_KEY_SETTING = "shardproxy.shard_key"
@@ -151,8 +151,9 @@ class Plan:
     strong: a ``routing.strong_tables`` table is touched: reads go to the primary.
     keys: where the shard key comes from; every one must map to the same shard. Empty when some
         sharded table reference is not pinned by a key (see the module docstring).
-    unkeyed: the target when no key is known: "scatter" (a lone SELECT), "any" (EXPLAIN, or no
-        sharded table) or "error" (with ``unkeyed_error`` as the message).
+    unkeyed: the target when no key is known: "scatter" (a lone SELECT), "each" (an UPDATE or DELETE that
+        ``routing.keyless_writes`` lets run on every shard), "copy" (COPY to or from the client), "any" (EXPLAIN,
+        or no sharded table) or "error" (with ``unkeyed_error`` as the message).
     unkeyed_error: the error message when ``unkeyed`` is "error".
     error: set when the statement can never be routed (the route is always this error).
     comment_key: the value of a ``/* shard_key: ... */`` comment; it overrides ``keys``.
@@ -168,6 +169,10 @@ class Plan:
     replays: every statement is a SET, RESET or SET CONSTRAINTS: inside a transaction on several shards it
         applies on each of them (the data path replays it where the transaction goes next).
     shard_key_value: the value of ``SET shardproxy.shard_key`` (kind "set_shard_key").
+    rows: the key of each row of a multi-row ``INSERT ... VALUES`` (or ``INSERT ... SELECT ... FROM (VALUES ...)``)
+        whose rows may be split by shard: one statement, no WITH, its target the only sharded table in it.
+    copies: a COPY whose data comes from or goes to the client (STDIN, STDOUT): without a key it runs on every
+        shard, its rows split or joined by the data path.
     """
 
     kind: Kind
@@ -189,6 +194,8 @@ class Plan:
     clears_shard_key: bool = False
     replays: bool = False
     shard_key_value: Key | None = None
+    rows: tuple[KeyRef, ...] = ()
+    copies: bool = False
 
     @property
     def scatters(self) -> bool:
@@ -201,10 +208,13 @@ class Route:
     """Where one execution of a plan goes.
 
     target: "shard" (``shard`` is the ring index), "any" (one shard, whichever), "all" (every
-    shard's primary), "scatter" (every shard, results merged), "error" (``message`` starts with
-    ``shardproxy:``; answer with SQLSTATE 0A000 and touch nothing) or "held" (the key's rows are moving to
-    another shard, or a reference table is written while they do: wait for RESHARD's cut-over, then route
-    again).
+    target: "shard" (``shard`` is the ring index), "any" (one shard, whichever), "all" (every
+    shard's primary, each shard's answer standing for all: DDL, reference-table writes), "each" (every
+    shard's primary, each writing its own rows: row counts summed, RETURNING rows of all), "split" (an INSERT's
+    rows split by shard: ``rows`` has each row's shard), "scatter" (every shard, results merged), "copy" (a COPY
+    on every shard, its rows split or joined), "error" (``message`` starts with ``shardproxy:``; answer with
+    SQLSTATE 0A000 and touch nothing) or "held" (rows it writes are moving to another shard, or may be: wait for
+    RESHARD's cut-over, then route again).
     write: the statement needs a primary. force_primary: a target comment or a strong table asks for
     the primary even for a read. For kinds "set_shard_key"/"reset_shard_key" the proxy answers
     itself; transaction control and session statements run on the session's server.
@@ -216,6 +226,7 @@ class Route:
     write: bool = False
     force_primary: bool = False
     message: str | None = None
+    rows: tuple[int, ...] = ()
     # Whether a simple Query of it may be answered by the proxy between transactions (a BEGIN held, its end, the
     # session's shard key, a refusal): only then is routing._answer_locally asked (and inside a failed held one).
     local: bool = dataclasses.field(init=False, compare=False)
@@ -370,6 +381,7 @@ class _Settings(NamedTuple):
     key: str
     reference: frozenset[str]
     strong: frozenset[str]
+    keyless_writes: bool  # an UPDATE or DELETE with no key runs on every shard (else it is refused)
 
 
 class Router:
@@ -384,6 +396,7 @@ class Router:
             self.key_column,
             _table_names(config.sharding.reference_tables),
             _table_names(config.routing.strong_tables),
+            config.routing.keyless_writes == "all_shards",
         )
         # Per-instance caches: a reloaded config gets a new Router and so fresh plans.
         memory = config.pool.statement_cache_bytes
@@ -441,11 +454,14 @@ class Router:
             if plan.tables:
                 message = f"shardproxy: {plan.verb} writes a reference table and sharded tables together"
                 return Route("error", kind, message=message)
-            # At RESHARD's cut-over a new shard takes reference rows from a slot: a write waits for the new ring.
-            return self._made("all" if self.held is None else "held", kind, None, True, force)
+            if self.held is not None:  # RESHARD's cut-over: a new shard takes reference rows from a slot
+                return self._made("held", kind, None, True, force)
+            return self._made("copy" if plan.copies else "all", kind, None, True, force)
         try:
             shard = self._shard(plan, literals, params, session_key)
         except ShardKeyError as exc:
+            if plan.rows:
+                return self._split(plan, literals, params, force)
             return Route("error", kind, message=str(exc))
         except KeyHeld:
             return self._made("held", kind, None, write, force)
@@ -455,7 +471,19 @@ class Router:
             return self._made("any", kind, None, write, force)
         if plan.unkeyed == "error":
             return Route("error", kind, message=plan.unkeyed_error)
+        if write and self.held is not None:  # a write on every shard may touch moving rows: it waits the cut-over
+            return self._made("held", kind, None, write, force)
         return self._made(plan.unkeyed, kind, None, write, force)
+
+    def _split(self, plan: Plan, literals: Sequence[object], params: Params | None, force: bool) -> Route:
+        """An INSERT whose rows belong to several shards: each row's shard."""
+        try:
+            rows = tuple(self._owner(_resolve(ref, literals, params)) for ref in plan.rows)
+        except ShardKeyError as exc:
+            return Route("error", plan.kind, message=str(exc))
+        except KeyHeld:
+            return self._made("held", plan.kind, None, True, force)
+        return Route("split", plan.kind, None, True, force, rows=rows)
 
     def _route_other(self, plan: Plan, session_key: object) -> Route:
         """Transaction control, session statements and utilities: the session's server, except that
@@ -513,7 +541,8 @@ class Router:
         names = self.ring.names
         where = f"{self.key_column} {key!s} is on {names[shard]}, {other_key!s} on {names[other]}"
         if plan.verb == "INSERT":
-            return f"shardproxy: INSERT rows belong to different shards ({where}); send one INSERT per shard"
+            return (f"shardproxy: INSERT rows belong to different shards ({where}); an INSERT is split by shard only "
+                    "when its target is the only sharded table in it and it has no WITH: send one INSERT per shard")
         return f"shardproxy: {plan.verb or 'the query'} has shard keys on different shards ({where})"
 
     def _plan_text(self, sql: str) -> Plan:
@@ -631,8 +660,18 @@ def _combine(analyses: list[_Analysis], key: str, base: int | None, hints: dict[
         clears_shard_key=any(a.clears_shard_key for a in analyses),
         replays=all(a.replays for a in analyses),
         shard_key_value=main.shard_key_value,
+        rows=_split_rows(analyses),
+        copies=any(a.copies for a in analyses),
         **hints,
     )
+
+
+def _split_rows(analyses: list[_Analysis]) -> tuple[KeyRef, ...]:
+    """The keys of an INSERT's rows, if it may be split by shard: one INSERT (not under EXPLAIN), its target the
+    only sharded table in it."""
+    if len(analyses) != 1 or analyses[0].verb != "INSERT" or len(analyses[0].placement.labels) != 1:
+        return ()
+    return tuple(analyses[0].rows)
 
 
 class _TooLarge(Exception):
@@ -683,10 +722,13 @@ class _Analysis:
         self.clears_shard_key = False
         self.replays = False
         self.shard_key_value: Key | None = None
+        self.copies = False
         self._handled: set[int] = set()  # IN subqueries walked as key conditions, by id
         self._expanding: set[int] = set()  # WITH queries being walked, by id: a reference inside is recursion
         self._levels = 0
         self._written_node: int | None = None  # the instance of the table written, if sharded
+        self.unkeyed_write = False  # that instance is not pinned by a key
+        self.rows: list[KeyRef] = []  # each row's key, of an INSERT whose rows may go to several shards
 
     # -- statements --------------------------------------------------------------------------
 
@@ -725,6 +767,8 @@ class _Analysis:
 
     def _query(self, name: str, body: dict[str, Any]) -> None:
         self._level(name, body, None, {})
+        if name != "InsertStmt" or "withClause" in body:
+            self.rows = []  # a data-modifying WITH query's rows are not the statement's
         self._place()
         self.kind = "write" if self.write else "read"
         self.verb = _VERBS[name]
@@ -748,17 +792,21 @@ class _Analysis:
             self.kind = "read"  # nothing is executed
         if self.kind == "read":
             self.unkeyed = "any"  # a plan from any shard shows how each one runs the query
-            self.apart = None
+            self.apart, self.unkeyed_write = None, False
         self.verb = "EXPLAIN"
 
     def _copy(self, body: dict[str, Any]) -> None:
+        """COPY from or to the client runs on every shard without a key (the data path splits or joins its rows);
+        COPY of a server's file or program needs a key."""
+        self.copies = "filename" not in body and not body.get("is_program")
         if "query" in body:
             self._query_of("COPY", body["query"])
-            return
-        writes = bool(body.get("is_from"))
-        self._table(body["relation"], _Level(None, {}), written=writes)
-        self.kind, self.verb, self.unkeyed = ("write" if writes else "read"), "COPY", "error"
-        self._place()
+        else:
+            writes = bool(body.get("is_from"))
+            self._table(body["relation"], _Level(None, {}), written=writes)
+            self.kind, self.verb = ("write" if writes else "read"), "COPY"
+            self._place()
+        self.unkeyed = "copy" if self.copies else "error"
 
     def _transaction(self, body: dict[str, Any]) -> None:
         self.kind = _TRANSACTIONS.get(body["kind"], "utility")
@@ -796,16 +844,23 @@ class _Analysis:
         pinned = placement.pinned()
         self.covered = len(pinned) == len(placement.labels)
         self.keys = placement.pins if self.covered else []
-        unkeyed_write = self._written_node is not None and self._written_node not in pinned
-        self.apart = None if self.covered or unkeyed_write else placement.apart()
+        self.unkeyed_write = self._written_node is not None and self._written_node not in pinned
+        self.apart = None if self.covered else placement.apart()
 
     def _finish(self) -> None:
-        """Keys matter only for sharded tables; unless every reference is pinned none of them decides."""
+        """Keys matter only for sharded tables; unless every reference is pinned none of them decides. A write
+        whose own table has no key is told it needs one first, unless it may run on every shard: an UPDATE or
+        DELETE whose rows combine only on equal keys, so that each shard's part is exact."""
         if not self.tables or not self.covered:
             self.keys = []
-        if self.apart is not None:
+        each = self.unkeyed_write and self.settings.keyless_writes and self.verb in ("UPDATE", "DELETE")
+        if self.unkeyed_write and not each and not self.copies:
+            self.unkeyed, self.unkeyed_error = "error", self._needs_key_message()
+        elif self.apart is not None:
             self.unkeyed, self.unkeyed_error = "error", self._apart_message(*self.apart)
-        elif self.kind == "write" or (self.tables and self.unkeyed == "error"):
+        elif each:
+            self.unkeyed = "each"
+        elif self.kind == "write" and not self.copies or (self.tables and self.unkeyed == "error"):
             self.unkeyed = "error"
             self.unkeyed_error = self._needs_key_message()
 
@@ -934,8 +989,10 @@ class _Analysis:
         rows = select.get("valuesLists")
         if rows:
             refs = [self._value(_item(row["List"]["items"], position)) for row in rows]
-            if None not in refs:
-                for ref in refs:
+            keyed = [ref for ref in refs if ref is not None]
+            if len(keyed) == len(refs):
+                self.rows = keyed
+                for ref in keyed:
                     self.placement.pin(target, ref, target)
             self._scan(rows, level)
             return
@@ -943,6 +1000,8 @@ class _Analysis:
         value = _target_at(select, position)
         constant = self._value(value)
         given = [constant] if constant is not None else self._values_keys(select, value)
+        if given and constant is None:
+            self.rows = given
         if given:
             for ref in given:
                 self.placement.pin(target, ref, target)

@@ -8,6 +8,7 @@ cannot be all-or-nothing: each shard runs them on its own, and a failure names t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from shardproxy.datapath.fanout.legs import (
@@ -29,33 +30,42 @@ if TYPE_CHECKING:
 
 ACTIVE_SQL_TRANSACTION = "25001"  # "... cannot run inside a transaction block"
 _BEGIN = pg.query("BEGIN")
+# From every leg's answers (or a failed leg's alone), the client's: the first leg's stand for all (DDL, a
+# reference table's write), or they are combined (a write of each shard's own rows, combine.py).
+Answer = Callable[[list[list[Message]]], list[Message]]
+
+
+def first_stands(responses: list[list[Message]]) -> list[Message]:
+    return responses[0]
 
 
 class NotTransactional(Exception):
     """The batch cannot run inside a transaction block (SQLSTATE 25001): nothing of it ran."""
 
 
-async def run_everywhere(client: ClientSession, legs: list[Leg], batch: bytes) -> tuple[bytes, bool]:
-    """Outside a transaction: run a write batch on every shard's primary (a leg on each), all-or-nothing. The
+async def run_everywhere(client: ClientSession, legs: list[Leg], batches: list[bytes],
+                         answer: Answer = first_stands) -> tuple[bytes, bool]:
+    """Outside a transaction: run a write batch on each leg (on its shard's primary), all-or-nothing. The
     client's response, and whether it took a two-phase commit."""
-    responses = [_after_begin(r) for r in await run_legs(legs, [_BEGIN + batch] * len(legs))]
+    responses = [_after_begin(r) for r in await run_legs(legs, [_BEGIN + batch for batch in batches])]
     failed = first_error(responses)
     if failed is not None:
         await run_legs(legs, [pg.query("ROLLBACK")] * len(legs))
         if error_fields(failed).get("C") == ACTIVE_SQL_TRANSACTION:
             raise NotTransactional  # VACUUM and the like: run without a transaction, on the same legs
-        return join_messages(with_status(failed, pg.IDLE)), False
+        return join_messages(with_status(answer([failed]), pg.IDLE)), False
     outcome = await commit(legs, [leg.pool.node.shard for leg in legs], client.core.two_phase_key)
     if outcome.error is not None:
         return outcome.error.to_message() + pg.READY[pg.IDLE], outcome.two_phase
-    return join_messages(with_status(responses[0], pg.IDLE)), outcome.two_phase
+    return join_messages(with_status(answer(responses), pg.IDLE)), outcome.two_phase
 
 
-async def run_in_transaction(legs: list[Leg], batch: bytes) -> bytes:
-    """Inside a transaction: run a batch on every leg of it. The first error aborts the transaction (the leg
-    that raised it says so from then on); else the first leg's answers stand for all."""
-    responses = await run_legs(legs, [batch] * len(legs))
-    return join_messages(first_error(responses) or responses[0])
+async def run_in_transaction(legs: list[Leg], batches: list[bytes], answer: Answer = first_stands) -> bytes:
+    """Inside a transaction: run a batch on each of its legs. The first error aborts the transaction (the leg
+    that raised it says so from then on)."""
+    responses = await run_legs(legs, batches)
+    failed = first_error(responses)
+    return join_messages(answer([failed] if failed is not None else responses))
 
 
 async def run_alone_everywhere(client: ClientSession, legs: list[Leg], batch: bytes, status: int) -> bytes:

@@ -86,16 +86,38 @@ class Leg(ClientSession):
 
     async def run(self, batch: bytes) -> list[Message]:
         """Send a batch and wait for every response to it."""
-        self._answered = asyncio.get_running_loop().create_future()
+        counted = self.server.commands if self.server is not None else 0
+        await self.start(batch)
+        if self.server is not None:  # in queries_total: a shard's part of a statement is one, the proxy's own none
+            self.server.commands = 1 if self.kind is not None else counted
+        if self.error is not None:
+            raise self.error
+        return self.transport.take()
+
+    def start(self, batch: bytes) -> asyncio.Future[None]:
+        """Send a batch (once a server connection is linked); the future is done when every response to it has
+        come, or the leg failed. The responses go to the leg's transport as they arrive."""
+        self._answered = answered = asyncio.get_running_loop().create_future()
         if self.server is None:
             self.buf = bytearray(batch)
             self.pool.acquire(self)
         else:
             self._forward(batch)
-        await self._answered
-        if self.error is not None:
-            raise self.error
-        return self.transport.take()
+        return answered
+
+    async def settled(self) -> None:
+        """Wait until the server has answered all it was sent and no cancel of the proxy's is still on its way
+        to it (one that landed later could cancel the connection's next statement)."""
+        while self.server is not None and (self.server.pending or self.server.cancels):
+            self._answered = asyncio.get_running_loop().create_future()
+            await self._answered
+
+    def stop_waiting(self, error: pg.PostgresError) -> None:
+        """Leave the pool's queue before a server connection was handed over: the batch never runs, and the leg
+        fails with `error`."""
+        if self.server is None:
+            self.pool.cancel_waiting(self)
+            self.fail(error)
 
     def _ready(self, server: ServerConnection | None) -> None:
         if self._answered is not None and not self._answered.done():
@@ -106,7 +128,8 @@ class Leg(ClientSession):
         server, self.server = self.server, None
         if server is not None:
             self.pool.unlink(server)
-            if server.status == pg.IDLE and not server.pending:
+            # (A cancel in flight would reach the next client's query.)
+            if server.status == pg.IDLE and not server.pending and not server.cancels:
                 self.pool.release(server)
             else:
                 self.pool.discard(server)
