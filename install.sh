@@ -3,7 +3,7 @@
 # headers (for the compiled ring and data path), python3-venv, and for the demo and the tests PostgreSQL's server
 # binaries and client tools.
 #   ./install.sh           the proxy and its demo (`shardproxy demo` starts local PostgreSQL servers)
-#   ./install.sh --proxy   the proxy alone
+#   ./install.sh --proxy   the proxy alone (and pg_dump, of PostgreSQL's client tools, for RESHARD)
 #   ./install.sh --test    the proxy, the demo and what the test suite needs
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -26,6 +26,8 @@ if [ "$mode" != proxy ]; then
     missing+=(postgresql)
   fi
   command -v psql >/dev/null && command -v pgbench >/dev/null || missing+=(postgresql-client)
+else
+  command -v pg_dump >/dev/null || missing+=(postgresql-client)  # RESHARD gives a new shard the tables it lacks
 fi
 
 if [ ${#missing[@]} -gt 0 ]; then

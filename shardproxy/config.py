@@ -204,6 +204,14 @@ class LogSettings(_Model):
     slow_queries: Duration = 0.0  # log transactions that held a server connection longer; 0 = off
 
 
+class ReshardSettings(_Model):
+    """RESHARD, the job that moves rows to the ring of the config file (ops/reshard.py)."""
+
+    cutover_timeout: Duration = Field(default=30.0, gt=0)  # the cut-over retries this long, then the job fails
+    batch_size: int = Field(default=1000, ge=1)  # rows deleted from their old owner per transaction at the cleanup
+    user: str | None = None  # logs in to the servers (replication, DDL); default: the health checks' user
+
+
 class Config(_Model):
     listen: ListenSettings = Field(default_factory=ListenSettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
@@ -221,6 +229,8 @@ class Config(_Model):
     admin_users: list[str] = Field(default_factory=list)
     users: list[UserSettings] = Field(min_length=1)
     log: LogSettings = Field(default_factory=LogSettings)
+    fleet: list[str] = Field(default_factory=list)  # the other proxies' admin databases (DSNs): they switch rings too
+    reshard: ReshardSettings = Field(default_factory=ReshardSettings)
     shutdown_timeout: Duration = 30.0
     # Private so a "path:" key in the YAML is rejected as unknown.
     _path: str | None = PrivateAttr(default=None)
@@ -244,7 +254,13 @@ class Config(_Model):
                 user["password"] = "***"
         if data["routing"]["two_phase_secret"] is not None:
             data["routing"]["two_phase_secret"] = "***"
+        data["fleet"] = [redact_dsn(dsn) for dsn in data["fleet"]]
         return data
+
+
+def redact_dsn(dsn: str) -> str:
+    """A DSN with its password, if any, as ``***``."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", dsn)
 
 
 def load_config(
@@ -372,6 +388,7 @@ def _semantic_problems(config: Config) -> list[tuple[Loc, str]]:
         *_region_problems(config),
         *_user_problems(config),
         *_limit_problems(config),
+        *_reshard_problems(config),
     ]
 
 
@@ -451,3 +468,12 @@ def _limit_problems(config: Config) -> Iterator[tuple[Loc, str]]:
                 yield ("tls", field), f"required when tls.mode is {config.tls.mode}"
     if config.server_tls.mode.startswith("verify") and config.server_tls.ca is None:
         yield ("server_tls", "ca"), f"required when server_tls.mode is {config.server_tls.mode}"
+
+
+def _reshard_problems(config: Config) -> Iterator[tuple[Loc, str]]:
+    user = config.reshard.user
+    if user is not None and config.user(user) is None:
+        yield ("reshard", "user"), f"unknown user {user!r} (not in users)"
+    for i, dsn in enumerate(config.fleet):
+        if not dsn.startswith(("postgresql://", "postgres://")):
+            yield ("fleet", i), "should be a postgresql:// URI of another proxy's admin database"

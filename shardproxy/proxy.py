@@ -26,7 +26,8 @@ from shardproxy.ops.admin.console import Console
 from shardproxy.ops.admin.replies import AdminError, Table
 from shardproxy.ops.admin.socket import AdminSocket, ask
 from shardproxy.ops.metrics import Metrics
-from shardproxy.routing.ring import fraction_moved
+from shardproxy.ops.reshard import Resharding
+from shardproxy.routing.ring import Ring, fraction_moved
 from shardproxy.routing.router import Decision, Route, Router
 from shardproxy.tasks import spawn
 from shardproxy.wire import protocol as pg
@@ -73,8 +74,9 @@ class Proxy:
         self.recovery = Recovery(self)  # of two-phase commits left in doubt
         self.deadlocks = Deadlocks(self)  # wait cycles across shards
         self._stopped = asyncio.Event()
+        self.reshard = Resharding(self)  # RESHARD's job, and the hold of moving keys at its cut-over
         self.admin = Admin(self)
-        self.console = Console(self._execute_for_all)
+        self.console = Console(self.execute_for_all)
         self._admin_socket: AdminSocket | None = None
 
     # -- start and stop ---------------------------------------------------------------------------------
@@ -141,13 +143,16 @@ class Proxy:
             self.worker.close()
         self._stopped.set()
 
-    def reload(self) -> Config:
-        """Re-read the config file and switch to it; raises ConfigError, keeping the running config, if invalid."""
+    def reload(self, force: bool = False) -> Config:
+        """Re-read the config file and switch to it; raises ConfigError, keeping the running config, if invalid,
+        or if it gives keys another owner and `force` is not set (RESHARD moves the rows first)."""
         if self.config.path is None:
             raise ConfigError(["the running config was not read from a file"])
         try:
             config = load_config(self.config.path, region=self.config.region, workers=self.config.workers)
             client_ssl, dialer = client_context(config), _dialer(config)  # certificates may have changed
+            if not force:
+                _refuse_new_owners(self.router.ring, config)
         except ConfigError as exc:
             log.error("reload rejected: %s", "; ".join(exc.problems))
             raise
@@ -274,6 +279,13 @@ class Proxy:
     async def exposition(self) -> bytes:
         return await self.metrics.exposition()
 
+    # -- resharding -------------------------------------------------------------------------------------------
+    async def cutover_passed(self) -> None:
+        await self.reshard.passed()
+
+    def reshard_rows(self, phase: str, count: int) -> None:
+        self.metrics.reshard_rows.labels(phase).inc(count)
+
     # -- the admin console --------------------------------------------------------------------------------
     def open_admin_session(self, client: ClientConnection) -> None:
         """Serve a logged-in client of the admin database; raises PostgresError for users not allowed."""
@@ -283,7 +295,7 @@ class Proxy:
         client.pid, client.secret = self.register(client)
         self.console.open_session(client)
 
-    async def _execute_for_all(self, line: str) -> Table:
+    async def execute_for_all(self, line: str) -> Table:
         """The admin database answers for all workers: with several, the supervisor merges their replies."""
         if self.worker is None:
             return await self.admin.execute(line)
@@ -319,6 +331,14 @@ class Proxy:
                 self.health.check_now(server.pool.node_label)
                 client.fail(pg.PostgresError(pg.QUERY_CANCELED, f"shardproxy: query_timeout: no answer from "
                                                                 f"server {server.pool.node_label} for {silent:g}s"))
+
+
+def _refuse_new_owners(ring: Ring, config: Config) -> None:
+    """A reload must not give rows another owner: they would stay where they are, out of the router's sight."""
+    moved = fraction_moved(ring, Ring.from_config(config))
+    if moved:
+        raise ConfigError([f"the new shards give {moved:.2%} of the key space another owner: RESHARD moves "
+                           f"the rows and then switches, RELOAD FORCE switches without moving them"])
 
 
 def _needs_routing(config: Config) -> bool:

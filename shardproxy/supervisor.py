@@ -175,6 +175,8 @@ class Supervisor:
         if name == "SHUTDOWN" and len(words) == 1:
             self.stop()
             return Table([])
+        if name == "RESHARD":  # the job runs in one worker; each step of its cut-over must reach them all
+            return await self._ask_one(line) if len(words) == 1 else first(await self._ask_all(line, every=True))
         if name in FROM_ONE or name not in MERGES and name not in TO_ALL:  # an unknown one: its error
             return await self._ask_one(line)
         targets = range(self.count)
@@ -202,13 +204,17 @@ class Supervisor:
                 return await ask(admin_path(self.runtime_dir, i), line)
         raise AdminError("no worker answers (restarting?)")
 
-    async def _ask_all(self, line: str, targets: range) -> list[tuple[int, Table]]:
-        """Every target's reply; a worker that is restarting is left out, an error from any is the answer."""
+    async def _ask_all(self, line: str, targets: range | None = None, every: bool = False) -> list[tuple[int, Table]]:
+        """Every target's reply (all workers by default); a worker that is restarting is left out unless
+        `every`, an error from any is the answer."""
+        targets = range(self.count) if targets is None else targets
         replies = await asyncio.gather(*(ask(admin_path(self.runtime_dir, i), line) for i in targets),
                                        return_exceptions=True)
-        for reply in replies:
+        for i, reply in zip(targets, replies):
             if isinstance(reply, AdminError):
                 raise reply
+            if every and isinstance(reply, BaseException):
+                raise AdminError(f"worker {i} did not answer: {reply}")
         answered = [(i, reply) for i, reply in zip(targets, replies) if isinstance(reply, Table)]
         if len(answered) < len(replies):
             log.warning("%r: %d of %d workers did not answer", line.strip(), len(replies) - len(answered),
@@ -342,4 +348,4 @@ MERGES: dict[str, Callable[[list[tuple[int, Table]]], Table]] = {
 }
 TO_ALL = {"RELOAD", "PAUSE", "RESUME", "BAN", "UNBAN", "KILL"}  # the first worker's reply stands for all
 HELD_BY = {"PAUSE", "RESUME", "BAN", "UNBAN"}  # what Held keeps
-FROM_ONE = {"SHOW NODES", "SHOW SHARDS", "SHOW CONFIG", "SHOW VERSION", "ROUTE", "HELP"}
+FROM_ONE = {"SHOW NODES", "SHOW SHARDS", "SHOW CONFIG", "SHOW VERSION", "SHOW RESHARD", "ROUTE", "HELP"}

@@ -164,12 +164,12 @@ def test_reload_from_one_node_to_two_shards_routes_connected_clients(
         with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
             conn.execute("SELECT 1")
             proxy.write_config(two)
-            table(proxy, "RELOAD")
+            table(proxy, "RELOAD FORCE")
             conn.execute(f"INSERT INTO {TABLE} (user_id, n) VALUES (%s, 5)", (key,))
             assert second.primary.sql(f"SELECT n FROM {TABLE} WHERE user_id = {key}") == [(5,)]
             assert clusters[0].primary.sql(f"SELECT count(*) FROM {TABLE} WHERE user_id = {key}") == [(0,)]
             proxy.write_config(one)  # and back: everything goes to the one node again
-            table(proxy, "RELOAD")
+            table(proxy, "RELOAD FORCE")
             conn.execute(f"INSERT INTO {TABLE} (user_id, n) VALUES (%s, 6)", (key,))
             assert clusters[0].primary.sql(f"SELECT n FROM {TABLE} WHERE user_id = {key}") == [(6,)]
     finally:
@@ -193,7 +193,7 @@ def test_reload_adds_a_shard_under_connected_clients_and_drains_it_when_removed(
         conn.execute(f"SELECT count(*) FROM {TABLE}")
         open_tx.execute(f"INSERT INTO {TABLE} (user_id, n) VALUES (%s, 1)", (stays,))  # open across the reload
         proxy.write_config(three)
-        [reply] = table(proxy, "RELOAD")
+        [reply] = table(proxy, "RELOAD FORCE")
         shares = {row["name"]: row["ring_share"] for row in table(proxy, "SHOW SHARDS")}
         # Only keys of the new shard moved: the share of the key space that moved is the new shard's share.
         assert 0.2 < reply["fraction_moved"] < 0.5
@@ -206,7 +206,7 @@ def test_reload_adds_a_shard_under_connected_clients_and_drains_it_when_removed(
         assert conn.execute(f"SELECT n FROM {TABLE} WHERE user_id = %s", (moves,)).fetchone() == (7,)
 
         proxy.write_config(two)  # the shard leaves again: its pool drains
-        assert table(proxy, "RELOAD")[0]["fraction_moved"] == reply["fraction_moved"]
+        assert table(proxy, "RELOAD FORCE")[0]["fraction_moved"] == reply["fraction_moved"]
         gone = f":{third.primary.port}"
         assert wait_until(lambda: not [row for row in table(proxy, "SHOW POOLS") if row["node"].endswith(gone)])
         assert not [row for row in table(proxy, "SHOW SERVERS") if row["node"].endswith(gone)]

@@ -12,6 +12,7 @@ import mmh3
 import pytest
 
 from shardproxy.routing.ring import HASH_SPACE, Ring, canonical_key, fraction_moved, murmur3_32
+from shardproxy.routing.ring import moves as moving_pairs
 
 Shards = list[tuple[str, int]]
 
@@ -173,6 +174,12 @@ def test_weight_change_moves_keys_only_to_or_from_that_shard(before: int, after:
     assert moved
     side = 1 if after > before else 0
     assert {pair[side] for pair in moved} == {"shard-4"}
+
+
+@pytest.mark.parametrize("after", [FOUR + [("shard-5", 1)], FOUR[1:], FOUR[:3] + [("shard-4", 3)], FOUR])
+def test_moving_pairs_are_the_shards_sampled_keys_move_between(after: list[tuple[str, int]]) -> None:
+    old, new = Ring(FOUR, 256), Ring(after, 256)
+    assert moving_pairs(old, new) == set(moves(old, new, KEYS))
 
 
 def test_shares() -> None:

@@ -86,6 +86,7 @@ class PlacementHost(Protocol):
     copy_columns: copy.Columns  # what COPY learnt of tables' columns
 
     async def wait_for_primary(self, shard: str, timeout: float) -> NodeState | None: ...
+    async def cutover_passed(self) -> None: ...  # returns once RESHARD holds no key (router.held is None)
     def client_error(self, error: pg.PostgresError) -> None: ...  # counts an error the proxy sent a client
     def transaction_ended(self, two_phase: bool) -> None: ...
     def two_phase_took(self, seconds: float) -> None: ...
@@ -253,6 +254,10 @@ class Placement:
         """Open the transaction where the route says: one shard's node, or several shards at once. In a
         transaction that holds legs, none of them active: go on on the leg the statement needs."""
         route = decision.route
+        if route.target == "held":
+            self.busy = True
+            spawn(self._held_for_cutover())
+            return
         if self.tx.legs and route.kind in _ENDS:
             self._end(commit=route.kind == "commit" and not self._failed(), implicit=False)
             return
@@ -310,6 +315,12 @@ class Placement:
         else:
             self.avoid.discard(node.address)  # a check made since it refused confirms it
             self._dispatch()
+
+    async def _held_for_cutover(self) -> None:
+        """The key's rows are moving to another shard: route again once the ring has switched (or stayed)."""
+        await self.proxy.cutover_passed()
+        self.busy = False
+        self._dispatch()
 
     async def _run_on_shards(self, decision: Decision, batch: bytes) -> None:
         """A statement for every shard (or an INSERT for the shards of its rows): outside a transaction on legs
@@ -427,6 +438,8 @@ class Placement:
             return _GO
         if target == "any":
             return _GO
+        if target == "held":
+            return _STOP  # it waits in _start, then goes where the new ring says
         if target == "shard":
             if route.shard == self.shard:
                 if route.write and not self.on_primary:

@@ -52,7 +52,7 @@ BASE_SETTINGS = {
     "shared_buffers": "16MB",
     "max_connections": "200",
     "max_prepared_transactions": "20",  # DDL and reference-table writes commit on all shards in two phases
-    "wal_level": "replica",
+    "wal_level": "logical",  # RESHARD streams changes from logical replication slots
     "max_wal_senders": "10",
     "max_replication_slots": "10",
     "wal_keep_size": "64MB",

@@ -93,6 +93,10 @@ class Metrics:
                                                "in doubt, finished by recovery", ["decision"], registry=self.registry)
         self.copy_rows = CounterMetric("shardproxy_copy_rows_total", "Rows a COPY across shards moved to or from "
                                        "each shard, once it succeeded", ["shard"], registry=self.registry)
+        self.reshard_rows = CounterMetric("shardproxy_reshard_rows", "Rows RESHARD wrote or deleted, by phase",
+                                          ["phase"], registry=self.registry)
+        for phase in ("copy", "stream", "cleanup"):
+            self.reshard_rows.labels(phase)
         for decision in ("commit", "rollback"):
             self.in_doubt_resolved.labels(decision)
         for kind in {*_ERROR_BY_MESSAGE.values(), *_ERROR_BY_CODE.values(), _SERVER_ERROR}:

@@ -20,7 +20,7 @@ from typing import Any
 
 from shardproxy._hash import HashRing, canonical_key, murmur3_32
 
-__all__ = ["HASH_SPACE", "Ring", "canonical_key", "fraction_moved", "murmur3_32"]
+__all__ = ["HASH_SPACE", "Ring", "canonical_key", "fraction_moved", "moves", "murmur3_32"]
 
 HASH_SPACE = 1 << 32
 
@@ -58,6 +58,13 @@ def fraction_moved(old: HashRing, new: HashRing) -> float:
         if old.names[old.owner_of_hash(end)] != new.names[new.owner_of_hash(end)]
     )
     return moved / HASH_SPACE
+
+
+def moves(old: HashRing, new: HashRing) -> set[tuple[str, str]]:
+    """The (old owner, new owner) pairs of the keys whose owner differs between two rings."""
+    bounds = (point for ring in (old, new) for point, _ in ring.points)
+    pairs = ((old.names[old.owner_of_hash(end)], new.names[new.owner_of_hash(end)]) for end, _ in _arcs(bounds))
+    return {(before, after) for before, after in pairs if before != after}
 
 
 def _arcs(points: Iterable[int]) -> Iterator[tuple[int, int]]:

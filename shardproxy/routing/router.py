@@ -61,7 +61,7 @@ Kind = Literal[
     "prepare_transaction", "commit_prepared", "rollback_prepared",
     "set_shard_key", "reset_shard_key", "session", "utility",
 ]  # fmt: skip
-Target = Literal["shard", "any", "all", "each", "split", "scatter", "copy", "error"]
+Target = Literal["shard", "any", "all", "each", "split", "scatter", "copy", "error", "held"]
 Params = Callable[[int], object] | Sequence[object]
 
 SHARD_KEY_SETTING = "shardproxy.shard_key"
@@ -132,6 +132,10 @@ class KeyRef:
     value: Key | None = None
     cast: str | None = None
     negate: bool = False
+
+
+class KeyHeld(Exception):
+    """A key whose rows are moving to another shard (Router.held): its statement waits for the cut-over."""
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -208,8 +212,9 @@ class Route:
     shard's primary, each shard's answer standing for all: DDL, reference-table writes), "each" (every
     shard's primary, each writing its own rows: row counts summed, RETURNING rows of all), "split" (an INSERT's
     rows split by shard: ``rows`` has each row's shard), "scatter" (every shard, results merged), "copy" (a COPY
-    on every shard, its rows split or joined) or "error" (``message`` starts with ``shardproxy:``; answer with
-    SQLSTATE 0A000 and touch nothing).
+    on every shard, its rows split or joined), "error" (``message`` starts with ``shardproxy:``; answer with
+    SQLSTATE 0A000 and touch nothing) or "held" (rows it writes are moving to another shard, or may be: wait for
+    RESHARD's cut-over, then route again).
     write: the statement needs a primary. force_primary: a target comment or a strong table asks for
     the primary even for a read. For kinds "set_shard_key"/"reset_shard_key" the proxy answers
     itself; transaction control and session statements run on the session's server.
@@ -397,6 +402,9 @@ class Router:
         memory = config.pool.statement_cache_bytes
         self._plans: SizedLru[str, Plan] = SizedLru(cache_size, memory, len)
         self._templates: SizedLru[tuple[str, int], Plan | None] = SizedLru(cache_size, memory, _template_size)
+        # RESHARD's cut-over: whether a key's transactions wait (its rows are moving), or None when none wait.
+        # While set, writes to reference tables wait too.
+        self.held: Callable[[Key], bool] | None = None
         # Routes are immutable and few (target x kind x shard x flags), so each is built once.
         self._routes: dict[tuple[Target, Kind, int | None, bool, bool], Route] = {}
 
@@ -446,6 +454,8 @@ class Router:
             if plan.tables:
                 message = f"shardproxy: {plan.verb} writes a reference table and sharded tables together"
                 return Route("error", kind, message=message)
+            if self.held is not None:  # RESHARD's cut-over: a new shard takes reference rows from a slot
+                return self._made("held", kind, None, True, force)
             return self._made("copy" if plan.copies else "all", kind, None, True, force)
         try:
             shard = self._shard(plan, literals, params, session_key)
@@ -453,20 +463,26 @@ class Router:
             if plan.rows:
                 return self._split(plan, literals, params, force)
             return Route("error", kind, message=str(exc))
+        except KeyHeld:
+            return self._made("held", kind, None, write, force)
         if shard is not None:
             return self._made("shard", kind, shard, write, force)
         if not plan.tables:
             return self._made("any", kind, None, write, force)
         if plan.unkeyed == "error":
             return Route("error", kind, message=plan.unkeyed_error)
+        if write and self.held is not None:  # a write on every shard may touch moving rows: it waits the cut-over
+            return self._made("held", kind, None, write, force)
         return self._made(plan.unkeyed, kind, None, write, force)
 
     def _split(self, plan: Plan, literals: Sequence[object], params: Params | None, force: bool) -> Route:
         """An INSERT whose rows belong to several shards: each row's shard."""
         try:
-            rows = tuple(self.ring.owner_index(_resolve(ref, literals, params)) for ref in plan.rows)
+            rows = tuple(self._owner(_resolve(ref, literals, params)) for ref in plan.rows)
         except ShardKeyError as exc:
             return Route("error", plan.kind, message=str(exc))
+        except KeyHeld:
+            return self._made("held", plan.kind, None, True, force)
         return Route("split", plan.kind, None, True, force, rows=rows)
 
     def _route_other(self, plan: Plan, session_key: object) -> Route:
@@ -478,6 +494,8 @@ class Router:
                 shard = self._explicit_shard(plan.comment_key, session_key)
             except ShardKeyError as exc:
                 return Route("error", kind, message=str(exc))
+            except KeyHeld:
+                return self._made("held", kind, None, True, plan.force_primary)
             if shard is None and plan.verb == "EXECUTE" and len(self.ring.names) > 1:
                 # Its statement (PREPARE'd on one shard) is out of sight: on any shard its rows would land astray.
                 return Route("error", kind, message=_EXECUTE_ERROR)
@@ -501,7 +519,7 @@ class Router:
             return self._explicit_shard(plan.comment_key, session_key)
         first_ref = plan.keys[0]
         first_key = _resolve(first_ref, literals, params)
-        shard = self.ring.owner_index(first_key)
+        shard = self._owner(first_key)
         for ref in plan.keys[1:]:
             key = _resolve(ref, literals, params)
             other = self.ring.owner_index(key)
@@ -511,7 +529,13 @@ class Router:
 
     def _explicit_shard(self, comment_key: str | None, session_key: object) -> int | None:
         key = comment_key if comment_key is not None else session_key
-        return None if key is None else self.ring.owner_index(canonical(key, None, False))
+        return None if key is None else self._owner(canonical(key, None, False))
+
+    def _owner(self, key: Key) -> int:
+        """The ring index of the key's shard; raises KeyHeld while its rows move to another shard."""
+        if self.held is not None and self.held(key):
+            raise KeyHeld(key)
+        return self.ring.owner_index(key)
 
     def _conflict(self, plan: Plan, key: Key, shard: int, other_key: Key, other: int) -> str:
         names = self.ring.names

@@ -1,4 +1,4 @@
-"""The admin commands: SHOW, ROUTE, RELOAD, PAUSE/RESUME, BAN/UNBAN, KILL, SHUTDOWN, as the admin socket
+"""The admin commands: SHOW, ROUTE, RELOAD, RESHARD, PAUSE/RESUME, BAN/UNBAN, KILL, SHUTDOWN, as the admin socket
 (socket.py) and the admin database (console.py) take them.
 
 Commands read the live state (pools, clients, the topology) on the event loop, so they see it consistent; each
@@ -22,6 +22,7 @@ from shardproxy.config import Config, ConfigError
 from shardproxy.datapath.client import ClientConnection
 from shardproxy.datapath.pool import Pools
 from shardproxy.ops.admin.replies import SYNTAX_ERROR, AdminError, Table, Value
+from shardproxy.ops.reshard import Resharding
 from shardproxy.ops.views import client_state, node_views, role_of, shard_of
 from shardproxy.routing.keys import parse_key
 from shardproxy.routing.ring import Ring
@@ -41,8 +42,9 @@ class AdminHost(Protocol):
     pools: Pools
     clients: dict[int, ClientConnection]  # by the cancel key's pid
     ring_moved: float
+    reshard: Resharding
 
-    def reload(self) -> Config: ...
+    def reload(self, force: bool = False) -> Config: ...
     def request_shutdown(self) -> None: ...
     async def exposition(self) -> bytes: ...
 
@@ -74,7 +76,11 @@ class Admin:
             Command("SHOW VERSION", "the proxy's version", self._show_version),
             Command("HELP", "this list", self._help),
             Command("ROUTE <key>", "the shard, read node and write node a key goes to now", self._route),
-            Command("RELOAD", "re-read the config file; live clients keep working", self._reload),
+            Command("RELOAD [FORCE]", "re-read the config file; live clients keep working; FORCE: even if keys "
+                    "change owner (no row moves)", self._reload),
+            Command("RESHARD [step] [ring]", "move the rows whose owner the config file's ring changes, then switch "
+                    "every proxy of the fleet to it (the steps are the job's own)", self._reshard),
+            Command("SHOW RESHARD", "the RESHARD job: phase, rows copied and streamed, lag, error", self._show_reshard),
             Command("PAUSE [shard]", "hold new transactions; returns once running ones have ended", self._pause),
             Command("RESUME [shard]", "let held and new transactions run", self._resume),
             Command("BAN <host:port>", "take a node out of rotation", self._ban),
@@ -203,12 +209,20 @@ class Admin:
         return Table(["key", "shard", "read_node", "write_node"], [[args[0], shard, read, write]])
 
     async def _reload(self, args: list[str]) -> Table:
+        if args and args[0].upper() != "FORCE":
+            raise AdminError("usage: RELOAD [FORCE]", SYNTAX_ERROR)
         try:
-            new = self.proxy.reload()
+            new = self.proxy.reload(force=bool(args))
         except ConfigError as exc:
             raise AdminError("reload rejected, the running config stays: " + "; ".join(exc.problems)) from None
         # The share of the key space whose shard changed: transactions that start from now on use the new ring.
         return Table(["config", "fraction_moved"], [[new.path, round(self.proxy.ring_moved, 6)]])
+
+    async def _reshard(self, args: list[str]) -> Table:
+        return await self.proxy.reshard.command(args)
+
+    async def _show_reshard(self, args: list[str]) -> Table:
+        return self.proxy.reshard.show()
 
     async def _pause(self, args: list[str]) -> Table:
         pools = self.proxy.pools.pause(self._shards(args))
