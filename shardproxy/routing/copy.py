@@ -291,35 +291,31 @@ class RowSplitter:
 
     def _escaped_key(self, row: bytes, number: int) -> object:
         """The key of a text row that holds backslash escapes (which may hide a delimiter)."""
-        pattern, delimiter = self._text_field, self.format.delimiter
-        pos = 0
-        for _ in range(self.key_index):
-            pos = _matched(pattern, row, pos).end()
-            if row[pos:pos + 1] != delimiter:
-                raise self._missing(number)
-            pos += 1
-        field = _matched(pattern, row, pos).group(1)
-        if field.endswith(b"\r") and pos + len(field) == len(row):
-            field = field[:-1]
+        field = self._key_field(self._text_field, 1, row, number)
         if field == self.format.null:
             raise self._null(number)
         return self._convert(_unescape(field), number)
 
     def _csv_key(self, row: bytes, number: int) -> object:
         """The key of a csv row with quotes: a quoted field is never NULL (FORCE_NULL aside)."""
-        pattern, delimiter = self._csv_field, self.format.delimiter
+        raw = self._key_field(self._csv_field, 0, row, number)
+        if raw == self.format.null:
+            raise self._null(number)
+        return self._convert(self._unquoted(raw) if self.format.quote in raw else raw, number)
+
+    def _key_field(self, pattern: re.Pattern[bytes], group: int, row: bytes, number: int) -> bytes:
+        """The key's field of a row as `pattern` reads fields (its `group`), without the line's closing \\r."""
+        delimiter = self.format.delimiter
         pos = 0
         for _ in range(self.key_index):
             pos = _matched(pattern, row, pos).end()
             if row[pos:pos + 1] != delimiter:
                 raise self._missing(number)
             pos += 1
-        raw = _matched(pattern, row, pos).group(0)
-        if raw.endswith(b"\r") and pos + len(raw) == len(row):
-            raw = raw[:-1]
-        if raw == self.format.null:
-            raise self._null(number)
-        return self._convert(self._unquoted(raw) if self.format.quote in raw else raw, number)
+        field = _matched(pattern, row, pos).group(group)
+        if field.endswith(b"\r") and pos + len(field) == len(row):
+            field = field[:-1]
+        return field
 
     def _unquoted(self, raw: bytes) -> bytes:
         """A csv field's value: its quoted sections without their quotes, an escaped character as itself."""

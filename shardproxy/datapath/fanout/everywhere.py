@@ -9,7 +9,6 @@ cannot be all-or-nothing: each shard runs them on its own, and a failure names t
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from shardproxy.datapath.fanout.legs import (
     Leg,
@@ -24,9 +23,6 @@ from shardproxy.datapath.fanout.twophase import commit
 from shardproxy.datapath.session import ClientSession
 from shardproxy.wire import protocol as pg
 from shardproxy.wire.protocol import Backend
-
-if TYPE_CHECKING:
-    pass
 
 ACTIVE_SQL_TRANSACTION = "25001"  # "... cannot run inside a transaction block"
 _BEGIN = pg.query("BEGIN")
