@@ -224,10 +224,11 @@ class Job:
         while failed := await self._fleet(f"RESHARD HOLD {self.digest}", members):
             await self._fleet("RESHARD RELEASE", members)
             problem = "; ".join(failed)
-            if time.monotonic() + RETRY_DELAY > deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:  # tried until cutover_timeout, a last time at its end
                 raise data.ReshardError(f"cut-over: {problem}")
             log.warning("RESHARD cut-over: %s; retrying", problem)
-            await asyncio.sleep(RETRY_DELAY)
+            await asyncio.sleep(min(RETRY_DELAY, remaining))
             await self._stream_pass()
         await self._apply_until_now()
         self.switched = True  # from here on the new owners take writes: there is no way back
