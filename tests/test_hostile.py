@@ -25,6 +25,7 @@ from shardproxy.devtools.sandbox import Cluster, ProxyProcess, Sandbox, wait_unt
 from shardproxy.devtools.workload import rss_kb
 from shardproxy.wire.auth import ScramClientExchange
 from tests.support import APP_DB
+from tests.support.admin import table
 from tests.support.wire import TRUST_USERS, connect_soon, error_codes, message, startup_packet
 
 pytestmark = pytest.mark.e2e  # against servers and proxies the test starts itself
@@ -310,6 +311,20 @@ def test_terminate_after_pipelined_statements_comes_after_their_answers(proxy_fi
     assert [body for kind, body in after_login if kind == b"D"] == [struct.pack("!HI", 1, 1) + b"5",
                                                                     struct.pack("!HI", 1, 1) + b"7"]
     assert "Traceback" not in proxy.log()
+
+
+@pytest.mark.parametrize("proxy_fixture", ["fuzz_proxy", "sharded_fuzz_proxy"])
+def test_terminate_in_a_batch_with_no_sync_ends_the_session_at_once(proxy_fixture: str,
+                                                                     request: pytest.FixtureRequest) -> None:
+    """A Terminate after extended messages with no Sync: the server holds their answers until a Sync that never
+    comes, so, as PostgreSQL does, the session ends at once, and its server connection does not stay linked."""
+    proxy: ProxyProcess = request.getfixturevalue(proxy_fixture)
+    batch = _parse(b"", b"SELECT $1::int", [23]) + _bind(b"", b"", [b"7"]) + message(b"E", b"\0\0\0\0\0")
+    for _ in range(5):  # more than the pool's 4 server connections, were they kept
+        exchange(proxy, GOOD_STARTUP + message(b"Q", b"SELECT 1\0") + batch + message(b"X", b""))
+    assert wait_until(lambda: not table(proxy, "SHOW CLIENTS"), 3), table(proxy, "SHOW CLIENTS")
+    with psycopg.connect(proxy.dsn(dbname=APP_DB), autocommit=True) as conn:
+        assert conn.execute("SELECT 41 + 1").fetchone() == (42,)
 
 
 @pytest.mark.parametrize("proxy_fixture", ["fuzz_proxy", "sharded_fuzz_proxy"])

@@ -21,6 +21,7 @@ cdef class Requests:
     cdef Py_ssize_t drop_syncs_after_first(self) except -1
     cdef long long next_number(self) noexcept
     cdef bint proxy_only(self) except -1
+    cdef bint awaits_sync(self) except -1
 
 
 cdef class ProxyCore:

@@ -297,6 +297,14 @@ cdef class Requests:
         """The number the next request pushed gets (the oldest one's is `popped`)."""
         return self.popped + self._tail - self._head
 
+    cdef bint awaits_sync(self) except -1:
+        """Whether the newest request is of an extended-protocol batch not yet ended by a Sync: the server holds
+        its answers until a Sync or Flush comes."""
+        if self._head == self._tail:
+            return False
+        kind = (<tuple>self._items[self._tail - 1])[0]
+        return kind != K_SYNC and kind != K_QUERY and kind != K_FUNCTION
+
     cdef bint proxy_only(self) except -1:
         """Whether every request in flight is the proxy's own (hidden, or answered by the proxy)."""
         cdef Py_ssize_t i
@@ -752,7 +760,9 @@ cdef class ClientCore(Endpoint):
         elif pending.empty() and server.on_ready is not None and self.server is server:
             server.on_ready(server)  # all answered by the proxy itself (DEALLOCATE ALL): no server reply will come
         if self.terminating:
-            if pending.empty() or server.copy_in:  # mid-COPY the server waits for data: the connection closes
+            # Mid-COPY the server waits for data, and in a batch with no Sync it holds its answers: as PostgreSQL
+            # ends such a session at once, the connection closes (the server connection, mid-batch, with it).
+            if pending.empty() or server.copy_in or pending.awaits_sync():
                 self.close()
             elif self._transport is not None:
                 self._transport.pause_reading()
