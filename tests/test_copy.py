@@ -27,7 +27,7 @@ from psycopg import pq
 from shardproxy._hash import HashRing
 from shardproxy.devtools.sandbox import LOOPBACK, wait_until
 from shardproxy.routing.copy import BINARY_HEADER, CopyError, RowSplitter, copy_spec
-from tests.support import APP_DB
+from tests.support import APP_DB, app_clusters
 from tests.support.ring import owner
 
 SHARDS = 2
@@ -39,10 +39,7 @@ COUNTRIES_DDL = "CREATE TABLE countries (code text PRIMARY KEY, name text)"
 # -- fixtures --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def shards(sandbox):
-    clusters = [sandbox.cluster(f"copy{i}") for i in range(SHARDS)]
-    for cluster in clusters:
-        cluster.primary.sql(f"CREATE DATABASE {APP_DB} OWNER app")
-    return clusters
+    return app_clusters(sandbox, "copy", SHARDS)
 
 
 @pytest.fixture(scope="module")

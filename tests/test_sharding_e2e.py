@@ -25,7 +25,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import orm
 
-from tests.support import APP_DB
+from tests.support import APP_DB, app_clusters
 from tests.support.ring import owner
 
 SHARDS = 3
@@ -35,10 +35,7 @@ USERS = 10_000  # the `users` table of the pgbench test
 # -- fixtures --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def shards(sandbox):
-    clusters = [sandbox.cluster(f"e2e{i}") for i in range(SHARDS)]
-    for cluster in clusters:
-        cluster.primary.sql(f"CREATE DATABASE {APP_DB} OWNER app")
-    return clusters
+    return app_clusters(sandbox, "e2e", SHARDS)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy import orm
 
 from shardproxy.devtools.sandbox import wait_until
-from tests.support import APP_DB
+from tests.support import APP_DB, app_clusters
 from tests.support.admin import table
 from tests.support.ring import owner
 
@@ -30,10 +30,7 @@ WALLETS = "CREATE TABLE wallets (user_id bigint NOT NULL, n int NOT NULL, amount
 # -- fixtures --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def shards(sandbox):
-    clusters = [sandbox.cluster(f"split{i}") for i in range(SHARDS)]
-    for cluster in clusters:
-        cluster.primary.sql(f"CREATE DATABASE {APP_DB} OWNER app")
-    return clusters
+    return app_clusters(sandbox, "split", SHARDS)
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import orm
 
 from shardproxy.devtools.sandbox import LOOPBACK, wait_until
-from tests.support import APP_DB
+from tests.support import APP_DB, app_clusters
 from tests.support.ring import owner
 
 SHARDS = 2
@@ -34,10 +34,7 @@ BALANCE = 1000
 # -- fixtures --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def shards(sandbox):
-    clusters = [sandbox.cluster(f"txn{i}") for i in range(SHARDS)]
-    for cluster in clusters:
-        cluster.primary.sql(f"CREATE DATABASE {APP_DB} OWNER app")
-    return clusters
+    return app_clusters(sandbox, "txn", SHARDS)
 
 
 @pytest.fixture(scope="module")
