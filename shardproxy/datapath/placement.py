@@ -74,6 +74,7 @@ _EXECUTE_UNNAMED = pg.message(b"E", b"\0\0\0\0\0")
 _ENDS = frozenset({"commit", "rollback"})
 _EVERY_SHARD = frozenset({"scatter", "all", "each", "split", "copy"})  # route targets run on several shards by fanout/
 _LOGGED = frozenset({"savepoint", "release", "rollback_to"})  # besides SET and friends (Plan.replays)
+_PLAIN = frozenset({"read", "write"})
 
 
 class PlacementHost(Protocol):
@@ -290,7 +291,7 @@ class Placement:
             self._await_primary(shard)
             return
         self.shard = shard
-        self.wrote = write and self.proxy.pools.tracks_writes(shard)
+        self.wrote = write and self.proxy.pools.followed[shard]
         self._acquire(pool)
 
     def _pool_on(self, shard: int, write: bool, force_primary: bool) -> Pool | None:
@@ -414,8 +415,14 @@ class Placement:
         """Whether a statement met on the active leg runs there; notes what it does to the transaction. A
         refusal's message is left in _refusal."""
         route = decision.route
-        kind, target = route.kind, route.target
         server = self.server
+        if (route.shard == self.shard and route.target == "shard" and route.kind in _PLAIN
+                and server.status != pg.FAILED_TRANSACTION and (self.on_primary or not route.write)):
+            self.tx.data.add(self.shard)  # the usual case, first: a statement for the active leg's shard
+            if route.write and not self.wrote:
+                self.wrote = self.proxy.pools.followed[self.shard]
+            return _GO
+        kind, target = route.kind, route.target
         explicit = bool(self.replay)
         in_transaction = explicit or self.spanning or within_batch or server.status != pg.IDLE
         if server.status == pg.FAILED_TRANSACTION:  # it answers as PostgreSQL does, until the transaction ends
@@ -448,7 +455,7 @@ class Placement:
                     return self._refuse_with(f"shardproxy: this transaction runs on a replica of shard "
                                              f"{self._shard_name(self.shard)}; a write cannot join it")
                 self.tx.data.add(self.shard)
-                self.wrote = self.wrote or (route.write and self.proxy.pools.tracks_writes(self.shard))
+                self.wrote = self.wrote or (route.write and self.proxy.pools.followed[self.shard])
                 return _GO
             if not in_transaction:
                 return _STOP
@@ -561,9 +568,7 @@ class Placement:
         """A leg became the active one: it runs what it missed of the transaction's log (BEGIN, SETs,
         savepoints), and, within a batch, the batch's unnamed statement, which another leg parsed."""
         self.on_primary = self.proxy.pools.is_primary(server.pool.node)
-        if self.shard not in self.tx.legs:
-            self.tx.add(self.shard, server, self.tx.applied.get(self.shard, 0))
-        for query in self.tx.missed(self.shard):
+        for query in self.tx.join(self.shard, server):
             server.pending.append(HIDDEN_QUERY)
             server.write(query)
         if self.mid_batch and self.unnamed is not None:
@@ -584,7 +589,7 @@ class Placement:
 
     async def _end_on_legs(self, commit: bool, implicit: bool, messages: list) -> None:
         legs = len(self.tx.legs)
-        follow = [shard for shard in self.tx.legs if commit and self.proxy.pools.tracks_writes(shard)]
+        follow = [shard for shard in self.tx.legs if commit and self.proxy.pools.followed[shard]]
         shard_names = [shard.name for shard in self.proxy.config.shards]
         two_phase = False
         try:
@@ -624,10 +629,6 @@ class Placement:
             (length,) = pg.INT32.unpack_from(body, 2)
             self.min_lsn[self.shard] = parse_lsn(bytes(body[6:6 + length]).decode())
 
-    def _routed_transaction_ended(self) -> None:
-        """The active leg went back to its pool: the transaction is over (ClientCore._give_back counted it)."""
-        self._transaction_over()
-
     def _transaction_over(self) -> None:
         if self.shard >= 0:  # statements that name no shard (say, a Parse on its own) follow the last one, so
             self.home = self.shard  # that a client at work on one shard never waits on another's nodes
@@ -636,3 +637,6 @@ class Placement:
         self.replay.clear()
         self.tx_failed = self.read_only = self.spanning = self.mid_batch = False
         self.avoid.clear()
+
+    # The active leg went back to its pool: the transaction is over (ClientCore._give_back counted it).
+    _routed_transaction_ended = _transaction_over

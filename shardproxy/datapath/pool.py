@@ -248,6 +248,7 @@ class Pools:
         self.on_connect_failure = on_connect_failure
         self.tally_of = tally_of
         self.paused: set[str] = set()  # shard names: PAUSE holds their new transactions
+        self.followed = _followed(config)
         self._pools: dict[PoolKey, Pool] = {}
         topology.on_change(self._fence)
 
@@ -282,9 +283,6 @@ class Pools:
             node = self.topology.read_node(name, min_lsn if consistency == "read_your_writes" else None, avoid)
         return None if node is None else self.pool_for(database, user, node)
 
-    def tracks_writes(self, shard: int) -> bool:
-        """Whether commits on this shard must be followed for read-your-writes: it has replicas to read."""
-        return self.config.routing.consistency == "read_your_writes" and len(self.config.shards[shard].nodes) > 1
 
     def is_primary(self, node: NodeState) -> bool:
         primary = self.topology.primary(node.shard)
@@ -348,6 +346,7 @@ class Pools:
         close now, busy ones as their transactions end, and new transactions get pools of their own); the
         others take the new settings."""
         self.config, self.dialer = config, dialer
+        self.followed = _followed(config)
         kept = {(node.address, shard.name) for shard in config.shards for node in shard.nodes}
         for pool in self._pools.values():
             if (pool.node.address, pool.node.shard) not in kept and not pool.draining:
@@ -380,3 +379,8 @@ class Pools:
             for client in waiting:
                 client.fail(pg.PostgresError(pg.CONNECTION_FAILURE, f"shardproxy: {node.address} is fenced"))
         log.warning("%s fenced: its connections are closed", node.address)
+
+
+def _followed(config: Config) -> tuple[bool, ...]:
+    """Per shard: whether commits there must be followed for read-your-writes (it has replicas to read)."""
+    return tuple(config.routing.consistency == "read_your_writes" and len(shard.nodes) > 1 for shard in config.shards)

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from shardproxy.datapath.server import ServerConnection
 
 _ROLLBACK = pg.query("ROLLBACK")
+_NOTHING: list[bytes] = []  # (never changed)
 _COMMIT_LSN = pg.query("SELECT pg_current_wal_insert_lsn()")
 
 
@@ -53,11 +54,17 @@ class Transaction:
         self.data: set[int] = set()  # shards whose leg ran a statement naming that shard
         self.started = 0.0  # when its first leg joined (the youngest of a deadlock is its victim)
 
-    def add(self, shard: int, server: ServerConnection, applied: int) -> None:
-        if not self.legs:
-            self.started = time.monotonic()
-        self.legs[shard] = server
-        self.applied[shard] = applied
+    def join(self, shard: int, server: ServerConnection) -> list[bytes]:
+        """The shard's leg is linked: it is one of the transaction's (if new, with what `applied` says it ran),
+        and runs first what it missed of the log."""
+        legs = self.legs
+        if shard not in legs:
+            if not legs:
+                self.started = time.monotonic()
+            legs[shard] = server
+        if self.applied.get(shard, 0) == len(self.replay):
+            return _NOTHING
+        return self.missed(shard)
 
     def missed(self, shard: int) -> list[bytes]:
         """What of the log the shard's leg has not run; from now on it counts as run."""

@@ -196,6 +196,16 @@ class Plan:
     shard_key_value: Key | None = None
     rows: tuple[KeyRef, ...] = ()
     copies: bool = False
+    # Its one key, when nothing else decides the route: a read or write of sharded tables whose key is a literal
+    # or a parameter taken as written (Router.route's shortcut for the usual statement); else None.
+    direct: KeyRef | None = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        ref = self.keys[0] if len(self.keys) == 1 else None
+        plain = (ref is not None and ref.source != "value" and ref.cast in (None, "int") and not ref.negate
+                 and (self.kind == "read" or self.kind == "write") and self.error is None
+                 and not self.writes_reference and self.comment_key is None)
+        object.__setattr__(self, "direct", ref if plain else None)
 
     @property
     def scatters(self) -> bool:
@@ -442,6 +452,18 @@ class Router:
         ``SET shardproxy.shard_key``, used when the statement has no key of its own.
         """
         kind = plan.kind
+        direct = plan.direct
+        if direct is not None and self.held is None:  # the usual statement: one integer key
+            try:
+                if direct.source == "literal":
+                    raw = literals[direct.index] if direct.index < len(literals) else None
+                else:
+                    raw = params(direct.index) if callable(params) else None
+            except ShardKeyError:
+                raw = None  # the full path below says why
+            if type(raw) is int:
+                return self._made("shard", kind, self.ring.owner_index(raw), kind == "write",
+                                  plan.force_primary or plan.strong)
         if plan.error is not None:
             return Route("error", kind, message=plan.error)
         if kind == "ddl":
