@@ -47,7 +47,38 @@ cdef enum:
 cdef enum:
     A_FORWARD, A_HIDE, A_SYNTH
 
-_new_request = tuple.__new__  # Request(...) without the Python-level __new__ of a NamedTuple
+cdef extern from "Python.h":
+    object PyType_GenericAlloc(type cls, Py_ssize_t items)
+    void PyTuple_SET_ITEM(object t, Py_ssize_t i, object item)  # steals a reference
+    void Py_INCREF(object item)
+
+
+cpdef named3(type cls, a, b, c):
+    """NamedTuple cls(a, b, c), made as tuple() makes a tuple: routing makes a few per statement, and the
+    Python-level __new__ of a NamedTuple (or tuple.__new__ on a type) allocates two more tuples on the way."""
+    made = PyType_GenericAlloc(cls, 3)
+    Py_INCREF(a)
+    PyTuple_SET_ITEM(made, 0, a)
+    Py_INCREF(b)
+    PyTuple_SET_ITEM(made, 1, b)
+    Py_INCREF(c)
+    PyTuple_SET_ITEM(made, 2, c)
+    return made
+
+
+cpdef named4(type cls, a, b, c, d):
+    """NamedTuple cls(a, b, c, d), as named3 makes one."""
+    made = PyType_GenericAlloc(cls, 4)
+    Py_INCREF(a)
+    PyTuple_SET_ITEM(made, 0, a)
+    Py_INCREF(b)
+    PyTuple_SET_ITEM(made, 1, b)
+    Py_INCREF(c)
+    PyTuple_SET_ITEM(made, 2, c)
+    Py_INCREF(d)
+    PyTuple_SET_ITEM(made, 3, d)
+    return made
+
 
 cdef object _INVALID_LENGTH = "invalid message length"
 cdef int _IDLE = pg.IDLE
@@ -579,7 +610,7 @@ cdef class ClientCore(Endpoint):
             ClientCore._note_retry(self, buf, pos, pending.next_number())
         request = statement.bind_request  # it names the statement, should the server find its plan out of date
         if request is None:
-            request = statement.bind_request = _new_request(Request, (Kind.BIND, Action.FORWARD, statement, None))
+            request = statement.bind_request = named4(Request, Kind.BIND, Action.FORWARD, statement, None)
         pending.push(request)
         cdef bytes server_name = statement.bind_prefix  # the name and its NUL
         cdef Py_ssize_t portal = portal_end + 1 - (pos + 5), rest = end - (name_end + 1 - p)
@@ -608,7 +639,7 @@ cdef class ClientCore(Endpoint):
         name = statement.name
         if not ServerCore.reuse_prepared(server, name):
             out.append(statement.parse)
-            server.pending.push(_new_request(Request, (Kind.PARSE, Action.HIDE, statement, None)))
+            server.pending.push(named4(Request, Kind.PARSE, Action.HIDE, statement, None))
             ServerCore.remember_prepared(server, name, self.core.prepared_per_server, out)
 
     cpdef _forward(self, buf):
@@ -724,7 +755,7 @@ cdef class ClientCore(Endpoint):
                     if fresh:  # (its request is the last one recorded)
                         ClientCore._note_retry(self, buf, pos, pending.next_number() - 1)
                 elif t == c'D' and p[pos + 5] == c'S' and routes:  # the unnamed statement: learn its types
-                    pending.push(_new_request(Request, (Kind.DESCRIBE, Action.FORWARD, self.unnamed, None)))
+                    pending.push(named4(Request, Kind.DESCRIBE, Action.FORWARD, self.unnamed, None))
                 else:
                     pending.push(DESCRIBE_REQ if t == c'D' else CLOSE_REQ)
             elif t == c'F':
@@ -881,8 +912,7 @@ cdef class ServerCore(Endpoint):
         if len(self.prepared) > limit:
             old, _ = self.prepared.popitem(last=False)
             out.append(pg.message(b"C", b"S" + old + b"\0"))
-            self.pending.push(_new_request(Request, (Kind.CLOSE, Action.HIDE, None,
-                                                     (self.prepared.__setitem__, old, None))))
+            self.pending.push(named4(Request, Kind.CLOSE, Action.HIDE, None, (self.prepared.__setitem__, old, None)))
 
     cpdef enqueue_synthetic(self, request):
         """Record a request the proxy answers itself; with nothing ahead of it, answer at once."""

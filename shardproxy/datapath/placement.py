@@ -38,13 +38,21 @@ from __future__ import annotations
 
 import logging
 from enum import Enum
-from functools import partial
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from shardproxy.cluster.topology import NodeState, parse_lsn
 from shardproxy.config import Config
 from shardproxy.datapath import fanout
-from shardproxy.datapath._core import ClientCore, batch_end, bind_parameter, bind_statement, text, well_formed
+from shardproxy.datapath._core import (
+    ClientCore,
+    batch_end,
+    bind_parameter,
+    bind_statement,
+    named3,
+    named4,
+    text,
+    well_formed,
+)
 from shardproxy.datapath.fanout import copy
 from shardproxy.datapath.fanout.legs import Leg
 from shardproxy.datapath.pending import HIDDEN_QUERY, Action, Kind, Request
@@ -120,10 +128,6 @@ class Verdict(Enum):
     REFUSE = "refuse"  # the server raises the refusal, which aborts the transaction there
 
 
-# Made without the Python-level __new__ of a NamedTuple (a third of the cost): one per routed statement.
-_new_decision = partial(tuple.__new__, Decision)
-_new_batch_route = partial(tuple.__new__, BatchRoute)
-_new_here = partial(tuple.__new__, HereVerdict)
 _GO, _STOP, _REFUSE = Verdict.GO, Verdict.STOP, Verdict.REFUSE  # module globals: read faster than Verdict.GO
 _RUNS_HERE = HereVerdict(-1, -1, -1, True)
 _STOPS_HERE = HereVerdict(-1, -1, -1, False)
@@ -169,13 +173,13 @@ class Placement:
             if end > n:
                 return None
             if not well_formed(buf, pos, end):  # the framing refuses it (08P01) once the batch is linked
-                return first or _new_batch_route((self.proxy.any_decision, end, pos, False))
+                return first or named4(BatchRoute, self.proxy.any_decision, end, pos, False)
             if t == Frontend.QUERY:
                 if pos > start:  # extended messages before a Query go first, on their own
                     if first is not None:
-                        return _new_batch_route((first.decision, pos, first.decider, False))
-                    return _new_batch_route((self.proxy.any_decision, pos, pos, False))
-                return _new_batch_route((self._query_decision(buf, pos, end), end, pos, True))
+                        return named4(BatchRoute, first.decision, pos, first.decider, False)
+                    return named4(BatchRoute, self.proxy.any_decision, pos, pos, False)
+                return named4(BatchRoute, self._query_decision(buf, pos, end), end, pos, True)
             if t == Frontend.PARSE:
                 name, body_start = pg.read_cstring(buf, pos + 5)
                 statement = self.core.statements.get(bytes(buf[body_start:end]))
@@ -186,10 +190,10 @@ class Placement:
             elif t == Frontend.BIND:
                 decision = self._bind_decision(buf, pos, end, unnamed)
                 if decision.route.target != "any":
-                    return _new_batch_route((decision, batch_end(buf, end), pos, False))
-                first = first or _new_batch_route((decision, batch_end(buf, end), pos, False))
+                    return named4(BatchRoute, decision, batch_end(buf, end), pos, False)
+                first = first or named4(BatchRoute, decision, batch_end(buf, end), pos, False)
             elif t == Frontend.SYNC or t == Frontend.FLUSH or t == Frontend.FUNCTION_CALL:
-                return first or _new_batch_route((self.proxy.any_decision, end, pos, False))
+                return first or named4(BatchRoute, self.proxy.any_decision, end, pos, False)
             pos = end
         return None
 
@@ -197,7 +201,7 @@ class Placement:
         router = self.proxy.router
         sql = text(buf, pos + 5, end - 1)
         plan, literals = router.plan_simple(sql)
-        return _new_decision((router.route(plan, literals, None, self.session_key), plan, sql))
+        return named3(Decision, router.route(plan, literals, None, self.session_key), plan, sql)
 
     def _bind_decision(self, buf, pos: int, end: int, unnamed: Statement | None) -> Decision:
         name = bind_statement(buf, pos, end)
@@ -217,7 +221,7 @@ class Placement:
             oid = types[number - 1] if number <= len(types) else 0
             return None if value is None else decode_key(value, fmt, oid)
 
-        return _new_decision((router.route(plan, (), parameter, self.session_key), plan, statement.sql))
+        return named3(Decision, router.route(plan, (), parameter, self.session_key), plan, statement.sql)
 
     # -- without a leg: where the next transaction starts ---------------------------------------------------
     def _answer_locally(self, decision: Decision, end: int) -> bool:
@@ -392,13 +396,13 @@ class Placement:
             self.session_key = decision.plan.shard_key_value if kind == "set_shard_key" else None
             self._refusal = ""
             self._local_reply = _SET_DONE if kind == "set_shard_key" else _RESET_DONE
-            return _new_here((batch_end, decider, decider, True))
+            return named4(HereVerdict, batch_end, decider, decider, True)
         verdict = self._verdict(decision, within_batch=False)
         if verdict is _STOP:
             return _STOPS_HERE
         if verdict is _REFUSE:
-            return _new_here((batch_end, decider, decider, True))
-        return _new_here((batch_end, decider, -1, True))
+            return named4(HereVerdict, batch_end, decider, decider, True)
+        return named4(HereVerdict, batch_end, decider, -1, True)
 
     def _batch_member(self, buf, pos: int, end: int) -> str | None:
         """A Bind of a batch that another message decided: "" if it runs on the active leg, None if the batch
