@@ -1,7 +1,8 @@
 # The compiled data path's contract: the fields the loops read and write, and every call they make. Methods
 # marked "hook" have a default body here and are filled in by the Python classes that extend these types
-# (session.py, client.py, placement.py, server.py, pool.py, fanout/legs.py), as asyncpg's protocol core declares
-# the callbacks its Python protocol implements. Nothing else is called on these objects by the compiled code.
+# (session.py, client.py, server.py, pool.py, fanout/legs.py), as asyncpg's protocol core declares the callbacks
+# its Python protocol implements; the routing calls, made for every statement, go through a table looked up once
+# per class (Routing, filled in by placement.py). Nothing else is called on these objects by the compiled code.
 
 cimport cython
 
@@ -47,8 +48,28 @@ cdef class Endpoint:
     cpdef close(self)
 
 
+# The routing calls, made only when a client `routes`: the functions of its class (Placement's, placement.py) of
+# these names with a leading underscore (`_batch_route`, ...; `transaction_ended` is `_routed_transaction_ended`),
+# looked up once per class and called with the client first.
+@cython.final
+cdef class Routing:
+    cdef readonly object batch_route  # (buf, start) -> (decision, batch end, deciding message, standalone) | None
+    cdef readonly object answer_locally  # (decision, end) -> whether the proxy answered the batch itself
+    cdef readonly object start  # (decision, batch end): open the transaction where the decision says
+    # (buf, pos) -> (next batch, deciding message, message to refuse, may run here), at a batch on a linked server
+    cdef readonly object route_batch_here
+    cdef readonly object batch_member  # (buf, pos, end) -> "" if a Bind of the batch runs here, None, or a refusal
+    cdef readonly object refuse  # (message, buf, pos, end, out): the linked server raises it in the message's place
+    cdef readonly object stopped  # (server, out): forwarding stopped at a statement for another connection
+    cdef readonly object drained  # (server): stopped, and the server answered all it was sent
+    cdef readonly object linked_on_shard  # (server): a routed transaction got its server connection
+    cdef readonly object follow_commit  # (server): learn where the commit ends in the WAL (read-your-writes)
+    cdef readonly object transaction_ended  # (): a routed transaction gave its server connection back
+
+
 cdef class ClientCore(Endpoint):
     cdef public ProxyCore core  # the proxy-wide state it reads
+    cdef readonly Routing routing  # None if its class does not route
     cdef public long long id  # as SHOW CLIENTS and the log name it; a fanout leg carries its client's
     cdef public object user, database
     cdef public dict params, param_sql
@@ -104,18 +125,6 @@ cdef class ClientCore(Endpoint):
     cpdef _track_set(self, sql, server)
     cpdef bint _statement_failed(self, ServerCore server, body) except -1
     cpdef _statements_dropped(self, bint discard)
-    # hooks: routing, called only when `routes` (placement.py)
-    cpdef _batch_route(self, buf, Py_ssize_t start)
-    cpdef bint _answer_locally(self, decision, Py_ssize_t end) except -1
-    cpdef _start(self, decision, Py_ssize_t batch_end)
-    cpdef _route_batch_here(self, buf, Py_ssize_t pos)
-    cpdef _batch_member(self, buf, Py_ssize_t pos, Py_ssize_t end)
-    cpdef _refuse(self, message, buf, Py_ssize_t pos, Py_ssize_t end, list out)
-    cpdef _stopped(self, ServerCore server, list out)
-    cpdef _drained(self, ServerCore server)
-    cpdef _linked_on_shard(self, ServerCore server)
-    cpdef _follow_commit(self, ServerCore server)
-    cpdef _routed_transaction_ended(self)
 
 
 cdef class ServerCore(Endpoint):

@@ -466,6 +466,37 @@ cdef inline object _joined(Endpoint connection, object data):
     return buf
 
 
+cdef dict _routing_of = {}  # per client class: its Routing, or None if it does not route
+
+
+@cython.final
+cdef class Routing:
+    """The routing calls of the loops, looked up once per client class that routes (placement.py defines them):
+    a cpdef hook overridden in Python would cost an attribute lookup and a bound method at every call, and these
+    run for every statement. Each is the class's plain function, called with the client first."""
+
+    def __init__(self, cls):
+        self.batch_route = cls._batch_route
+        self.answer_locally = cls._answer_locally
+        self.start = cls._start
+        self.route_batch_here = cls._route_batch_here
+        self.batch_member = cls._batch_member
+        self.refuse = cls._refuse
+        self.stopped = cls._stopped
+        self.drained = cls._drained
+        self.linked_on_shard = cls._linked_on_shard
+        self.follow_commit = cls._follow_commit
+        self.transaction_ended = cls._routed_transaction_ended
+
+
+cdef Routing _routing(type cls):
+    try:
+        return _routing_of[cls]
+    except KeyError:
+        routing = _routing_of[cls] = Routing(cls) if hasattr(cls, "_batch_route") else None
+        return routing
+
+
 cdef class ClientCore(Endpoint):
     """The data path's half of a client session (ClientSession adds its statement books and parameters,
     ClientConnection login, Placement routing)."""
@@ -474,6 +505,7 @@ cdef class ClientCore(Endpoint):
         self.replay = []
         self.reason = ""
         self._refusal = ""
+        self.routing = _routing(type(self))
 
     cpdef on_data(self, data):
         if self.server is not None:
@@ -518,15 +550,15 @@ cdef class ClientCore(Endpoint):
                     pool = self._unrouted_pool()
                 ClientCore._acquire(self, pool)
                 return
-            found = self._batch_route(self.buf, 0)
+            found = self.routing.batch_route(self, self.buf, 0)
             if found is None:  # the statement that decides has not fully arrived
                 return
             decision, batch_end, _, standalone = found
             if not (standalone and (decision.route.local or self.tx_failed)
-                    and self._answer_locally(decision, batch_end)):
+                    and self.routing.answer_locally(self, decision, batch_end)):
                 # A whole batch is not routed twice: its decision serves the link's first check too.
                 self.decided = found if standalone or self.buf[batch_end - 5] == c'S' else None
-                self._start(decision, batch_end)
+                self.routing.start(self, decision, batch_end)
 
     cpdef _acquire(self, PoolCore pool):
         self.pool = pool
@@ -548,7 +580,7 @@ cdef class ClientCore(Endpoint):
                 server.pending.push(HIDDEN_QUERY)
                 server.write(pg.query("; ".join(statements)))
         if self.routes:
-            self._linked_on_shard(server)
+            self.routing.linked_on_shard(self, server)
         cdef bytearray buf = self.buf  # forwarded as bytes: the transport would wrap a bytearray in a memoryview
         data = PyBytes_FromStringAndSize(PyByteArray_AS_STRING(buf), len(buf))
         PyByteArray_Resize(buf, 0)
@@ -567,7 +599,7 @@ cdef class ClientCore(Endpoint):
                 ClientCore.on_data(self, b"")
             return
         if self.stopped:
-            self._drained(server)
+            self.routing.drained(self, server)
         elif server.status == _IDLE and not self.mid_batch and self.transaction_pooling:
             ClientCore._give_back(self, server)
 
@@ -575,7 +607,7 @@ cdef class ClientCore(Endpoint):
         """The transaction is over: the connection goes back to its pool, and what the client sent meanwhile
         starts the next one."""
         if self.wrote:  # read-your-writes: learn where this commit ends in the WAL before letting go
-            self._follow_commit(server)
+            self.routing.follow_commit(self, server)
             return
         self.server = None
         self.peer = None
@@ -583,7 +615,7 @@ cdef class ClientCore(Endpoint):
         self.core.transactions += 1
         self.mid_batch = self.stopped = False
         if self.routes:
-            self._routed_transaction_ended()
+            self.routing.transaction_ended(self)
         if self.core.shutting_down:
             self._fatal(pg.PostgresError(pg.ADMIN_SHUTDOWN, "shardproxy is shutting down"))
         elif self.buf and not self.closed:
@@ -670,13 +702,13 @@ cdef class ClientCore(Endpoint):
                 span = pos = end
                 continue
             if pos == check:
-                check, decider, refuse, go = self._route_batch_here(buf, pos)
+                check, decider, refuse, go = self.routing.route_batch_here(self, buf, pos)
                 if not go:  # what came before it goes first, with what _stopped adds after it
                     out = _add_span(out, p, span, pos)
                     span = pos
                     self.mid_batch = executing
                     self.stopped = True
-                    self._stopped(server, out)
+                    self.routing.stopped(self, server, out)
                     break
             if not _well_formed(p, pos, end):
                 self._fatal(pg.PostgresError(pg.PROTOCOL_VIOLATION, "invalid message format"))
@@ -685,19 +717,19 @@ cdef class ClientCore(Endpoint):
                 out = _add_span(out, p, span, pos)
                 span = end
                 if self._refusal:
-                    self._refuse(self._refusal, buf, pos, end, out)
+                    self.routing.refuse(self, self._refusal, buf, pos, end, out)
                 else:  # SET/RESET shardproxy.shard_key: the proxy's own setting, never sent
                     ServerCore.enqueue_synthetic(server, self._local_reply)
-            elif t == c'B' and routes and pos != decider and (refusal := self._batch_member(buf, pos, end)) != "":
+            elif t == c'B' and routes and pos != decider and (refusal := self.routing.batch_member(self, buf, pos, end)) != "":
                 out = _add_span(out, p, span, pos)
                 if refusal is None:  # its shard's server connection continues the batch
                     span = pos
                     self.mid_batch = executing
                     self.stopped = True
-                    self._stopped(server, out)
+                    self.routing.stopped(self, server, out)
                     break
                 span = end
-                self._refuse(refusal, buf, pos, end, out)
+                self.routing.refuse(self, refusal, buf, pos, end, out)
             elif t == c'B':
                 portal_end = <const unsigned char*>memchr(p + pos + 5, 0, length - 4) - p
                 if portal_end + 1 < end and p[portal_end + 1]:  # a named statement: use its server-side name
@@ -718,7 +750,7 @@ cdef class ClientCore(Endpoint):
                     span = pos
                     self.mid_batch = executing
                     self.stopped = True
-                    self._stopped(server, out)
+                    self.routing.stopped(self, server, out)
                     break
                 pending.push(SYNC_REQ)
                 if routes:
@@ -846,46 +878,6 @@ cdef class ClientCore(Endpoint):
 
     cpdef _statements_dropped(self, bint discard):
         """The linked server dropped every prepared statement (DEALLOCATE ALL), and its settings (DISCARD ALL)."""
-
-    cpdef _batch_route(self, buf, Py_ssize_t start):
-        """(decision, batch end, deciding message, standalone) of the batch at start; None: not all there."""
-        return None
-
-    cpdef bint _answer_locally(self, decision, Py_ssize_t end) except -1:
-        """Whether the proxy answered the batch itself (a held BEGIN, a refusal, ...)."""
-        return False
-
-    cpdef _start(self, decision, Py_ssize_t batch_end):
-        """Open the transaction where the decision says."""
-
-    cpdef _route_batch_here(self, buf, Py_ssize_t pos):
-        """At a batch on a linked connection: (next batch, deciding message, message to refuse, may run here)."""
-        return -1, -1, -1, True
-
-    cpdef _batch_member(self, buf, Py_ssize_t pos, Py_ssize_t end):
-        """Why a Bind of a batch decided by another message cannot run here; "" if it can."""
-        return ""
-
-    cpdef _refuse(self, message, buf, Py_ssize_t pos, Py_ssize_t end, list out):
-        """Make the linked server raise the refusal in place of the message at buf[pos:end]."""
-
-    cpdef _stopped(self, ServerCore server, list out):
-        """Forwarding stopped at a statement for another connection (`out`: what goes to `server` before)."""
-
-    cpdef _drained(self, ServerCore server):
-        """Forwarding stopped, and `server` has answered all it was sent: give it back if its transaction is over."""
-        if server.status == _IDLE:
-            ClientCore._give_back(self, server)
-
-    cpdef _linked_on_shard(self, ServerCore server):
-        """A routed transaction got its server connection."""
-
-    cpdef _follow_commit(self, ServerCore server):
-        """Learn where this client's commit ends in the WAL before the connection goes (read-your-writes)."""
-        self.wrote = False
-
-    cpdef _routed_transaction_ended(self):
-        """A routed transaction gave its server connection back."""
 
 
 cdef class ServerCore(Endpoint):
