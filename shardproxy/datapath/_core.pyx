@@ -526,6 +526,7 @@ cdef class ClientCore(Endpoint):
         cdef const unsigned char* p
         cdef bint sharded
         cdef PoolCore pool
+        cdef tuple routed
         while self.server is None and not (self.busy or self.wait_started or self.closed):
             if len(self.buf) < 5:
                 return
@@ -553,7 +554,8 @@ cdef class ClientCore(Endpoint):
             found = self.routing.batch_route(self, self.buf, 0)
             if found is None:  # the statement that decides has not fully arrived
                 return
-            decision, batch_end, _, standalone = found
+            routed = <tuple>found  # (a BatchRoute: unpacked as a tuple, not through the iterator of a subclass)
+            decision, batch_end, standalone = routed[0], routed[1], routed[3]
             if not (standalone and (decision.route.local or self.tx_failed)
                     and self.routing.answer_locally(self, decision, batch_end)):
                 # A whole batch is not routed twice: its decision serves the link's first check too.
@@ -684,6 +686,7 @@ cdef class ClientCore(Endpoint):
         cdef Py_ssize_t max_size = self.max_message_size
         cdef unsigned char t
         cdef bint routes = self.routes, executing = self.mid_batch, go, fresh
+        cdef tuple here
         cdef ServerCore server = self.server
         cdef Requests pending = server.pending
         cdef list out = None  # made when what is written differs from what was read
@@ -702,7 +705,8 @@ cdef class ClientCore(Endpoint):
                 span = pos = end
                 continue
             if pos == check:
-                check, decider, refuse, go = self.routing.route_batch_here(self, buf, pos)
+                here = <tuple>self.routing.route_batch_here(self, buf, pos)  # a HereVerdict
+                check, decider, refuse, go = here[0], here[1], here[2], here[3]
                 if not go:  # what came before it goes first, with what _stopped adds after it
                     out = _add_span(out, p, span, pos)
                     span = pos
