@@ -62,7 +62,8 @@ cdef class Routing:
     cdef readonly object refuse  # (message, buf, pos, end, out): the linked server raises it in the message's place
     cdef readonly object stopped  # (server, out): forwarding stopped at a statement for another connection
     cdef readonly object drained  # (server): stopped, and the server answered all it was sent
-    cdef readonly object linked_on_shard  # (server): a routed transaction got its server connection
+    cdef readonly object linked_on_shard  # (server, out): a routed transaction got its server connection;
+                                          # what it must run first goes to out
     cdef readonly object follow_commit  # (server): learn where the commit ends in the WAL (read-your-writes)
     cdef readonly object transaction_ended  # (): a routed transaction gave its server connection back
 
@@ -110,7 +111,7 @@ cdef class ClientCore(Endpoint):
     cdef bint _bind(self, buf, Py_ssize_t pos, Py_ssize_t portal_end, Py_ssize_t end, list out) except -1
     cdef _note_retry(self, buf, Py_ssize_t pos, long long request)
     cpdef _ensure_prepared(self, statement, list out)
-    cpdef _forward(self, buf)
+    cpdef _forward(self, buf, list ahead=*)
 
     # hooks: the connection
     cpdef _fatal(self, error)

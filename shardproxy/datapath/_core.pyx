@@ -574,19 +574,20 @@ cdef class ClientCore(Endpoint):
         server.peer = self
         self.peer = server
         server.on_ready = self.on_server_ready
+        cdef list ahead = []  # what the server runs first, hidden: sent with the client's messages, in one write
         # Equal reported values are mostly one shared dict (params.shared): compared only when not.
         if (self.params is not server.reported and self.params != server.reported
                 or (self.param_sql or server.param_sql) and self.param_sql != server.param_sql):
             statements = sync_statements(self.params, self.param_sql, server.params, server.param_sql)
             if statements:
                 server.pending.push(HIDDEN_QUERY)
-                server.write(pg.query("; ".join(statements)))
+                ahead.append(pg.query("; ".join(statements)))
         if self.routes:
-            self.routing.linked_on_shard(self, server)
+            self.routing.linked_on_shard(self, server, ahead)
         cdef bytearray buf = self.buf  # forwarded as bytes: the transport would wrap a bytearray in a memoryview
         data = PyBytes_FromStringAndSize(PyByteArray_AS_STRING(buf), len(buf))
         PyByteArray_Resize(buf, 0)
-        ClientCore._forward(self, data)
+        ClientCore._forward(self, data, ahead)
         self.decided = None
 
     cpdef _server_ready(self, ServerCore server):
@@ -676,9 +677,10 @@ cdef class ClientCore(Endpoint):
             server.pending.push(named4(Request, Kind.PARSE, Action.HIDE, statement, None))
             ServerCore.remember_prepared(server, name, self.core.prepared_per_server, out)
 
-    cpdef _forward(self, buf):
+    cpdef _forward(self, buf, list ahead=None):
         """Frame what the client sent, record each request in the linked server's `pending` queue, and write it
-        on unchanged, but for named statements, session statements and routing decisions (the Python methods)."""
+        on unchanged, but for named statements, session statements and routing decisions (the Python methods);
+        after the messages `ahead`, if any (their requests are recorded)."""
         if not (PyBytes_CheckExact(buf) or PyByteArray_CheckExact(buf)):
             buf = bytes(buf)
         cdef const unsigned char* p = _chars(buf)
@@ -689,7 +691,7 @@ cdef class ClientCore(Endpoint):
         cdef tuple here
         cdef ServerCore server = self.server
         cdef Requests pending = server.pending
-        cdef list out = None  # made when what is written differs from what was read
+        cdef list out = ahead or None  # made when what is written differs from what was read
         check = 0 if routes and not executing else -1  # where the next batch starts
         while n - pos >= 5:
             t = p[pos]

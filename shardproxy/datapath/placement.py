@@ -568,16 +568,17 @@ class Placement:
         server.peer = None
         server.on_ready = None
 
-    def _linked_on_shard(self, server: ServerConnection) -> None:
-        """A leg became the active one: it runs what it missed of the transaction's log (BEGIN, SETs,
-        savepoints), and, within a batch, the batch's unnamed statement, which another leg parsed."""
+    def _linked_on_shard(self, server: ServerConnection, out: list[bytes]) -> None:
+        """A leg became the active one: it runs first (out: sent ahead of the client's messages) what it missed
+        of the transaction's log (BEGIN, SETs, savepoints), and, within a batch, the batch's unnamed statement,
+        which another leg parsed."""
         self.on_primary = self.proxy.pools.is_primary(server.pool.node)
         for query in self.tx.join(self.shard, server):
             server.pending.append(HIDDEN_QUERY)
-            server.write(query)
+            out.append(query)
         if self.mid_batch and self.unnamed is not None:
             server.pending.append(Request(Kind.PARSE, Action.HIDE))
-            server.write(self.unnamed.unnamed_parse)
+            out.append(self.unnamed.unnamed_parse)
 
     # -- the end of a transaction on several legs --------------------------------------------------------------
     def _end(self, commit: bool, implicit: bool) -> None:
