@@ -212,6 +212,28 @@ def test_a_limit_met_early_inside_a_transaction_leaves_it_usable(proxy: ProxyPro
         conn.commit()
 
 
+async def test_a_cursor_over_every_shard_is_refused_and_aborts_its_transaction(proxy: ProxyProcess) -> None:
+    """asyncpg's cursor binds a portal in one batch and fetches from it in later ones, which a read on every shard
+    cannot serve: the Bind gets 0A000 rather than a reply that leaves the driver out of step, and the transaction
+    is aborted as by a server's error (25P02 for what follows, on any shard, in either protocol)."""
+    conn = await asyncpg.connect(proxy.dsn(dbname=APP_DB))
+    try:
+        transaction = conn.transaction()
+        await transaction.start()
+        assert await conn.fetchval("SELECT count(*) FROM big WHERE user_id <= 7") == 7  # a leg on every shard
+        with pytest.raises(asyncpg.FeatureNotSupportedError, match="cursor"):
+            await conn.cursor("SELECT user_id FROM big ORDER BY user_id")
+        assert conn.is_in_transaction()
+        with pytest.raises(asyncpg.InFailedSQLTransactionError):
+            await conn.fetchval("SELECT payload FROM big WHERE user_id = $1", 1)
+        with pytest.raises(asyncpg.InFailedSQLTransactionError):
+            await conn.execute("SELECT 1")
+        await transaction.rollback()
+        assert await conn.fetchval("SELECT count(*) FROM big WHERE user_id <= 7") == 7
+    finally:
+        await conn.close()
+
+
 def test_a_client_cancel_stops_every_shards_part(proxy: ProxyProcess, shards: list[Cluster]) -> None:
     with connect(proxy, autocommit=True) as conn:
         rows = 0

@@ -336,6 +336,7 @@ class Placement:
         kind = fanout.kind_of(decision)
         legs: list[Leg] = []
         two_phase = False
+        raised: pg.PostgresError | None = None  # the proxy's own error
         shards = sorted(set(route.rows)) if route.rows else range(len(self.proxy.config.shards))
         try:
             if in_transaction:
@@ -354,13 +355,10 @@ class Placement:
             if route.kind == "ddl":  # tables' columns may have changed
                 self.proxy.copy_columns.clear()
         except pg.PostgresError as exc:  # the proxy's own: the servers' errors are part of the reply
-            self.proxy.client_error(exc)
-            reply_ = exc.to_message() + pg.READY[pg.FAILED_TRANSACTION if in_transaction else pg.IDLE]
+            raised = exc
         except Exception as exc:  # a bug must cost this statement, not the client's connection
             log.exception("client %d: statement on several shards failed", self.id)
-            error = pg.PostgresError(pg.INTERNAL_ERROR, f"shardproxy: internal error: {exc}")
-            self.proxy.client_error(error)
-            reply_ = error.to_message() + pg.READY[pg.FAILED_TRANSACTION if in_transaction else pg.IDLE]
+            raised = pg.PostgresError(pg.INTERNAL_ERROR, f"shardproxy: internal error: {exc}")
         finally:
             self.fanout_legs = []
             if in_transaction:
@@ -368,6 +366,11 @@ class Placement:
             else:
                 for leg in legs:
                     leg.release()
+        if raised is not None:
+            self.proxy.client_error(raised)
+            reply_ = raised.to_message() + pg.READY[pg.FAILED_TRANSACTION if in_transaction else pg.IDLE]
+            if in_transaction and self.tx.legs and self._failed_leg() is None:
+                await self._abort_legs(raised)
         if in_transaction:
             self.tx_failed = self.tx_failed or reply_.endswith(pg.READY[pg.FAILED_TRANSACTION])
         else:
@@ -378,6 +381,12 @@ class Placement:
         else:
             self.write(reply_)
             self._dispatch()
+
+    async def _abort_legs(self, error: pg.PostgresError) -> None:
+        try:
+            await self.tx.abort(self, error)
+        except Exception:  # (a leg that broke meanwhile: the client's next statement finds out)
+            log.exception("client %d: aborting the transaction on its legs failed", self.id)
 
     def _transaction_pool(self, shard: int) -> Pool | None:
         """Where a shard joins the transaction: its primary, unless the transaction is READ ONLY."""

@@ -43,7 +43,7 @@ _EXECUTE_ALL = pg.message(b"E", b"\0" + b"\0" * 4)
 _HIDDEN_SYNC = Request(Kind.SYNC, Action.HIDE)
 
 
-def _raising_statement(code: str, message: str) -> str:
+def raising_statement(code: str, message: str) -> str:
     """A statement that makes the server raise this error: it then aborts the transaction, and skips to Sync,
     as for an error of its own."""
     return (f"DO $shardproxy$ BEGIN RAISE EXCEPTION USING ERRCODE = {session_params.literal(code)}, "
@@ -253,7 +253,7 @@ class ClientSession(ClientCore):
     def _raise(self, code: str, message: str, buf: Any, pos: int, end: int, out: list[bytes]) -> None:
         """Make the linked server raise this error in place of the Query, Parse or Bind at buf[pos:end]."""
         server = self.server
-        sql = _raising_statement(code, message)
+        sql = raising_statement(code, message)
         if buf[pos] == Frontend.QUERY:
             out.append(pg.query(sql))
             server.pending.append(QUERY_REQ)

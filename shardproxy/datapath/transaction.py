@@ -21,7 +21,7 @@ from shardproxy.cluster.topology import parse_lsn
 from shardproxy.datapath._core import ClientCore, PoolCore
 from shardproxy.datapath.fanout.legs import Leg, Message, split_messages
 from shardproxy.datapath.fanout.twophase import commit, error_of
-from shardproxy.datapath.session import ClientSession
+from shardproxy.datapath.session import ClientSession, raising_statement
 from shardproxy.wire import protocol as pg
 from shardproxy.wire.protocol import Backend, Frontend
 
@@ -109,6 +109,17 @@ class Transaction:
             self.detach(client, list(sessions.values()))
             raise failed
         return list(sessions.values())
+
+    async def abort(self, client: ClientSession, error: pg.PostgresError) -> None:
+        """The proxy's own error aborts the transaction as a server's would: one leg raises it, so that the
+        client's next statements get PostgreSQL's 25P02 there (placement.py sends them to a failed leg) until the
+        transaction ends."""
+        shard = min(self.legs)
+        session = _attach(client, self.legs[shard])
+        try:
+            await session.run(pg.query(raising_statement(error.code, error.message)))
+        finally:
+            self.detach(client, [session])
 
     def detach(self, client: ClientCore, sessions: list[Leg]) -> None:
         """Collecting sessions leave their legs, which stay the client's, parked."""

@@ -42,10 +42,16 @@ async def run(client: ClientSession, legs: list[Leg], decision: Decision, batch:
     """A statement for several shards, one leg on each: writes and DDL all-or-nothing, reads merged. The client's
     reply, and whether it took a two-phase commit (outside a transaction, which then ends with the statement)."""
     route = decision.route
-    if batch[0] != Frontend.QUERY and sum(t == Frontend.BIND for t, _ in split_messages(batch)) > 1:
-        # Each shard would run the batch's other statements too, and the reply is built for one statement.
-        raise pg.PostgresError(pg.FEATURE_NOT_SUPPORTED, "shardproxy: a statement that runs on every shard "
-                               "must be the only one in its batch (send a Sync before and after it)")
+    if batch[0] != Frontend.QUERY:
+        kinds = [t for t, _ in split_messages(batch)]
+        if kinds.count(Frontend.BIND) > 1:
+            # Each shard would run the batch's other statements too, and the reply is built for one statement.
+            raise pg.PostgresError(pg.FEATURE_NOT_SUPPORTED, "shardproxy: a statement that runs on every shard "
+                                   "must be the only one in its batch (send a Sync before and after it)")
+        if Frontend.EXECUTE not in kinds:  # its portal would be executed later, on one shard's leg
+            raise pg.PostgresError(pg.FEATURE_NOT_SUPPORTED, "shardproxy: a statement that runs on every shard "
+                                   "must be executed in the batch that binds it: a portal kept for later "
+                                   "Executes (a cursor) is not supported across shards")
     status = pg.IN_TRANSACTION if in_transaction else pg.IDLE
     if route.target == "split":
         return await run_split(client, legs, decision, batch, in_transaction)
