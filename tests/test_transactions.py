@@ -368,10 +368,21 @@ def test_metrics_count_transactions_by_the_shards_they_touched(proxy, names):
 
 
 # -- distributed deadlocks ---------------------------------------------------------------------------------------
-def test_a_wait_cycle_across_shards_ends_in_40P01_for_one_transaction(proxy, shards, names):
-    a, b = apart(names, 1000)
+@pytest.fixture(scope="module")
+def other_proxy(sandbox, shards, proxy):
+    """A second proxy over the same shards, as another worker or another proxy of a fleet."""
+    return start_proxy(sandbox, shards, "txn-other")
+
+
+@pytest.mark.parametrize("apart_processes", [False, True], ids=["one proxy", "two proxies"])
+def test_a_wait_cycle_across_shards_ends_in_40P01_for_one_transaction(request, proxy, shards, names,
+                                                                       apart_processes):
+    """Also when the two transactions run in different proxy processes, neither of which sees the other's: the
+    servers tell which backends are one transaction (each leg's tag)."""
+    a, b = apart(names, 1000 + 20 * apart_processes)
     open_accounts(proxy, [a, b])
-    first, second = connect(proxy), connect(proxy)
+    other = request.getfixturevalue("other_proxy") if apart_processes else proxy
+    first, second = connect(proxy), connect(other)
     outcomes: dict[str, object] = {}
 
     def run(name: str, conn: psycopg.Connection, mine: int, theirs: int, barrier: threading.Barrier) -> None:
@@ -406,7 +417,7 @@ def test_a_wait_cycle_across_shards_ends_in_40P01_for_one_transaction(proxy, sha
     assert victim.diag.message_detail.startswith("shardproxy:")
     assert max(outcomes["first-at"], outcomes["second-at"]) - started < 3  # deadlock_timeout is 1s
     assert balances(shards, [a, b]) == 2 * BALANCE
-    assert "distributed deadlock between clients" in proxy.log()
+    assert "distributed deadlock between clients" in proxy.log() + other.log()
 
 
 def transfers(proxy, users: list[int], clients: int, seconds: float) -> dict[str, float]:

@@ -12,6 +12,7 @@ Sync of a batch whose implicit transaction spans shards) runs on every leg here,
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from shardproxy.cluster.topology import parse_lsn
 from shardproxy.datapath._core import ClientCore, PoolCore
 from shardproxy.datapath.fanout.legs import Leg, Message, split_messages
 from shardproxy.datapath.fanout.twophase import commit, error_of
+from shardproxy.datapath.pending import HIDDEN_QUERY
 from shardproxy.datapath.session import ClientSession, raising_statement
 from shardproxy.wire import protocol as pg
 from shardproxy.wire.protocol import Backend, Frontend
@@ -29,6 +31,10 @@ if TYPE_CHECKING:
     from shardproxy.datapath.pool import Pool
     from shardproxy.datapath.server import ServerConnection
 
+# The first key of the advisory lock each leg of a transaction on several shards holds, shared, until it ends: its
+# second key (the transaction's tag) names the transaction on every server, so deadlock detection (deadlocks.py)
+# in any proxy process sees which backends of different shards are one transaction.
+TAG_KEY = 0x53505844
 _ROLLBACK = pg.query("ROLLBACK")
 _NOTHING: list[bytes] = []  # (never changed)
 _COMMIT_LSN = pg.query("SELECT pg_current_wal_insert_lsn()")
@@ -52,7 +58,9 @@ class Transaction:
         self.legs: dict[int, ServerConnection] = {}
         self.applied: dict[int, int] = {}  # per shard: how much of the log its leg has run
         self.data: set[int] = set()  # shards whose leg ran a statement naming that shard
-        self.started = 0.0  # when its first leg joined (the youngest of a deadlock is its victim)
+        self.started = 0.0  # when its first leg joined
+        self.tag = 0  # once it spans shards: its number in every leg's advisory lock (TAG_KEY); 0 before
+        self._tagged: set[int] = set()  # shards whose leg holds it or has been sent it
 
     def join(self, shard: int, server: ServerConnection) -> list[bytes]:
         """The shard's leg is linked: it is one of the transaction's (if new, with what `applied` says it ran),
@@ -62,9 +70,22 @@ class Transaction:
             if not legs:
                 self.started = time.monotonic()
             legs[shard] = server
+            if len(legs) > 1:  # it spans shards from now on: its parked legs take the tag at once, hidden
+                for other, parked in legs.items():
+                    if other != shard and other not in self._tagged:
+                        parked.pending.append(HIDDEN_QUERY)
+                        parked.write(self._tag_for(other))
+                return [*self.missed(shard), self._tag_for(shard)]
         if self.applied.get(shard, 0) == len(self.replay):
             return _NOTHING
         return self.missed(shard)
+
+    def _tag_for(self, shard: int) -> bytes:
+        """The statement that tags the shard's leg (see TAG_KEY); from now on it counts as tagged."""
+        if not self.tag:  # made of the time, so that the youngest transaction of a cycle has the highest tag
+            self.tag = ((int(time.time() * 1000) & 0x7FFFF) << 12 | random.getrandbits(12)) or 1
+        self._tagged.add(shard)
+        return pg.query(f"SELECT pg_advisory_xact_lock_shared({TAG_KEY}, {self.tag})")
 
     def missed(self, shard: int) -> list[bytes]:
         """What of the log the shard's leg has not run; from now on it counts as run."""
@@ -76,6 +97,9 @@ class Transaction:
         self.legs.clear()
         self.applied.clear()
         self.data.clear()
+        if self.tag:
+            self.tag = 0
+            self._tagged.clear()
 
     def sessions(self, client: ClientSession) -> dict[int, Leg]:
         """A collecting session on every leg (in shard order), linked in place of the client."""
@@ -130,8 +154,11 @@ class Transaction:
                 server.client, server.peer, server.on_ready = client, None, None
 
     async def catch_up(self, sessions: dict[int, Leg]) -> pg.PostgresError | None:
-        """Run on each leg what it missed of the log; the first error, if any leg refused."""
-        pending = {shard: b"".join(self.missed(shard)) for shard in sessions}
+        """Run on each leg what it missed of the log (and the tag, if the transaction spans shards); the first
+        error, if any leg refused."""
+        spans = len(self.legs.keys() | sessions.keys()) > 1
+        pending = {shard: b"".join(self.missed(shard)) + (self._tag_for(shard) if spans and shard not in self._tagged
+                                                           else b"") for shard in sessions}
         todo = [shard for shard, batch in pending.items() if batch]
         answers = await asyncio.gather(*(sessions[shard].run(pending[shard]) for shard in todo))
         return next((error for messages in answers if (error := error_of(messages)) is not None), None)
