@@ -53,31 +53,30 @@ cdef extern from "Python.h":
     void Py_INCREF(object item)
 
 
-cpdef named3(type cls, a, b, c):
-    """NamedTuple cls(a, b, c), made as tuple() makes a tuple: routing makes a few per statement, and the
-    Python-level __new__ of a NamedTuple (or tuple.__new__ on a type) allocates two more tuples on the way."""
-    made = PyType_GenericAlloc(cls, 3)
-    Py_INCREF(a)
-    PyTuple_SET_ITEM(made, 0, a)
-    Py_INCREF(b)
-    PyTuple_SET_ITEM(made, 1, b)
-    Py_INCREF(c)
-    PyTuple_SET_ITEM(made, 2, c)
+cdef inline void _put(object made, Py_ssize_t i, object item) noexcept:
+    Py_INCREF(item)
+    PyTuple_SET_ITEM(made, i, item)
+
+
+cdef object _named(type cls, Py_ssize_t n, a, b, c, d):
+    """NamedTuple cls of the first n of a, b, c, d, made as tuple() makes a tuple: routing makes a few per
+    statement, and the Python-level __new__ of a NamedTuple (or tuple.__new__ on a type) allocates two more tuples
+    on the way."""
+    made = PyType_GenericAlloc(cls, n)
+    _put(made, 0, a)
+    _put(made, 1, b)
+    _put(made, 2, c)
+    if n == 4:
+        _put(made, 3, d)
     return made
+
+
+cpdef named3(type cls, a, b, c):
+    return _named(cls, 3, a, b, c, None)
 
 
 cpdef named4(type cls, a, b, c, d):
-    """NamedTuple cls(a, b, c, d), as named3 makes one."""
-    made = PyType_GenericAlloc(cls, 4)
-    Py_INCREF(a)
-    PyTuple_SET_ITEM(made, 0, a)
-    Py_INCREF(b)
-    PyTuple_SET_ITEM(made, 1, b)
-    Py_INCREF(c)
-    PyTuple_SET_ITEM(made, 2, c)
-    Py_INCREF(d)
-    PyTuple_SET_ITEM(made, 3, d)
-    return made
+    return _named(cls, 4, a, b, c, d)
 
 
 cdef object _INVALID_LENGTH = "invalid message length"
