@@ -11,7 +11,6 @@ Sync of a batch whose implicit transaction spans shards) runs on every leg here,
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from shardproxy.cluster.topology import parse_lsn
 from shardproxy.datapath._core import ClientCore, PoolCore
-from shardproxy.datapath.fanout.legs import Leg, Message, split_messages
+from shardproxy.datapath.fanout.legs import Leg, Message, exchange, split_messages
 from shardproxy.datapath.fanout.twophase import commit, error_of
 from shardproxy.datapath.session import ClientSession
 from shardproxy.wire import protocol as pg
@@ -115,7 +114,7 @@ class Transaction:
         """Run on each leg what it missed of the log; the first error, if any leg refused."""
         pending = {shard: b"".join(self.missed(shard)) for shard in sessions}
         todo = [shard for shard, batch in pending.items() if batch]
-        answers = await asyncio.gather(*(sessions[shard].run(pending[shard]) for shard in todo))
+        answers = await exchange([sessions[shard] for shard in todo], [pending[shard] for shard in todo])
         return next((error for messages in answers if (error := error_of(messages)) is not None), None)
 
     async def end(self, client: ClientSession, shard_names: list[str], commit_it: bool,
@@ -126,14 +125,14 @@ class Transaction:
         try:
             failed = await self.catch_up(sessions)
             if failed is not None or not commit_it:
-                await asyncio.gather(*(leg.run(_ROLLBACK) for leg in sessions.values()))
+                await exchange(list(sessions.values()), [_ROLLBACK] * len(sessions))
                 return Ending(failed if commit_it else None)
             started = time.monotonic()
             outcome = await commit(list(sessions.values()), [shard_names[s] for s in sessions],
                                    client.core.two_phase_key)
             ending = Ending(outcome.error, outcome.two_phase, time.monotonic() - started)
             if outcome.error is None and follow:
-                answers = await asyncio.gather(*(sessions[shard].run(_COMMIT_LSN) for shard in follow))
+                answers = await exchange([sessions[shard] for shard in follow], [_COMMIT_LSN] * len(follow))
                 ending.committed_at = {shard: lsn for shard, messages in zip(follow, answers)
                                        if (lsn := _lsn(messages)) is not None}
             return ending

@@ -13,14 +13,13 @@ signature does not check out was not made by a proxy of this fleet, and is never
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import logging
 from dataclasses import dataclass
 
 from shardproxy.config import Config
-from shardproxy.datapath.fanout.legs import Leg, Message, error_fields, first_error
+from shardproxy.datapath.fanout.legs import Leg, Message, error_fields, exchange, first_error
 from shardproxy.datapath.params import literal
 from shardproxy.wire import protocol as pg
 from shardproxy.wire.protocol import Backend
@@ -73,15 +72,15 @@ class Outcome:
 async def commit(legs: list[Leg], shards: list[str], key: bytes) -> Outcome:
     """Commit the transaction open on every leg (legs[i] on shard shards[i], in the shards' order). Every leg's
     transaction is over afterwards, committed or rolled back."""
-    answers = await _gather(legs, [_ASK] * len(legs))
+    answers = await exchange(legs, [_ASK] * len(legs))
     asked = [_answer(messages) for messages in answers]
     failed = next((error for error, *_ in asked if error is not None), None)
     if failed is not None:  # aborted already: roll back, and the client learns why
-        await _gather(legs, [pg.query("ROLLBACK")] * len(legs))
+        await exchange(legs, [pg.query("ROLLBACK")] * len(legs))
         return Outcome(failed)
     writers = [i for i, (_, xid, _) in enumerate(asked) if xid is not None]
     if len(writers) <= 1 or any(asked[i][2] == 0 for i in writers):  # (no prepared transactions: plain commits)
-        committed = await _gather(legs, [_COMMIT] * len(legs))
+        committed = await exchange(legs, [_COMMIT] * len(legs))
         errors = [error_of(messages) for messages in committed]
         return Outcome(next((errors[i] for i in writers if errors[i] is not None), None))
     readers = [i for i in range(len(legs)) if i not in writers]
@@ -90,32 +89,26 @@ async def commit(legs: list[Leg], shards: list[str], key: bytes) -> Outcome:
     assert xid is not None
     gid = literal(new_gid(shards[decider], xid, key))
     statements = {i: pg.query(f"PREPARE TRANSACTION {gid}") for i in writers} | {i: _COMMIT for i in readers}
-    prepared = await _gather([legs[i] for i in statements], list(statements.values()))
+    prepared = await exchange([legs[i] for i in statements], list(statements.values()))
     refusals = {i: error_of(messages) for i, messages in zip(statements, prepared) if i in writers}
     refused = next((error for error in refusals.values() if error is not None), None)
     if refused is not None:
         undo = [i for i, error in refusals.items() if error is None]
-        await _gather([legs[i] for i in undo], [pg.query(f"ROLLBACK PREPARED {gid}")] * len(undo))
+        await exchange([legs[i] for i in undo], [pg.query(f"ROLLBACK PREPARED {gid}")] * len(undo))
         return Outcome(refused, two_phase=True)
-    done = await legs[decider].run(pg.query(f"COMMIT PREPARED {gid}"))
-    if first_error([done]) is not None:
+    done = await exchange([legs[decider]], [pg.query(f"COMMIT PREPARED {gid}")])
+    if first_error(done) is not None:
         return Outcome(pg.PostgresError(pg.INTERNAL_ERROR, "shardproxy: COMMIT PREPARED failed on the first shard; "
                                         "in-doubt recovery commits or rolls back every shard as that shard "
                                         "decided"), two_phase=True)
     # Decided: committed on the decider. A shard that fails now gets the commit from in-doubt recovery.
     others = [i for i in writers if i != decider]
-    results = await asyncio.gather(*(legs[i].run(pg.query(f"COMMIT PREPARED {gid}")) for i in others),
-                                   return_exceptions=True)
-    unfinished = [shards[i] for i, result in zip(others, results)
-                  if isinstance(result, BaseException) or first_error([result]) is not None]
+    results = await exchange([legs[i] for i in others], [pg.query(f"COMMIT PREPARED {gid}")] * len(others))
+    unfinished = [shards[i] for i, result in zip(others, results) if first_error([result]) is not None]
     if unfinished:
         log.warning("COMMIT PREPARED %s failed on %s: committed on the first shard, in-doubt recovery finishes it",
                     gid, ", ".join(unfinished))
     return Outcome(None, two_phase=True)
-
-
-async def _gather(legs: list[Leg], batches: list[bytes]) -> list[list[Message]]:
-    return list(await asyncio.gather(*(leg.run(batch) for leg, batch in zip(legs, batches))))
 
 
 def error_of(messages: list[Message]) -> pg.PostgresError | None:
