@@ -117,8 +117,7 @@ class Transaction:
         answers = await exchange([sessions[shard] for shard in todo], [pending[shard] for shard in todo])
         return next((error for messages in answers if (error := error_of(messages)) is not None), None)
 
-    async def end(self, client: ClientSession, shard_names: list[str], commit_it: bool,
-                  follow: list[int]) -> Ending:
+    async def end(self, client: ClientSession, commit_it: bool, follow: list[int]) -> Ending:
         """Commit (or roll back) on every leg, then give every leg back to its pool. After a commit, the legs on
         the shards in `follow` are asked where the commit ends in their WAL (read-your-writes)."""
         sessions = self.sessions(client)
@@ -128,8 +127,7 @@ class Transaction:
                 await exchange(list(sessions.values()), [_ROLLBACK] * len(sessions))
                 return Ending(failed if commit_it else None)
             started = time.monotonic()
-            outcome = await commit(list(sessions.values()), [shard_names[s] for s in sessions],
-                                   client.core.two_phase_key)
+            outcome = await commit(list(sessions.values()), client.core.two_phase_key)
             ending = Ending(outcome.error, outcome.two_phase, time.monotonic() - started)
             if outcome.error is None and follow:
                 answers = await exchange([sessions[shard] for shard in follow], [_COMMIT_LSN] * len(follow))

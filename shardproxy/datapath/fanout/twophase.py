@@ -20,6 +20,7 @@ import hashlib
 import hmac
 import logging
 from dataclasses import dataclass
+from functools import lru_cache
 
 from shardproxy.config import Config
 from shardproxy.datapath.fanout.legs import Leg, Message, exchange
@@ -31,7 +32,8 @@ log = logging.getLogger("shardproxy.fanout")
 
 GID_PREFIX = "shardproxy:"
 _MAC_LENGTH = 16  # hex digits: with a 150-byte shard name and a 20-digit xid, a gid stays under PostgreSQL's 200
-_ASK = pg.query("SELECT pg_current_xact_id_if_assigned(), current_setting('max_prepared_transactions')")
+_ASK = pg.query("SELECT pg_current_xact_id_if_assigned()")
+_ASK_WITH_SETTING = pg.query("SELECT pg_current_xact_id_if_assigned(), current_setting('max_prepared_transactions')")
 _COMMIT = pg.query("COMMIT")
 _ROLLBACK = pg.query("ROLLBACK")
 
@@ -62,7 +64,15 @@ def read_gid(gid: str, key: bytes) -> tuple[str, int] | None:
 
 
 def _mac(key: bytes, decider: str, xid: int) -> str:
-    return hmac.new(key, f"{decider}:{xid}".encode(), hashlib.sha256).hexdigest()[:_MAC_LENGTH]
+    mac = _keyed(key).copy()
+    mac.update(f"{decider}:{xid}".encode())
+    return mac.hexdigest()[:_MAC_LENGTH]
+
+
+@lru_cache(maxsize=4)
+def _keyed(key: bytes) -> hmac.HMAC:
+    """An HMAC with the key in, copied for each gid: keying it anew costs more than the gid's own bytes."""
+    return hmac.new(key, digestmod=hashlib.sha256)
 
 
 @dataclass
@@ -73,26 +83,25 @@ class Outcome:
     two_phase: bool = False
 
 
-async def commit(legs: list[Leg], shards: list[str], key: bytes) -> Outcome:
-    """Commit the transaction open on every leg (legs[i] on shard shards[i], in the shards' order). Every leg's
-    transaction is over afterwards: committed, rolled back, or, if the decider's connection was lost during its
-    COMMIT, prepared until in-doubt recovery finishes it."""
-    xids, settings = [], []
-    for messages in await exchange(legs, [_ASK] * len(legs)):
+async def commit(legs: list[Leg], key: bytes) -> Outcome:
+    """Commit the transaction open on every leg (one per shard, in the shards' order). Every leg's transaction is
+    over afterwards: committed, rolled back, or, if the decider's connection was lost during its COMMIT, prepared
+    until in-doubt recovery finishes it."""
+    xids = []
+    for leg, messages in zip(legs, await exchange(legs, [_ask(leg) for leg in legs])):
         failed = error_of(messages)
         if failed is not None:  # aborted already: roll back, and the client learns why
             await exchange(legs, [_ROLLBACK] * len(legs))
             return Outcome(failed)
-        xid, setting = _answer(messages)
-        xids.append(xid)
-        settings.append(setting)
+        xids.append(_xid(leg, messages))
     writers = [i for i, xid in enumerate(xids) if xid is not None]
-    if len(writers) <= 1 or any(settings[i] == 0 for i in writers):  # (no prepared transactions: plain commits)
+    # One writer, or a writer whose server takes no prepared transactions: plain commits.
+    if len(writers) <= 1 or not all(_prepared_transactions(legs[i]) for i in writers):
         errors = [error_of(messages) for messages in await exchange(legs, [_COMMIT] * len(legs))]
         return Outcome(next((errors[i] for i in writers if errors[i] is not None), None))
     decider, xid = legs[writers[0]], xids[writers[0]]
     assert xid is not None
-    gid = literal(new_gid(shards[writers[0]], xid, key))
+    gid = literal(new_gid(_shard(decider), xid, key))
     readers = [leg for leg, xid in zip(legs, xids) if xid is None]
     return await _two_phases(decider, [legs[i] for i in writers[1:]], readers, gid)
 
@@ -126,13 +135,27 @@ def _shard(leg: Leg) -> str:
     return leg.pool.node.shard
 
 
-def _answer(messages: list[Message]) -> tuple[int | None, int]:
-    """The answer to _ASK: the transaction's xid (None if it wrote nothing), and the server's
-    max_prepared_transactions."""
+def _ask(leg: Leg) -> bytes:
+    """Whether the leg's transaction wrote; and, the first time on its server connection, whether the server takes
+    prepared transactions (a setting that changes only with a restart, which ends the connection)."""
+    return _ASK if _prepared_transactions(leg) is not None else _ASK_WITH_SETTING
+
+
+def _prepared_transactions(leg: Leg) -> int | None:
+    """The leg's server's max_prepared_transactions, once asked on its connection."""
+    server = leg.server
+    return None if server is None else server.prepared_transactions
+
+
+def _xid(leg: Leg, messages: list[Message]) -> int | None:
+    """From the answer to _ask: the transaction's xid (None if it wrote nothing). A setting asked for is kept on
+    the server connection."""
     for t, body in messages:
         if t == Backend.DATA_ROW:
-            xid, setting = _columns(body)
-            return None if xid is None else int(xid), int(setting or 0)
+            xid, *setting = _columns(body)
+            if setting:
+                leg.server.prepared_transactions = int(setting[0] or 0)
+            return None if xid is None else int(xid)
     raise pg.PostgresError(pg.PROTOCOL_VIOLATION, "shardproxy: a shard sent no row for its transaction's xid")
 
 
