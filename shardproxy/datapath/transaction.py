@@ -70,8 +70,9 @@ class Transaction:
         self.data.clear()
 
     def sessions(self, client: ClientSession) -> dict[int, Leg]:
-        """A collecting session on every leg (in shard order), linked in place of the client."""
-        return {shard: _attach(client, server) for shard, server in sorted(self.legs.items())}
+        """A collecting session on every leg (in shard order), which its first batch links in place of the client
+        (see Transaction.release)."""
+        return {shard: Leg(client, server.pool, None, server) for shard, server in sorted(self.legs.items())}
 
     async def every_leg(self, client: ClientSession, pool_of: Callable[[int], Pool | None], shards: Iterable[int],
                         kind: str) -> list[Leg]:
@@ -86,11 +87,10 @@ class Transaction:
                 if pool is None:
                     self.detach(client, list(sessions.values()))
                     raise pg.PostgresError(pg.CANNOT_CONNECT_NOW, "shardproxy: a shard has no primary")
-                sessions[shard] = Leg(client, pool)
+                sessions[shard] = Leg(client, pool, kind)
                 self.applied[shard] = 0
             else:
-                sessions[shard] = _attach(client, server)
-            sessions[shard].kind = kind
+                sessions[shard] = Leg(client, server.pool, kind, server)
         try:
             failed = await self.catch_up(sessions)  # a new leg joins here: its BEGIN is the first of the log
         finally:
@@ -151,13 +151,6 @@ class Transaction:
                 pool.unlink(server)
                 pool.discard(server)
         self.clear()
-
-
-def _attach(client: ClientSession, server: ServerConnection) -> Leg:
-    """A collecting session on `server`, which leaves the client's (see Transaction.release)."""
-    leg = Leg(client, server.pool)
-    ClientCore.link(leg, server)
-    return leg
 
 
 def statement_messages(buf: bytes | bytearray) -> tuple[list[Message], int]:

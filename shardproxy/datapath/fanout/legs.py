@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from shardproxy.datapath._core import ProxyCore
+from shardproxy.datapath._core import ClientCore, ProxyCore
 from shardproxy.datapath.session import ClientSession
 from shardproxy.wire import protocol as pg
 from shardproxy.wire.protocol import Backend
@@ -62,14 +62,17 @@ def join_messages(messages: list[Message]) -> bytes:
 class Leg(ClientSession):
     """One shard's part of a multi-shard statement, on behalf of `client`."""
 
-    def __init__(self, client: ClientSession, pool: Pool, kind: str | None = None):
-        """kind: what its transaction counts as in queries_total: the statement's kind, not the node's role."""
-        super().__init__(client.core, client.id, client.user, client.database, kind)  # logs name the client
+    def __init__(self, client: ClientSession, pool: Pool, kind: str | None = None,
+                 parked: ServerConnection | None = None):
+        """kind: what its transaction counts as in queries_total: the statement's kind, not the node's role.
+        parked: a server connection of the client's transaction, which the leg's first batch links (else the
+        first batch takes one from the pool)."""
+        super().__init__(client.core, client.id, client.user, client.database, kind, client)  # logs name the client
         self.transport = Collector()
         self.max_message_size = _LIMITLESS
         self.pool = pool
         self.client = client
-        self.statements, self.params, self.param_sql = client.statements, client.params, client.param_sql
+        self.parked = parked
         self.unnamed = client.unnamed
         self.error: pg.PostgresError | None = None
         self._waiting: Waiting | None = None  # what hears that the batch sent last is answered
@@ -102,11 +105,17 @@ class Leg(ClientSession):
         """Send a batch (once a server connection is linked); `waiting` hears when it is answered, or the leg
         failed."""
         self._waiting = waiting
-        if self.server is None:
-            self.buf = bytearray(batch)
-            self.pool.acquire(self)
-        else:
+        if self.server is not None:
             self._forward(batch)
+            return
+        self.buf = bytearray(batch)
+        parked, self.parked = self.parked, None
+        if parked is None:
+            self.pool.acquire(self)
+        elif parked.closed:
+            self.fail(_lost())
+        else:
+            ClientCore.link(self, parked)  # (which sends the batch)
 
     async def settled(self) -> None:
         """Wait until the server has answered all it was sent and no cancel of the proxy's is still on its way
@@ -146,10 +155,14 @@ class Leg(ClientSession):
     def server_lost(self, server: ServerConnection) -> None:
         if self.server is server:
             self.server = None
-            self.fail(pg.PostgresError(pg.CONNECTION_FAILURE, "shardproxy: server connection lost"))
+            self.fail(_lost())
 
     def _fatal(self, error: pg.PostgresError) -> None:
         self.fail(error)
+
+
+def _lost() -> pg.PostgresError:
+    return pg.PostgresError(pg.CONNECTION_FAILURE, "shardproxy: server connection lost")
 
 
 class Waiting:
@@ -175,7 +188,7 @@ async def exchange(legs: list[Leg], batches: list[bytes]) -> list[list[Message]]
     waiting = Waiting(answered, len(legs))
     counted = []
     for leg, batch in zip(legs, batches):
-        server = leg.server
+        server = leg.server or leg.parked
         counted.append(server.commands if server is not None else 0)
         if leg.error is None:
             leg.send(batch, waiting)

@@ -143,7 +143,7 @@ def _ask(leg: Leg) -> bytes:
 
 def _prepared_transactions(leg: Leg) -> int | None:
     """The leg's server's max_prepared_transactions, once asked on its connection."""
-    server = leg.server
+    server = leg.server or leg.parked
     return None if server is None else server.prepared_transactions
 
 
