@@ -114,6 +114,8 @@ class Transaction:
         """Run on each leg what it missed of the log; the first error, if any leg refused."""
         pending = {shard: b"".join(self.missed(shard)) for shard in sessions}
         todo = [shard for shard, batch in pending.items() if batch]
+        if not todo:  # (the usual: each leg ran the whole log when it was last used)
+            return None
         answers = await exchange([sessions[shard] for shard in todo], [pending[shard] for shard in todo])
         return next((error for messages in answers if (error := error_of(messages)) is not None), None)
 
