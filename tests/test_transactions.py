@@ -520,6 +520,50 @@ def test_a_commit_slower_than_in_doubt_after_commits_whole(sandbox, shards, name
         direct(shards[1], "DROP TRIGGER slow_commit ON items; DROP FUNCTION slow_commit()")
 
 
+SLOW_DECISION = """
+CREATE FUNCTION slow_decision() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM pg_sleep(5); RETURN NULL; END $$;
+CREATE CONSTRAINT TRIGGER slow_decision AFTER INSERT ON items DEFERRABLE INITIALLY DEFERRED
+FOR EACH ROW WHEN (NEW.note = 'decider lost') EXECUTE FUNCTION slow_decision();
+"""
+
+
+def terminate_once_committing(cluster, stop: threading.Event) -> None:
+    """End the shard's session that runs a COMMIT, as soon as one does."""
+    committing = ("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE state = 'active' "
+                  "AND query = 'COMMIT'")
+    with psycopg.connect(cluster.primary.dsn(), autocommit=True) as conn:
+        while not stop.is_set() and not conn.execute(committing).fetchall():
+            time.sleep(0.005)
+
+
+def test_the_first_shard_lost_during_its_commit_leaves_the_outcome_to_recovery(sandbox, shards, names, proxy):
+    """The first shard's COMMIT (the decision) is slow, and its session ends meanwhile: the proxy cannot know
+    whether it committed, so the client gets 08007; in-doubt recovery then reads the first shard's record of the
+    transaction (aborted) and rolls back the second shard's prepared transaction."""
+    a, b = apart(names, 1400)
+    direct(shards[0], SLOW_DECISION)
+    patient = start_proxy(sandbox, shards, "txn-decider-lost", routing={"in_doubt_after": "1s"})
+    stop = threading.Event()
+    killer = threading.Thread(target=terminate_once_committing, args=(shards[0], stop))
+    try:
+        with connect(patient) as conn:
+            conn.execute("INSERT INTO items (user_id, v, note) VALUES (%s, 1, 'decider lost')", (a,))
+            conn.execute("INSERT INTO items (user_id, v, note) VALUES (%s, 1, 'decider lost')", (b,))
+            killer.start()
+            with pytest.raises(psycopg.errors.TransactionResolutionUnknown):
+                conn.commit()
+        assert wait_until(lambda: not any(on_shards(shards, "SELECT gid FROM pg_prepared_xacts")), 15)
+        assert notes(shards, "decider lost") == [[], []]
+        assert "resolved: rollback on" in patient.log()
+    finally:
+        stop.set()
+        if killer.is_alive():
+            killer.join()
+        patient.stop()
+        direct(shards[0], "DROP TRIGGER slow_decision ON items; DROP FUNCTION slow_decision()")
+
+
 def kill_while_preparing(proxy, cluster, stop: threading.Event) -> None:
     """SIGKILL the proxy as soon as the shard runs a PREPARE TRANSACTION: a two-phase commit in flight."""
     preparing = ("SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "

@@ -3,7 +3,8 @@
 A Leg is a ClientSession that stands in for the real client on one shard: it borrows a server connection and
 runs batches of the client's messages on it through the same data path (its named statements and session
 parameters are the client's), collecting the responses instead of sending them, so that what the client sees can
-be built from every shard's answers (scatter.py, everywhere.py).
+be built from every shard's answers (scatter.py, everywhere.py). `exchange` sends a batch to each of several legs
+at once and waits once for all their answers (the rounds of a commit across shards, twophase.py).
 """
 
 from __future__ import annotations

@@ -119,6 +119,8 @@ async def _two_phases(decider: Leg, others: list[Leg], readers: list[Leg], gid: 
         return Outcome(refused, two_phase=True)
     decided = error_of((await exchange([decider], [_COMMIT]))[0])
     if decided is not None and decider.error is not None:  # lost: its COMMIT may have run, or not
+        log.warning("connection to %s lost during the COMMIT that decides %s: in-doubt recovery finishes it",
+                    _shard(decider), gid)
         return Outcome(pg.PostgresError(pg.TRANSACTION_RESOLUTION_UNKNOWN, "shardproxy: the connection to the first "
                                         f"shard ({_shard(decider)}) was lost during COMMIT; in-doubt recovery "
                                         "commits or rolls back every shard as that shard decided"), two_phase=True)
