@@ -47,14 +47,21 @@ def prepare(cluster, gid: str, tag: str) -> None:
         conn.execute(f"PREPARE TRANSACTION '{gid}'")
 
 
+def begin_decider(proxy, cluster, tag: str) -> tuple[psycopg.Connection, str]:
+    """The decider's part of a two-phase commit, left open: a transaction on `cluster` that inserts `tag`; and the
+    gid a proxy would have given it, signed with the proxy's key."""
+    conn = psycopg.connect(cluster.primary.dsn(user="app", dbname=APP_DB), autocommit=True)
+    conn.execute("BEGIN")
+    conn.execute("INSERT INTO doubts VALUES (%s)", (tag,))
+    (xid,) = conn.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()
+    return conn, new_gid(cluster.name, xid, signing_key(load_config(proxy.config_path)))
+
+
 def decide(proxy, cluster, tag: str, end: str) -> str:
-    """The decider's part of a two-phase commit: a transaction on `cluster` that inserts `tag`, ended by `end`
-    (PREPARE, COMMIT or ROLLBACK); the gid a proxy would have given it, signed with the proxy's key."""
-    with psycopg.connect(cluster.primary.dsn(user="app", dbname=APP_DB), autocommit=True) as conn:
-        conn.execute("BEGIN")
-        conn.execute("INSERT INTO doubts VALUES (%s)", (tag,))
-        (xid,) = conn.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()
-        gid = new_gid(cluster.name, xid, signing_key(load_config(proxy.config_path)))
+    """The decider's part of a two-phase commit, ended by `end`: COMMIT (as a proxy does), ROLLBACK, or PREPARE
+    (as proxies before it did, committing the decider first); its gid."""
+    conn, gid = begin_decider(proxy, cluster, tag)
+    with conn:
         conn.execute(f"PREPARE TRANSACTION '{gid}'" if end == "PREPARE" else end)
     return gid
 
@@ -103,7 +110,23 @@ def test_first_participant_aborted_so_the_others_roll_back(proxy, shards):
     assert f"in-doubt transaction {gid} resolved: rollback on" in proxy.log()
 
 
+def test_first_participant_still_deciding_leaves_the_others_prepared(proxy, shards):
+    """The decider's transaction is still open (its proxy is between the others' PREPARE and the decider's
+    COMMIT): passes leave the others prepared, however old, and commit them once the decider has committed."""
+    conn, gid = begin_decider(proxy, shards[0], "g")
+    with conn:
+        for cluster in shards[1:]:
+            prepare(cluster, gid, "g")
+        time.sleep(3)  # passes every second: the gid is old after the first
+        assert holders(shards, gid) == [cluster.name for cluster in shards[1:]]
+        conn.execute("COMMIT")
+    wait_resolved(shards, gid)
+    assert rows(shards, "g") == [1, 1, 1]
+    assert f"in-doubt transaction {gid} resolved: commit on" in proxy.log()
+
+
 def test_all_prepared_so_all_roll_back(proxy, shards):
+    """The decider prepared too, as proxies did before the decider committed plainly: nobody committed."""
     gid = decide(proxy, shards[1], "b", "PREPARE")
     for cluster in (shards[0], shards[2]):
         prepare(cluster, gid, "b")

@@ -299,6 +299,20 @@ def test_a_deferred_constraint_that_fails_at_prepare_rolls_back_every_shard(prox
     assert on_shards(shards, "SELECT user_id, code FROM pledges ORDER BY code") == [[], [(b, 77)]]
 
 
+def test_a_deferred_constraint_that_fails_at_the_first_shards_commit_rolls_back_every_shard(proxy, shards, names):
+    """Both shards wrote; the second prepares, then the first shard's COMMIT (the decision) fails its deferred
+    constraint: the second rolls its prepared transaction back, and the client gets the first shard's error."""
+    a, b = apart(names, 720)
+    with connect(proxy, autocommit=True) as conn:
+        conn.execute("INSERT INTO pledges (user_id, code) VALUES (%s, 78)", (a,))
+    with connect(proxy) as conn:
+        conn.execute("INSERT INTO pledges (user_id, code) VALUES (%s, 78)", (a,))  # checked at commit only
+        conn.execute("INSERT INTO pledges (user_id, code) VALUES (%s, 2)", (b,))
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            conn.commit()
+    assert on_shards(shards, "SELECT user_id, code FROM pledges WHERE code IN (2, 78)") == [[(a, 78)], []]
+
+
 def test_refuse_mode_keeps_a_transaction_on_one_shard(sandbox, shards, names, proxy):
     refusing = start_proxy(sandbox, shards, "txn-refuse", routing={"cross_shard_transactions": "refuse"})
     a, b = apart(names, 800)
@@ -488,11 +502,86 @@ FOR EACH ROW WHEN (NEW.user_id BETWEEN 3000 AND 3999) EXECUTE FUNCTION slow_prep
 """
 
 
-def kill_once_prepared(proxy, cluster, stop: threading.Event) -> None:
-    """SIGKILL the proxy as soon as the shard holds a prepared transaction: a two-phase commit in flight."""
+SLOW_COMMIT = """
+CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM pg_sleep(3); RETURN NULL; END $$;
+CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON items DEFERRABLE INITIALLY DEFERRED
+FOR EACH ROW WHEN (NEW.note = 'slow commit') EXECUTE FUNCTION slow_commit();
+"""
+
+
+def test_a_commit_slower_than_in_doubt_after_commits_whole(sandbox, shards, names, proxy):
+    """The second shard's PREPARE takes 3 s, while in-doubt recovery runs every second on what is prepared for
+    over a second (in_doubt_after: 1s). Meanwhile the first shard (the decider) holds an open transaction, never a
+    prepared one, so recovery has nothing of it to roll back: the commit goes through on both shards."""
+    a, b = apart(names, 1300)
+    direct(shards[1], SLOW_COMMIT)
+    patient = start_proxy(sandbox, shards, "txn-slow-commit", routing={"in_doubt_after": "1s"})
+    try:
+        with connect(patient) as conn:
+            conn.execute("INSERT INTO items (user_id, v, note) VALUES (%s, 1, 'slow commit')", (a,))
+            conn.execute("INSERT INTO items (user_id, v, note) VALUES (%s, 1, 'slow commit')", (b,))
+            started = time.monotonic()
+            conn.commit()
+            assert time.monotonic() - started > 2.5  # (the trigger did slow the commit down)
+        assert notes(shards, "slow commit") == [[a], [b]]
+        assert "in-doubt transaction" not in patient.log()
+    finally:
+        patient.stop()
+        direct(shards[1], "DROP TRIGGER slow_commit ON items; DROP FUNCTION slow_commit()")
+
+
+SLOW_DECISION = """
+CREATE FUNCTION slow_decision() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM pg_sleep(5); RETURN NULL; END $$;
+CREATE CONSTRAINT TRIGGER slow_decision AFTER INSERT ON items DEFERRABLE INITIALLY DEFERRED
+FOR EACH ROW WHEN (NEW.note = 'decider lost') EXECUTE FUNCTION slow_decision();
+"""
+
+
+def terminate_once_committing(cluster, stop: threading.Event) -> None:
+    """End the shard's session that runs a COMMIT, as soon as one does."""
+    committing = ("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE state = 'active' "
+                  "AND query = 'COMMIT'")
+    with psycopg.connect(cluster.primary.dsn(), autocommit=True) as conn:
+        while not stop.is_set() and not conn.execute(committing).fetchall():
+            time.sleep(0.005)
+
+
+def test_the_first_shard_lost_during_its_commit_leaves_the_outcome_to_recovery(sandbox, shards, names, proxy):
+    """The first shard's COMMIT (the decision) is slow, and its session ends meanwhile: the proxy cannot know
+    whether it committed, so the client gets 08007; in-doubt recovery then reads the first shard's record of the
+    transaction (aborted) and rolls back the second shard's prepared transaction."""
+    a, b = apart(names, 1400)
+    direct(shards[0], SLOW_DECISION)
+    patient = start_proxy(sandbox, shards, "txn-decider-lost", routing={"in_doubt_after": "1s"})
+    stop = threading.Event()
+    killer = threading.Thread(target=terminate_once_committing, args=(shards[0], stop))
+    try:
+        with connect(patient) as conn:
+            conn.execute("INSERT INTO items (user_id, v, note) VALUES (%s, 1, 'decider lost')", (a,))
+            conn.execute("INSERT INTO items (user_id, v, note) VALUES (%s, 1, 'decider lost')", (b,))
+            killer.start()
+            with pytest.raises(psycopg.errors.TransactionResolutionUnknown):
+                conn.commit()
+        assert wait_until(lambda: not any(on_shards(shards, "SELECT gid FROM pg_prepared_xacts")), 15)
+        assert notes(shards, "decider lost") == [[], []]
+        assert "resolved: rollback on" in patient.log()
+    finally:
+        stop.set()
+        if killer.is_alive():
+            killer.join()
+        patient.stop()
+        direct(shards[0], "DROP TRIGGER slow_decision ON items; DROP FUNCTION slow_decision()")
+
+
+def kill_while_preparing(proxy, cluster, stop: threading.Event) -> None:
+    """SIGKILL the proxy as soon as the shard runs a PREPARE TRANSACTION: a two-phase commit in flight."""
+    preparing = ("SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+                 "AND query LIKE 'PREPARE TRANSACTION %'")
     with psycopg.connect(cluster.primary.dsn(), autocommit=True) as conn:
         while not stop.is_set():
-            if conn.execute("SELECT count(*) FROM pg_prepared_xacts").fetchone()[0]:
+            if conn.execute(preparing).fetchone()[0]:
                 proxy.signal(signal.SIGKILL)
                 return
             time.sleep(0.005)
@@ -500,7 +589,8 @@ def kill_once_prepared(proxy, cluster, stop: threading.Event) -> None:
 
 def test_a_proxy_killed_during_commits_leaves_every_transfer_whole(sandbox, shards, names, proxy):
     """SIGKILL while transfers commit in two phases (the second shard's PREPARE made slow, so that the kill lands
-    between the phases); the restarted proxy's recovery undoes each transaction left prepared."""
+    between the phases: the first shard's transaction is open, the second's about to be prepared); the restarted
+    proxy's recovery undoes each transaction left prepared."""
     users = keys_on(names, 0, 3000, 3) + keys_on(names, 1, 3000, 3)
     open_accounts(proxy, users)
     direct(shards[1], SLOW_PREPARE)
@@ -508,7 +598,7 @@ def test_a_proxy_killed_during_commits_leaves_every_transfer_whole(sandbox, shar
     try:
         for _ in range(2):
             stop = threading.Event()
-            killer = threading.Thread(target=kill_once_prepared, args=(doomed, shards[0], stop))
+            killer = threading.Thread(target=kill_while_preparing, args=(doomed, shards[1], stop))
             killer.start()
             counts = transfers(doomed, users, clients=6, seconds=6)
             stop.set()

@@ -604,10 +604,9 @@ class Placement:
     async def _end_on_legs(self, commit: bool, implicit: bool, messages: list) -> None:
         legs = len(self.tx.legs)
         follow = [shard for shard in self.tx.legs if commit and self.proxy.pools.followed[shard]]
-        shard_names = [shard.name for shard in self.proxy.config.shards]
         two_phase = False
         try:
-            ending = await self.tx.end(self, shard_names, commit, follow)
+            ending = await self.tx.end(self, commit, follow)
             error, two_phase = ending.error, ending.two_phase
             self.min_lsn.update(ending.committed_at)
             if two_phase:

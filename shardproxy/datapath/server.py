@@ -59,6 +59,7 @@ class ServerConnection(ServerCore, Connection):
         self.created = self.last_used = time.monotonic()
         self.linked_at = 0.0  # when the current client got it, for transaction times (see Pool)
         self.cancels = 0  # cancel requests in flight: the connection is not reused until they land
+        self.prepared_transactions: int | None = None  # max_prepared_transactions, once a commit asked (twophase.py)
         # Called whenever every request sent has been answered; whoever holds the connection decides.
         self.on_ready: Callable[[ServerConnection], None] | None = None
         # The client's and our param_sql before a SET in the current transaction, restored if it rolls back.

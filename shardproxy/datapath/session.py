@@ -61,17 +61,20 @@ def out_of_date(error: dict[str, str]) -> bool:
 class ClientSession(ClientCore):
     """Statement names and session parameters of one client, on whichever server connection serves it."""
 
-    def __init__(self, core: ProxyCore, client_id: int, user: str, database: str, kind: str | None = None):
-        """kind: what its transactions count as in queries_total (a fanout leg's statement); None: by node role."""
+    def __init__(self, core: ProxyCore, client_id: int, user: str, database: str, kind: str | None = None,
+                 of: ClientSession | None = None):
+        """kind: what its transactions count as in queries_total (a fanout leg's statement); None: by node role.
+        of: the session whose statement names and parameters this one shares (a fanout leg's client)."""
         self.core = core
         self.id = client_id
         self.user, self.database, self.kind = user, database, kind
-        self.statements: dict[bytes, Statement] = {}  # the client's statement names
+        self.statements: dict[bytes, Statement] = {} if of is None else of.statements  # the client's statement names
         self.described: set[bytes] = set()  # names whose result columns the client asked for (Describe)
         # The linked server serves this client alone (session pooling): statements it drops go from there too.
         self.owns_server = False
-        self.params = session_params.shared({})  # reported parameters as the client set them, a shared dict
-        self.param_sql: dict[str, str] = {}  # unreported parameters: the client's last SET of each
+        # Reported parameters as the client set them, a shared dict; unreported ones: the client's last SET of each.
+        self.params = session_params.shared({}) if of is None else of.params
+        self.param_sql: dict[str, str] = {} if of is None else of.param_sql
 
     # -- named prepared statements --------------------------------------------------------------------
     def _parse(self, buf: Any, pos: int, end: int, out: list[bytes]) -> None:

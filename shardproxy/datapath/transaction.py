@@ -11,7 +11,6 @@ Sync of a batch whose implicit transaction spans shards) runs on every leg here,
 
 from __future__ import annotations
 
-import asyncio
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -20,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from shardproxy.cluster.topology import parse_lsn
 from shardproxy.datapath._core import ClientCore, PoolCore
-from shardproxy.datapath.fanout.legs import Leg, Message, split_messages
+from shardproxy.datapath.fanout.legs import Leg, Message, exchange, split_messages
 from shardproxy.datapath.fanout.twophase import commit, error_of
 from shardproxy.datapath.pending import HIDDEN_QUERY
 from shardproxy.datapath.session import ClientSession, raising_statement
@@ -102,8 +101,9 @@ class Transaction:
             self._tagged.clear()
 
     def sessions(self, client: ClientSession) -> dict[int, Leg]:
-        """A collecting session on every leg (in shard order), linked in place of the client."""
-        return {shard: _attach(client, server) for shard, server in sorted(self.legs.items())}
+        """A collecting session on every leg (in shard order), which its first batch links in place of the client
+        (see Transaction.release)."""
+        return {shard: Leg(client, server.pool, None, server) for shard, server in sorted(self.legs.items())}
 
     async def every_leg(self, client: ClientSession, pool_of: Callable[[int], Pool | None], shards: Iterable[int],
                         kind: str) -> list[Leg]:
@@ -118,11 +118,10 @@ class Transaction:
                 if pool is None:
                     self.detach(client, list(sessions.values()))
                     raise pg.PostgresError(pg.CANNOT_CONNECT_NOW, "shardproxy: a shard has no primary")
-                sessions[shard] = Leg(client, pool)
+                sessions[shard] = Leg(client, pool, kind)
                 self.applied[shard] = 0
             else:
-                sessions[shard] = _attach(client, server)
-            sessions[shard].kind = kind
+                sessions[shard] = Leg(client, server.pool, kind, server)
         try:
             failed = await self.catch_up(sessions)  # a new leg joins here: its BEGIN is the first of the log
         finally:
@@ -138,8 +137,8 @@ class Transaction:
         """The proxy's own error aborts the transaction as a server's would: one leg raises it, so that the
         client's next statements get PostgreSQL's 25P02 there (placement.py sends them to a failed leg) until the
         transaction ends."""
-        shard = min(self.legs)
-        session = _attach(client, self.legs[shard])
+        server = self.legs[min(self.legs)]
+        session = Leg(client, server.pool, None, server)
         try:
             await session.run(pg.query(raising_statement(error.code, error.message)))
         finally:
@@ -160,25 +159,25 @@ class Transaction:
         pending = {shard: b"".join(self.missed(shard)) + (self._tag_for(shard) if spans and shard not in self._tagged
                                                            else b"") for shard in sessions}
         todo = [shard for shard, batch in pending.items() if batch]
-        answers = await asyncio.gather(*(sessions[shard].run(pending[shard]) for shard in todo))
+        if not todo:  # (the usual: each leg ran the whole log when it was last used)
+            return None
+        answers = await exchange([sessions[shard] for shard in todo], [pending[shard] for shard in todo])
         return next((error for messages in answers if (error := error_of(messages)) is not None), None)
 
-    async def end(self, client: ClientSession, shard_names: list[str], commit_it: bool,
-                  follow: list[int]) -> Ending:
+    async def end(self, client: ClientSession, commit_it: bool, follow: list[int]) -> Ending:
         """Commit (or roll back) on every leg, then give every leg back to its pool. After a commit, the legs on
         the shards in `follow` are asked where the commit ends in their WAL (read-your-writes)."""
         sessions = self.sessions(client)
         try:
             failed = await self.catch_up(sessions)
             if failed is not None or not commit_it:
-                await asyncio.gather(*(leg.run(_ROLLBACK) for leg in sessions.values()))
+                await exchange(list(sessions.values()), [_ROLLBACK] * len(sessions))
                 return Ending(failed if commit_it else None)
             started = time.monotonic()
-            outcome = await commit(list(sessions.values()), [shard_names[s] for s in sessions],
-                                   client.core.two_phase_key)
+            outcome = await commit(list(sessions.values()), client.core.two_phase_key)
             ending = Ending(outcome.error, outcome.two_phase, time.monotonic() - started)
             if outcome.error is None and follow:
-                answers = await asyncio.gather(*(sessions[shard].run(_COMMIT_LSN) for shard in follow))
+                answers = await exchange([sessions[shard] for shard in follow], [_COMMIT_LSN] * len(follow))
                 ending.committed_at = {shard: lsn for shard, messages in zip(follow, answers)
                                        if (lsn := _lsn(messages)) is not None}
             return ending
@@ -199,13 +198,6 @@ class Transaction:
                 pool.unlink(server)
                 pool.discard(server)
         self.clear()
-
-
-def _attach(client: ClientSession, server: ServerConnection) -> Leg:
-    """A collecting session on `server`, which leaves the client's (see Transaction.release)."""
-    leg = Leg(client, server.pool)
-    ClientCore.link(leg, server)
-    return leg
 
 
 def statement_messages(buf: bytes | bytearray) -> tuple[list[Message], int]:

@@ -169,7 +169,7 @@ async def _copy_in(client: CopyClient, legs: list[Leg], spec: CopySpec, decision
     error = await copy.run(pg.query(decision.sql), before)
     two_phase = False
     if error is None and not in_transaction:
-        outcome = await commit(legs, [leg.pool.node.shard for leg in legs], client.core.two_phase_key)
+        outcome = await commit(legs, client.core.two_phase_key)
         error, two_phase = outcome.error, outcome.two_phase
     elif error is not None and not in_transaction:
         await run_legs(legs, [_ROLLBACK] * len(legs))

@@ -50,7 +50,7 @@ async def run_everywhere(client: ClientSession, legs: list[Leg], batches: list[b
         if error_fields(failed).get("C") == ACTIVE_SQL_TRANSACTION:
             raise NotTransactional  # VACUUM and the like: run without a transaction, on the same legs
         return join_messages(with_status(answer([failed]), pg.IDLE)), False
-    outcome = await commit(legs, [leg.pool.node.shard for leg in legs], client.core.two_phase_key)
+    outcome = await commit(legs, client.core.two_phase_key)
     if outcome.error is not None:
         return outcome.error.to_message() + pg.READY[pg.IDLE], outcome.two_phase
     return join_messages(with_status(answer(responses), pg.IDLE)), outcome.two_phase

@@ -3,7 +3,8 @@
 A Leg is a ClientSession that stands in for the real client on one shard: it borrows a server connection and
 runs batches of the client's messages on it through the same data path (its named statements and session
 parameters are the client's), collecting the responses instead of sending them, so that what the client sees can
-be built from every shard's answers (scatter.py, everywhere.py).
+be built from every shard's answers (scatter.py, everywhere.py). `exchange` sends a batch to each of several legs
+at once and waits once for all their answers (the rounds of a commit across shards, twophase.py).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from shardproxy.datapath._core import ProxyCore
+from shardproxy.datapath._core import ClientCore, ProxyCore
 from shardproxy.datapath.session import ClientSession
 from shardproxy.wire import protocol as pg
 from shardproxy.wire.protocol import Backend
@@ -62,17 +63,20 @@ def join_messages(messages: list[Message]) -> bytes:
 class Leg(ClientSession):
     """One shard's part of a multi-shard statement, on behalf of `client`."""
 
-    def __init__(self, client: ClientSession, pool: Pool, kind: str | None = None):
-        """kind: what its transaction counts as in queries_total: the statement's kind, not the node's role."""
-        super().__init__(client.core, client.id, client.user, client.database, kind)  # logs name the client
+    def __init__(self, client: ClientSession, pool: Pool, kind: str | None = None,
+                 parked: ServerConnection | None = None):
+        """kind: what its transaction counts as in queries_total: the statement's kind, not the node's role.
+        parked: a server connection of the client's transaction, which the leg's first batch links (else the
+        first batch takes one from the pool)."""
+        super().__init__(client.core, client.id, client.user, client.database, kind, client)  # logs name the client
         self.transport = Collector()
         self.max_message_size = _LIMITLESS
         self.pool = pool
         self.client = client
-        self.statements, self.params, self.param_sql = client.statements, client.params, client.param_sql
+        self.parked = parked
         self.unnamed = client.unnamed
         self.error: pg.PostgresError | None = None
-        self._answered: asyncio.Future[None] | None = None
+        self._waiting: Waiting | None = None  # what hears that the batch sent last is answered
         self.on_server_ready = self._ready  # what its server calls once the batch is answered
 
     @classmethod
@@ -85,32 +89,42 @@ class Leg(ClientSession):
         self.client.parameter_changed(name, value)  # the session is the client's
 
     async def run(self, batch: bytes) -> list[Message]:
-        """Send a batch and wait for every response to it."""
-        counted = self.server.commands if self.server is not None else 0
-        await self.start(batch)
-        if self.server is not None:  # in queries_total: a shard's part of a statement is one, the proxy's own none
-            self.server.commands = 1 if self.kind is not None else counted
+        """Send a batch and wait for every response to it; raises the leg's error if it failed."""
+        answers = (await exchange([self], [batch]))[0]
         if self.error is not None:
             raise self.error
-        return self.transport.take()
+        return answers
 
     def start(self, batch: bytes) -> asyncio.Future[None]:
-        """Send a batch (once a server connection is linked); the future is done when every response to it has
-        come, or the leg failed. The responses go to the leg's transport as they arrive."""
-        self._answered = answered = asyncio.get_running_loop().create_future()
-        if self.server is None:
-            self.buf = bytearray(batch)
-            self.pool.acquire(self)
-        else:
-            self._forward(batch)
+        """Send a batch; the future is done when every response to it has come, or the leg failed. The responses go
+        to the leg's transport as they arrive."""
+        answered = asyncio.get_running_loop().create_future()
+        self.send(batch, Waiting(answered, 1))
         return answered
+
+    def send(self, batch: bytes, waiting: Waiting) -> None:
+        """Send a batch (once a server connection is linked); `waiting` hears when it is answered, or the leg
+        failed."""
+        self._waiting = waiting
+        if self.server is not None:
+            self._forward(batch)
+            return
+        self.buf = bytearray(batch)
+        parked, self.parked = self.parked, None
+        if parked is None:
+            self.pool.acquire(self)
+        elif parked.closed:
+            self.fail(_lost())
+        else:
+            ClientCore.link(self, parked)  # (which sends the batch)
 
     async def settled(self) -> None:
         """Wait until the server has answered all it was sent and no cancel of the proxy's is still on its way
         to it (one that landed later could cancel the connection's next statement)."""
         while self.server is not None and (self.server.pending or self.server.cancels):
-            self._answered = asyncio.get_running_loop().create_future()
-            await self._answered
+            answered = asyncio.get_running_loop().create_future()
+            self._waiting = Waiting(answered, 1)
+            await answered
 
     def stop_waiting(self, error: pg.PostgresError) -> None:
         """Leave the pool's queue before a server connection was handed over: the batch never runs, and the leg
@@ -120,8 +134,9 @@ class Leg(ClientSession):
             self.fail(error)
 
     def _ready(self, server: ServerConnection | None) -> None:
-        if self._answered is not None and not self._answered.done():
-            self._answered.set_result(None)
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            waiting.arrived()
 
     def release(self) -> None:
         self.on_server_ready = None  # the bound method would keep this object in a cycle
@@ -141,14 +156,65 @@ class Leg(ClientSession):
     def server_lost(self, server: ServerConnection) -> None:
         if self.server is server:
             self.server = None
-            self.fail(pg.PostgresError(pg.CONNECTION_FAILURE, "shardproxy: server connection lost"))
+            self.fail(_lost())
 
     def _fatal(self, error: pg.PostgresError) -> None:
         self.fail(error)
 
 
+def _lost() -> pg.PostgresError:
+    return pg.PostgresError(pg.CONNECTION_FAILURE, "shardproxy: server connection lost")
+
+
+class Waiting:
+    """The legs yet to answer a batch sent to each, and the future done once none is left."""
+
+    __slots__ = ("future", "left")
+
+    def __init__(self, future: asyncio.Future[None], left: int):
+        self.future = future
+        self.left = left
+
+    def arrived(self) -> None:
+        self.left -= 1
+        if self.left <= 0 and not self.future.done():
+            self.future.set_result(None)
+
+
+async def exchange(legs: list[Leg], batches: list[bytes]) -> list[list[Message]]:
+    """Send each leg its batch at once and wait once for all their answers. A leg that failed (its connection
+    lost, say) answers with its error, as an ErrorResponse after whatever came before it; one that had failed
+    before is sent nothing."""
+    answered = asyncio.get_running_loop().create_future()
+    waiting = Waiting(answered, len(legs))
+    counted = []
+    for leg, batch in zip(legs, batches):
+        server = leg.server or leg.parked
+        counted.append(server.commands if server is not None else 0)
+        if leg.error is None:
+            leg.send(batch, waiting)
+        else:
+            waiting.arrived()
+    if waiting.left > 0:
+        await answered
+    answers = []
+    for leg, commands in zip(legs, counted):
+        if leg.server is not None:  # in queries_total: a shard's part of a statement is one, the proxy's own none
+            leg.server.commands = 1 if leg.kind is not None else commands
+        messages = leg.transport.take()
+        if leg.error is not None:
+            messages.append((Backend.ERROR_RESPONSE, leg.error.to_message()[5:]))
+        answers.append(messages)
+    return answers
+
+
 async def run_legs(legs: list[Leg], batches: list[bytes]) -> list[list[Message]]:
-    return list(await asyncio.gather(*(leg.run(batch) for leg, batch in zip(legs, batches))))
+    """Each leg's answers to its batch, sent to all at once; raises the first failed leg's error."""
+    answers = await exchange(legs, batches)
+    failed = next((leg.error for leg in legs if leg.error is not None), None)
+    if failed is not None:
+        raise failed
+    return answers
 
 
 def first_error(responses: list[list[Message]]) -> list[Message] | None:

@@ -2,12 +2,13 @@
 between PREPARE TRANSACTION and COMMIT PREPARED. They hold their locks until someone finishes them.
 
 No log is needed (see twophase.py): the gid names the first participant (the decider) and the decider's xid, and
-the decider commits before the others. So while the decider holds the gid prepared, nobody has committed: roll
-back everywhere. Once it does not, PostgreSQL's record of the decider's xid says whether it committed (commit
-everywhere) or aborted (its PREPARE failed or never came: roll back everywhere). While the decider cannot be
-reached, nothing is decided. Only transactions prepared more than routing.in_doubt_after ago are looked at, so
-commits in flight (of this proxy or another one) are never touched; passes by several proxies at once agree. A
-gid that is not signed with the fleet's key (twophase.read_gid) is not ours, whatever it looks like: left alone.
+the decider's plain COMMIT, after the others prepared, is the decision. So PostgreSQL's record of the decider's xid
+says whether it committed (commit everywhere), aborted (its COMMIT failed, or its connection closed before it: roll
+back everywhere), or is in progress (its proxy is still deciding: left alone). Proxies before this one prepared
+on the decider too, and committed it first: while the decider holds the gid prepared, nobody has committed (roll
+back everywhere). While the decider cannot be reached, nothing is decided. Only transactions prepared more than
+routing.in_doubt_after ago are looked at; passes by several proxies at once agree. A gid that is not signed with
+the fleet's key (twophase.read_gid) is not ours, whatever it looks like: left alone.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ async def resolve_in_doubt(proxy: RecoveryHost) -> None:
         if gid in held[decider]:
             await _finish(proxy, gid, False, holders, decider)
             continue
-        status = await _xact_status(proxy, decider, xid)
+        status = await _xact_status(proxy, decider, xid)  # "in progress": its proxy is still deciding
         if status in ("committed", "aborted"):
             await _finish(proxy, gid, status == "committed", holders, decider)
         elif status is None:

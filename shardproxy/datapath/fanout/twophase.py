@@ -2,25 +2,28 @@
 recoverable without a log.
 
 Before the commit every leg tells whether it wrote (whether PostgreSQL assigned its transaction an xid). Legs that
-only read commit plainly. With two or more writers, every writer prepares (PREPARE TRANSACTION, in parallel) under
-one name, the gid, which names the first writer (the decider) and the decider's own xid, signed with a key the
-proxies share. The decider commits first; the client is answered once the others have committed too. A commit left
-in doubt by a proxy that died is resolved from the decider alone (recovery.py): prepared there means nobody
-committed; gone there, PostgreSQL's record of the decider's xid (pg_xact_status) says whether it committed or
-aborted, so a PREPARE that failed on the decider while others prepared is rolled back everywhere. A gid whose
-signature does not check out was not made by a proxy of this fleet, and is never touched.
+only read commit plainly. With two or more writers, the first writer is the decider: every other writer prepares
+(PREPARE TRANSACTION, in parallel) under one name, the gid, which names the decider's shard and the decider's own
+xid, signed with a key the proxies share. Then the decider commits plainly: its COMMIT is the decision. Then the
+others commit their prepared transactions, and the client is answered once they have, so that its next statement
+sees its writes on every shard. A commit left in doubt by a proxy that died is resolved from the decider alone
+(recovery.py): PostgreSQL's record of the decider's xid (pg_xact_status) says whether it committed (commit
+everywhere), aborted (its COMMIT failed, or never came before its connection closed: roll back everywhere), or is
+still in progress (its proxy is still deciding: leave it). Proxies before this one prepared on the decider too and
+committed it first: a gid still prepared there means nobody committed (roll back everywhere). A gid whose signature
+does not check out was not made by a proxy of this fleet, and is never touched.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import logging
 from dataclasses import dataclass
+from functools import lru_cache
 
 from shardproxy.config import Config
-from shardproxy.datapath.fanout.legs import Leg, Message, error_fields, first_error
+from shardproxy.datapath.fanout.legs import Leg, Message, exchange
 from shardproxy.datapath.params import literal
 from shardproxy.wire import protocol as pg
 from shardproxy.wire.protocol import Backend
@@ -29,8 +32,10 @@ log = logging.getLogger("shardproxy.fanout")
 
 GID_PREFIX = "shardproxy:"
 _MAC_LENGTH = 16  # hex digits: with a 150-byte shard name and a 20-digit xid, a gid stays under PostgreSQL's 200
-_ASK = pg.query("SELECT pg_current_xact_id_if_assigned(), current_setting('max_prepared_transactions')")
+_ASK = pg.query("SELECT pg_current_xact_id_if_assigned()")
+_ASK_WITH_SETTING = pg.query("SELECT pg_current_xact_id_if_assigned(), current_setting('max_prepared_transactions')")
 _COMMIT = pg.query("COMMIT")
+_ROLLBACK = pg.query("ROLLBACK")
 
 
 def signing_key(config: Config) -> bytes:
@@ -59,7 +64,15 @@ def read_gid(gid: str, key: bytes) -> tuple[str, int] | None:
 
 
 def _mac(key: bytes, decider: str, xid: int) -> str:
-    return hmac.new(key, f"{decider}:{xid}".encode(), hashlib.sha256).hexdigest()[:_MAC_LENGTH]
+    mac = _keyed(key).copy()
+    mac.update(f"{decider}:{xid}".encode())
+    return mac.hexdigest()[:_MAC_LENGTH]
+
+
+@lru_cache(maxsize=4)
+def _keyed(key: bytes) -> hmac.HMAC:
+    """An HMAC with the key in, copied for each gid: keying it anew costs more than the gid's own bytes."""
+    return hmac.new(key, digestmod=hashlib.sha256)
 
 
 @dataclass
@@ -70,71 +83,90 @@ class Outcome:
     two_phase: bool = False
 
 
-async def commit(legs: list[Leg], shards: list[str], key: bytes) -> Outcome:
-    """Commit the transaction open on every leg (legs[i] on shard shards[i], in the shards' order). Every leg's
-    transaction is over afterwards, committed or rolled back."""
-    answers = await _gather(legs, [_ASK] * len(legs))
-    asked = [_answer(messages) for messages in answers]
-    failed = next((error for error, *_ in asked if error is not None), None)
-    if failed is not None:  # aborted already: roll back, and the client learns why
-        await _gather(legs, [pg.query("ROLLBACK")] * len(legs))
-        return Outcome(failed)
-    writers = [i for i, (_, xid, _) in enumerate(asked) if xid is not None]
-    if len(writers) <= 1 or any(asked[i][2] == 0 for i in writers):  # (no prepared transactions: plain commits)
-        committed = await _gather(legs, [_COMMIT] * len(legs))
-        errors = [error_of(messages) for messages in committed]
+async def commit(legs: list[Leg], key: bytes) -> Outcome:
+    """Commit the transaction open on every leg (one per shard, in the shards' order). Every leg's transaction is
+    over afterwards: committed, rolled back, or, if the decider's connection was lost during its COMMIT, prepared
+    until in-doubt recovery finishes it."""
+    xids = []
+    for leg, messages in zip(legs, await exchange(legs, [_ask(leg) for leg in legs])):
+        failed = error_of(messages)
+        if failed is not None:  # aborted already: roll back, and the client learns why
+            await exchange(legs, [_ROLLBACK] * len(legs))
+            return Outcome(failed)
+        xids.append(_xid(leg, messages))
+    writers = [i for i, xid in enumerate(xids) if xid is not None]
+    # One writer, or a writer whose server takes no prepared transactions: plain commits.
+    if len(writers) <= 1 or not all(_prepared_transactions(legs[i]) for i in writers):
+        errors = [error_of(messages) for messages in await exchange(legs, [_COMMIT] * len(legs))]
         return Outcome(next((errors[i] for i in writers if errors[i] is not None), None))
-    readers = [i for i in range(len(legs)) if i not in writers]
-    decider = writers[0]
-    xid = asked[decider][1]
+    decider, xid = legs[writers[0]], xids[writers[0]]
     assert xid is not None
-    gid = literal(new_gid(shards[decider], xid, key))
-    statements = {i: pg.query(f"PREPARE TRANSACTION {gid}") for i in writers} | {i: _COMMIT for i in readers}
-    prepared = await _gather([legs[i] for i in statements], list(statements.values()))
-    refusals = {i: error_of(messages) for i, messages in zip(statements, prepared) if i in writers}
-    refused = next((error for error in refusals.values() if error is not None), None)
-    if refused is not None:
-        undo = [i for i, error in refusals.items() if error is None]
-        await _gather([legs[i] for i in undo], [pg.query(f"ROLLBACK PREPARED {gid}")] * len(undo))
+    gid = literal(new_gid(_shard(decider), xid, key))
+    readers = [leg for leg, xid in zip(legs, xids) if xid is None]
+    return await _two_phases(decider, [legs[i] for i in writers[1:]], readers, gid)
+
+
+async def _two_phases(decider: Leg, others: list[Leg], readers: list[Leg], gid: str) -> Outcome:
+    """The others prepare (and the readers commit: what they read is over, whatever the writers decide); the
+    decider's COMMIT decides; the others finish as it decided."""
+    answers = await exchange(others + readers, [pg.query(f"PREPARE TRANSACTION {gid}")] * len(others)
+                             + [_COMMIT] * len(readers))
+    refusals = [error_of(messages) for messages in answers[: len(others)]]
+    refused = next((error for error in refusals if error is not None), None)
+    if refused is not None:  # the decider's rollback decides, should an undo of a PREPARE not arrive
+        prepared = [leg for leg, error in zip(others, refusals) if error is None]
+        await exchange([decider, *prepared], [_ROLLBACK] + [pg.query(f"ROLLBACK PREPARED {gid}")] * len(prepared))
         return Outcome(refused, two_phase=True)
-    done = await legs[decider].run(pg.query(f"COMMIT PREPARED {gid}"))
-    if first_error([done]) is not None:
-        return Outcome(pg.PostgresError(pg.INTERNAL_ERROR, "shardproxy: COMMIT PREPARED failed on the first shard; "
-                                        "in-doubt recovery commits or rolls back every shard as that shard "
-                                        "decided"), two_phase=True)
-    # Decided: committed on the decider. A shard that fails now gets the commit from in-doubt recovery.
-    others = [i for i in writers if i != decider]
-    results = await asyncio.gather(*(legs[i].run(pg.query(f"COMMIT PREPARED {gid}")) for i in others),
-                                   return_exceptions=True)
-    unfinished = [shards[i] for i, result in zip(others, results)
-                  if isinstance(result, BaseException) or first_error([result]) is not None]
+    decided = error_of((await exchange([decider], [_COMMIT]))[0])
+    if decided is not None and decider.error is not None:  # lost: its COMMIT may have run, or not
+        log.warning("connection to %s lost during the COMMIT that decides %s: in-doubt recovery finishes it",
+                    _shard(decider), gid)
+        return Outcome(pg.PostgresError(pg.TRANSACTION_RESOLUTION_UNKNOWN, "shardproxy: the connection to the first "
+                                        f"shard ({_shard(decider)}) was lost during COMMIT; in-doubt recovery "
+                                        "commits or rolls back every shard as that shard decided"), two_phase=True)
+    ending = "COMMIT" if decided is None else "ROLLBACK"  # a COMMIT that fails (a deferred constraint) rolls back
+    finished = await exchange(others, [pg.query(f"{ending} PREPARED {gid}")] * len(others))
+    unfinished = [_shard(leg) for leg, messages in zip(others, finished) if error_of(messages) is not None]
     if unfinished:
-        log.warning("COMMIT PREPARED %s failed on %s: committed on the first shard, in-doubt recovery finishes it",
+        log.warning("%s PREPARED %s failed on %s: in-doubt recovery finishes it as the first shard decided", ending,
                     gid, ", ".join(unfinished))
-    return Outcome(None, two_phase=True)
+    return Outcome(decided, two_phase=True)
 
 
-async def _gather(legs: list[Leg], batches: list[bytes]) -> list[list[Message]]:
-    return list(await asyncio.gather(*(leg.run(batch) for leg, batch in zip(legs, batches))))
+def _shard(leg: Leg) -> str:
+    return leg.pool.node.shard
+
+
+def _ask(leg: Leg) -> bytes:
+    """Whether the leg's transaction wrote; and, the first time on its server connection, whether the server takes
+    prepared transactions (a setting that changes only with a restart, which ends the connection)."""
+    return _ASK if _prepared_transactions(leg) is not None else _ASK_WITH_SETTING
+
+
+def _prepared_transactions(leg: Leg) -> int | None:
+    """The leg's server's max_prepared_transactions, once asked on its connection."""
+    server = leg.server or leg.parked
+    return None if server is None else server.prepared_transactions
+
+
+def _xid(leg: Leg, messages: list[Message]) -> int | None:
+    """From the answer to _ask: the transaction's xid (None if it wrote nothing). A setting asked for is kept on
+    the server connection."""
+    for t, body in messages:
+        if t == Backend.DATA_ROW:
+            xid, *setting = _columns(body)
+            if setting:
+                leg.server.prepared_transactions = int(setting[0] or 0)
+            return None if xid is None else int(xid)
+    raise pg.PostgresError(pg.PROTOCOL_VIOLATION, "shardproxy: a shard sent no row for its transaction's xid")
 
 
 def error_of(messages: list[Message]) -> pg.PostgresError | None:
     """The ErrorResponse among a leg's answers, as the client gets it (the server's SQLSTATE and fields)."""
-    if first_error([messages]) is None:
-        return None
-    fields = error_fields(messages)
-    return pg.PostgresError(fields.get("C", pg.INTERNAL_ERROR), fields.get("M", ""), fields.get("S", "ERROR"), fields)
-
-
-def _answer(messages: list[Message]) -> tuple[pg.PostgresError | None, int | None, int]:
-    """The answer to _ASK: the error if the transaction is aborted, else its xid (None if it wrote nothing) and
-    the server's max_prepared_transactions."""
-    error = error_of(messages)
-    if error is not None:
-        return error, None, 0
-    row = next(body for t, body in messages if t == Backend.DATA_ROW)
-    xid, setting = _columns(row)
-    return None, (None if xid is None else int(xid)), int(setting or 0)
+    for t, body in messages:
+        if t == Backend.ERROR_RESPONSE:
+            return pg.PostgresError.from_body(body)
+    return None
 
 
 def _columns(row: bytes) -> list[str | None]:
