@@ -423,7 +423,7 @@ cdef class Endpoint:
         not bytes (a message that arrived over several reads, joined in a bytearray) goes through the transport
         too, and bytes sent after it wait their turn there."""
         cdef Py_ssize_t sent, n
-        if self.closed or self._write is None:
+        if self.closed or self._write is None or not data:  # (forwarding that stops at once has nothing to send)
             return
         if self._fd >= 0 and PyBytes_CheckExact(data):
             if not self._queued or not self._transport.get_write_buffer_size():
