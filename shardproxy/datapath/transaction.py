@@ -30,9 +30,10 @@ if TYPE_CHECKING:
     from shardproxy.datapath.pool import Pool
     from shardproxy.datapath.server import ServerConnection
 
-# The first key of the advisory lock each leg of a transaction on several shards holds, shared, until it ends: its
-# second key (the transaction's tag) names the transaction on every server, so deadlock detection (deadlocks.py)
-# in any proxy process sees which backends of different shards are one transaction.
+# The first key of the advisory lock the legs of a transaction on several shards take, shared, until it ends (with
+# a leg's first statement once the transaction spans shards, or at once when it waits): its second key (the
+# transaction's tag) names the transaction on every server, so deadlock detection (deadlocks.py) in any proxy
+# process sees which backends of different shards are one transaction.
 TAG_KEY = 0x53505844
 _ROLLBACK = pg.query("ROLLBACK")
 _NOTHING: list[bytes] = []  # (never changed)
@@ -69,15 +70,20 @@ class Transaction:
             if not legs:
                 self.started = time.monotonic()
             legs[shard] = server
-            if len(legs) > 1:  # it spans shards from now on: its parked legs take the tag at once, hidden
-                for other, parked in legs.items():
-                    if other != shard and other not in self._tagged:
-                        parked.pending.append(HIDDEN_QUERY)
-                        parked.write(self._tag_for(other))
-                return [*self.missed(shard), self._tag_for(shard)]
+        if len(legs) > 1 and shard not in self._tagged:  # it spans shards: the leg takes the tag before it can wait
+            return [*self.missed(shard), self._tag_for(shard)]
         if self.applied.get(shard, 0) == len(self.replay):
             return _NOTHING
         return self.missed(shard)
+
+    def tag_parked(self) -> None:
+        """The legs that hold no tag yet take it now, hidden: the transaction waits, and deadlock detection in any
+        proxy process must see that what these legs hold is this transaction's. (Only then: a leg takes the tag
+        with its next statement anyway, and most transactions never wait.)"""
+        for shard, server in self.legs.items():
+            if shard not in self._tagged and not server.pending and server.peer is None:
+                server.pending.append(HIDDEN_QUERY)
+                server.write(self._tag_for(shard))
 
     def _tag_for(self, shard: int) -> bytes:
         """The statement that tags the shard's leg (see TAG_KEY); from now on it counts as tagged."""
