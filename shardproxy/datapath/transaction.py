@@ -129,7 +129,7 @@ class Transaction:
             else:
                 sessions[shard] = Leg(client, server.pool, kind, server)
         try:
-            failed = await self.catch_up(sessions)  # a new leg joins here: its BEGIN is the first of the log
+            failed = await self.catch_up(sessions, tag=True)  # a new leg joins here: its BEGIN is the first of the log
         finally:
             for shard, leg in sessions.items():
                 if leg.server is not None:
@@ -158,10 +158,10 @@ class Transaction:
             if server is not None:
                 server.client, server.peer, server.on_ready = client, None, None
 
-    async def catch_up(self, sessions: dict[int, Leg]) -> pg.PostgresError | None:
-        """Run on each leg what it missed of the log (and the tag, if the transaction spans shards); the first
-        error, if any leg refused."""
-        spans = len(self.legs.keys() | sessions.keys()) > 1
+    async def catch_up(self, sessions: dict[int, Leg], tag: bool = False) -> pg.PostgresError | None:
+        """Run on each leg what it missed of the log (and, if `tag` and the transaction spans shards, the tag, for
+        the statement to come); the first error, if any leg refused."""
+        spans = tag and len(self.legs.keys() | sessions.keys()) > 1
         pending = {shard: b"".join(self.missed(shard)) + (self._tag_for(shard) if spans and shard not in self._tagged
                                                            else b"") for shard in sessions}
         todo = [shard for shard, batch in pending.items() if batch]
