@@ -114,6 +114,19 @@ def differential(conn: psycopg.Connection, reference, query: str, params: tuple 
     return rows
 
 
+def fails_and_aborts(proxy, error: type[Exception], *statements: str) -> None:
+    """Inside a transaction (psycopg's default), the last statement fails with `error` and aborts it: what
+    follows gets 25P02 until the rollback."""
+    with connect(proxy) as conn:
+        for sql in statements[:-1]:
+            conn.execute(sql)
+        with pytest.raises(error):
+            conn.execute(statements[-1])
+        with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+            conn.execute("SELECT 1")
+        conn.rollback()
+
+
 def assert_clean(proxy, shards) -> None:
     """Once its clients left: no server connection held, none left inside a transaction, no prepared transaction
     behind."""
@@ -189,13 +202,8 @@ def test_a_keyless_write_that_fails_on_one_shard_changes_none(proxy, shards, nam
         with pytest.raises(psycopg.errors.CheckViolation):  # the server's own error: only user 30's rows fail
             conn.execute("UPDATE wallets SET amount = amount + 970")
         assert conn.execute("SELECT 1").fetchone() == (1,)
-    with connect(proxy) as conn:
-        conn.execute("UPDATE wallets SET amount = 0 WHERE n = 0")
-        with pytest.raises(psycopg.errors.CheckViolation):
-            conn.execute("UPDATE wallets SET amount = amount + 970")
-        with pytest.raises(psycopg.errors.InFailedSqlTransaction):
-            conn.execute("SELECT 1")
-        conn.rollback()
+    fails_and_aborts(proxy, psycopg.errors.CheckViolation, "UPDATE wallets SET amount = 0 WHERE n = 0",
+                     "UPDATE wallets SET amount = amount + 970")
     assert placed(shards, names) == before
     assert_clean(proxy, shards)
 
@@ -314,12 +322,7 @@ def test_a_failing_row_leaves_no_row_anywhere(proxy, shards, names, wallets):
         with pytest.raises(psycopg.errors.UniqueViolation):
             conn.execute("INSERT INTO wallets (user_id, n, amount) VALUES (%s, 0, 1), (%s, 0, 1)", (users[0], 1))
         assert conn.execute("SELECT 1").fetchone() == (1,)
-    with connect(proxy) as conn:
-        with pytest.raises(psycopg.errors.UniqueViolation):
-            conn.execute(f"INSERT INTO wallets (user_id, n, amount) VALUES {values}")
-        with pytest.raises(psycopg.errors.InFailedSqlTransaction):
-            conn.execute("SELECT 1")
-        conn.rollback()
+    fails_and_aborts(proxy, psycopg.errors.UniqueViolation, f"INSERT INTO wallets (user_id, n, amount) VALUES {values}")
     assert placed(shards, names) == before
     assert_clean(proxy, shards)
 

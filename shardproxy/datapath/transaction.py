@@ -162,8 +162,11 @@ class Transaction:
         """Run on each leg what it missed of the log (and, if `tag` and the transaction spans shards, the tag, for
         the statement to come); the first error, if any leg refused."""
         spans = tag and len(self.legs.keys() | sessions.keys()) > 1
-        pending = {shard: b"".join(self.missed(shard)) + (self._tag_for(shard) if spans and shard not in self._tagged
-                                                           else b"") for shard in sessions}
+        pending: dict[int, bytes] = {}
+        for shard in sessions:
+            pending[shard] = b"".join(self.missed(shard))
+            if spans and shard not in self._tagged:
+                pending[shard] += self._tag_for(shard)
         todo = [shard for shard, batch in pending.items() if batch]
         if not todo:  # (the usual: each leg ran the whole log when it was last used)
             return None
