@@ -381,6 +381,43 @@ def test_metrics_count_transactions_by_the_shards_they_touched(proxy, names):
     assert grew("shardproxy_two_phase_commit_seconds_count") == 1
 
 
+def test_a_notify_from_a_shard_that_only_read_arrives_after_a_commit_across_shards(proxy, shards, names):
+    """One shard wrote; the shard used last only read and sent a NOTIFY, which PostgreSQL cannot prepare: the
+    commit learns that this leg wrote nothing before it prepares anything, commits it plainly, and the listener
+    gets the notification."""
+    a, b = apart(names, 960)
+    with psycopg.connect(shards[1].primary.dsn("app", "secret", APP_DB), autocommit=True) as listener:
+        listener.execute("LISTEN shardproxy_test")
+        with connect(proxy) as conn:
+            conn.execute("INSERT INTO items (user_id, note) VALUES (%s, 'notified')", (a,))
+            conn.execute("SELECT * FROM items WHERE user_id = %s", (b,))
+            conn.execute("NOTIFY shardproxy_test, 'from the second shard'")
+            conn.commit()
+        heard = [notify.payload for notify in listener.notifies(timeout=5, stop_after=1)]
+    assert heard == ["from the second shard"]
+    assert notes(shards, "notified") == [[a], []]
+
+
+def test_a_write_statement_that_wrote_nothing_commits_with_the_shard_that_did(proxy, shards, names):
+    """The shard used last ran an UPDATE that matched no row: it is prepared with the commit's first round (it
+    ran a write), found to have written nothing, and finishes with the other shard's plain COMMIT; the commit
+    counts as one on several shards, not a two-phase one."""
+    a, b = apart(names, 980)
+    before = scrape(proxy)
+    with connect(proxy) as conn:
+        conn.execute("INSERT INTO items (user_id, note) VALUES (%s, 'wrote alone')", (a,))
+        assert conn.execute("UPDATE items SET v = 1 WHERE user_id = %s AND note = 'none such'", (b,)).rowcount == 0
+        conn.commit()
+    after = scrape(proxy)
+    assert notes(shards, "wrote alone") == [[a], []]
+
+    def grew(kind: str) -> float:
+        key = ("shardproxy_transactions_total", (("shards", kind),))
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert (grew("multi"), grew("two_phase")) == (1, 0)
+
+
 # -- distributed deadlocks ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def other_proxy(sandbox, shards, proxy):

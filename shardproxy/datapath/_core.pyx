@@ -209,6 +209,21 @@ def data_rows_end(buf, Py_ssize_t pos) -> int:
     return pos
 
 
+def split_messages(buf) -> list:
+    """The complete messages in buf, as (type, body) pairs: what the proxy reads of the answers it collects (the
+    rounds of a commit across shards run one per statement)."""
+    cdef const unsigned char* p = _chars(buf)
+    cdef Py_ssize_t n = len(buf), pos = 0, end
+    cdef list messages = []
+    while n - pos >= 5:
+        end = pos + 1 + _length(p + pos + 1)
+        if end > n:
+            break
+        messages.append((p[pos], PyBytes_FromStringAndSize(<const char*>p + pos + 5, end - pos - 5)))
+        pos = end
+    return messages
+
+
 def bind_statement(buf, Py_ssize_t pos, Py_ssize_t end):
     """The statement name of the Bind at buf[pos:end] (b"" for the unnamed one); None if malformed."""
     cdef const unsigned char* p = _chars(buf)

@@ -3,9 +3,9 @@
 Transaction A holds a row on shard 0 and waits for one on shard 1, which B holds while it waits for A's row on
 shard 0: each server sees one plain lock wait, so PostgreSQL's own deadlock detector never fires. The legs of a
 transaction on several shards hold a shared advisory lock whose key is the transaction's tag (transaction.py:
-taken with a leg's next statement, or at once by its parked legs when the transaction waits), so the servers
-themselves say which backends of different shards are one transaction, whichever proxy process (a worker,
-another proxy of the fleet) runs it. Once a leg of such a transaction of this process has waited half of
+taken with a leg's first statement once the transaction spans shards, or as the client moves off a leg), so the
+servers themselves say which backends of different shards are one transaction, whichever proxy process (a
+worker, another proxy of the fleet) runs it. Once a leg of such a transaction of this process has waited half of
 routing.deadlock_timeout for its statement, a pass asks every shard's primary for its lock waits (who waits
 for whom: pg_blocking_pids) and its tagged backends, and looks for a cycle through this process's waiting
 transactions in the graph "transaction waits for transaction" (a backend without a tag stands for itself). A
@@ -71,8 +71,6 @@ class Deadlocks:
             return
         patience = self.proxy.config.routing.deadlock_timeout / 2
         waits = self._waits()
-        for wait in waits:  # the servers must see whose locks the parked legs hold by the time a pass looks
-            wait.client.tx.tag_parked()
         if any(now - w.since >= patience for w in waits):
             self.task = asyncio.get_running_loop().create_task(self._pass(waits))
 

@@ -155,6 +155,7 @@ class Placement:
         self.min_lsn: dict[int, int] = {}  # per shard: the WAL position of this client's last commit there
         self.avoid: set[str] = set()  # nodes that just refused a connection, for this transaction
         self.decided: BatchRoute | None = None  # the routing of the batch being linked
+        self._stopped_at: BatchRoute | None = None  # the routing of the batch forwarding stopped before
         self._refusal = ""  # the message of the statement to refuse, or "" to answer it with _local_reply
         self._local_reply = _SET_DONE
         self._left_batch = False  # forwarding stopped within a batch: the leg's part ended with a hidden Sync
@@ -163,6 +164,9 @@ class Placement:
     def _batch_route(self, buf, start: int) -> BatchRoute | None:
         """The routing of the batch at `start`, decided by its first Bind that names a shard (or every shard),
         else by its first Bind. None while the deciding message has not fully arrived."""
+        if start == 0 and self._stopped_at is not None:  # routed already, on the leg that stopped before it
+            found, self._stopped_at = self._stopped_at, None
+            return found
         n = len(buf)
         pos = start
         unnamed = self.unnamed
@@ -407,7 +411,8 @@ class Placement:
             self._local_reply = _SET_DONE if kind == "set_shard_key" else _RESET_DONE
             return named4(HereVerdict, batch_end, decider, decider, True)
         verdict = self._verdict(decision, within_batch=False)
-        if verdict is _STOP:
+        if verdict is _STOP:  # the batch will start the client's buffer, where it goes next
+            self._stopped_at = named4(BatchRoute, decision, batch_end - pos, decider - pos, standalone)
             return _STOPS_HERE
         if verdict is _REFUSE:
             return named4(HereVerdict, batch_end, decider, decider, True)
@@ -432,8 +437,10 @@ class Placement:
         if (route.shard == self.shard and route.target == "shard" and route.kind in _PLAIN
                 and server.status != pg.FAILED_TRANSACTION and (self.on_primary or not route.write)):
             self.tx.data.add(self.shard)  # the usual case, first: a statement for the active leg's shard
-            if route.write and not self.wrote:
-                self.wrote = self.proxy.pools.followed[self.shard]
+            if route.write:
+                self.tx.writes.add(self.shard)
+                if not self.wrote:
+                    self.wrote = self.proxy.pools.followed[self.shard]
             return _GO
         kind, target = route.kind, route.target
         explicit = bool(self.replay)
@@ -468,7 +475,9 @@ class Placement:
                     return self._refuse_with(f"shardproxy: this transaction runs on a replica of shard "
                                              f"{self._shard_name(self.shard)}; a write cannot join it")
                 self.tx.data.add(self.shard)
-                self.wrote = self.wrote or (route.write and self.proxy.pools.followed[self.shard])
+                if route.write:
+                    self.tx.writes.add(self.shard)
+                    self.wrote = self.wrote or self.proxy.pools.followed[self.shard]
                 return _GO
             if not in_transaction:
                 return _STOP
@@ -547,7 +556,11 @@ class Placement:
         self._dispatch()  # with legs and none active: _start goes on where the next statement must
 
     def _activate(self, shard: int) -> None:
-        """Make the shard's leg the active one, joining the shard first if the transaction has no leg there."""
+        """Make the shard's leg the active one, joining the shard first if the transaction has no leg there. The
+        leg the client leaves tells meanwhile whether it wrote (Transaction.park)."""
+        left = self.tx.legs.get(self.shard)
+        if left is not None and shard != self.shard:
+            self.tx.park(self.shard, left)
         self.shard = shard
         server = self.tx.legs.get(shard)
         if server is not None:

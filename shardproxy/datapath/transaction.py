@@ -4,7 +4,8 @@ every leg must have run (BEGIN, SETs, savepoints), and its end across the legs.
 The client forwards to one leg at a time (placement.py); the others wait, parked, inside the transaction. A leg
 that joins late, or has been parked while the client ran a SET or a SAVEPOINT elsewhere, first runs what it missed
 of the log, so every leg is in the same transaction state when it runs a statement; a ROLLBACK TO reaches each leg
-the same way, which undoes exactly the work that leg did after the savepoint. The end (COMMIT, ROLLBACK, or the
+the same way, which undoes exactly the work that leg did after the savepoint. A leg the client moves off tells,
+hidden, whether it wrote, for the commit to come (park). The end (COMMIT, ROLLBACK, or the
 Sync of a batch whose implicit transaction spans shards) runs on every leg here, each through a collecting session
 (fanout/legs.py), with two-phase commit where two or more legs wrote (fanout/twophase.py).
 """
@@ -20,8 +21,8 @@ from typing import TYPE_CHECKING
 from shardproxy.cluster.topology import parse_lsn
 from shardproxy.datapath._core import ClientCore, PoolCore
 from shardproxy.datapath.fanout.legs import Leg, Message, exchange, split_messages
-from shardproxy.datapath.fanout.twophase import commit, error_of
-from shardproxy.datapath.pending import HIDDEN_QUERY
+from shardproxy.datapath.fanout.twophase import UNKNOWN, WRITING, columns, commit, error_of, read_xid, wrote_columns
+from shardproxy.datapath.pending import Action, Kind, Request
 from shardproxy.datapath.session import ClientSession, raising_statement
 from shardproxy.wire import protocol as pg
 from shardproxy.wire.protocol import Backend, Frontend
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
     from shardproxy.datapath.server import ServerConnection
 
 # The first key of the advisory lock the legs of a transaction on several shards take, shared, until it ends (with
-# a leg's first statement once the transaction spans shards, or at once when it waits): its second key (the
+# a leg's first statement once the transaction spans shards, or as the client moves off a leg): its second key (the
 # transaction's tag) names the transaction on every server, so deadlock detection (deadlocks.py) in any proxy
 # process sees which backends of different shards are one transaction.
 TAG_KEY = 0x53505844
@@ -58,6 +59,8 @@ class Transaction:
         self.legs: dict[int, ServerConnection] = {}
         self.applied: dict[int, int] = {}  # per shard: how much of the log its leg has run
         self.data: set[int] = set()  # shards whose leg ran a statement naming that shard
+        self.writes: set[int] = set()  # shards whose leg ran a statement the router takes for a write
+        self.xids: dict[int, int | None] = {}  # per shard, once learnt since its leg last ran: its xid (None: none)
         self.started = 0.0  # when its first leg joined
         self.tag = 0  # once it spans shards: its number in every leg's advisory lock (TAG_KEY); 0 before
         self._tagged: set[int] = set()  # shards whose leg holds it or has been sent it
@@ -70,27 +73,43 @@ class Transaction:
             if not legs:
                 self.started = time.monotonic()
             legs[shard] = server
+        else:
+            self._may_write(shard)
         if len(legs) > 1 and shard not in self._tagged:  # it spans shards: the leg takes the tag before it can wait
-            return [*self.missed(shard), self._tag_for(shard)]
+            return [*self.missed(shard), pg.query("SELECT " + self._tag_for(shard))]
         if self.applied.get(shard, 0) == len(self.replay):
             return _NOTHING
         return self.missed(shard)
 
-    def tag_parked(self) -> None:
-        """The legs that hold no tag yet take it now, hidden: the transaction waits, and deadlock detection in any
-        proxy process must see that what these legs hold is this transaction's. (Only then: a leg takes the tag
-        with its next statement anyway, and most transactions never wait.)"""
-        for shard, server in self.legs.items():
-            if shard not in self._tagged and not server.pending and server.peer is None:
-                server.pending.append(HIDDEN_QUERY)
-                server.write(self._tag_for(shard))
+    def park(self, shard: int, server: ServerConnection) -> None:
+        """The client moves off the shard's leg, which waits inside the transaction: hidden, it tells whether its
+        transaction wrote (so that the commit needs no round to ask, twophase.py), and takes the tag, if it holds
+        none yet (the transaction spans shards now: deadlock detection must see what this leg holds)."""
+        asks, tags = shard not in self.xids, shard not in self._tagged
+        if server.status != pg.IN_TRANSACTION or not (asks or tags):
+            return
+        listed = [self._tag_for(shard)] if tags else []  # (first: its void is no part of what read_xid reads)
+        if asks:
+            listed.append(wrote_columns(server))
 
-    def _tag_for(self, shard: int) -> bytes:
-        """The statement that tags the shard's leg (see TAG_KEY); from now on it counts as tagged."""
+        def told(_: ServerConnection, t: int, body: bytes) -> None:
+            if asks and t == Backend.DATA_ROW and self.legs.get(shard) is server:
+                self.xids[shard] = read_xid(server, columns(body)[tags:])
+
+        server.pending.append(Request(Kind.QUERY, Action.HIDE, told))
+        server.write(pg.query("SELECT " + ", ".join(listed)))
+
+    def _may_write(self, shard: int) -> None:
+        """The shard's leg runs statements again: that it wrote nothing so far no longer tells."""
+        if shard in self.xids and self.xids[shard] is None:
+            del self.xids[shard]
+
+    def _tag_for(self, shard: int) -> str:
+        """What tags the shard's leg (see TAG_KEY), to select; from now on it counts as tagged."""
         if not self.tag:  # made of the time, so that the youngest transaction of a cycle has the highest tag
             self.tag = ((int(time.time() * 1000) & 0x7FFFF) << 12 | random.getrandbits(12)) or 1
         self._tagged.add(shard)
-        return pg.query(f"SELECT pg_advisory_xact_lock_shared({TAG_KEY}, {self.tag})")
+        return f"pg_advisory_xact_lock_shared({TAG_KEY}, {self.tag})"
 
     def missed(self, shard: int) -> list[bytes]:
         """What of the log the shard's leg has not run; from now on it counts as run."""
@@ -102,6 +121,8 @@ class Transaction:
         self.legs.clear()
         self.applied.clear()
         self.data.clear()
+        self.writes.clear()
+        self.xids.clear()
         if self.tag:
             self.tag = 0
             self._tagged.clear()
@@ -128,6 +149,7 @@ class Transaction:
                 self.applied[shard] = 0
             else:
                 sessions[shard] = Leg(client, server.pool, kind, server)
+                self._may_write(shard)
         try:
             failed = await self.catch_up(sessions, tag=True)  # a new leg joins here: its BEGIN is the first of the log
         finally:
@@ -166,7 +188,7 @@ class Transaction:
         for shard in sessions:
             pending[shard] = b"".join(self.missed(shard))
             if spans and shard not in self._tagged:
-                pending[shard] += self._tag_for(shard)
+                pending[shard] += pg.query("SELECT " + self._tag_for(shard))
         todo = [shard for shard, batch in pending.items() if batch]
         if not todo:  # (the usual: each leg ran the whole log when it was last used)
             return None
@@ -183,7 +205,8 @@ class Transaction:
                 await exchange(list(sessions.values()), [_ROLLBACK] * len(sessions))
                 return Ending(failed if commit_it else None)
             started = time.monotonic()
-            outcome = await commit(list(sessions.values()), client.core.two_phase_key)
+            xids = [self.xids.get(shard, WRITING if shard in self.writes else UNKNOWN) for shard in sessions]
+            outcome = await commit(list(sessions.values()), client.core.two_phase_key, xids)
             ending = Ending(outcome.error, outcome.two_phase, time.monotonic() - started)
             if outcome.error is None and follow:
                 answers = await exchange([sessions[shard] for shard in follow], [_COMMIT_LSN] * len(follow))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from shardproxy.datapath._core import ClientCore, ProxyCore
+from shardproxy.datapath._core import ClientCore, ProxyCore, split_messages
 from shardproxy.datapath.session import ClientSession
 from shardproxy.wire import protocol as pg
 from shardproxy.wire.protocol import Backend
@@ -44,16 +44,6 @@ class Collector:
         data = b"".join(self.chunks)
         self.chunks.clear()
         return split_messages(data)
-
-
-def split_messages(data: bytes) -> list[Message]:
-    messages = []
-    pos = 0
-    while pos + 5 <= len(data):
-        (length,) = pg.INT32.unpack_from(data, pos + 1)
-        messages.append((data[pos], data[pos + 5 : pos + 1 + length]))
-        pos += 1 + length
-    return messages
 
 
 def join_messages(messages: list[Message]) -> bytes:

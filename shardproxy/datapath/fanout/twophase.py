@@ -1,17 +1,19 @@
 """Committing a transaction whose legs span shards: plainly when at most one leg wrote, else in two phases,
 recoverable without a log.
 
-Before the commit every leg tells whether it wrote (whether PostgreSQL assigned its transaction an xid). Legs that
-only read commit plainly. With two or more writers, the first writer is the decider: every other writer prepares
-(PREPARE TRANSACTION, in parallel) under one name, the gid, which names the decider's shard and the decider's own
-xid, signed with a key the proxies share. Then the decider commits plainly: its COMMIT is the decision. Then the
-others commit their prepared transactions, and the client is answered once they have, so that its next statement
-sees its writes on every shard. A commit left in doubt by a proxy that died is resolved from the decider alone
-(recovery.py): PostgreSQL's record of the decider's xid (pg_xact_status) says whether it committed (commit
-everywhere), aborted (its COMMIT failed, or never came before its connection closed: roll back everywhere), or is
-still in progress (its proxy is still deciding: leave it). Proxies before this one prepared on the decider too and
-committed it first: a gid still prepared there means nobody committed (roll back everywhere). A gid whose signature
-does not check out was not made by a proxy of this fleet, and is never touched.
+What a leg's transaction wrote is known when PostgreSQL assigned it an xid: the proxy learns it as the client
+moves off a leg (Transaction.park), or asks here, in the commit's first round. Legs that only read commit plainly.
+With two or more writers, a writer whose xid is known is the decider: every other writer prepares (PREPARE
+TRANSACTION, in parallel; a leg not known to have written is asked and prepared in the same round) under one
+name, the gid, which names the decider's shard and the decider's own xid, signed with a key the proxies share.
+Then the decider commits plainly: its COMMIT is the decision. Then the others commit their prepared
+transactions, and the client is answered once they have, so that its next statement sees its writes on every
+shard. A commit left in doubt by a proxy that died is resolved from the decider alone (recovery.py):
+PostgreSQL's record of the decider's xid (pg_xact_status) says whether it committed (commit everywhere), aborted
+(its COMMIT failed, or never came before its connection closed: roll back everywhere), or is still in progress
+(its proxy is still deciding: leave it). Proxies before this one prepared on the decider too and committed it
+first: a gid still prepared there means nobody committed (roll back everywhere). A gid whose signature does not
+check out was not made by a proxy of this fleet, and is never touched.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import hmac
 import logging
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from shardproxy.config import Config
 from shardproxy.datapath.fanout.legs import Leg, Message, exchange
@@ -28,13 +31,25 @@ from shardproxy.datapath.params import literal
 from shardproxy.wire import protocol as pg
 from shardproxy.wire.protocol import Backend
 
+if TYPE_CHECKING:
+    from shardproxy.datapath.server import ServerConnection
+
 log = logging.getLogger("shardproxy.fanout")
 
 GID_PREFIX = "shardproxy:"
 _MAC_LENGTH = 16  # hex digits: with a 150-byte shard name and a 20-digit xid, a gid stays under PostgreSQL's 200
-_ASK = pg.query("SELECT pg_current_xact_id_if_assigned()")
-_ASK_WITH_SETTING = pg.query("SELECT pg_current_xact_id_if_assigned(), current_setting('max_prepared_transactions')")
+# Whether a leg's transaction wrote; and, the first time on its server connection, whether the server takes
+# prepared transactions (a setting that changes only with a restart, which ends the connection).
+_WROTE = "pg_current_xact_id_if_assigned()"
+_WROTE_AND_SETTING = _WROTE + ", current_setting('max_prepared_transactions')"
+_ASK = pg.query(f"SELECT {_WROTE}")
+_ASK_WITH_SETTING = pg.query(f"SELECT {_WROTE_AND_SETTING}")
 _COMMIT = pg.query("COMMIT")
+# In the xids commit is given, a leg whose xid is not known: it ran a statement that writes, so it is asked in
+# the round that prepares it; or not, so it is asked first (a leg that only read must not be prepared unasked: a
+# NOTIFY, say, cannot be prepared, and a failed PREPARE would lose it).
+WRITING = -2
+UNKNOWN = -1
 _ROLLBACK = pg.query("ROLLBACK")
 
 
@@ -83,52 +98,73 @@ class Outcome:
     two_phase: bool = False
 
 
-async def commit(legs: list[Leg], key: bytes) -> Outcome:
-    """Commit the transaction open on every leg (one per shard, in the shards' order). Every leg's transaction is
-    over afterwards: committed, rolled back, or, if the decider's connection was lost during its COMMIT, prepared
-    until in-doubt recovery finishes it."""
-    xids = []
-    for leg, messages in zip(legs, await exchange(legs, [_ask(leg) for leg in legs])):
-        failed = error_of(messages)
-        if failed is not None:  # aborted already: roll back, and the client learns why
-            await exchange(legs, [_ROLLBACK] * len(legs))
-            return Outcome(failed)
-        xids.append(_xid(leg, messages))
-    writers = [i for i, xid in enumerate(xids) if xid is not None]
-    # One writer, or a writer whose server takes no prepared transactions: plain commits.
-    if len(writers) <= 1 or not all(_prepared_transactions(legs[i]) for i in writers):
-        errors = [error_of(messages) for messages in await exchange(legs, [_COMMIT] * len(legs))]
-        return Outcome(next((errors[i] for i in writers if errors[i] is not None), None))
-    decider, xid = legs[writers[0]], xids[writers[0]]
+async def commit(legs: list[Leg], key: bytes, xids: list[int | None] | None = None) -> Outcome:
+    """Commit the transaction open on every leg (one per shard, in the shards' order). xids: what each leg's
+    transaction is known to have written: its xid, None if nothing, else WRITING or UNKNOWN (all, if not given).
+    Every leg's transaction is over afterwards: committed, rolled back, or, if the decider's connection was lost
+    during its COMMIT, prepared until in-doubt recovery finishes it."""
+    xids = list(xids) if xids is not None else [UNKNOWN] * len(legs)
+    unknown = [i for i, xid in enumerate(xids) if xid is not None and xid < 0]
+    writers = [i for i, xid in enumerate(xids) if xid is not None and xid >= 0]
+    if len(writers) + len(unknown) <= 1:  # at most one leg can have written: plain commits
+        return await _plain(legs, writers + unknown)
+    if not writers or any(xids[i] == UNKNOWN or not _prepared_transactions(legs[i]) for i in unknown):  # ask first
+        answers = await exchange([legs[i] for i in unknown], [_ask(legs[i]) for i in unknown])
+        for i, messages in zip(unknown, answers):
+            failed = error_of(messages)
+            if failed is not None:  # aborted already: roll back, and the client learns why
+                await exchange(legs, [_ROLLBACK] * len(legs))
+                return Outcome(failed)
+            xids[i] = _xid(legs[i], messages)
+        return await commit(legs, key, xids)
+    if not all(_prepared_transactions(legs[i]) for i in writers):  # a server takes no prepared transactions
+        return await _plain(legs, writers + unknown)
+    decider = writers[0]
+    xid = xids[decider]
     assert xid is not None
-    gid = literal(new_gid(_shard(decider), xid, key))
-    readers = [leg for leg, xid in zip(legs, xids) if xid is None]
-    return await _two_phases(decider, [legs[i] for i in writers[1:]], readers, gid)
+    gid = literal(new_gid(_shard(legs[decider]), xid, key))
+    return await _two_phases(legs[decider], [legs[i] for i in writers[1:]], [legs[i] for i in unknown],
+                             [leg for leg, xid in zip(legs, xids) if xid is None], gid)
 
 
-async def _two_phases(decider: Leg, others: list[Leg], readers: list[Leg], gid: str) -> Outcome:
-    """The others prepare (and the readers commit: what they read is over, whatever the writers decide); the
-    decider's COMMIT decides; the others finish as it decided."""
-    answers = await exchange(others + readers, [pg.query(f"PREPARE TRANSACTION {gid}")] * len(others)
-                             + [_COMMIT] * len(readers))
-    refusals = [error_of(messages) for messages in answers[: len(others)]]
+async def _plain(legs: list[Leg], writers: list[int]) -> Outcome:
+    """A plain COMMIT on every leg; the client gets a writer's error, if any."""
+    errors = [error_of(messages) for messages in await exchange(legs, [_COMMIT] * len(legs))]
+    return Outcome(next((errors[i] for i in writers if errors[i] is not None), None))
+
+
+async def _two_phases(decider: Leg, others: list[Leg], unsure: list[Leg], readers: list[Leg], gid: str) -> Outcome:
+    """The others prepare, and so do the unsure (not known to have written: asked in the same round); the readers
+    commit (what they read is over, whatever the writers decide). The decider's COMMIT decides; the others finish
+    as it decided. An unsure leg that wrote nothing after all (an UPDATE of no row) finishes with the decider."""
+    prepare = pg.query(f"PREPARE TRANSACTION {gid}")
+    answers = await exchange(others + unsure + readers, [prepare] * len(others)
+                             + [_ask(leg) + prepare for leg in unsure] + [_COMMIT] * len(readers))
+    preparing = others + unsure
+    refusals = [error_of(messages) for messages in answers[: len(preparing)]]
     refused = next((error for error in refusals if error is not None), None)
+    prepared = [leg for leg, error in zip(preparing, refusals) if error is None]
     if refused is not None:  # the decider's rollback decides, should an undo of a PREPARE not arrive
-        prepared = [leg for leg, error in zip(others, refusals) if error is None]
         await exchange([decider, *prepared], [_ROLLBACK] + [pg.query(f"ROLLBACK PREPARED {gid}")] * len(prepared))
         return Outcome(refused, two_phase=True)
-    decided = error_of((await exchange([decider], [_COMMIT]))[0])
+    wrote = [_xid(leg, messages) is not None for leg, messages in zip(unsure, answers[len(others):])]
+    idle = [leg for leg, written in zip(unsure, wrote) if not written]
+    writers = others + [leg for leg, written in zip(unsure, wrote) if written]
+    decided = error_of((await exchange([decider, *idle], [_COMMIT] + [pg.query(f"COMMIT PREPARED {gid}")]
+                                       * len(idle)))[0])
     if decided is not None and decider.error is not None:  # lost: its COMMIT may have run, or not
         log.warning("connection to %s lost during the COMMIT that decides %s: in-doubt recovery finishes it",
                     _shard(decider), gid)
-        return Outcome(pg.PostgresError(pg.TRANSACTION_RESOLUTION_UNKNOWN, "shardproxy: the connection to the first "
+        return Outcome(pg.PostgresError(pg.TRANSACTION_RESOLUTION_UNKNOWN, "shardproxy: the connection to the deciding "
                                         f"shard ({_shard(decider)}) was lost during COMMIT; in-doubt recovery "
                                         "commits or rolls back every shard as that shard decided"), two_phase=True)
+    if not writers:  # only the decider wrote
+        return Outcome(decided)
     ending = "COMMIT" if decided is None else "ROLLBACK"  # a COMMIT that fails (a deferred constraint) rolls back
-    finished = await exchange(others, [pg.query(f"{ending} PREPARED {gid}")] * len(others))
-    unfinished = [_shard(leg) for leg, messages in zip(others, finished) if error_of(messages) is not None]
+    finished = await exchange(writers, [pg.query(f"{ending} PREPARED {gid}")] * len(writers))
+    unfinished = [_shard(leg) for leg, messages in zip(writers, finished) if error_of(messages) is not None]
     if unfinished:
-        log.warning("%s PREPARED %s failed on %s: in-doubt recovery finishes it as the first shard decided", ending,
+        log.warning("%s PREPARED %s failed on %s: in-doubt recovery finishes it as the deciding shard did", ending,
                     gid, ", ".join(unfinished))
     return Outcome(decided, two_phase=True)
 
@@ -138,9 +174,12 @@ def _shard(leg: Leg) -> str:
 
 
 def _ask(leg: Leg) -> bytes:
-    """Whether the leg's transaction wrote; and, the first time on its server connection, whether the server takes
-    prepared transactions (a setting that changes only with a restart, which ends the connection)."""
     return _ASK if _prepared_transactions(leg) is not None else _ASK_WITH_SETTING
+
+
+def wrote_columns(server: ServerConnection) -> str:
+    """What a SELECT on the server connection lists to learn whether its transaction wrote (read_xid reads it)."""
+    return _WROTE if server.prepared_transactions is not None else _WROTE_AND_SETTING
 
 
 def _prepared_transactions(leg: Leg) -> int | None:
@@ -150,15 +189,20 @@ def _prepared_transactions(leg: Leg) -> int | None:
 
 
 def _xid(leg: Leg, messages: list[Message]) -> int | None:
-    """From the answer to _ask: the transaction's xid (None if it wrote nothing). A setting asked for is kept on
-    the server connection."""
+    """From the answer to _ask: the transaction's xid (None if it wrote nothing)."""
     for t, body in messages:
         if t == Backend.DATA_ROW:
-            xid, *setting = _columns(body)
-            if setting:
-                leg.server.prepared_transactions = int(setting[0] or 0)
-            return None if xid is None else int(xid)
+            return read_xid(leg.server, columns(body))
     raise pg.PostgresError(pg.PROTOCOL_VIOLATION, "shardproxy: a shard sent no row for its transaction's xid")
+
+
+def read_xid(server: ServerConnection, values: list[str | None]) -> int | None:
+    """From the values wrote_columns listed: the transaction's xid (None if it wrote nothing). A setting asked for
+    is kept on the server connection."""
+    xid, *setting = values
+    if setting:
+        server.prepared_transactions = int(setting[0] or 0)
+    return None if xid is None else int(xid)
 
 
 def error_of(messages: list[Message]) -> pg.PostgresError | None:
@@ -169,7 +213,7 @@ def error_of(messages: list[Message]) -> pg.PostgresError | None:
     return None
 
 
-def _columns(row: bytes) -> list[str | None]:
+def columns(row: bytes) -> list[str | None]:
     """The values of a DataRow in the text format."""
     (count,) = pg.INT16.unpack_from(row, 0)
     values: list[str | None] = []
