@@ -6,7 +6,10 @@ Starts two shards and one unsharded server (sandbox) and a proxy over the shards
 sides. Prints:
 - commit latency at one client: two UPDATEs and a COMMIT (psycopg's default mode) with both rows on one shard
   (a plain commit) and with one row on each shard (two-phase), through the proxy, and the same two UPDATEs
-  against the unsharded server; the issue's target: two shards at most 2.5x one shard;
+  against the unsharded server; the target: two shards at most 2.5x one shard. Measured twice, with the
+  processes placed on CPUs two ways: the proxy on a CPU of its own, the servers and the client on the others (as
+  deployed: the rounds of a commit wait on the servers, on the shards in parallel); and every process on one
+  CPU (what a transaction costs in CPU, every process's work one after another);
 - transfers per second with `--clients` clients, between random accounts (half of them across shards through
   the proxy), each transfer two UPDATEs in key order and a COMMIT, beside the same transfers against the unsharded
   server; and the deadlocks (40P01) and other errors seen.
@@ -15,6 +18,7 @@ sides. Prints:
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import threading
@@ -88,6 +92,21 @@ def transfers(dsn: str, keys: list[int], clients: int, seconds: float) -> tuple[
     return sum(done) / (time.monotonic() - started), sum(deadlocks), sum(errors)
 
 
+def pin(proxy: ProxyProcess, clusters: list[Cluster], proxy_cpus: set[int], other_cpus: set[int]) -> None:
+    """Pin the proxy to proxy_cpus, and the servers and this process (the client) to other_cpus."""
+    for pid in [pid for cluster in clusters for node in cluster.nodes for pid in node.pids()]:
+        os.sched_setaffinity(pid, other_cpus)
+    os.sched_setaffinity(proxy.process.pid, proxy_cpus)
+    os.sched_setaffinity(0, other_cpus)
+
+
+def placements(cpus: set[int]) -> list[tuple[str, set[int], set[int]]]:
+    """How commit latency is measured: (what it says, the proxy's CPUs, the others')."""
+    last = max(cpus)
+    own = [(f"the proxy on CPU {last}, the servers and the client on the others", {last}, cpus - {last})]
+    return (own if len(cpus) > 1 else []) + [(f"every process on CPU {last}", {last}, {last})]
+
+
 def total(dsn: str) -> int:
     with psycopg.connect(dsn) as conn:
         return conn.execute("SELECT sum(balance) FROM accounts").fetchone()[0]
@@ -116,13 +135,18 @@ def main() -> None:
         two_shards = list(zip(first, second))
         for dsn in (through, direct):  # warm-up: connections, plans
             commit_latency(dsn, two_shards, 200)
-        one = commit_latency(through, one_shard, args.rounds)
-        two = commit_latency(through, two_shards, args.rounds)
-        plain = commit_latency(direct, two_shards, args.rounds)
         print(f"commit latency, 1 client, median of {args.rounds} transactions (2 UPDATEs + COMMIT):")
-        print(f"  unsharded server direct       {plain:7.3f} ms")
-        print(f"  proxy, both rows on one shard {one:7.3f} ms")
-        print(f"  proxy, one row on each shard  {two:7.3f} ms  ({two / one:.2f}x one shard; target <= 2.5x)")
+        cpus = os.sched_getaffinity(0)
+        for placement, proxy_cpus, other_cpus in placements(cpus):
+            pin(proxy, [*shards, single], proxy_cpus, other_cpus)
+            print(f" {placement}:")
+            one = commit_latency(through, one_shard, args.rounds)
+            two = commit_latency(through, two_shards, args.rounds)
+            plain = commit_latency(direct, two_shards, args.rounds)
+            print(f"  unsharded server direct       {plain:7.3f} ms")
+            print(f"  proxy, both rows on one shard {one:7.3f} ms")
+            print(f"  proxy, one row on each shard  {two:7.3f} ms  ({two / one:.2f}x one shard; target <= 2.5x)")
+        pin(proxy, [*shards, single], cpus, cpus)
         before = total(through), total(direct)
         tps_proxy, deadlocks_proxy, errors_proxy = transfers(through, keys, args.clients, args.seconds)
         tps_direct, deadlocks_direct, errors_direct = transfers(direct, keys, args.clients, args.seconds)

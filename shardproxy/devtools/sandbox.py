@@ -239,9 +239,13 @@ class Node:
         self.stop()
         self.start()
 
+    def pids(self) -> list[int]:
+        """The postmaster and every process it started (benchmarks pin them to CPUs)."""
+        return _server_pids(self.data_dir)
+
     def kill(self) -> None:
         """Simulate a crash: SIGKILL the postmaster and every process it started."""
-        victims = _server_pids(self.data_dir)
+        victims = self.pids()
         for pid in victims:
             with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

@@ -137,9 +137,10 @@ async def _two_phases(decider: Leg, others: list[Leg], unsure: list[Leg], reader
     """The others prepare, and so do the unsure (not known to have written: asked in the same round); the readers
     commit (what they read is over, whatever the writers decide). The decider's COMMIT decides; the others finish
     as it decided. An unsure leg that wrote nothing after all (an UPDATE of no row) finishes with the decider."""
-    prepare = pg.query(f"PREPARE TRANSACTION {gid}")
-    answers = await exchange(others + unsure + readers, [prepare] * len(others)
-                             + [_ask(leg) + prepare for leg in unsure] + [_COMMIT] * len(readers))
+    prepare = f"PREPARE TRANSACTION {gid}"
+    answers = await exchange(others + unsure + readers, [pg.query(prepare)] * len(others)  # (one Query: one flush)
+                             + [pg.query(f"SELECT {_asked(leg)}; {prepare}") for leg in unsure]
+                             + [_COMMIT] * len(readers))
     preparing = others + unsure
     refusals = [error_of(messages) for messages in answers[: len(preparing)]]
     refused = next((error for error in refusals if error is not None), None)
@@ -175,6 +176,10 @@ def _shard(leg: Leg) -> str:
 
 def _ask(leg: Leg) -> bytes:
     return _ASK if _prepared_transactions(leg) is not None else _ASK_WITH_SETTING
+
+
+def _asked(leg: Leg) -> str:
+    return _WROTE if _prepared_transactions(leg) is not None else _WROTE_AND_SETTING
 
 
 def wrote_columns(server: ServerConnection) -> str:
