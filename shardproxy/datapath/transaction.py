@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from shardproxy.cluster.topology import parse_lsn
 from shardproxy.datapath._core import ClientCore, PoolCore
 from shardproxy.datapath.fanout.legs import Leg, Message, exchange, split_messages
 from shardproxy.datapath.fanout.twophase import UNKNOWN, WRITING, columns, commit, error_of, read_xid, wrote_columns
@@ -38,7 +37,6 @@ if TYPE_CHECKING:
 TAG_KEY = 0x53505844
 _ROLLBACK = pg.query("ROLLBACK")
 _NOTHING: list[bytes] = []  # (never changed)
-_COMMIT_LSN = pg.query("SELECT pg_current_wal_insert_lsn()")
 
 
 @dataclass
@@ -206,13 +204,10 @@ class Transaction:
                 return Ending(failed if commit_it else None)
             started = time.monotonic()
             xids = [self.xids.get(shard, WRITING if shard in self.writes else UNKNOWN) for shard in sessions]
-            outcome = await commit(list(sessions.values()), client.core.two_phase_key, xids)
-            ending = Ending(outcome.error, outcome.two_phase, time.monotonic() - started)
-            if outcome.error is None and follow:
-                answers = await exchange([sessions[shard] for shard in follow], [_COMMIT_LSN] * len(follow))
-                ending.committed_at = {shard: lsn for shard, messages in zip(follow, answers)
-                                       if (lsn := _lsn(messages)) is not None}
-            return ending
+            outcome = await commit(list(sessions.values()), client.core.two_phase_key, xids,
+                                   [sessions[shard] for shard in follow])
+            return Ending(outcome.error, outcome.two_phase, time.monotonic() - started,
+                          {shard: lsn for shard, leg in sessions.items() if (lsn := outcome.committed_at.get(leg))})
         finally:
             self.release(client, sessions)
 
@@ -274,12 +269,3 @@ def reply(messages: list[Message], tag: str, error: pg.PostgresError | None, sta
         if t == Frontend.SYNC or t == Frontend.QUERY:
             out.append(pg.READY[status])
     return b"".join(out)
-
-
-def _lsn(messages: list[Message]) -> int | None:
-    """The WAL position in the answer to _COMMIT_LSN."""
-    row = next((body for t, body in messages if t == Backend.DATA_ROW), None)
-    if row is None:
-        return None
-    (length,) = pg.INT32.unpack_from(row, 2)
-    return parse_lsn(row[6 : 6 + length].decode())
