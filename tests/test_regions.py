@@ -247,24 +247,28 @@ def test_read_your_writes_holds_with_a_paused_replica(proxies, shards, keys, nam
         assert writer.execute(count.format(v="ryw9")).fetchone()[2] == 1
 
 
-def test_read_your_writes_holds_after_a_commit_on_both_shards(proxies, shards, keys, names) -> None:
-    """A transaction writes on both shards (a two-phase commit) while both shards' own-region replicas are paused:
-    its client's next reads of either key go to a node that has its writes; another client still reads the
-    paused replicas."""
+@pytest.mark.parametrize("how", ["transaction", "one INSERT"])
+def test_read_your_writes_holds_after_a_commit_on_both_shards(proxies, shards, keys, names, how) -> None:
+    """A transaction, or one INSERT whose rows the proxy splits, writes on both shards (a two-phase commit) while
+    both shards' own-region replicas are paused: its client's next reads of either key go to a node that has its
+    writes; another client still reads the paused replicas."""
     ryw = proxies["ryw"]
     paused = [cluster.nodes[EU] for cluster in shards]
-    count = "SELECT pg_is_in_recovery(), inet_server_port(), count(*) FROM t WHERE user_id = {key} AND v = 'both'"
+    count = "SELECT pg_is_in_recovery(), inet_server_port(), count(*) FROM t WHERE user_id = {key} AND v = '{how}'"
     with connect(ryw) as writer, connect(ryw) as bystander:
         for node in paused:
             node.sql("SELECT pg_wal_replay_pause()")
         try:
-            with writer.transaction():
-                for key in keys:
-                    writer.execute(f"INSERT INTO t (user_id, v) VALUES ({key}, 'both')")
+            if how == "transaction":
+                with writer.transaction():
+                    for key in keys:
+                        writer.execute(f"INSERT INTO t (user_id, v) VALUES ({key}, '{how}')")
+            else:
+                writer.execute(f"INSERT INTO t (user_id, v) VALUES ({keys[0]}, '{how}'), ({keys[1]}, '{how}')")
             for key, node in zip(keys, paused):
-                _, port, rows = writer.execute(count.format(key=key)).fetchone()
+                _, port, rows = writer.execute(count.format(key=key, how=how)).fetchone()
                 assert rows == 1 and names[port] != node.name, f"{key}'s write not visible to its writer"
-                _, port, rows = bystander.execute(count.format(key=key)).fetchone()
+                _, port, rows = bystander.execute(count.format(key=key, how=how)).fetchone()
                 assert (names[port], rows) == (node.name, 0)
         finally:
             for node in paused:

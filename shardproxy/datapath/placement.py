@@ -56,7 +56,7 @@ from shardproxy.datapath._core import (
 from shardproxy.datapath.fanout import copy
 from shardproxy.datapath.fanout.legs import Leg
 from shardproxy.datapath.pending import HIDDEN_QUERY, Action, Kind, Request
-from shardproxy.datapath.transaction import Transaction, reply, statement_messages
+from shardproxy.datapath.transaction import Transaction, committed_at, reply, statement_messages
 from shardproxy.routing.keys import decode_key
 from shardproxy.routing.router import Decision, Router
 from shardproxy.tasks import spawn
@@ -351,6 +351,8 @@ class Placement:
                 if None in pools:
                     raise pg.PostgresError(pg.CANNOT_CONNECT_NOW, "shardproxy: a shard has no primary")
                 legs = [Leg(self, pool, kind) for pool in pools if pool is not None]
+                for shard, leg in zip(shards, legs):  # read-your-writes: each commit says where it ends
+                    leg.follow = write and self.proxy.pools.followed[shard]
             self.fanout_legs = legs
             if route.target == "copy":
                 reply_, two_phase = await copy.run(self, legs, decision, batch, in_transaction)
@@ -368,6 +370,7 @@ class Placement:
             if in_transaction:
                 self.tx.detach(self, legs)
             else:
+                self.min_lsn.update(committed_at(dict(zip(shards, legs))))
                 for leg in legs:
                     leg.release()
         if raised is not None:

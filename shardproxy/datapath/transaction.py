@@ -204,10 +204,10 @@ class Transaction:
                 return Ending(failed if commit_it else None)
             started = time.monotonic()
             xids = [self.xids.get(shard, WRITING if shard in self.writes else UNKNOWN) for shard in sessions]
-            outcome = await commit(list(sessions.values()), client.core.two_phase_key, xids,
-                                   [sessions[shard] for shard in follow])
-            return Ending(outcome.error, outcome.two_phase, time.monotonic() - started,
-                          {shard: lsn for shard, leg in sessions.items() if (lsn := outcome.committed_at.get(leg))})
+            for shard in follow:
+                sessions[shard].follow = True
+            outcome = await commit(list(sessions.values()), client.core.two_phase_key, xids)
+            return Ending(outcome.error, outcome.two_phase, time.monotonic() - started, committed_at(sessions))
         finally:
             self.release(client, sessions)
 
@@ -225,6 +225,11 @@ class Transaction:
                 pool.unlink(server)
                 pool.discard(server)
         self.clear()
+
+
+def committed_at(legs: dict[int, Leg]) -> dict[int, int]:
+    """Per shard, where the commit ends in its WAL, of the legs that learnt it."""
+    return {shard: leg.committed_at for shard, leg in legs.items() if leg.committed_at is not None}
 
 
 def statement_messages(buf: bytes | bytearray) -> tuple[list[Message], int]:

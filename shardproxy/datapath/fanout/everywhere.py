@@ -1,6 +1,7 @@
 """Writes and DDL on every shard's primary, all-or-nothing.
 
-Each leg runs the batch inside a transaction, then all commit in two phases (twophase.py). Servers without
+Each leg runs the batch inside a transaction, then all commit in two phases (twophase.py), or plainly if only
+one wrote. Servers without
 prepared transactions (max_prepared_transactions = 0) get a plain COMMIT on each shard, after every shard has
 succeeded. Statements that PostgreSQL refuses inside a transaction block (CREATE INDEX CONCURRENTLY, VACUUM, ...)
 cannot be all-or-nothing: each shard runs them on its own, and a failure names the shards they took effect on.
@@ -19,7 +20,7 @@ from shardproxy.datapath.fanout.legs import (
     run_legs,
     with_status,
 )
-from shardproxy.datapath.fanout.twophase import commit
+from shardproxy.datapath.fanout.twophase import ask_wrote, commit, told_xid
 from shardproxy.datapath.session import ClientSession
 from shardproxy.wire import protocol as pg
 from shardproxy.wire.protocol import Backend
@@ -43,17 +44,20 @@ async def run_everywhere(client: ClientSession, legs: list[Leg], batches: list[b
                          answer: Answer = first_stands) -> tuple[bytes, bool]:
     """Outside a transaction: run a write batch on each leg (on its shard's primary), all-or-nothing. The
     client's response, and whether it took a two-phase commit."""
-    responses = [_after_begin(r) for r in await run_legs(legs, [_BEGIN + batch for batch in batches])]
-    failed = first_error(responses)
+    # Each leg also tells whether it wrote (after the batch, in the same write), so that the commit needs no round
+    # to ask.
+    answers = await run_legs(legs, [_BEGIN + batch + ask_wrote(leg) for leg, batch in zip(legs, batches)])
+    responses, told = zip(*(_before_last(_after_begin(messages)) for messages in answers))
+    failed = first_error(list(responses))
     if failed is not None:
         await run_legs(legs, [pg.query("ROLLBACK")] * len(legs))
         if error_fields(failed).get("C") == ACTIVE_SQL_TRANSACTION:
             raise NotTransactional  # VACUUM and the like: run without a transaction, on the same legs
         return join_messages(with_status(answer([failed]), pg.IDLE)), False
-    outcome = await commit(legs, client.core.two_phase_key)
+    outcome = await commit(legs, client.core.two_phase_key, [told_xid(leg, t) for leg, t in zip(legs, told)])
     if outcome.error is not None:
         return outcome.error.to_message() + pg.READY[pg.IDLE], outcome.two_phase
-    return join_messages(with_status(answer(responses), pg.IDLE)), outcome.two_phase
+    return join_messages(with_status(answer(list(responses)), pg.IDLE)), outcome.two_phase
 
 
 async def run_in_transaction(legs: list[Leg], batches: list[bytes], answer: Answer = first_stands) -> bytes:
@@ -88,6 +92,12 @@ async def run_alone_everywhere(client: ClientSession, legs: list[Leg], batch: by
 
 def _shards(names: list[str]) -> str:
     return f"shard{'s' if len(names) > 1 else ''} {', '.join(names)}"
+
+
+def _before_last(messages: list[Message]) -> tuple[list[Message], list[Message]]:
+    """Answers to `<batch>; <query>`: the batch's, and the query's."""
+    end = max(i for i, (t, _) in enumerate(messages[:-1]) if t == Backend.READY_FOR_QUERY) + 1
+    return messages[:end], messages[end:]
 
 
 def _after_begin(messages: list[Message]) -> list[Message]:

@@ -66,6 +66,8 @@ class Leg(ClientSession):
         self.parked = parked
         self.unnamed = client.unnamed
         self.error: pg.PostgresError | None = None
+        self.follow = False  # read-your-writes: its commit learns where it ends in the WAL (twophase.py)
+        self.committed_at: int | None = None  # where it ended, once learnt
         self._waiting: Waiting | None = None  # what hears that the batch sent last is answered
         self.on_server_ready = self._ready  # what its server calls once the batch is answered
 

@@ -21,8 +21,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
@@ -94,86 +93,78 @@ def _keyed(key: bytes) -> hmac.HMAC:
 
 @dataclass
 class Outcome:
-    """How a commit went: the error to send the client (None: committed), whether it took two phases, and where
-    the commit ends in the WAL of each leg it was asked to follow."""
+    """How a commit went: the error to send the client (None: committed), and whether it took two phases."""
 
     error: pg.PostgresError | None
     two_phase: bool = False
-    committed_at: dict[Leg, int] = field(default_factory=dict)
 
 
-class _Ends:
-    """The statements that end the legs' transactions. A leg to follow (read-your-writes: its shard has replicas)
-    asks in the same write where its commit ends in the WAL."""
+def _ending(leg: Leg, statement: str) -> bytes:
+    """The statement that ends a leg's transaction; a leg that follows its commit (read-your-writes) asks in the
+    same write where the commit ends in the WAL (COMMIT PREPARED cannot share a Query with another)."""
+    return pg.query(statement) + _COMMIT_LSN if leg.follow else pg.query(statement)
 
-    def __init__(self, follow: Collection[Leg]):
-        self.follow = follow
-        self.at: dict[Leg, int] = {}
 
-    def batch(self, leg: Leg, statement: str) -> bytes:  # (COMMIT PREPARED cannot share a Query with another)
-        return pg.query(statement) + _COMMIT_LSN if leg in self.follow else pg.query(statement)
+async def _end(legs: list[Leg], statements: list[str]) -> list[list[Message]]:
+    """End each leg's transaction with its statement; a leg that follows its commit learns where it ends."""
+    answers = await exchange(legs, [_ending(leg, statement) for leg, statement in zip(legs, statements)])
+    _committed_at(legs, answers)
+    return answers
 
-    async def run(self, legs: list[Leg], statements: list[str]) -> list[list[Message]]:
-        return self.read(legs, await exchange(legs, [self.batch(leg, s) for leg, s in zip(legs, statements)]))
 
-    def read(self, legs: list[Leg], answers: list[list[Message]]) -> list[list[Message]]:
-        for leg, messages in zip(legs, answers):
-            row = next((body for t, body in messages if t == Backend.DATA_ROW), None) if leg in self.follow else None
+def _committed_at(legs: list[Leg], answers: list[list[Message]]) -> None:
+    for leg, messages in zip(legs, answers):
+        if leg.follow:
+            row = next((body for t, body in messages if t == Backend.DATA_ROW), None)
             if row is not None and (lsn := columns(row)[0]) is not None:
-                self.at[leg] = parse_lsn(lsn)
-        return answers
+                leg.committed_at = parse_lsn(lsn)
 
 
-async def commit(legs: list[Leg], key: bytes, xids: list[int | None] | None = None,
-                 follow: Collection[Leg] = ()) -> Outcome:
+async def commit(legs: list[Leg], key: bytes, xids: list[int | None] | None = None) -> Outcome:
     """Commit the transaction open on every leg (one per shard, in the shards' order). xids: what each leg's
     transaction is known to have written: its xid, None if nothing, else WRITING or UNKNOWN (all, if not given).
-    follow: the legs to learn where the commit ends in the WAL of. Every leg's transaction is over afterwards:
-    committed, rolled back, or, if the decider's connection was lost during its COMMIT, prepared until in-doubt
-    recovery finishes it."""
+    A leg that follows its commit (Leg.follow) learns where it ends in its WAL. Every leg's transaction is over
+    afterwards: committed, rolled back, or, if the decider's connection was lost during its COMMIT, prepared until
+    in-doubt recovery finishes it."""
     xids = list(xids) if xids is not None else [UNKNOWN] * len(legs)
     unknown = [i for i, xid in enumerate(xids) if xid is not None and xid < 0]
     writers = [i for i, xid in enumerate(xids) if xid is not None and xid >= 0]
-    ends = _Ends(follow)
     if len(writers) + len(unknown) <= 1:  # at most one leg can have written: plain commits
-        return await _plain(legs, writers + unknown, ends)
+        return await _plain(legs, writers + unknown)
     if not writers or any(xids[i] == UNKNOWN or not _prepared_transactions(legs[i]) for i in unknown):  # ask first
-        answers = await exchange([legs[i] for i in unknown], [_ask(legs[i]) for i in unknown])
+        answers = await exchange([legs[i] for i in unknown], [ask_wrote(legs[i]) for i in unknown])
         for i, messages in zip(unknown, answers):
             failed = error_of(messages)
             if failed is not None:  # aborted already: roll back, and the client learns why
                 await exchange(legs, [_ROLLBACK] * len(legs))
                 return Outcome(failed)
             xids[i] = _xid(legs[i], messages)
-        return await commit(legs, key, xids, follow)
+        return await commit(legs, key, xids)
     if not all(_prepared_transactions(legs[i]) for i in writers):  # a server takes no prepared transactions
-        return await _plain(legs, writers + unknown, ends)
+        return await _plain(legs, writers + unknown)
     decider = writers[0]
     xid = xids[decider]
     assert xid is not None
     gid = literal(new_gid(_shard(legs[decider]), xid, key))
-    outcome = await _two_phases(legs[decider], [legs[i] for i in writers[1:]], [legs[i] for i in unknown],
-                                [leg for leg, xid in zip(legs, xids) if xid is None], gid, ends)
-    outcome.committed_at = ends.at
-    return outcome
+    return await _two_phases(legs[decider], [legs[i] for i in writers[1:]], [legs[i] for i in unknown],
+                             [leg for leg, xid in zip(legs, xids) if xid is None], gid)
 
 
-async def _plain(legs: list[Leg], writers: list[int], ends: _Ends) -> Outcome:
+async def _plain(legs: list[Leg], writers: list[int]) -> Outcome:
     """A plain COMMIT on every leg; the client gets a writer's error, if any."""
-    errors = [error_of(messages) for messages in await ends.run(legs, ["COMMIT"] * len(legs))]
-    return Outcome(next((errors[i] for i in writers if errors[i] is not None), None), committed_at=ends.at)
+    errors = [error_of(messages) for messages in await _end(legs, ["COMMIT"] * len(legs))]
+    return Outcome(next((errors[i] for i in writers if errors[i] is not None), None))
 
 
-async def _two_phases(decider: Leg, others: list[Leg], unsure: list[Leg], readers: list[Leg], gid: str,
-                      ends: _Ends) -> Outcome:
+async def _two_phases(decider: Leg, others: list[Leg], unsure: list[Leg], readers: list[Leg], gid: str) -> Outcome:
     """The others prepare, and so do the unsure (not known to have written: asked in the same round); the readers
     commit (what they read is over, whatever the writers decide). The decider's COMMIT decides; the others finish
     as it decided. An unsure leg that wrote nothing after all (an UPDATE of no row) finishes with the decider."""
     prepare = f"PREPARE TRANSACTION {gid}"
     answers = await exchange(others + unsure + readers, [pg.query(prepare)] * len(others)  # (one Query: one flush)
                              + [pg.query(f"SELECT {_asked(leg)}; {prepare}") for leg in unsure]
-                             + [ends.batch(leg, "COMMIT") for leg in readers])
-    ends.read(readers, answers[len(others) + len(unsure):])
+                             + [_ending(leg, "COMMIT") for leg in readers])
+    _committed_at(readers, answers[len(others) + len(unsure):])
     preparing = others + unsure
     refusals = [error_of(messages) for messages in answers[: len(preparing)]]
     refused = next((error for error in refusals if error is not None), None)
@@ -184,7 +175,7 @@ async def _two_phases(decider: Leg, others: list[Leg], unsure: list[Leg], reader
     wrote = [_xid(leg, messages) is not None for leg, messages in zip(unsure, answers[len(others):])]
     idle = [leg for leg, written in zip(unsure, wrote) if not written]
     writers = others + [leg for leg, written in zip(unsure, wrote) if written]
-    decided = error_of((await ends.run([decider, *idle], ["COMMIT"] + [f"COMMIT PREPARED {gid}"] * len(idle)))[0])
+    decided = error_of((await _end([decider, *idle], ["COMMIT"] + [f"COMMIT PREPARED {gid}"] * len(idle)))[0])
     if decided is not None and decider.error is not None:  # lost: its COMMIT may have run, or not
         log.warning("connection to %s lost during the COMMIT that decides %s: in-doubt recovery finishes it",
                     _shard(decider), gid)
@@ -194,7 +185,7 @@ async def _two_phases(decider: Leg, others: list[Leg], unsure: list[Leg], reader
     if not writers:  # only the decider wrote
         return Outcome(decided)
     ending = "COMMIT" if decided is None else "ROLLBACK"  # a COMMIT that fails (a deferred constraint) rolls back
-    finished = await ends.run(writers, [f"{ending} PREPARED {gid}"] * len(writers))
+    finished = await _end(writers, [f"{ending} PREPARED {gid}"] * len(writers))
     unfinished = [_shard(leg) for leg, messages in zip(writers, finished) if error_of(messages) is not None]
     if unfinished:
         log.warning("%s PREPARED %s failed on %s: in-doubt recovery finishes it as the deciding shard did", ending,
@@ -206,8 +197,14 @@ def _shard(leg: Leg) -> str:
     return leg.pool.node.shard
 
 
-def _ask(leg: Leg) -> bytes:
+def ask_wrote(leg: Leg) -> bytes:
+    """The Query that asks whether the leg's transaction wrote (told_xid reads its answer)."""
     return _ASK if _prepared_transactions(leg) is not None else _ASK_WITH_SETTING
+
+
+def told_xid(leg: Leg, messages: list[Message]) -> int | None:
+    """From the answers to ask_wrote: the leg's xid, None if it wrote nothing, UNKNOWN if the query failed."""
+    return UNKNOWN if error_of(messages) is not None else _xid(leg, messages)
 
 
 def _asked(leg: Leg) -> str:
@@ -226,7 +223,7 @@ def _prepared_transactions(leg: Leg) -> int | None:
 
 
 def _xid(leg: Leg, messages: list[Message]) -> int | None:
-    """From the answer to _ask: the transaction's xid (None if it wrote nothing)."""
+    """From the answer to ask_wrote: the transaction's xid (None if it wrote nothing)."""
     for t, body in messages:
         if t == Backend.DATA_ROW:
             return read_xid(leg.server, columns(body))
