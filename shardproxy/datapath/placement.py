@@ -560,22 +560,23 @@ class Placement:
 
     def _activate(self, shard: int) -> None:
         """Make the shard's leg the active one, joining the shard first if the transaction has no leg there. The
-        leg the client leaves tells meanwhile whether it wrote (Transaction.park)."""
-        left = self.tx.legs.get(self.shard)
-        if left is not None and shard != self.shard:
-            self.tx.park(self.shard, left)
+        leg the client leaves tells meanwhile whether it wrote (Transaction.park: asked once the client's
+        statement is on its way, which waits on no answer of the left leg)."""
+        left, left_shard = self.tx.legs.get(self.shard), self.shard
         self.shard = shard
         server = self.tx.legs.get(shard)
         if server is not None:
             self.link(server)
-            return
-        pool = self._transaction_pool(shard)
-        if pool is None:
-            self._fatal(pg.PostgresError(pg.CANNOT_CONNECT_NOW,
-                                         f"shardproxy: shard {self._shard_name(shard)} has no primary"))
-            return
-        self.tx.applied[shard] = 0
-        self._acquire(pool)
+        else:
+            pool = self._transaction_pool(shard)
+            if pool is None:
+                self._fatal(pg.PostgresError(pg.CANNOT_CONNECT_NOW,
+                                             f"shardproxy: shard {self._shard_name(shard)} has no primary"))
+                return
+            self.tx.applied[shard] = 0
+            self._acquire(pool)
+        if left is not None and shard != left_shard:
+            self.tx.park(left_shard, left)
 
     def _failed_leg(self) -> ServerConnection | None:
         """The leg whose error aborted the transaction, if any."""

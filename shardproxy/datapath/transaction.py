@@ -62,6 +62,7 @@ class Transaction:
         self.started = 0.0  # when its first leg joined
         self.tag = 0  # once it spans shards: its number in every leg's advisory lock (TAG_KEY); 0 before
         self._tagged: set[int] = set()  # shards whose leg holds it or has been sent it
+        self._asking: set[int] = set()  # shards whose leg has yet to tell whether it wrote (park)
 
     def join(self, shard: int, server: ServerConnection) -> list[bytes]:
         """The shard's leg is linked: it is one of the transaction's (if new, with what `applied` says it ran),
@@ -93,6 +94,10 @@ class Transaction:
         def told(_: ServerConnection, t: int, body: bytes) -> None:
             if asks and t == Backend.DATA_ROW and self.legs.get(shard) is server:
                 self.xids[shard] = read_xid(server, columns(body)[tags:])
+                self._asking.discard(shard)
+
+        if asks:
+            self._asking.add(shard)
 
         server.pending.append(Request(Kind.QUERY, Action.HIDE, told))
         server.write(pg.query("SELECT " + ", ".join(listed)))
@@ -121,6 +126,7 @@ class Transaction:
         self.data.clear()
         self.writes.clear()
         self.xids.clear()
+        self._asking.clear()
         if self.tag:
             self.tag = 0
             self._tagged.clear()
@@ -203,6 +209,8 @@ class Transaction:
                 await exchange(list(sessions.values()), [_ROLLBACK] * len(sessions))
                 return Ending(failed if commit_it else None)
             started = time.monotonic()
+            for shard in self._asking & sessions.keys():  # its answer is on its way: a round to ask costs more
+                await sessions[shard].settled()
             xids = [self.xids.get(shard, WRITING if shard in self.writes else UNKNOWN) for shard in sessions]
             for shard in follow:
                 sessions[shard].follow = True

@@ -112,7 +112,10 @@ class Leg(ClientSession):
 
     async def settled(self) -> None:
         """Wait until the server has answered all it was sent and no cancel of the proxy's is still on its way
-        to it (one that landed later could cancel the connection's next statement)."""
+        to it (one that landed later could cancel the connection's next statement). A parked connection is linked
+        first."""
+        if self.server is None and self.parked is not None:
+            self.send(b"", Waiting(asyncio.get_running_loop().create_future(), 1))  # (links it, sends nothing)
         while self.server is not None and (self.server.pending or self.server.cancels):
             answered = asyncio.get_running_loop().create_future()
             self._waiting = Waiting(answered, 1)
