@@ -224,6 +224,26 @@ def split_messages(buf) -> list:
     return messages
 
 
+def row_values(row) -> list:
+    """The values of a DataRow's body in the text format (None for NULL): the proxy's own questions' answers."""
+    cdef const unsigned char* p = _chars(row)
+    cdef Py_ssize_t n = len(row), pos = 2, length, i
+    cdef list values = []
+    if n < 2:
+        return values
+    for i in range(_uint16(p)):
+        if pos + 4 > n:
+            break
+        length = _length(p + pos)
+        pos += 4
+        if length == 0xFFFFFFFF or pos + length > n:  # NULL (or cut short)
+            values.append(None)
+            continue
+        values.append(PyUnicode_DecodeUTF8(<const char*>p + pos, length, NULL))
+        pos += length
+    return values
+
+
 def bind_statement(buf, Py_ssize_t pos, Py_ssize_t end):
     """The statement name of the Bind at buf[pos:end] (b"" for the unnamed one); None if malformed."""
     cdef const unsigned char* p = _chars(buf)

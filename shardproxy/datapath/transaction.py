@@ -18,9 +18,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from shardproxy.datapath._core import ClientCore, PoolCore
+from shardproxy.datapath._core import ClientCore, PoolCore, row_values
 from shardproxy.datapath.fanout.legs import Leg, Message, exchange, split_messages
-from shardproxy.datapath.fanout.twophase import UNKNOWN, WRITING, columns, commit, error_of, read_xid, wrote_columns
+from shardproxy.datapath.fanout.twophase import UNKNOWN, WRITING, commit, error_of, read_xid, wrote_columns
 from shardproxy.datapath.pending import Action, Kind, Request
 from shardproxy.datapath.session import ClientSession, raising_statement
 from shardproxy.wire import protocol as pg
@@ -93,7 +93,7 @@ class Transaction:
 
         def told(_: ServerConnection, t: int, body: bytes) -> None:
             if asks and t == Backend.DATA_ROW and self.legs.get(shard) is server:
-                self.xids[shard] = read_xid(server, columns(body)[tags:])
+                self.xids[shard] = read_xid(server, row_values(body)[tags:])
                 self._asking.discard(shard)
 
         if asks:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from shardproxy.cluster.topology import parse_lsn
 from shardproxy.config import Config
+from shardproxy.datapath._core import row_values
 from shardproxy.datapath.fanout.legs import Leg, Message, exchange
 from shardproxy.datapath.params import literal
 from shardproxy.wire import protocol as pg
@@ -116,7 +117,7 @@ def _committed_at(legs: list[Leg], answers: list[list[Message]]) -> None:
     for leg, messages in zip(legs, answers):
         if leg.follow:
             row = next((body for t, body in messages if t == Backend.DATA_ROW), None)
-            if row is not None and (lsn := columns(row)[0]) is not None:
+            if row is not None and (lsn := row_values(row)[0]) is not None:
                 leg.committed_at = parse_lsn(lsn)
 
 
@@ -226,7 +227,7 @@ def _xid(leg: Leg, messages: list[Message]) -> int | None:
     """From the answer to ask_wrote: the transaction's xid (None if it wrote nothing)."""
     for t, body in messages:
         if t == Backend.DATA_ROW:
-            return read_xid(leg.server, columns(body))
+            return read_xid(leg.server, row_values(body))
     raise pg.PostgresError(pg.PROTOCOL_VIOLATION, "shardproxy: a shard sent no row for its transaction's xid")
 
 
@@ -245,19 +246,3 @@ def error_of(messages: list[Message]) -> pg.PostgresError | None:
         if t == Backend.ERROR_RESPONSE:
             return pg.PostgresError.from_body(body)
     return None
-
-
-def columns(row: bytes) -> list[str | None]:
-    """The values of a DataRow in the text format."""
-    (count,) = pg.INT16.unpack_from(row, 0)
-    values: list[str | None] = []
-    pos = 2
-    for _ in range(count):
-        (length,) = pg.INT32.unpack_from(row, pos)
-        pos += 4
-        if length == 0xFFFFFFFF:
-            values.append(None)
-            continue
-        values.append(row[pos : pos + length].decode())
-        pos += length
-    return values
