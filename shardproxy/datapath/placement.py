@@ -441,7 +441,7 @@ class Placement:
                 and server.status != pg.FAILED_TRANSACTION and (self.on_primary or not route.write)):
             self.tx.data.add(self.shard)  # the usual case, first: a statement for the active leg's shard
             if route.write:
-                self.tx.writes.add(self.shard)
+                self.tx.wrote_on(self.shard)
                 if not self.wrote:
                     self.wrote = self.proxy.pools.followed[self.shard]
             return _GO
@@ -479,7 +479,7 @@ class Placement:
                                              f"{self._shard_name(self.shard)}; a write cannot join it")
                 self.tx.data.add(self.shard)
                 if route.write:
-                    self.tx.writes.add(self.shard)
+                    self.tx.wrote_on(self.shard)
                     self.wrote = self.wrote or self.proxy.pools.followed[self.shard]
                 return _GO
             if not in_transaction:

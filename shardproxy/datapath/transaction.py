@@ -57,7 +57,8 @@ class Transaction:
         self.legs: dict[int, ServerConnection] = {}
         self.applied: dict[int, int] = {}  # per shard: how much of the log its leg has run
         self.data: set[int] = set()  # shards whose leg ran a statement naming that shard
-        self.writes: set[int] = set()  # shards whose leg ran a statement the router takes for a write
+        self.writes: set[int] = set()  # once it spans shards: those whose leg ran a statement the router takes
+        # for a write
         self.xids: dict[int, int | None] = {}  # per shard, once learnt since its leg last ran: its xid (None: none)
         self.started = 0.0  # when its first leg joined
         self.tag = 0  # once it spans shards: its number in every leg's advisory lock (TAG_KEY); 0 before
@@ -102,6 +103,12 @@ class Transaction:
         server.pending.append(Request(Kind.QUERY, Action.HIDE, told))
         server.write(pg.query("SELECT " + ", ".join(listed)))
 
+    def wrote_on(self, shard: int) -> None:
+        """The shard's leg ran a statement the router takes for a write. (Kept once the transaction spans shards:
+        before, the leg tells whether it wrote as the client leaves it, see park.)"""
+        if self.tag:
+            self.writes.add(shard)
+
     def _may_write(self, shard: int) -> None:
         """The shard's leg runs statements again: that it wrote nothing so far no longer tells."""
         if shard in self.xids and self.xids[shard] is None:
@@ -124,12 +131,12 @@ class Transaction:
         self.legs.clear()
         self.applied.clear()
         self.data.clear()
-        self.writes.clear()
-        self.xids.clear()
-        self._asking.clear()
-        if self.tag:
+        if self.tag:  # it spanned shards (what follows is kept only then)
             self.tag = 0
             self._tagged.clear()
+            self.writes.clear()
+            self.xids.clear()
+            self._asking.clear()
 
     def sessions(self, client: ClientSession) -> dict[int, Leg]:
         """A collecting session on every leg (in shard order), which its first batch links in place of the client
