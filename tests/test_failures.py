@@ -378,6 +378,25 @@ def test_query_over_max_message_size_from_a_driver_fails(
     assert_unharmed(strict_proxy, bystander)
 
 
+def test_a_client_still_sending_an_oversized_message_reads_its_error(
+    strict_proxy: ProxyProcess, bystander: psycopg.Connection
+) -> None:
+    """The proxy refuses a message over the limit from its first bytes, while the client goes on sending it (as a
+    driver does, which reads nothing before its query is sent): the client can send the rest, then reads the
+    error (08P01) and the end of the connection. A reset instead fails the driver's send, which then raises
+    without the error's SQLSTATE."""
+    raw = RawClient(strict_proxy)
+    raw.login()
+    size = 2 * 1024 * 1024
+    raw.send(b"Q" + struct.pack("!I", size) + b"x" * (size // 4))
+    time.sleep(0.3)  # refused and answered by now
+    raw.send(b"x" * (size - 4 - size // 4))
+    replies = raw.read_until_closed()
+    raw.close()
+    assert error_codes(replies) == ["08P01"]
+    assert_unharmed(strict_proxy, bystander)
+
+
 @pytest.mark.parametrize(
     "sent", [b"", startup_packet(user="app", database=APP_DB)[:10]], ids=["silent", "half-a-startup-packet"]
 )

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("shardproxy.client")
 
 _SSL_YES = b"S"
+LINGER = 1.0  # seconds a connection ended by a fatal error goes on reading (and dropping) what its client sends
 # Before authentication a client sends a startup packet (PostgreSQL's limit: pg.MAX_STARTUP_SIZE) and password or
 # SASL messages, whose bodies PostgreSQL limits to 65535 bytes (PG_MAX_AUTH_TOKEN_LENGTH); pool.max_message_size
 # applies once the client has authenticated.
@@ -403,11 +404,29 @@ class ClientConnection(Placement, ClientSession, Connection):
         return self.proxy.pools.pool_for(self.database, self.user, self.proxy.pools.first_node())
 
     def _fatal(self, error: pg.PostgresError) -> None:
-        if not self.closed and self.transport is not None:
+        transport = self.transport
+        if not self.closed and transport is not None:
             self.proxy.client_error(error)
             self.write(error.to_message("FATAL"))
             self.reason = self.reason or error.message
+            if not self._logging_in and transport.can_write_eof():
+                self._linger(transport)
+                return
         self.close()
+
+    def _linger(self, transport: asyncio.Transport) -> None:
+        """Close without losing the error just written. A client still sending (a message over the size limit,
+        say) would get a reset for what it sent unread, and a reset can destroy the error on its way: so the
+        proxy ends its side of the connection (the client reads the error, then the end), drops what still
+        arrives, and closes once the client does, or after LINGER seconds."""
+        self.closed = True
+        self.data_received = _drop  # type: ignore[method-assign]
+        transport.set_protocol(self)
+        transport.resume_reading()
+        transport.write_eof()
+        asyncio.get_running_loop().call_later(LINGER, transport.close)
+        if not self.busy:  # (as when it leaves: its server connections go now)
+            self._leave_all()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
@@ -446,3 +465,7 @@ class ClientConnection(Placement, ClientSession, Connection):
             pool.reset_and_release(server)
         else:
             pool.release(server)
+
+
+def _drop(data: bytes) -> None:
+    """What a lingering connection does with what its client still sends."""
