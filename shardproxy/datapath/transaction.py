@@ -5,9 +5,9 @@ The client forwards to one leg at a time (placement.py); the others wait, parked
 that joins late, or has been parked while the client ran a SET or a SAVEPOINT elsewhere, first runs what it missed
 of the log, so every leg is in the same transaction state when it runs a statement; a ROLLBACK TO reaches each leg
 the same way, which undoes exactly the work that leg did after the savepoint. A leg the client moves off tells,
-hidden, whether it wrote, for the commit to come (park). The end (COMMIT, ROLLBACK, or the
-Sync of a batch whose implicit transaction spans shards) runs on every leg here, each through a collecting session
-(fanout/legs.py), with two-phase commit where two or more legs wrote (fanout/twophase.py).
+hidden, whether it wrote, for the commit to come (park). The end (COMMIT, ROLLBACK, or the Sync of a batch whose
+implicit transaction spans shards) runs on every leg here, each through a collecting session (fanout/legs.py),
+with two-phase commit where two or more legs wrote (fanout/twophase.py).
 """
 
 from __future__ import annotations
@@ -57,8 +57,7 @@ class Transaction:
         self.legs: dict[int, ServerConnection] = {}
         self.applied: dict[int, int] = {}  # per shard: how much of the log its leg has run
         self.data: set[int] = set()  # shards whose leg ran a statement naming that shard
-        self.writes: set[int] = set()  # once it spans shards: those whose leg ran a statement the router takes
-        # for a write
+        self.writes: set[int] = set()  # (once it spans shards) shards whose leg ran a statement that writes
         self.xids: dict[int, int | None] = {}  # per shard, once learnt since its leg last ran: its xid (None: none)
         self.started = 0.0  # when its first leg joined
         self.tag = 0  # once it spans shards: its number in every leg's advisory lock (TAG_KEY); 0 before

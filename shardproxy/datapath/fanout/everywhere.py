@@ -1,10 +1,10 @@
 """Writes and DDL on every shard's primary, all-or-nothing.
 
 Each leg runs the batch inside a transaction, then all commit in two phases (twophase.py), or plainly if only
-one wrote. Servers without
-prepared transactions (max_prepared_transactions = 0) get a plain COMMIT on each shard, after every shard has
-succeeded. Statements that PostgreSQL refuses inside a transaction block (CREATE INDEX CONCURRENTLY, VACUUM, ...)
-cannot be all-or-nothing: each shard runs them on its own, and a failure names the shards they took effect on.
+one wrote. Servers without prepared transactions (max_prepared_transactions = 0) get a plain COMMIT on each shard,
+after every shard has succeeded. Statements that PostgreSQL refuses inside a transaction block (CREATE INDEX
+CONCURRENTLY, VACUUM, ...) cannot be all-or-nothing: each shard runs them on its own, and a failure names the
+shards they took effect on.
 """
 
 from __future__ import annotations

@@ -40,12 +40,8 @@ log = logging.getLogger("shardproxy.fanout")
 
 GID_PREFIX = "shardproxy:"
 _MAC_LENGTH = 16  # hex digits: with a 150-byte shard name and a 20-digit xid, a gid stays under PostgreSQL's 200
-# Whether a leg's transaction wrote; and, the first time on its server connection, whether the server takes
-# prepared transactions (a setting that changes only with a restart, which ends the connection).
 _WROTE = "pg_current_xact_id_if_assigned()"
 _WROTE_AND_SETTING = _WROTE + ", current_setting('max_prepared_transactions')"
-_ASK = pg.query(f"SELECT {_WROTE}")
-_ASK_WITH_SETTING = pg.query(f"SELECT {_WROTE_AND_SETTING}")
 # In the xids commit is given, a leg whose xid is not known: it ran a statement that writes, so it is asked in
 # the round that prepares it; or not, so it is asked first (a leg that only read must not be prepared unasked: a
 # NOTIFY, say, cannot be prepared, and a failed PREPARE would lose it).
@@ -163,7 +159,7 @@ async def _two_phases(decider: Leg, others: list[Leg], unsure: list[Leg], reader
     as it decided. An unsure leg that wrote nothing after all (an UPDATE of no row) finishes with the decider."""
     prepare = f"PREPARE TRANSACTION {gid}"
     answers = await exchange(others + unsure + readers, [pg.query(prepare)] * len(others)  # (one Query: one flush)
-                             + [pg.query(f"SELECT {_asked(leg)}; {prepare}") for leg in unsure]
+                             + [pg.query(f"SELECT {wrote_columns(_server(leg))}; {prepare}") for leg in unsure]
                              + [_ending(leg, "COMMIT") for leg in readers])
     _committed_at(readers, answers[len(others) + len(unsure):])
     preparing = others + unsure
@@ -200,7 +196,7 @@ def _shard(leg: Leg) -> str:
 
 def ask_wrote(leg: Leg) -> bytes:
     """The Query that asks whether the leg's transaction wrote (told_xid reads its answer)."""
-    return _ASK if _prepared_transactions(leg) is not None else _ASK_WITH_SETTING
+    return pg.query(f"SELECT {wrote_columns(_server(leg))}")
 
 
 def told_xid(leg: Leg, messages: list[Message]) -> int | None:
@@ -208,18 +204,20 @@ def told_xid(leg: Leg, messages: list[Message]) -> int | None:
     return UNKNOWN if error_of(messages) is not None else _xid(leg, messages)
 
 
-def _asked(leg: Leg) -> str:
-    return _WROTE if _prepared_transactions(leg) is not None else _WROTE_AND_SETTING
+def wrote_columns(server: ServerConnection | None) -> str:
+    """What a SELECT lists to learn whether the transaction on a server connection wrote (read_xid reads it); the
+    first time on a connection, also whether its server takes prepared transactions (a setting that changes only
+    with a restart, which ends the connection)."""
+    return _WROTE if server is not None and server.prepared_transactions is not None else _WROTE_AND_SETTING
 
 
-def wrote_columns(server: ServerConnection) -> str:
-    """What a SELECT on the server connection lists to learn whether its transaction wrote (read_xid reads it)."""
-    return _WROTE if server.prepared_transactions is not None else _WROTE_AND_SETTING
+def _server(leg: Leg) -> ServerConnection | None:
+    return leg.server or leg.parked
 
 
 def _prepared_transactions(leg: Leg) -> int | None:
     """The leg's server's max_prepared_transactions, once asked on its connection."""
-    server = leg.server or leg.parked
+    server = _server(leg)
     return None if server is None else server.prepared_transactions
 
 
