@@ -23,6 +23,7 @@ import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import orm
 
+from shardproxy.datapath.transaction import TAG_KEY
 from shardproxy.devtools.sandbox import LOOPBACK, wait_until
 from tests.support import APP_DB, app_clusters
 from tests.support.ring import owner
@@ -517,6 +518,32 @@ def transfers(proxy, users: list[int], clients: int, seconds: float) -> dict[str
         thread.join(seconds + 30)
     assert not any(thread.is_alive() for thread in threads), "a transfer hangs"
     return counts
+
+
+def test_a_pipeline_across_shards_holds_its_tag_on_the_leg_that_waits(proxy, shards, names):
+    """A pipeline in autocommit (one implicit transaction) writes on one shard, then waits for a row lock on the
+    other: the waiting leg holds the transaction's tag, so that deadlock detection sees it there."""
+    a, b = apart(names, 990)
+    with connect(proxy, autocommit=True) as conn:
+        conn.execute("INSERT INTO items (user_id, note) VALUES (%s, 'piped')", (b,))
+    with psycopg.connect(shards[1].primary.dsn("app", "secret", APP_DB)) as blocker:
+        blocker.execute("SELECT * FROM items WHERE user_id = %s FOR UPDATE", (b,))
+
+        def piped() -> None:
+            with connect(proxy, autocommit=True) as conn, conn.pipeline():
+                conn.execute("INSERT INTO items (user_id, note) VALUES (%s, 'piped')", (a,))
+                conn.execute("UPDATE items SET v = 9 WHERE user_id = %s AND note = 'piped'", (b,))
+
+        thread = threading.Thread(target=piped)
+        thread.start()
+        waiting = "FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'UPDATE items%'"
+        assert wait_until(lambda: direct(shards[1], f"SELECT count(*) {waiting}") == [(1,)], 10)
+        tagged = direct(shards[1], f"SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND "
+                                   f"classid = {TAG_KEY} AND objsubid = 2 AND pid IN (SELECT pid {waiting})")
+        blocker.rollback()
+        thread.join(timeout=10)
+    assert tagged == [(1,)]
+    assert notes(shards, "piped") == [[a], [b]]
 
 
 def test_bank_transfers_between_shards_keep_the_total(proxy, shards, names):

@@ -75,6 +75,7 @@ _COMMIT_LSN = pg.query("SELECT pg_current_wal_insert_lsn()")
 _SET_DONE = Request(Kind.QUERY, Action.SYNTH, pg.command_complete("SET"))
 _RESET_DONE = Request(Kind.QUERY, Action.SYNTH, pg.command_complete("RESET"))
 _BEGIN_BODY = b"BEGIN\0\0\0"  # a Parse's body: the text and no parameter types
+_BEGIN = pg.query("BEGIN")
 _HIDDEN_SYNC = Request(Kind.SYNC, Action.HIDE)
 _HIDDEN_BIND = Request(Kind.BIND, Action.HIDE)
 _HIDDEN_EXECUTE = Request(Kind.EXECUTE, Action.HIDE)
@@ -599,7 +600,10 @@ class Placement:
         of the transaction's log (BEGIN, SETs, savepoints), and, within a batch, the batch's unnamed statement,
         which another leg parsed."""
         self.on_primary = self.proxy.pools.is_primary(server.pool.node)
-        for query in self.tx.join(self.shard, server):
+        ahead = self.tx.join(self.shard, server)
+        if self.spanning and not self.replay and server.status == pg.IDLE:  # an implicit transaction on several
+            ahead = [_BEGIN, *ahead]  # shards: this leg's part runs in a block too (see _stopped), which holds its tag
+        for query in ahead:
             server.pending.append(HIDDEN_QUERY)
             out.append(query)
         if self.mid_batch and self.unnamed is not None:
