@@ -314,6 +314,22 @@ def test_a_deferred_constraint_that_fails_at_the_first_shards_commit_rolls_back_
     assert on_shards(shards, "SELECT user_id, code FROM pledges WHERE code IN (2, 78)") == [[(a, 78)], []]
 
 
+def test_a_pipeline_back_to_a_shard_it_read_on_commits_its_write_there_in_two_phases(proxy, shards, names):
+    """A pipeline in a transaction reads on one shard, writes on the other, then comes back to write on the first,
+    whose answer to whether it wrote (asked as the client left it) may still be on its way: that answer no longer
+    holds. Both shards wrote, so a deferred constraint that fails on the first rolls back the second too."""
+    a, b = apart(names, 740)
+    with connect(proxy, autocommit=True) as conn:
+        conn.execute("INSERT INTO pledges (user_id, code) VALUES (%s, 79)", (a,))
+    with connect(proxy) as conn:
+        with pytest.raises(psycopg.errors.UniqueViolation), conn.pipeline():
+            conn.execute("SELECT * FROM pledges WHERE user_id = %s", (a,))
+            conn.execute("INSERT INTO pledges (user_id, code) VALUES (%s, 3)", (b,))
+            conn.execute("INSERT INTO pledges (user_id, code) VALUES (%s, 79)", (a,))  # checked at commit only
+            conn.commit()
+    assert on_shards(shards, "SELECT user_id, code FROM pledges WHERE code IN (3, 79)") == [[(a, 79)], []]
+
+
 def test_refuse_mode_keeps_a_transaction_on_one_shard(sandbox, shards, names, proxy):
     refusing = start_proxy(sandbox, shards, "txn-refuse", routing={"cross_shard_transactions": "refuse"})
     a, b = apart(names, 800)

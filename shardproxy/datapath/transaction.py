@@ -92,7 +92,7 @@ class Transaction:
             listed.append(wrote_columns(server))
 
         def told(_: ServerConnection, t: int, body: bytes) -> None:
-            if asks and t == Backend.DATA_ROW and self.legs.get(shard) is server:
+            if t == Backend.DATA_ROW and shard in self._asking and self.legs.get(shard) is server:
                 self.xids[shard] = read_xid(server, row_values(body)[tags:])
                 self._asking.discard(shard)
 
@@ -109,9 +109,11 @@ class Transaction:
             self.writes.add(shard)
 
     def _may_write(self, shard: int) -> None:
-        """The shard's leg runs statements again: that it wrote nothing so far no longer tells."""
+        """The shard's leg runs statements again: that it wrote nothing so far no longer tells, nor does an answer
+        to park still on its way (the client may come back to a leg before it arrives)."""
         if shard in self.xids and self.xids[shard] is None:
             del self.xids[shard]
+        self._asking.discard(shard)
 
     def _tag_for(self, shard: int) -> str:
         """What tags the shard's leg (see TAG_KEY), to select; from now on it counts as tagged."""
