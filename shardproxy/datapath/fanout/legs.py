@@ -102,20 +102,29 @@ class Leg(ClientSession):
             self._forward(batch)
             return
         self.buf = bytearray(batch)
+        self._attach()
+
+    def _attach(self) -> None:
+        """Link a server connection, which sends what buf holds: the parked one, else one from the pool."""
         parked, self.parked = self.parked, None
         if parked is None:
             self.pool.acquire(self)
         elif parked.closed:
             self.fail(_lost())
         else:
-            ClientCore.link(self, parked)  # (which sends the batch)
+            ClientCore.link(self, parked)
+
+    @property
+    def connection(self) -> ServerConnection | None:
+        """The server connection it is linked to, or the parked one its first batch links."""
+        return self.server or self.parked
 
     async def settled(self) -> None:
         """Wait until the server has answered all it was sent and no cancel of the proxy's is still on its way
         to it (one that landed later could cancel the connection's next statement). A parked connection is linked
         first."""
         if self.server is None and self.parked is not None:
-            self.send(b"", Waiting(asyncio.get_running_loop().create_future(), 1))  # (links it, sends nothing)
+            self._attach()  # (buf is empty: it sends nothing)
         while self.server is not None and (self.server.pending or self.server.cancels):
             answered = asyncio.get_running_loop().create_future()
             self._waiting = Waiting(answered, 1)
@@ -184,7 +193,7 @@ async def exchange(legs: list[Leg], batches: list[bytes]) -> list[list[Message]]
     waiting = Waiting(answered, len(legs))
     counted = []
     for leg, batch in zip(legs, batches):
-        server = leg.server or leg.parked
+        server = leg.connection
         counted.append(server.commands if server is not None else 0)
         if leg.error is None:
             leg.send(batch, waiting)

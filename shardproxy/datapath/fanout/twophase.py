@@ -159,7 +159,7 @@ async def _two_phases(decider: Leg, others: list[Leg], unsure: list[Leg], reader
     as it decided. An unsure leg that wrote nothing after all (an UPDATE of no row) finishes with the decider."""
     prepare = f"PREPARE TRANSACTION {gid}"
     answers = await exchange(others + unsure + readers, [pg.query(prepare)] * len(others)  # (one Query: one flush)
-                             + [pg.query(f"SELECT {wrote_columns(_server(leg))}; {prepare}") for leg in unsure]
+                             + [pg.query(f"SELECT {wrote_columns(leg.connection)}; {prepare}") for leg in unsure]
                              + [_ending(leg, "COMMIT") for leg in readers])
     _committed_at(readers, answers[len(others) + len(unsure):])
     preparing = others + unsure
@@ -196,7 +196,7 @@ def _shard(leg: Leg) -> str:
 
 def ask_wrote(leg: Leg) -> bytes:
     """The Query that asks whether the leg's transaction wrote (told_xid reads its answer)."""
-    return pg.query(f"SELECT {wrote_columns(_server(leg))}")
+    return pg.query(f"SELECT {wrote_columns(leg.connection)}")
 
 
 def told_xid(leg: Leg, messages: list[Message]) -> int | None:
@@ -211,13 +211,9 @@ def wrote_columns(server: ServerConnection | None) -> str:
     return _WROTE if server is not None and server.prepared_transactions is not None else _WROTE_AND_SETTING
 
 
-def _server(leg: Leg) -> ServerConnection | None:
-    return leg.server or leg.parked
-
-
 def _prepared_transactions(leg: Leg) -> int | None:
     """The leg's server's max_prepared_transactions, once asked on its connection."""
-    server = _server(leg)
+    server = leg.connection
     return None if server is None else server.prepared_transactions
 
 
