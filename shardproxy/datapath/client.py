@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("shardproxy.client")
 
 _SSL_YES = b"S"
-LINGER = 1.0  # seconds a connection ended by a fatal error goes on reading (and dropping) what its client sends
+LINGER = 1.0  # seconds a connection ended over a bad message goes on reading (and dropping) what its client sends
 # Before authentication a client sends a startup packet (PostgreSQL's limit: pg.MAX_STARTUP_SIZE) and password or
 # SASL messages, whose bodies PostgreSQL limits to 65535 bytes (PG_MAX_AUTH_TOKEN_LENGTH); pool.max_message_size
 # applies once the client has authenticated.
@@ -409,7 +409,8 @@ class ClientConnection(Placement, ClientSession, Connection):
             self.proxy.client_error(error)
             self.write(error.to_message("FATAL"))
             self.reason = self.reason or error.message
-            if not self._logging_in and transport.can_write_eof():
+            # A message of the client's own refused (08P01): the rest of it may still be on its way.
+            if error.code == pg.PROTOCOL_VIOLATION and not self._logging_in and transport.can_write_eof():
                 self._linger(transport)
                 return
         self.close()
